@@ -1,0 +1,1 @@
+"""Packaged yacs configs: <dataset>/<method>/<pair>.yaml (CIFAR-100), <dataset>/<pair>/<method>.yaml (ImageNet)."""

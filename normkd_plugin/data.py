@@ -1,0 +1,210 @@
+"""Offline datasets: CIFAR-100 from a local folder (npz shards or cifar-100-python), ImageNet folders.
+
+Only the source of the pixels changes: augmentation, normalisation, loaders and the batch
+structure (``(image, target, index)`` for training, ``(image, target)`` for validation) are the
+host's own. A missing or malformed dataset raises :class:`DataError` naming the path and the
+expected layout; nothing is ever downloaded from a configured root.
+
+npz-shard layout (one folder)::
+
+    train-0-of-5.npz ... train-4-of-5.npz   test-0-of-1.npz
+    each: images uint8 (N, 32, 32, 3) HWC RGB, labels int64 (N,) fine labels 0-99,
+          index int64 (N,) position in the official split (optional)
+"""
+
+from __future__ import annotations
+
+import pickle
+import random
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+__all__ = ["DataError", "CIFAR100Arrays", "load_cifar100", "get_dataset", "seed_everything", "seed_worker"]
+
+CIFAR_LAYOUTS = (
+    "npz shards: <root>/train-K-of-M.npz and <root>/test-K-of-M.npz with arrays images uint8 "
+    "(N,32,32,3) and labels int64 (N,); or torchvision's layout: <root>/cifar-100-python/{train,test} "
+    "(or <root>/{train,test}) pickles with b'data' (N,3072) and b'fine_labels'"
+)
+_SHARD = re.compile(r"^(train|test)-(\d+)-of-(\d+)\.npz$")
+
+
+class DataError(RuntimeError):
+    """A dataset root that is missing or not in a supported layout."""
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (CPU and CUDA) with ``seed``."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def seed_worker(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: derive NumPy's and Python's seeds from the worker's torch seed."""
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+class CIFAR100Arrays(Dataset):
+    """CIFAR-100 held as arrays, returning what the host's datasets return.
+
+    ``data`` (N, 32, 32, 3) uint8 and ``targets`` (list of int) mirror torchvision's CIFAR100;
+    training items are ``(image, target, index)`` like the host's ``CIFAR100Instance``.
+    """
+
+    def __init__(self, data: np.ndarray, targets, transform=None, with_index: bool = True):
+        self.data = data
+        self.targets = [int(t) for t in targets]
+        self.transform = transform
+        self.with_index = with_index
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int):
+        img = Image.fromarray(self.data[index])
+        if self.transform is not None:
+            img = self.transform(img)
+        if self.with_index:
+            return img, self.targets[index], index
+        return img, self.targets[index]
+
+
+def _check_arrays(images: np.ndarray, labels: np.ndarray, source: Path) -> None:
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (32, 32, 3):
+        raise DataError(f"{source}: images must be uint8 (N,32,32,3), got {images.dtype} {images.shape}")
+    if labels.shape != (images.shape[0],):
+        raise DataError(f"{source}: {labels.shape[0] if labels.ndim else 0} labels for {images.shape[0]} images")
+    if labels.size and (labels.min() < 0 or labels.max() > 99):
+        raise DataError(f"{source}: labels must be fine labels 0-99, found {labels.min()}..{labels.max()}")
+
+
+def _load_shards(files: list[Path]) -> tuple[np.ndarray, np.ndarray]:
+    images, labels = [], []
+    for f in files:
+        try:
+            with np.load(f) as z:
+                img, lab = z["images"], z["labels"].astype(np.int64)
+        except KeyError as exc:
+            raise DataError(f"{f}: missing array {exc}; expected 'images' and 'labels'") from exc
+        except (OSError, ValueError) as exc:
+            raise DataError(f"{f}: not a readable npz file ({exc})") from exc
+        _check_arrays(img, lab, f)
+        images.append(img)
+        labels.append(lab)
+    return np.concatenate(images), np.concatenate(labels)
+
+
+def _npz_split(root: Path, split: str) -> list[Path] | None:
+    shards = sorted(
+        (int(m.group(2)), int(m.group(3)), p)
+        for p in root.glob(f"{split}-*-of-*.npz")
+        if (m := _SHARD.match(p.name))
+    )
+    if not shards:
+        return None
+    total = shards[0][1]
+    if sorted(k for k, _, _ in shards) != list(range(total)) or any(m != total for _, m, _ in shards):
+        have = ", ".join(p.name for _, _, p in shards)
+        raise DataError(f"{root}: incomplete {split} shards (need {split}-0..{total - 1}-of-{total}.npz, have {have})")
+    return [p for _, _, p in shards]
+
+
+def _load_pickle(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        with open(path, "rb") as f:
+            entry = pickle.load(f, encoding="latin1")
+        data = np.asarray(entry["data"], dtype=np.uint8)
+        labels = np.asarray(entry["fine_labels"], dtype=np.int64)
+    except (OSError, pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError) as exc:
+        raise DataError(f"{path}: not a cifar-100-python pickle with 'data' and 'fine_labels' ({exc})") from exc
+    if data.ndim != 2 or data.shape[1] != 3072:
+        raise DataError(f"{path}: 'data' must be (N, 3072), got {data.shape}")
+    images = data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1).copy()
+    _check_arrays(images, labels, path)
+    return images, labels
+
+
+def load_cifar100(root: str | Path, train: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(images uint8 (N,32,32,3), labels int64 (N,)) of one split from either local layout."""
+    root = Path(root).expanduser()
+    split = "train" if train else "test"
+    if not root.is_dir():
+        raise DataError(f"DATASET.ROOT {root} is not a directory; expected {CIFAR_LAYOUTS}")
+    shards = _npz_split(root, split)
+    if shards:
+        return _load_shards(shards)
+    for folder in (root / "cifar-100-python", root):
+        if (folder / split).is_file():
+            return _load_pickle(folder / split)
+    raise DataError(f"DATASET.ROOT {root} holds no CIFAR-100 {split} split; expected {CIFAR_LAYOUTS}")
+
+
+def _loader(dataset, batch_size: int, shuffle: bool, num_workers: int, seed: int) -> DataLoader:
+    generator = None
+    if seed >= 0:
+        generator = torch.Generator()
+        generator.manual_seed(seed)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        num_workers=num_workers,
+        worker_init_fn=seed_worker,
+        generator=generator,
+    )
+
+
+def _cifar100_loaders(cfg):
+    from mdistiller.dataset.cifar100 import get_cifar100_test_transform, get_cifar100_train_transform
+
+    root = cfg.DATASET.ROOT
+    train = CIFAR100Arrays(*load_cifar100(root, True), transform=get_cifar100_train_transform())
+    test = CIFAR100Arrays(*load_cifar100(root, False), transform=get_cifar100_test_transform(), with_index=False)
+    seed = cfg.EXPERIMENT.SEED
+    train_loader = _loader(train, cfg.SOLVER.BATCH_SIZE, True, cfg.DATASET.NUM_WORKERS, seed)
+    val_loader = _loader(test, cfg.DATASET.TEST.BATCH_SIZE, False, 1, seed)
+    return train_loader, val_loader, len(train), 100
+
+
+def _imagenet_loaders(cfg):
+    from mdistiller.dataset.imagenet import ImageNet, get_imagenet_test_transform, get_imagenet_train_transform
+    from torchvision.datasets import ImageFolder
+
+    root = Path(cfg.DATASET.ROOT).expanduser()
+    for split in ("train", "val"):
+        if not (root / split).is_dir():
+            raise DataError(f"DATASET.ROOT {root} has no {split}/ folder; expected ImageFolder roots {root}/train and {root}/val")
+    mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+    train = ImageNet(str(root / "train"), transform=get_imagenet_train_transform(mean, std))
+    test = ImageFolder(str(root / "val"), transform=get_imagenet_test_transform(mean, std))
+    seed = cfg.EXPERIMENT.SEED
+    train_loader = _loader(train, cfg.SOLVER.BATCH_SIZE, True, cfg.DATASET.NUM_WORKERS, seed)
+    val_loader = _loader(test, cfg.DATASET.TEST.BATCH_SIZE, False, cfg.DATASET.NUM_WORKERS, seed)
+    return train_loader, val_loader, len(train), 1000
+
+
+def get_dataset(cfg):
+    """(train_loader, val_loader, num_data, num_classes) like the host's ``get_dataset``.
+
+    With ``DATASET.ROOT`` set, the data comes from that folder; without it, the host's own
+    function runs unchanged (its ``./data`` folder and torchvision download).
+    """
+    if not cfg.DATASET.ROOT:
+        from mdistiller.dataset import get_dataset as host_get_dataset
+
+        return host_get_dataset(cfg)
+    if cfg.DISTILLER.TYPE == "CRD":
+        raise DataError("DATASET.ROOT is not supported with DISTILLER.TYPE CRD (its sampler reads the host's ./data)")
+    if cfg.DATASET.TYPE == "cifar100":
+        return _cifar100_loaders(cfg)
+    if cfg.DATASET.TYPE == "imagenet":
+        return _imagenet_loaders(cfg)
+    raise DataError(f"DATASET.TYPE {cfg.DATASET.TYPE!r} has no offline loader; use cifar100 or imagenet")

@@ -1,0 +1,1 @@
+"""The fast trainer: device-resident data, batched augmentation, a CUDA-graph step."""

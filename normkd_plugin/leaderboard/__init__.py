@@ -1,0 +1,1 @@
+"""normkd-leaderboard: runs found on disk, aggregated and compared with published numbers."""

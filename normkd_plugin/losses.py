@@ -1,0 +1,222 @@
+"""NormKD and NormDKD losses (arXiv:2308.00520), independent of any host framework.
+
+Every logit vector is softened with its own temperature ``T_n = T_norm * std(z_n)`` (unbiased
+std over the C classes). The teacher's ``T_n**2`` weights each sample's KL divergence before
+the batch mean. The student's std is part of the graph: gradients flow through it.
+
+Guards that leave ordinary logits untouched (relative change far below 1e-6):
+
+* the std is floored at ``SIGMA_FLOOR`` so constant logits (std 0) soften to the uniform
+  distribution instead of dividing by zero, with a zero gradient through the floor;
+* logits are shifted by their row maximum before the division (softmax ignores shifts), so
+  logits of magnitude 1e4 stay finite;
+* float16/bfloat16 logits are computed in float32 and the loss is returned in float32
+  (float64 inputs stay float64);
+* every log-probability comes from ``log_softmax``/``logsumexp``, never ``log(p)``, so a
+  probability of exactly 0 or 1 gives no ``inf``.
+
+On CUDA, :mod:`normkd_plugin._fused` computes the same values in one Triton kernel per call;
+:func:`use_fused` says when. ``NORMKD_REFERENCE=1`` forces this module's PyTorch path.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "SIGMA_FLOOR",
+    "per_sample_temperature",
+    "normkd_loss",
+    "normdkd_loss",
+    "normkd_loss_reference",
+    "normdkd_loss_reference",
+    "use_fused",
+]
+
+SIGMA_FLOOR = 1e-6
+"""Smallest standard deviation used for a temperature; only constant rows reach it."""
+
+# A masked logit this far below the row maximum has probability exactly 0 in float32/64.
+_MASK_OFFSET = 1e9
+
+_REDUCTIONS = ("mean", "sum", "none")
+
+
+def _compute_dtype(*tensors: Tensor) -> torch.dtype:
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def _check_logits(logits_student: Tensor, logits_teacher: Tensor) -> None:
+    if logits_student.dim() != 2:
+        raise ValueError(f"logits_student must be 2-D (N, C), got shape {tuple(logits_student.shape)}")
+    if logits_student.shape != logits_teacher.shape:
+        raise ValueError(
+            f"logits_student {tuple(logits_student.shape)} and logits_teacher "
+            f"{tuple(logits_teacher.shape)} must have the same shape"
+        )
+    if logits_student.shape[1] < 2:
+        raise ValueError(f"need at least 2 classes for a standard deviation, got C={logits_student.shape[1]}")
+
+
+def _check_reduction(reduction: str) -> None:
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction={reduction!r}; expected one of {_REDUCTIONS}")
+
+
+def _reduce(per_sample: Tensor, reduction: str) -> Tensor:
+    if reduction == "mean":
+        return per_sample.mean()
+    if reduction == "sum":
+        return per_sample.sum()
+    return per_sample
+
+
+def per_sample_temperature(logits: Tensor, t_norm: float) -> Tensor:
+    """T_n = t_norm * max(std(z_n), SIGMA_FLOOR), unbiased std over dim 1; shape (N, 1)."""
+    var = logits.var(dim=1, keepdim=True, unbiased=True)
+    # Clamping the variance (not the std) keeps the gradient finite at std = 0.
+    return t_norm * var.clamp_min(SIGMA_FLOOR**2).sqrt()
+
+
+def _scaled(logits: Tensor, temperature: Tensor) -> Tensor:
+    """(z - max z) / T: the softmax argument, shifted so it is <= 0 and finite."""
+    return (logits - logits.detach().amax(dim=1, keepdim=True)) / temperature
+
+
+def _prepare(logits_student: Tensor, logits_teacher: Tensor, t_norm: float):
+    dtype = _compute_dtype(logits_student, logits_teacher)
+    zs = logits_student.to(dtype)
+    zt = logits_teacher.detach().to(dtype)
+    t_s = per_sample_temperature(zs, t_norm)
+    t_t = per_sample_temperature(zt, t_norm)
+    return _scaled(zs, t_s), _scaled(zt, t_t), t_t.squeeze(1) ** 2
+
+
+def normkd_loss_reference(
+    logits_student: Tensor, logits_teacher: Tensor, t_norm: float, reduction: str = "mean"
+) -> Tensor:
+    """L = mean_n T_t,n^2 * KL(softmax(z_t,n / T_t,n) || softmax(z_s,n / T_s,n)), in PyTorch."""
+    _check_logits(logits_student, logits_teacher)
+    _check_reduction(reduction)
+    s, t, weight = _prepare(logits_student, logits_teacher, t_norm)
+    log_q = F.log_softmax(s, dim=1)
+    log_p = F.log_softmax(t, dim=1)
+    kl = (log_p.exp() * (log_p - log_q)).sum(dim=1)
+    return _reduce(weight * kl, reduction)
+
+
+def _binary_kl(log_p1: Tensor, log_p0: Tensor, log_q1: Tensor, log_q0: Tensor) -> Tensor:
+    return log_p1.exp() * (log_p1 - log_q1) + log_p0.exp() * (log_p0 - log_q0)
+
+
+def normdkd_loss_reference(
+    logits_student: Tensor,
+    logits_teacher: Tensor,
+    target: Tensor,
+    alpha: float,
+    beta: float,
+    t_norm: float,
+    reduction: str = "mean",
+) -> Tensor:
+    """alpha * TCKD + beta * NCKD with per-sample temperatures, each KL weighted by T_t,n^2."""
+    _check_logits(logits_student, logits_teacher)
+    _check_reduction(reduction)
+    _check_target(target, logits_student)
+    s, t, weight = _prepare(logits_student, logits_teacher, t_norm)
+    gt = F.one_hot(target.long(), s.shape[1]).bool()
+
+    lse_s, lse_t = s.logsumexp(dim=1), t.logsumexp(dim=1)
+    s_nt = s.masked_fill(gt, -_MASK_OFFSET)
+    t_nt = t.masked_fill(gt, -_MASK_OFFSET)
+    lse_s_nt, lse_t_nt = s_nt.logsumexp(dim=1), t_nt.logsumexp(dim=1)
+
+    # Binary [target, rest] log-probabilities; log(1 - p_target) = lse(non-target) - lse(all).
+    idx = target.long().unsqueeze(1)
+    tckd = _binary_kl(
+        t.gather(1, idx).squeeze(1) - lse_t,
+        lse_t_nt - lse_t,
+        s.gather(1, idx).squeeze(1) - lse_s,
+        lse_s_nt - lse_s,
+    )
+    log_q_nt = s_nt - lse_s_nt.unsqueeze(1)
+    log_p_nt = t_nt - lse_t_nt.unsqueeze(1)
+    nckd = (log_p_nt.exp() * (log_p_nt - log_q_nt)).sum(dim=1)
+    return _reduce(weight * (alpha * tckd + beta * nckd), reduction)
+
+
+def _check_target(target: Tensor, logits: Tensor) -> None:
+    if target.shape != (logits.shape[0],):
+        raise ValueError(f"target must have shape ({logits.shape[0]},), got {tuple(target.shape)}")
+
+
+def use_fused(logits_student: Tensor) -> bool:
+    """True where the fused Triton path applies: CUDA logits and NORMKD_REFERENCE unset or 0."""
+    if os.environ.get("NORMKD_REFERENCE", "0") not in ("", "0"):
+        return False
+    if not logits_student.is_cuda:
+        return False
+    from . import _fused
+
+    return _fused.available()
+
+
+def normkd_loss(
+    logits_student: Tensor,
+    logits_teacher: Tensor,
+    t_norm: float,
+    reduction: str = "mean",
+    fused: bool | None = None,
+) -> Tensor:
+    """NormKD: mean_n T_t,n^2 * KL(p_t,n || p_s,n), T_x,n = t_norm * std(z_x,n).
+
+    Args:
+        logits_student: (N, C) student logits; gradients flow through its std too.
+        logits_teacher: (N, C) teacher logits; treated as constants.
+        t_norm: the normalisation temperature T_norm (2.0 on CIFAR-100).
+        reduction: "mean" (the paper's), "sum" or "none" (per-sample, shape (N,)).
+        fused: force (True) or refuse (False) the fused CUDA kernel; None chooses.
+    """
+    if fused is None:
+        fused = use_fused(logits_student)
+    if fused:
+        from ._fused import normkd_loss_fused
+
+        _check_logits(logits_student, logits_teacher)
+        _check_reduction(reduction)
+        return normkd_loss_fused(logits_student, logits_teacher, t_norm, reduction)
+    return normkd_loss_reference(logits_student, logits_teacher, t_norm, reduction)
+
+
+def normdkd_loss(
+    logits_student: Tensor,
+    logits_teacher: Tensor,
+    target: Tensor,
+    alpha: float,
+    beta: float,
+    t_norm: float,
+    reduction: str = "mean",
+    fused: bool | None = None,
+) -> Tensor:
+    """NormDKD: mean_n T_t,n^2 * (alpha * TCKD_n + beta * NCKD_n) with per-sample temperatures.
+
+    TCKD is the KL of the binary [target, non-target] distributions, NCKD the KL of the
+    distributions over the non-target classes (target masked out); both softened with
+    T_x,n = t_norm * std(z_x,n). Arguments as :func:`normkd_loss`, plus the class ``target``
+    (N,) and the weights ``alpha`` and ``beta``.
+    """
+    if fused is None:
+        fused = use_fused(logits_student)
+    if fused:
+        from ._fused import normdkd_loss_fused
+
+        _check_logits(logits_student, logits_teacher)
+        _check_reduction(reduction)
+        _check_target(target, logits_student)
+        return normdkd_loss_fused(logits_student, logits_teacher, target, alpha, beta, t_norm, reduction)
+    return normdkd_loss_reference(
+        logits_student, logits_teacher, target, alpha, beta, t_norm, reduction
+    )
