@@ -173,7 +173,11 @@ class FastTrainer(BaseTrainer):
 
     def train_epoch(self, epoch: int) -> None:
         """The host's train_epoch: schedule, one pass over the data, validation, log, checkpoints."""
-        lr = adjust_learning_rate(epoch, self.cfg, self.optimizer)
+        # The host returns a numpy float once the LR has decayed; a numpy scalar in the optimizer
+        # state makes torch>=2.6's weights_only torch.load (the host's resume) refuse the file.
+        lr = float(adjust_learning_rate(epoch, self.cfg, self.optimizer))
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
         self._sums.zero_()
         t0 = time.perf_counter()
         iters = int(self.cfg.SOLVER.FAST.ITERS_PER_EPOCH)

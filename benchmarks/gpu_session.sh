@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# The GPU checks and measurements, in stages that fit a short lease on a machine without network.
+#   setup  : install carried wheels, the mdistiller checkout and this package; stage carried data
+#   checks : CUDA tests (fused loss, graph vs eager) and benchmarks/loss_speed.py
+#   stage  : only copy carried data shards into $DATA
+#   train  : benchmarks/trainer_speed.py, then the base-vs-fast accuracy parity runs
+# Carried inputs live in the ignored folder .dev/ (wheels in .dev/whl, an mdistiller checkout in
+# .dev/mdistiller, data shards in .dev/d*/). Results go to $OUT (default results/gpu).
+set -uo pipefail
+OUT=${OUT:-results/gpu}
+DATA=${DATA:-/tmp/normkd-data}
+EPOCHS=${PARITY_EPOCHS:-20}
+STAGES=${PARITY_STAGES:-[13,15,18]}
+mkdir -p "$OUT" "$DATA"
+export PYTHONUNBUFFERED=1
+
+stage_data() { for d in .dev/d*/; do [ -d "$d" ] && cp -n "$d"* "$DATA"/ 2>/dev/null; done; ls "$DATA"; }
+
+for step in "$@"; do
+  case "$step" in
+  setup)
+    python3 -m pip install -q --no-index --no-deps --no-compile .dev/whl/*.whl || exit 1
+    python3 -m pip install -q --no-index --no-deps --no-build-isolation -e .dev/mdistiller || exit 1
+    python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . || exit 1
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+    python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+    stage_data ;;
+  stage) stage_data ;;
+  checks)
+    python3 -m pytest -q -p no:cacheprovider tests/test_fused.py tests/test_fast_trainer.py tests/test_losses.py 2>&1 | tail -5
+    python3 benchmarks/loss_speed.py --out "$OUT/loss_speed.md" ;;
+  train)
+    python3 benchmarks/trainer_speed.py --data "$DATA" --out "$OUT/trainer_speed.md" 2>&1 | grep -v '^\s*$' | tail -12
+    for trainer in base fast; do
+      timeout "${PARITY_TIMEOUT:-420}" normkd-train --cfg cifar100/normkd/res56_res20 \
+        SOLVER.TRAINER $trainer SOLVER.EPOCHS "$EPOCHS" SOLVER.LR_DECAY_STAGES "$STAGES" \
+        DATASET.ROOT "$DATA" DATASET.NUM_WORKERS 6 DISTILLER.TEACHER_CKPT "$DATA/resnet56-f2eff4c8.pt" \
+        EXPERIMENT.SEED 0 EXPERIMENT.NAME "normkd,res56,res20,$trainer" LOG.PREFIX /tmp/parity \
+        > "/tmp/parity-$trainer.log" 2>&1 &
+    done
+    wait
+    for trainer in base fast; do
+      run="/tmp/parity/cifar100/normkd,res56,res20,$trainer"
+      cp "$run/worklog.txt" "$OUT/parity-$trainer-worklog.txt"
+      cp "$run/config.yaml" "$OUT/parity-$trainer-config.yaml"
+      grep -a "ms/iter" "/tmp/parity-$trainer.log" | tail -2
+      tail -c 300 "$OUT/parity-$trainer-worklog.txt"; echo
+    done ;;
+  *) echo "unknown stage $step"; exit 2 ;;
+  esac
+done

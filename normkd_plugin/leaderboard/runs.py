@@ -1,0 +1,179 @@
+"""Find mdistiller run folders and read them: ``worklog.txt``, plus ``config.yaml`` when present.
+
+Needs neither mdistiller nor a GPU. A run's identity (dataset, method, teacher, student, seed)
+comes from ``config.yaml`` (written by normkd-train) or, failing that, from the folder name the
+host's tools/train.py writes: ``<PROJECT>/<method>,<teacher>,<student>[,KEY:VALUE...]``.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from ..pairs import find_pair
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Worklog", "Run", "WorklogError", "parse_worklog", "read_run", "discover_runs"]
+
+
+class WorklogError(ValueError):
+    """A worklog.txt that does not follow the host's format."""
+
+
+@dataclass
+class Worklog:
+    """The per-epoch records of a worklog and its final best_acc line (None while unfinished)."""
+
+    epochs: list[dict] = field(default_factory=list)
+    best_acc: float | None = None
+
+
+_BEST = re.compile(r"^best_acc\t([-+0-9.eE]+|nan)\s*$")
+
+
+def parse_worklog(text: str) -> Worklog:
+    """Parse the host's worklog.txt: dashed blocks of ``key: value`` lines, then ``best_acc\\tNN.NN``."""
+    out = Worklog()
+    block: dict | None = None
+    for lineno, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        if not line:
+            continue
+        if line.startswith("best_acc"):
+            m = _BEST.match(raw.rstrip("\r"))
+            if not m:
+                raise WorklogError(f"line {lineno}: malformed best_acc line {raw!r}")
+            out.best_acc = float(m.group(1))
+            continue
+        if set(line) == {"-"}:
+            if block is None:
+                block = {}
+            else:
+                if "epoch" not in block:
+                    raise WorklogError(f"line {lineno}: block without an epoch line")
+                out.epochs.append(block)
+                block = None
+            continue
+        if block is None:
+            raise WorklogError(f"line {lineno}: {raw!r} outside a dashed block")
+        key, sep, value = line.partition(": ")
+        if not sep:
+            raise WorklogError(f"line {lineno}: expected 'key: value', got {raw!r}")
+        try:
+            block[key] = int(value) if key == "epoch" else float(value)
+        except ValueError as exc:
+            raise WorklogError(f"line {lineno}: {key} has non-numeric value {value!r}") from exc
+    if block:  # a block cut off mid-write by an interrupted run
+        log.debug("ignoring an unterminated block at the end of the worklog")
+    return out
+
+
+@dataclass
+class Run:
+    """One run folder: its identity, its per-epoch accuracies and whether it finished."""
+
+    path: Path
+    dataset: str
+    method: str
+    teacher: str
+    student: str
+    seed: int | None
+    epochs_planned: int | None
+    log: Worklog
+
+    @property
+    def pair(self) -> str:
+        """The benchmark's pair stem when known (res32x4_res8x4), else teacher_student."""
+        p = find_pair(self.dataset, self.teacher, self.student)
+        return p.stem if p else f"{self.teacher}_{self.student}"
+
+    @property
+    def finished(self) -> bool:
+        return self.log.best_acc is not None
+
+    @property
+    def epochs_done(self) -> int:
+        return len(self.log.epochs)
+
+    @property
+    def best_acc(self) -> float | None:
+        """The host's best_acc when finished, else the maximum so far."""
+        if self.log.best_acc is not None:
+            return self.log.best_acc
+        return max((e["test_acc"] for e in self.log.epochs), default=None)
+
+    @property
+    def last_acc(self) -> float | None:
+        return self.log.epochs[-1]["test_acc"] if self.log.epochs else None
+
+    @property
+    def last_top5(self) -> float | None:
+        return self.log.epochs[-1].get("test_acc_top5") if self.log.epochs else None
+
+    def curve(self) -> list[tuple[int, float]]:
+        return [(e["epoch"], e["test_acc"]) for e in self.log.epochs]
+
+
+def _identity_from_name(folder: Path) -> dict:
+    tokens = folder.name.split(",")
+    if len(tokens) < 3:
+        raise WorklogError(f"{folder}: no config.yaml and the folder name is not method,teacher,student[,...]")
+    seed = None
+    for tok in tokens[3:]:
+        if tok.startswith("seed:"):
+            seed = int(tok[5:])
+    dataset = "imagenet" if "imagenet" in folder.parent.name.lower() else "cifar100"
+    return dict(dataset=dataset, method=tokens[0].lower(), teacher=tokens[1], student=tokens[2], seed=seed, epochs_planned=None)
+
+
+def _identity_from_config(path: Path) -> dict:
+    cfg = yaml.safe_load(path.read_text()) or {}
+    seed = cfg.get("EXPERIMENT", {}).get("SEED", -1)
+    return dict(
+        dataset=cfg.get("DATASET", {}).get("TYPE", "cifar100"),
+        method=str(cfg["DISTILLER"]["TYPE"]).lower(),
+        teacher=cfg["DISTILLER"]["TEACHER"],
+        student=cfg["DISTILLER"]["STUDENT"],
+        seed=seed if seed is not None and seed >= 0 else None,
+        epochs_planned=cfg.get("SOLVER", {}).get("EPOCHS"),
+    )
+
+
+_ALIASES = {"normkd_w_dkd": "normdkd"}
+
+
+def read_run(folder: Path) -> Run:
+    """Read one run folder (raises WorklogError, OSError or yaml.YAMLError on unreadable files)."""
+    folder = Path(folder)
+    text = (folder / "worklog.txt").read_text()
+    worklog = parse_worklog(text)
+    config = folder / "config.yaml"
+    ident = _identity_from_config(config) if config.is_file() else _identity_from_name(folder)
+    ident["method"] = _ALIASES.get(ident["method"], ident["method"])
+    return Run(path=folder, log=worklog, **ident)
+
+
+def discover_runs(paths) -> tuple[list[Run], list[tuple[Path, str]]]:
+    """(runs, problems): every folder below ``paths`` holding a worklog.txt; bad ones reported, not fatal."""
+    runs, problems = [], []
+    seen = set()
+    for root in map(Path, paths):
+        if not root.exists():
+            problems.append((root, "no such file or directory"))
+            continue
+        candidates = [root] if (root / "worklog.txt").is_file() else []
+        candidates += sorted(p.parent for p in root.rglob("worklog.txt") if p.parent != root)
+        for folder in candidates:
+            if folder.resolve() in seen:
+                continue
+            seen.add(folder.resolve())
+            try:
+                runs.append(read_run(folder))
+            except (OSError, WorklogError, yaml.YAMLError, KeyError, TypeError, ValueError) as exc:
+                problems.append((folder, f"{type(exc).__name__}: {exc}"))
+    return runs, problems

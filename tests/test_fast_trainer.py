@@ -1,0 +1,223 @@
+"""SOLVER.TRAINER fast against the host's base-trainer semantics, on small real CIFAR-100 batches."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import needs_cuda, needs_mdistiller
+
+pytestmark = needs_mdistiller
+
+
+def _cfg(tmp_path, **over):
+    from normkd_plugin.config import load_config
+
+    opts = {
+        "SOLVER.TRAINER": "fast",
+        "SOLVER.EPOCHS": 2,
+        "SOLVER.BATCH_SIZE": 32,
+        "SOLVER.LR_DECAY_STAGES": "[1,2]",
+        "LOG.PREFIX": str(tmp_path),
+        "DISTILLER.STUDENT": "resnet8",
+        "DISTILLER.TEACHER": "resnet20",
+    }
+    opts.update(over)
+    return load_config("cifar100/kd/res56_res20", [str(x) for kv in opts.items() for x in kv])
+
+
+def _loaders(arrays, n_train=200, n_val=100):
+    from mdistiller.dataset.cifar100 import get_cifar100_test_transform, get_cifar100_train_transform
+
+    from normkd_plugin.data import CIFAR100Arrays
+
+    images, labels = arrays
+    train = CIFAR100Arrays(images[:n_train], labels[:n_train], get_cifar100_train_transform())
+    val = CIFAR100Arrays(images[n_train : n_train + n_val], labels[n_train : n_train + n_val], get_cifar100_test_transform(), with_index=False)
+    return torch.utils.data.DataLoader(train, batch_size=32), torch.utils.data.DataLoader(val, batch_size=64)
+
+
+def _trainer(cfg, arrays, device="cpu", name="run", distiller=None):
+    from mdistiller.distillers import distiller_dict
+    from mdistiller.engine import trainer_dict
+    from mdistiller.models import cifar_model_dict
+
+    torch.manual_seed(0)
+    if distiller is None:
+        s = cifar_model_dict[cfg.DISTILLER.STUDENT][0](num_classes=100)
+        t = cifar_model_dict[cfg.DISTILLER.TEACHER][0](num_classes=100)
+        distiller = distiller_dict[cfg.DISTILLER.TYPE](s, t, cfg)
+    train_loader, val_loader = _loaders(arrays)
+    dp = torch.nn.DataParallel(distiller.to(device))
+    return trainer_dict[cfg.SOLVER.TRAINER](name, dp, train_loader, val_loader, cfg)
+
+
+def test_learning_rate_per_epoch_matches_host_schedule(tmp_path, cifar_test_arrays):
+    from mdistiller.engine.utils import adjust_learning_rate
+
+    cfg = _cfg(tmp_path, **{"SOLVER.EPOCHS": 4, "SOLVER.LR_DECAY_STAGES": "[1,3]", "SOLVER.FAST.ITERS_PER_EPOCH": 1})
+    tr = _trainer(cfg, cifar_test_arrays)
+    host_opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=cfg.SOLVER.LR)
+    for epoch in range(1, 5):
+        tr.train_epoch(epoch)
+        want = adjust_learning_rate(epoch, cfg, host_opt)
+        assert tr.optimizer.param_groups[0]["lr"] == pytest.approx(want)
+    assert [round(adjust_learning_rate(e, cfg, host_opt), 6) for e in range(1, 5)] == [0.05, 0.005, 0.005, 0.0005]
+    sgd = tr.optimizer.param_groups[0]
+    assert sgd["momentum"] == 0.9 and sgd["weight_decay"] == 0.0005
+
+
+def test_augmentation_shapes_range_and_real_windows(cifar_test_arrays):
+    from mdistiller.dataset.cifar100 import get_cifar100_train_transform
+
+    from normkd_plugin.fast.augment import TensorCifar, host_pipeline
+
+    images, labels = cifar_test_arrays
+    pipe = host_pipeline(get_cifar100_train_transform())
+    assert pipe.pad == 4 and pipe.flip_p == 0.5 and pipe.mean == (0.5071, 0.4867, 0.4408)
+    data = TensorCifar(images[:64], labels[:64], pipe, torch.device("cpu"))
+    idx = torch.arange(64)
+    crops = data.crop_flip(idx)
+    assert crops.shape == (64, 3, 32, 32) and crops.dtype == torch.uint8
+    padded = np.pad(images[:64], ((0, 0), (4, 4), (4, 4), (0, 0)))
+    seen_offsets, flips = set(), 0
+    for i in range(64):
+        got = crops[i].permute(1, 2, 0).numpy()
+        matches = [
+            (dy, dx, f)
+            for dy in range(9)
+            for dx in range(9)
+            for f in (False, True)
+            if np.array_equal(got, (lambda w: w[:, ::-1] if f else w)(padded[i, dy : dy + 32, dx : dx + 32]))
+        ]
+        assert matches, f"crop {i} is not a window of the zero-padded image"
+        seen_offsets.add(matches[0][:2])
+        flips += matches[0][2]
+    assert len(seen_offsets) > 20 and 12 < flips < 52
+    x, y = data.epoch()
+    assert x.shape == (64, 3, 32, 32) and x.dtype == torch.float32 and y.shape == (64,)
+    lo = (0 - torch.tensor(pipe.mean)) / torch.tensor(pipe.std)
+    hi = (1 - torch.tensor(pipe.mean)) / torch.tensor(pipe.std)
+    assert (x.amin((0, 2, 3)) >= lo - 1e-6).all() and (x.amax((0, 2, 3)) <= hi + 1e-6).all()
+    assert sorted(y.tolist()) == sorted(labels[:64].tolist())
+
+
+def test_augmentation_normalises_like_the_host_transform(cifar_test_arrays):
+    from mdistiller.dataset.cifar100 import get_cifar100_test_transform
+    from PIL import Image
+
+    from normkd_plugin.fast.augment import TensorCifar, host_pipeline
+
+    images, labels = cifar_test_arrays
+    tf = get_cifar100_test_transform()
+    data = TensorCifar(images[:8], labels[:8], host_pipeline(tf), torch.device("cpu"))
+    x, _ = data.eval_set()
+    want = torch.stack([tf(Image.fromarray(images[i])) for i in range(8)])
+    assert torch.allclose(x, want, atol=1e-6)
+
+
+def test_unsupported_transform_is_refused():
+    from torchvision import transforms as T
+
+    from normkd_plugin.fast.augment import host_pipeline
+
+    with pytest.raises(ValueError, match="ColorJitter"):
+        host_pipeline(T.Compose([T.ColorJitter(0.1), T.ToTensor(), T.Normalize((0.5,) * 3, (0.5,) * 3)]))
+
+
+class _Spy(torch.nn.Module):
+    """A distiller that records the trainer's keyword arguments and returns three loss terms."""
+
+    def __init__(self, student, teacher):
+        super().__init__()
+        self.student, self.teacher, self.calls = student, teacher, []
+
+    def get_learnable_parameters(self):
+        return list(self.student.parameters())
+
+    def forward(self, **kw):
+        if not self.training:
+            return self.student(kw["image"])[0]
+        self.calls.append(sorted(kw))
+        logits, _ = self.student(kw["image"])
+        ce = torch.nn.functional.cross_entropy(logits, kw["target"], reduction="none")
+        return logits, {"loss_ce": ce, "loss_kd": 0 * ce + 1.0, "loss_extra": ce.mean() * 0 + 2.0}
+
+
+def test_loss_dict_contract_and_epoch_keyword(tmp_path, cifar_test_arrays):
+    from mdistiller.models import cifar_model_dict
+
+    cfg = _cfg(tmp_path, **{"SOLVER.EPOCHS": 1, "SOLVER.LR": 0.0})
+    s = cifar_model_dict["resnet8"][0](num_classes=100)
+    spy = _Spy(s, cifar_model_dict["resnet8"][0](num_classes=100))
+    tr = _trainer(cfg, cifar_test_arrays, distiller=spy)
+    tr.train_epoch(1)
+    assert spy.calls and all(c == ["epoch", "image", "target"] for c in spy.calls)
+    assert len(spy.calls) == 7  # 200 images / 32: 6 full batches and one partial
+    text = open(os.path.join(tr.log_path, "worklog.txt")).read()
+    # with lr 0 the CE is constant per sample; the loss is mean CE + 1 + 2 summed over terms
+    train_loss = float(text.split("train_loss: ")[1].split()[0])
+    assert train_loss > 3.0 + 4.0  # CE of an untrained 100-way classifier is about log(100)
+
+
+def test_run_files_and_worklog_format(tmp_path, cifar_test_arrays):
+    from mdistiller.engine.utils import load_checkpoint
+    from mdistiller.models import cifar_model_dict
+
+    from normkd_plugin.leaderboard.runs import parse_worklog
+
+    cfg = _cfg(tmp_path, **{"SOLVER.FAST.ITERS_PER_EPOCH": 2, "LOG.SAVE_CHECKPOINT_FREQ": 2})
+    tr = _trainer(cfg, cifar_test_arrays)
+    tr.train()
+    folder = tmp_path / "run"
+    for name in ("worklog.txt", "latest", "best", "student_latest", "student_best", "epoch_2", "student_2"):
+        assert (folder / name).is_file(), name
+    assert list((folder / "train.events").iterdir())
+    log = parse_worklog((folder / "worklog.txt").read_text())
+    assert [e["epoch"] for e in log.epochs] == [1, 2]
+    assert set(log.epochs[0]) >= {"lr", "train_acc", "train_loss", "test_acc", "test_acc_top5", "test_loss"}
+    assert log.best_acc == pytest.approx(max(e["test_acc"] for e in log.epochs), abs=0.01)
+    state = load_checkpoint(str(folder / "latest"))
+    assert state["epoch"] == 2 and set(state) == {"epoch", "model", "optimizer", "best_acc"}
+    assert all(k.startswith("module.") for k in state["model"])
+    student = cifar_model_dict["resnet8"][0](num_classes=100)
+    student.load_state_dict(load_checkpoint(str(folder / "student_best"))["model"])  # as tools/eval.py does
+
+
+def test_resume_continues_where_it_stopped(tmp_path, cifar_test_arrays):
+    from mdistiller.engine.utils import load_checkpoint
+
+    cfg = _cfg(tmp_path, **{"SOLVER.FAST.ITERS_PER_EPOCH": 2})
+    _trainer(cfg, cifar_test_arrays).train()
+    after2 = load_checkpoint(str(tmp_path / "run" / "latest"))
+    cfg3 = _cfg(tmp_path, **{"SOLVER.FAST.ITERS_PER_EPOCH": 2, "SOLVER.EPOCHS": 3})
+    tr = _trainer(cfg3, cifar_test_arrays)
+    seen = []
+    original = tr.train_epoch
+    tr.train_epoch = lambda e: (seen.append(e), original(e))
+    tr.train(resume=True)
+    assert seen == [3]
+    after3 = load_checkpoint(str(tmp_path / "run" / "latest"))
+    assert after3["epoch"] == 3
+    key = next(k for k in after2["model"] if k.endswith("conv1.weight"))
+    assert not torch.equal(after2["model"][key], after3["model"][key])
+    text = (tmp_path / "run" / "worklog.txt").read_text()
+    assert text.count("epoch: ") == 3 and text.count("best_acc") == 2
+
+
+@needs_cuda
+@pytest.mark.parametrize("amp", [False, True])
+def test_graph_and_eager_paths_give_the_same_parameters(tmp_path, cifar_test_arrays, amp):
+    params = []
+    for graph in (True, False):
+        cfg = _cfg(tmp_path, **{"SOLVER.FAST.CUDA_GRAPH": graph, "SOLVER.AMP": amp, "SOLVER.LR": 0.1})
+        tr = _trainer(cfg, cifar_test_arrays, device="cuda", name=f"g{graph}{amp}")
+        torch.manual_seed(1)
+        tr.train_iterations(1, 6 * 32)
+        assert (tr._graph is not None) == graph
+        params.append(torch.cat([p.detach().flatten() for p in tr.model.student.parameters()]))
+    rel = ((params[0] - params[1]).norm() / params[1].norm()).item()
+    assert rel < (1e-3 if amp else 1e-5), rel
