@@ -20,15 +20,16 @@ for step in "$@"; do
   case "$step" in
   setup)
     python3 -m pip install -q --no-index --no-deps --no-compile .dev/whl/*.whl || exit 1
-    python3 -m pip install -q --no-index --no-deps --no-build-isolation -e .dev/mdistiller || exit 1
-    python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . || exit 1
+    python3 -m pip install -q --no-index --no-deps --no-build-isolation .dev/mdistiller . 2>&1 | grep -v -i warn | tail -3
+    python3 -c "import mdistiller, normkd_plugin; print('installed')" || exit 1
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
     python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
     stage_data ;;
   stage) stage_data ;;
   checks)
-    python3 -m pytest -q -p no:cacheprovider tests/test_fused.py tests/test_fast_trainer.py tests/test_losses.py 2>&1 | tail -5
+    python3 -P -m pytest -q -p no:cacheprovider tests/test_fused.py tests/test_fast_trainer.py tests/test_losses.py 2>&1 | tail -5
     python3 benchmarks/loss_speed.py --out "$OUT/loss_speed.md" ;;
+  losses) python3 benchmarks/loss_speed.py --out "$OUT/loss_speed.md" ;;
   train)
     python3 benchmarks/trainer_speed.py --data "$DATA" --out "$OUT/trainer_speed.md" 2>&1 | grep -v '^\s*$' | tail -12
     for trainer in base fast; do

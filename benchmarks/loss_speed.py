@@ -2,8 +2,10 @@
 
     python benchmarks/loss_speed.py [--repeats 300] [--out results/loss_speed-<card>.md]
 
-Median of per-call CUDA-event timings after warm-up; each call is the loss forward plus
-``torch.autograd.grad`` with respect to the student logits. Not a test.
+Median of per-call CUDA-event timings after warm-up, the cases interleaved in rounds; each
+call is the loss forward plus ``torch.autograd.grad`` with respect to the student logits. At
+these sizes the work is launch-bound, so the times are mostly the host's cost of issuing
+kernels. Not a test.
 """
 
 from __future__ import annotations
@@ -21,24 +23,33 @@ from normkd_plugin.losses import normdkd_loss, normkd_loss
 SIZES = [(64, 100), (512, 1000), (4096, 1000)]
 
 
-def time_us(fn, zs, repeats: int, warmup: int = 30) -> float:
-    """Median microseconds of forward + backward of fn(zs)."""
-    for _ in range(warmup):
-        torch.autograd.grad(fn(zs), zs)
+def time_calls(fn, zs, calls: int) -> list[float]:
+    """Microseconds of each of ``calls`` forward + backward passes of fn(zs), by CUDA events."""
     times = []
-    for _ in range(repeats):
+    for _ in range(calls):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         torch.autograd.grad(fn(zs), zs)
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end) * 1e3)
-    return statistics.median(times)
+    return times
+
+
+def interleaved_medians(cases: dict, zs, repeats: int, rounds: int = 10) -> dict[str, float]:
+    """Median per case over ``rounds`` interleaved blocks, so drift in clocks hits every case alike."""
+    for fn in cases.values():
+        time_calls(fn, zs, 30)  # warm-up: kernel compilation, allocator, clocks
+    times = {name: [] for name in cases}
+    for _ in range(rounds):
+        for name, fn in cases.items():
+            times[name] += time_calls(fn, zs, max(1, repeats // rounds))
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--repeats", type=int, default=300)
+    ap.add_argument("--repeats", type=int, default=600)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     warnings.filterwarnings("ignore", message="size_average")
@@ -57,7 +68,7 @@ def main() -> None:
             "NormDKD reference": lambda s: normdkd_loss(s, zt, y, 1.0, 8.0, 2.0, fused=False),
             "NormDKD fused": lambda s: normdkd_loss(s, zt, y, 1.0, 8.0, 2.0, fused=True),
         }
-        us = {name: time_us(fn, zs, args.repeats) for name, fn in cases.items()}
+        us = interleaved_medians(cases, zs, args.repeats)
         for name, t in us.items():
             base = us["DKD (host, T=4)"] if "DKD" in name else us["KD (host, T=4)"]
             rows.append((f"{n}x{c}", name, t, t / base))

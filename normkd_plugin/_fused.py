@@ -53,6 +53,7 @@ if triton is not None:
         alpha,
         beta,
         sigma_floor,
+        row_scale,
         DKD: tl.constexpr,
         BLOCK_C: tl.constexpr,
     ):
@@ -113,11 +114,12 @@ if triton is not None:
         gs = tl.sum(tl.where(valid, g * s, 0.0), axis=0)
         coef = tl.where(var_s > floor2, gs / ((C - 1) * var_s), 0.0)
         grad = g / temp_s - coef * ds
-        tl.store(loss_ptr + row, loss)
-        tl.store(grad_ptr + row * C + cols, grad, mask=valid)
+        # row_scale is 1/N for reduction="mean" so backward needs no extra division.
+        tl.store(loss_ptr + row, loss * row_scale)
+        tl.store(grad_ptr + row * C + cols, grad * row_scale, mask=valid)
 
 
-def _launch(zs: Tensor, zt: Tensor, target: Tensor | None, alpha: float, beta: float, t_norm: float):
+def _launch(zs: Tensor, zt: Tensor, target: Tensor | None, alpha: float, beta: float, t_norm: float, row_scale: float):
     n, c = zs.shape
     zs = zs.contiguous() if zs.stride(1) != 1 else zs
     zt = zt.contiguous() if zt.stride(1) != 1 else zt
@@ -138,6 +140,7 @@ def _launch(zs: Tensor, zt: Tensor, target: Tensor | None, alpha: float, beta: f
         float(alpha),
         float(beta),
         SIGMA_FLOOR,
+        float(row_scale),
         DKD=dkd,
         BLOCK_C=block,
         num_warps=4 if block <= 2048 else 8,
@@ -148,27 +151,19 @@ def _launch(zs: Tensor, zt: Tensor, target: Tensor | None, alpha: float, beta: f
 class _FusedLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, zs, zt, target, alpha, beta, t_norm, reduction):
-        loss, grad = _launch(zs, zt.detach(), target, alpha, beta, t_norm)
+        row_scale = 1.0 / zs.shape[0] if reduction == "mean" else 1.0
+        loss, grad = _launch(zs, zt.detach(), target, alpha, beta, t_norm, row_scale)
         ctx.save_for_backward(grad)
-        ctx.reduction = reduction
+        ctx.per_row = reduction == "none"
         ctx.in_dtype = zs.dtype
-        if reduction == "mean":
-            return loss.mean()
-        if reduction == "sum":
-            return loss.sum()
-        return loss
+        return loss if ctx.per_row else loss.sum()
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
         (grad,) = ctx.saved_tensors
-        if ctx.reduction == "mean":
-            scale = grad_out / grad.shape[0]
-        elif ctx.reduction == "sum":
-            scale = grad_out
-        else:
-            scale = grad_out.unsqueeze(1)
-        return (grad * scale).to(ctx.in_dtype), None, None, None, None, None, None
+        grad = grad * (grad_out.unsqueeze(1) if ctx.per_row else grad_out)
+        return grad.to(ctx.in_dtype), None, None, None, None, None, None
 
 
 def _fits(zs: Tensor) -> bool:
