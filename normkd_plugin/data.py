@@ -91,9 +91,10 @@ def _load_shards(files: list[Path]) -> tuple[np.ndarray, np.ndarray]:
     for f in files:
         try:
             with np.load(f) as z:
+                missing = [k for k in ("images", "labels") if k not in z.files]
+                if missing:
+                    raise DataError(f"{f}: missing array(s) {missing}; expected 'images' and 'labels'")
                 img, lab = z["images"], z["labels"].astype(np.int64)
-        except KeyError as exc:
-            raise DataError(f"{f}: missing array {exc}; expected 'images' and 'labels'") from exc
         except (OSError, ValueError) as exc:
             raise DataError(f"{f}: not a readable npz file ({exc})") from exc
         _check_arrays(img, lab, f)

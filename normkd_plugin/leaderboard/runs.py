@@ -85,6 +85,7 @@ class Run:
     seed: int | None
     epochs_planned: int | None
     log: Worklog
+    trainer: str = "base"
 
     @property
     def pair(self) -> str:
@@ -123,12 +124,20 @@ def _identity_from_name(folder: Path) -> dict:
     tokens = folder.name.split(",")
     if len(tokens) < 3:
         raise WorklogError(f"{folder}: no config.yaml and the folder name is not method,teacher,student[,...]")
-    seed = None
+    seed, trainer, epochs = None, "base", None
     for tok in tokens[3:]:
-        if tok.startswith("seed:"):
-            seed = int(tok[5:])
+        key, _, value = tok.partition(":")
+        if key == "seed":
+            seed = int(value)
+        elif key == "SOLVER.TRAINER":
+            trainer = value
+        elif key == "SOLVER.EPOCHS":
+            epochs = int(value)
     dataset = "imagenet" if "imagenet" in folder.parent.name.lower() else "cifar100"
-    return dict(dataset=dataset, method=tokens[0].lower(), teacher=tokens[1], student=tokens[2], seed=seed, epochs_planned=None)
+    return dict(
+        dataset=dataset, method=tokens[0].lower(), teacher=tokens[1], student=tokens[2],
+        seed=seed, epochs_planned=epochs, trainer=trainer,
+    )  # fmt: skip
 
 
 def _identity_from_config(path: Path) -> dict:
@@ -141,6 +150,7 @@ def _identity_from_config(path: Path) -> dict:
         student=cfg["DISTILLER"]["STUDENT"],
         seed=seed if seed is not None and seed >= 0 else None,
         epochs_planned=cfg.get("SOLVER", {}).get("EPOCHS"),
+        trainer=cfg.get("SOLVER", {}).get("TRAINER", "base"),
     )
 
 

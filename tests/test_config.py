@@ -1,0 +1,193 @@
+"""Packaged configs against the real host and the published per-pair hyperparameters; config errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from conftest import needs_mdistiller
+
+pytestmark = needs_mdistiller
+
+# Independent copy of the authors' per-pair settings: stem -> (LR, DKD beta, NormDKD alpha, beta).
+CIFAR = {
+    "res56_res20": (0.05, 2, 7, 2),
+    "res110_res32": (0.05, 2, 5, 4),
+    "res32x4_res8x4": (0.05, 8, 4, 5),
+    "wrn40_2_wrn_16_2": (0.05, 6, 4, 5),
+    "wrn40_2_wrn_40_1": (0.05, 6, 3, 6),
+    "vgg13_vgg8": (0.05, 6, 2, 7),
+    "vgg13_mv2": (0.01, 6, 3, 6),
+    "res50_mv2": (0.01, 8, 2, 7),
+    "res32x4_shuv1": (0.01, 8, 0.5, 8.5),
+    "res32x4_shuv2": (0.01, 8, 4, 5),
+    "wrn40_2_shuv1": (0.01, 8, 4, 5),
+}
+METHODS = ("kd", "dkd", "normkd", "normdkd")
+ALL = [f"cifar100/{m}/{s}" for s in CIFAR for m in METHODS] + [
+    f"imagenet/{p}/{m}" for p in ("r34_r18", "r50_mv1") for m in METHODS
+]
+
+
+def test_52_packaged_configs():
+    from normkd_plugin.config import packaged_configs
+
+    names = sorted(c.name for c in packaged_configs())
+    assert names == sorted(ALL)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_config_merges_into_host_cfg_and_names_real_models(name):
+    from mdistiller.distillers import distiller_dict
+    from mdistiller.models import cifar_model_dict, imagenet_model_dict
+
+    from normkd_plugin.config import load_config
+
+    cfg = load_config(name)
+    assert cfg.is_frozen()
+    models = imagenet_model_dict if cfg.DATASET.TYPE == "imagenet" else cifar_model_dict
+    assert cfg.DISTILLER.TEACHER in models and cfg.DISTILLER.STUDENT in models
+    assert cfg.DISTILLER.TYPE in distiller_dict
+    assert cfg.LOG.WANDB is False
+
+
+@pytest.mark.parametrize("stem", list(CIFAR))
+def test_cifar_per_pair_hyperparameters(stem):
+    from normkd_plugin.config import load_config
+
+    lr, dkd_beta, alpha, beta = CIFAR[stem]
+    cfgs = {m: load_config(f"cifar100/{m}/{stem}") for m in METHODS}
+    for cfg in cfgs.values():
+        s = cfg.SOLVER
+        assert (s.LR, s.BATCH_SIZE, s.EPOCHS, list(s.LR_DECAY_STAGES), s.WEIGHT_DECAY, s.MOMENTUM) == (
+            lr, 64, 240, [150, 180, 210], 5e-4, 0.9,
+        )  # fmt: skip
+    assert (cfgs["kd"].KD.TEMPERATURE, cfgs["kd"].KD.LOSS.CE_WEIGHT, cfgs["kd"].KD.LOSS.KD_WEIGHT) == (4, 0.1, 0.9)
+    d = cfgs["dkd"].DKD
+    assert (d.ALPHA, d.BETA, d.T, d.WARMUP, d.CE_WEIGHT) == (1.0, dkd_beta, 4.0, 20, 1.0)
+    n = cfgs["normkd"].NORMKD
+    assert (n.TEMPERATURE_NORM, n.LOSS.CE_WEIGHT, n.LOSS.KD_WEIGHT) == (2.0, 0.1, 0.9)
+    nd = cfgs["normdkd"].NORMDKD
+    assert (nd.TEMPERATURE_NORM, nd.CE_WEIGHT, nd.ALPHA, nd.BETA, nd.WARMUP) == (2.0, 1.0, alpha, beta, 20)
+    tags = {cfg.EXPERIMENT.PROJECT + "/" + cfg.EXPERIMENT.TAG for cfg in cfgs.values()}
+    assert len(tags) == 4
+
+
+def test_imagenet_hyperparameters():
+    from normkd_plugin.config import load_config
+
+    for pair, dkd_beta, t_norm_dkd in (("r34_r18", 0.5, 0.5), ("r50_mv1", 2.0, 0.75)):
+        c = {m: load_config(f"imagenet/{pair}/{m}") for m in METHODS}
+        for cfg in c.values():
+            assert (cfg.SOLVER.BATCH_SIZE, cfg.SOLVER.LR, cfg.SOLVER.EPOCHS, list(cfg.SOLVER.LR_DECAY_STAGES)) == (512, 0.2, 100, [30, 60, 90])
+            assert cfg.SOLVER.WEIGHT_DECAY == 1e-4 and cfg.DATASET.TYPE == "imagenet"
+        assert (c["kd"].KD.TEMPERATURE, c["kd"].KD.LOSS.CE_WEIGHT, c["kd"].KD.LOSS.KD_WEIGHT) == (1, 0.5, 0.5)
+        assert (c["dkd"].DKD.BETA, c["dkd"].DKD.T, c["dkd"].DKD.WARMUP) == (dkd_beta, 1.0, 1)
+        assert (c["normkd"].NORMKD.TEMPERATURE_NORM, c["normkd"].NORMKD.LOSS.CE_WEIGHT) == (1.0, 0.5)
+        nd = c["normdkd"].NORMDKD
+        assert (nd.TEMPERATURE_NORM, nd.ALPHA, nd.BETA, nd.WARMUP) == (t_norm_dkd, 1.0, 1.0, 1)
+
+
+@pytest.mark.parametrize("stem", list(CIFAR))
+@pytest.mark.parametrize("method", METHODS)
+def test_every_cifar_config_builds_and_runs_forward_train_on_real_data(method, stem, cifar_batch):
+    from normkd_plugin.build import build_distiller
+    from normkd_plugin.config import load_config
+
+    from mdistiller.models import cifar_model_dict
+
+    cfg = load_config(f"cifar100/{method}/{stem}")
+    torch = pytest.importorskip("torch")
+    student = cifar_model_dict[cfg.DISTILLER.STUDENT][0](num_classes=100)
+    teacher = cifar_model_dict[cfg.DISTILLER.TEACHER][0](num_classes=100)
+    distiller = build_distiller(cfg, student, teacher, 50000)
+    distiller.train()
+    x, y = cifar_batch
+    with torch.no_grad():
+        _, losses = distiller(image=x[:8], target=y[:8], epoch=1)
+    assert set(losses) == {"loss_ce", "loss_kd"}
+    assert all(torch.isfinite(v).all() for v in losses.values())
+
+
+@pytest.mark.parametrize("pair", ["r34_r18", "r50_mv1"])
+def test_imagenet_configs_build_their_distillers(pair):
+    from mdistiller.models import imagenet_model_dict
+
+    from normkd_plugin.build import build_distiller
+    from normkd_plugin.config import load_config
+
+    for method in METHODS:
+        cfg = load_config(f"imagenet/{pair}/{method}")
+        s = imagenet_model_dict[cfg.DISTILLER.STUDENT](pretrained=False)
+        t = imagenet_model_dict[cfg.DISTILLER.TEACHER](pretrained=False)
+        assert build_distiller(cfg, s, t, 1000).teacher is t
+
+
+def test_config_by_path_and_by_name_with_yaml_suffix(tmp_path):
+    from normkd_plugin.config import load_config, resolve_config
+
+    p = resolve_config("cifar100/normkd/res32x4_res8x4.yaml")
+    assert p.is_file()
+    own = tmp_path / "mine.yaml"
+    own.write_text(p.read_text())
+    assert load_config(str(own)).DISTILLER.TYPE == "NORMKD"
+
+
+def test_unknown_name_suggests_close_ones():
+    from normkd_plugin.config import ConfigError, resolve_config
+
+    with pytest.raises(ConfigError, match="cifar100/normkd/res32x4_res8x4"):
+        resolve_config("cifar100/normkd/res32x4_res8")
+
+
+def test_unknown_key_in_file_names_file_and_key(tmp_path):
+    from normkd_plugin.config import ConfigError, load_config
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("DISTILLER:\n  TYPE: NORMKD\nNORMKD:\n  TEMPERATURE_NROM: 2.0\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml.*NORMKD\.TEMPERATURE_NROM"):
+        load_config(str(bad))
+
+
+def test_unknown_distiller_and_model_and_override(tmp_path):
+    from normkd_plugin.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="DISTILLER.TYPE 'NORMKDD'.*NORMKD"):
+        load_config("cifar100/normkd/res56_res20", ["DISTILLER.TYPE", "NORMKDD"])
+    with pytest.raises(ConfigError, match="DISTILLER.STUDENT 'resnet21'"):
+        load_config("cifar100/normkd/res56_res20", ["DISTILLER.STUDENT", "resnet21"])
+    with pytest.raises(ConfigError, match="override SOLVER.LRR: no such config key; did you mean SOLVER.LR"):
+        load_config("cifar100/normkd/res56_res20", ["SOLVER.LRR", "0.1"])
+    with pytest.raises(ConfigError, match="KEY VALUE pairs"):
+        load_config("cifar100/normkd/res56_res20", ["SOLVER.LR"])
+    with pytest.raises(ConfigError, match="SOLVER.TRAINER 'fats'.*fast"):
+        load_config("cifar100/normkd/res56_res20", ["SOLVER.TRAINER", "fats"])
+
+
+def test_release_config_runs_unchanged(tmp_path):
+    """A config written for the authors' release (DISTILLER.TYPE NormKD_W_DKD and its nodes)."""
+    from mdistiller.distillers import distiller_dict
+    from mdistiller.models import cifar_model_dict
+
+    from normkd_plugin.config import load_config
+
+    f = tmp_path / "release.yaml"
+    f.write_text(
+        "EXPERIMENT:\n  TAG: normkd_w_dkd,res32x4,res8x4\nDISTILLER:\n  TYPE: NormKD_W_DKD\n"
+        "  TEACHER: resnet32x4\n  STUDENT: resnet8x4\nNormKD_W_DKD:\n  TEMPERATURE_NORM: 2.0\n"
+        "  CE_WEIGHT: 1.0\n  ALPHA: 4.0\n  BETA: 5.0\n  WARMUP: 20\n  LOSS: {}\n"
+        "NormKD:\n  TEMPERATURE_NORM: 2.0\n  LOSS:\n    CE_WEIGHT: 0.1\n    KD_WEIGHT: 0.9\n"
+    )
+    cfg = load_config(str(f))
+    d = distiller_dict[cfg.DISTILLER.TYPE](
+        cifar_model_dict["resnet8x4"][0](num_classes=100), cifar_model_dict["resnet32x4"][0](num_classes=100), cfg
+    )
+    assert (d.alpha, d.beta, d.t_norm) == (4.0, 5.0, 2.0)
+
+
+def test_normkd_configs_lists_52():
+    out = subprocess.run([sys.executable, "-m", "normkd_plugin.configs_cli"], capture_output=True, text=True, check=True).stdout
+    assert out.strip().endswith("52 configs")
+    assert "cifar100  NORMDKD  resnet32x4  ShuffleV1    cifar100/normdkd/res32x4_shuv1" in out

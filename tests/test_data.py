@@ -1,0 +1,121 @@
+"""Offline CIFAR-100: npz shards and cifar-100-python folders give the host's batches; bad input fails clearly."""
+
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import CIFAR_DIR, needs_data, needs_mdistiller
+
+pytestmark = needs_mdistiller
+
+
+def _cfg(root, **over):
+    from normkd_plugin.config import load_config
+
+    opts = ["DATASET.ROOT", str(root), "DATASET.NUM_WORKERS", "0", "SOLVER.BATCH_SIZE", "16"]
+    for k, v in over.items():
+        opts += [k, str(v)]
+    return load_config("cifar100/normkd/res56_res20", opts)
+
+
+def _write_python_layout(root, images, labels, n_train=40, n_test=20):
+    folder = root / "cifar-100-python"
+    folder.mkdir(parents=True)
+    for split, sl in (("train", slice(0, n_train)), ("test", slice(n_train, n_train + n_test))):
+        data = images[sl].transpose(0, 3, 1, 2).reshape(-1, 3072)
+        with open(folder / split, "wb") as f:
+            pickle.dump({"data": data, "fine_labels": labels[sl].tolist()}, f)
+    return root
+
+
+@needs_data
+def test_npz_shards_give_the_official_split():
+    from normkd_plugin.data import load_cifar100
+
+    train_x, train_y = load_cifar100(CIFAR_DIR, train=True)
+    test_x, test_y = load_cifar100(CIFAR_DIR, train=False)
+    assert train_x.shape == (50000, 32, 32, 3) and test_x.shape == (10000, 32, 32, 3)
+    assert np.bincount(train_y, minlength=100).tolist() == [500] * 100
+    assert np.bincount(test_y, minlength=100).tolist() == [100] * 100
+
+
+@needs_data
+def test_loaders_yield_the_host_batch_structure_from_shards():
+    from normkd_plugin.data import get_dataset
+
+    train, val, num_data, num_classes = get_dataset(_cfg(CIFAR_DIR))
+    assert (num_data, num_classes) == (50000, 100)
+    image, target, index = next(iter(train))
+    assert image.shape == (16, 3, 32, 32) and image.dtype == torch.float32
+    assert target.dtype == torch.int64 and index.shape == (16,)
+    x, y = next(iter(val))
+    assert x.shape == (64, 3, 32, 32) and y.shape == (64,)  # DATASET.TEST.BATCH_SIZE
+
+
+def test_python_layout_matches_shard_content(tmp_path, cifar_test_arrays):
+    from normkd_plugin.data import load_cifar100
+
+    images, labels = cifar_test_arrays
+    root = _write_python_layout(tmp_path, images, labels)
+    x, y = load_cifar100(root, train=True)
+    assert np.array_equal(x, images[:40]) and np.array_equal(y, labels[:40])
+    x, y = load_cifar100(root / "cifar-100-python", train=False)
+    assert np.array_equal(x, images[40:60])
+
+
+def test_python_layout_through_get_dataset(tmp_path, cifar_test_arrays):
+    from normkd_plugin.data import get_dataset
+
+    root = _write_python_layout(tmp_path, *cifar_test_arrays)
+    train, val, num_data, _ = get_dataset(_cfg(root))
+    assert num_data == 40
+    batch = next(iter(train))
+    assert len(batch) == 3 and batch[0].shape == (16, 3, 32, 32)
+    assert len(next(iter(val))) == 2
+
+
+def test_missing_root_names_path_and_layouts(tmp_path):
+    from normkd_plugin.data import DataError, get_dataset
+
+    with pytest.raises(DataError, match=r"nowhere.*npz shards.*cifar-100-python"):
+        get_dataset(_cfg(tmp_path / "nowhere"))
+    with pytest.raises(DataError, match=r"holds no CIFAR-100 train split"):
+        get_dataset(_cfg(tmp_path))
+
+
+def test_malformed_inputs(tmp_path):
+    from normkd_plugin.data import DataError, load_cifar100
+
+    np.savez(tmp_path / "train-0-of-2.npz", images=np.zeros((4, 32, 32, 3), np.uint8), labels=np.zeros(4, np.int64))
+    with pytest.raises(DataError, match="incomplete train shards"):
+        load_cifar100(tmp_path, True)
+    np.savez(tmp_path / "train-1-of-2.npz", images=np.zeros((4, 28, 28, 3), np.uint8), labels=np.zeros(4, np.int64))
+    with pytest.raises(DataError, match=r"train-1-of-2\.npz: images must be uint8 \(N,32,32,3\)"):
+        load_cifar100(tmp_path, True)
+    np.savez(tmp_path / "test-0-of-1.npz", pictures=np.zeros((4, 32, 32, 3), np.uint8))
+    with pytest.raises(DataError, match=r"test-0-of-1\.npz: missing array\(s\) \['images', 'labels'\]"):
+        load_cifar100(tmp_path, False)
+    other = tmp_path / "py"
+    (other / "cifar-100-python").mkdir(parents=True)
+    (other / "cifar-100-python" / "train").write_bytes(b"not a pickle")
+    with pytest.raises(DataError, match=r"cifar-100-python/train: not a cifar-100-python pickle"):
+        load_cifar100(other, True)
+    np.savez(tmp_path / "train-0-of-2.npz", images=np.zeros((4, 32, 32, 3), np.uint8), labels=np.full(4, 100))
+    with pytest.raises(DataError, match="fine labels 0-99"):
+        load_cifar100(tmp_path, True)
+
+
+def test_seeded_loaders_repeat_their_order(tmp_path, cifar_test_arrays):
+    from normkd_plugin.data import get_dataset, seed_everything
+
+    root = _write_python_layout(tmp_path, *cifar_test_arrays)
+    firsts = []
+    for _ in range(2):
+        seed_everything(3)
+        train, *_ = get_dataset(_cfg(root, **{"EXPERIMENT.SEED": 3}))
+        firsts.append(next(iter(train)))
+    assert torch.equal(firsts[0][2], firsts[1][2]) and torch.equal(firsts[0][0], firsts[1][0])
