@@ -47,6 +47,18 @@ def interleaved_medians(cases: dict, zs, repeats: int, rounds: int = 10) -> dict
     return {name: statistics.median(t) for name, t in times.items()}
 
 
+def loss_cases(zt, y) -> dict:
+    """name -> fn(student_logits) for the host's losses and ours, reference and fused."""
+    return {
+        "KD (host, T=4)": lambda s: kd_loss(s, zt, 4.0),
+        "DKD (host, T=4)": lambda s: dkd_loss(s, zt, y, 1.0, 8.0, 4.0),
+        "NormKD reference": lambda s: normkd_loss(s, zt, 2.0, fused=False),
+        "NormKD fused": lambda s: normkd_loss(s, zt, 2.0, fused=True),
+        "NormDKD reference": lambda s: normdkd_loss(s, zt, y, 1.0, 8.0, 2.0, fused=False),
+        "NormDKD fused": lambda s: normdkd_loss(s, zt, y, 1.0, 8.0, 2.0, fused=True),
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=600)
@@ -60,14 +72,7 @@ def main() -> None:
         zs = (torch.randn(n, c, device="cuda") * 3).requires_grad_()
         zt = torch.randn(n, c, device="cuda") * 4
         y = torch.randint(0, c, (n,), device="cuda")
-        cases = {
-            "KD (host, T=4)": lambda s: kd_loss(s, zt, 4.0),
-            "DKD (host, T=4)": lambda s: dkd_loss(s, zt, y, 1.0, 8.0, 4.0),
-            "NormKD reference": lambda s: normkd_loss(s, zt, 2.0, fused=False),
-            "NormKD fused": lambda s: normkd_loss(s, zt, 2.0, fused=True),
-            "NormDKD reference": lambda s: normdkd_loss(s, zt, y, 1.0, 8.0, 2.0, fused=False),
-            "NormDKD fused": lambda s: normdkd_loss(s, zt, y, 1.0, 8.0, 2.0, fused=True),
-        }
+        cases = loss_cases(zt, y)
         us = interleaved_medians(cases, zs, args.repeats)
         for name, t in us.items():
             base = us["DKD (host, T=4)"] if "DKD" in name else us["KD (host, T=4)"]

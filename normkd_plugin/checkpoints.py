@@ -42,8 +42,7 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         raise CheckpointError(
-            f"{path}: refused to unpickle it (only tensors, numpy scalars and argparse.Namespace "
-            f"are allowed): {exc}"
+            f"{path}: refused to unpickle it (only tensors, numpy scalars and argparse.Namespace are allowed): {exc}"
         ) from exc
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
         obj = obj["model"]

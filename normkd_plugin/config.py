@@ -38,6 +38,7 @@ def plugin_defaults() -> CN:
     cfg.DATASET.ROOT = ""  # local dataset folder; "" keeps the host's ./data + download
     cfg.DISTILLER = CN()
     cfg.DISTILLER.TEACHER_CKPT = ""  # teacher checkpoint file; "" keeps the host's layout
+    cfg.DISTILLER.FUSED_LOSS = True  # False forces the PyTorch reference loss (as NORMKD_REFERENCE=1)
     return cfg
 
 
@@ -116,7 +117,7 @@ def _merge_file(cfg: CN, path: Path) -> None:
 def _merge_opts(cfg: CN, opts: list[str]) -> None:
     if len(opts) % 2:
         raise ConfigError(f"overrides must be KEY VALUE pairs; got an odd list: {' '.join(opts)}")
-    for key, value in zip(opts[::2], opts[1::2]):
+    for key in opts[::2]:
         node = cfg
         parts = key.split(".")
         for part in parts[:-1]:
@@ -125,7 +126,9 @@ def _merge_opts(cfg: CN, opts: list[str]) -> None:
             node = node[part]
         if not isinstance(node, CN) or parts[-1] not in node:
             near = difflib.get_close_matches(key, list(_flat_keys(cfg)), n=3)
-            raise ConfigError(f"override {key}: no such config key" + (f"; did you mean {', '.join(near)}?" if near else ""))
+            raise ConfigError(
+                f"override {key}: no such config key" + (f"; did you mean {', '.join(near)}?" if near else "")
+            )
     try:
         cfg.merge_from_list(list(opts))
     except (ValueError, AssertionError) as exc:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .config import packaged_configs
+from .config import ConfigError, packaged_configs, resolve_config
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -12,11 +12,19 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="normkd-configs", description=__doc__)
     ap.add_argument("--dataset", help="only this dataset (cifar100, imagenet)")
     ap.add_argument("--method", help="only this DISTILLER.TYPE (KD, DKD, NORMKD, NORMDKD)")
+    ap.add_argument("--path", metavar="NAME", help="print the file of one packaged config and exit")
     args = ap.parse_args(argv)
+    if args.path:
+        try:
+            print(resolve_config(args.path))
+        except ConfigError as exc:
+            raise SystemExit(f"normkd-configs: {exc}") from exc
+        return
     rows = [
         r
         for r in packaged_configs()
-        if (not args.dataset or r.dataset == args.dataset) and (not args.method or r.method.upper() == args.method.upper())
+        if (not args.dataset or r.dataset == args.dataset)
+        and (not args.method or r.method.upper() == args.method.upper())
     ]
     header = ("dataset", "method", "teacher", "student", "--cfg name")
     table = [header] + [(r.dataset, r.method, r.teacher, r.student, r.name) for r in rows]

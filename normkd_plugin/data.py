@@ -105,9 +105,7 @@ def _load_shards(files: list[Path]) -> tuple[np.ndarray, np.ndarray]:
 
 def _npz_split(root: Path, split: str) -> list[Path] | None:
     shards = sorted(
-        (int(m.group(2)), int(m.group(3)), p)
-        for p in root.glob(f"{split}-*-of-*.npz")
-        if (m := _SHARD.match(p.name))
+        (int(m.group(2)), int(m.group(3)), p) for p in root.glob(f"{split}-*-of-*.npz") if (m := _SHARD.match(p.name))
     )
     if not shards:
         return None
@@ -182,7 +180,9 @@ def _imagenet_loaders(cfg):
     root = Path(cfg.DATASET.ROOT).expanduser()
     for split in ("train", "val"):
         if not (root / split).is_dir():
-            raise DataError(f"DATASET.ROOT {root} has no {split}/ folder; expected ImageFolder roots {root}/train and {root}/val")
+            raise DataError(
+                f"DATASET.ROOT {root} has no {split}/ folder; expected ImageFolder roots {root}/train and {root}/val"
+            )
     mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
     train = ImageNet(str(root / "train"), transform=get_imagenet_train_transform(mean, std))
     test = ImageFolder(str(root / "val"), transform=get_imagenet_test_transform(mean, std))

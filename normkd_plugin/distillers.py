@@ -18,6 +18,11 @@ from .losses import normdkd_loss, normkd_loss
 __all__ = ["NormKD", "NormDKD", "NormKDRelease", "NormDKDRelease"]
 
 
+def _fused_choice(cfg: CN) -> bool | None:
+    """None (choose by device) unless DISTILLER.FUSED_LOSS is False, which forces the reference."""
+    return None if cfg.DISTILLER.get("FUSED_LOSS", True) else False
+
+
 class NormKD(Distiller):
     """NormKD: CE_WEIGHT * CE(z_s, y) + KD_WEIGHT * normkd_loss(z_s, z_t, TEMPERATURE_NORM)."""
 
@@ -36,6 +41,7 @@ class NormKD(Distiller):
     def __init__(self, student: nn.Module, teacher: nn.Module, cfg: CN):
         super().__init__(student, teacher)
         node = cfg[self.CFG_NODE]
+        self.fused = _fused_choice(cfg)
         self.t_norm = float(node.TEMPERATURE_NORM)
         self.ce_loss_weight = float(node.LOSS.CE_WEIGHT)
         self.kd_loss_weight = float(node.LOSS.KD_WEIGHT)
@@ -46,7 +52,7 @@ class NormKD(Distiller):
         with torch.no_grad():
             logits_teacher, _ = self.teacher(image)
         loss_ce = self.ce_loss_weight * F.cross_entropy(logits_student, target)
-        loss_kd = self.kd_loss_weight * normkd_loss(logits_student, logits_teacher, self.t_norm)
+        loss_kd = self.kd_loss_weight * normkd_loss(logits_student, logits_teacher, self.t_norm, fused=self.fused)
         return logits_student, {"loss_ce": loss_ce, "loss_kd": loss_kd}
 
 
@@ -69,6 +75,7 @@ class NormDKD(Distiller):
     def __init__(self, student: nn.Module, teacher: nn.Module, cfg: CN):
         super().__init__(student, teacher)
         node = cfg[self.CFG_NODE]
+        self.fused = _fused_choice(cfg)
         self.t_norm = float(node.TEMPERATURE_NORM)
         self.ce_loss_weight = float(node.CE_WEIGHT)
         self.alpha = float(node.ALPHA)
@@ -86,9 +93,7 @@ class NormDKD(Distiller):
             logits_teacher, _ = self.teacher(image)
         loss_ce = self.ce_loss_weight * F.cross_entropy(logits_student, target)
         ramp = min(kwargs["epoch"] / self.warmup, 1.0)
-        loss_kd = ramp * normdkd_loss(
-            logits_student, logits_teacher, target, self.alpha, self.beta, self.t_norm
-        )
+        loss_kd = ramp * normdkd_loss(logits_student, logits_teacher, target, self.alpha, self.beta, self.t_norm)
         return logits_student, {"loss_ce": loss_ce, "loss_kd": loss_kd}
 
 

@@ -217,6 +217,4 @@ def normdkd_loss(
         _check_reduction(reduction)
         _check_target(target, logits_student)
         return normdkd_loss_fused(logits_student, logits_teacher, target, alpha, beta, t_norm, reduction)
-    return normdkd_loss_reference(
-        logits_student, logits_teacher, target, alpha, beta, t_norm, reduction
-    )
+    return normdkd_loss_reference(logits_student, logits_teacher, target, alpha, beta, t_norm, reduction)

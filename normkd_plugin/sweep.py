@@ -47,7 +47,9 @@ def grid(dataset: str, methods: list[str], pairs: list[str], seeds: list[int], o
     chosen = stems if pairs == ["all"] else pairs
     bad = [p for p in chosen if p not in stems] + [m for m in methods if m not in METHODS]
     if bad:
-        raise ValueError(f"unknown pair or method {', '.join(bad)}; pairs: {', '.join(stems)}; methods: {', '.join(METHODS)}")
+        raise ValueError(
+            f"unknown pair or method {', '.join(bad)}; pairs: {', '.join(stems)}; methods: {', '.join(METHODS)}"
+        )
     jobs = []
     for stem in chosen:
         for method in methods:
@@ -76,7 +78,9 @@ def is_finished(folder: str) -> bool:
 
 def main(argv: list[str] | None = None) -> None:
     """Print or run the grid."""
-    ap = argparse.ArgumentParser(prog="normkd-sweep", description=__doc__.splitlines()[0], epilog=__doc__.split("\n", 2)[2])
+    ap = argparse.ArgumentParser(
+        prog="normkd-sweep", description=__doc__.splitlines()[0], epilog=__doc__.split("\n", 2)[2]
+    )
     ap.add_argument("--dataset", default="cifar100")
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--pairs", default="all", help="comma-separated stems, or all")

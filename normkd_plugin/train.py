@@ -1,6 +1,6 @@
 """normkd-train: mdistiller's tools/train.py command line, with the plugins registered.
 
-    normkd-train --cfg cifar100/normkd/res32x4_res8x4 [--resume] [--device cpu] [KEY VALUE ...]
+normkd-train --cfg cifar100/normkd/res32x4_res8x4 [--resume] [--device cpu] [KEY VALUE ...]
 """
 
 from __future__ import annotations
@@ -110,6 +110,10 @@ def train(cfg, experiment_name: str, device: torch.device, resume: bool = False)
     distiller = build_distiller(cfg, student, teacher, num_data)
     distiller = torch.nn.DataParallel(distiller.to(device))
     log_path = os.path.join(cfg.LOG.PREFIX, experiment_name)
+    if resume and not os.path.isfile(os.path.join(log_path, "latest")):
+        raise FileNotFoundError(
+            f"--resume: no checkpoint {os.path.join(log_path, 'latest')} (run the same command without --resume first)"
+        )
     os.makedirs(log_path, exist_ok=True)
     with open(os.path.join(log_path, "config.yaml"), "w") as f:
         f.write(cfg.dump())

@@ -23,7 +23,7 @@ except ImportError:
 
 needs_mdistiller = pytest.mark.skipif(
     not HAVE_MDISTILLER,
-    reason="mdistiller is not importable: set MDISTILLER_SRC to a checkout and pip install -e \"$MDISTILLER_SRC\"",
+    reason='mdistiller is not importable: set MDISTILLER_SRC to a checkout and pip install -e "$MDISTILLER_SRC"',
 )
 needs_data = pytest.mark.skipif(
     not (CIFAR_DIR / "test-0-of-1.npz").is_file(),

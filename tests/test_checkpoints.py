@@ -18,7 +18,10 @@ def _state():
 
 def test_release_style_file_with_numpy_scalars_and_namespace(tmp_path):
     path = tmp_path / "ckpt_epoch_240.pth"
-    torch.save({"model": _state(), "epoch": np.int64(240), "accuracy": np.float64(72.3), "opt": argparse.Namespace(lr=0.05)}, path)
+    torch.save(
+        {"model": _state(), "epoch": np.int64(240), "accuracy": np.float64(72.3), "opt": argparse.Namespace(lr=0.05)},
+        path,
+    )
     sd = load_state_dict(path)
     assert set(sd) == {"w", "b"}
 
@@ -42,7 +45,10 @@ def test_arbitrary_objects_are_refused(tmp_path):
 
 
 def test_missing_file_names_path_and_host_layout(tmp_path):
-    with pytest.raises(CheckpointError, match=r"nope\.pth.*download_ckpts/cifar_teachers/<teacher>_vanilla/ckpt_epoch_240\.pth.*TEACHER_CKPT"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"nope\.pth.*download_ckpts/cifar_teachers/<teacher>_vanilla/ckpt_epoch_240\.pth.*TEACHER_CKPT",
+    ):
         load_state_dict(tmp_path / "nope.pth")
 
 

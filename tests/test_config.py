@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -81,7 +82,12 @@ def test_imagenet_hyperparameters():
     for pair, dkd_beta, t_norm_dkd in (("r34_r18", 0.5, 0.5), ("r50_mv1", 2.0, 0.75)):
         c = {m: load_config(f"imagenet/{pair}/{m}") for m in METHODS}
         for cfg in c.values():
-            assert (cfg.SOLVER.BATCH_SIZE, cfg.SOLVER.LR, cfg.SOLVER.EPOCHS, list(cfg.SOLVER.LR_DECAY_STAGES)) == (512, 0.2, 100, [30, 60, 90])
+            assert (cfg.SOLVER.BATCH_SIZE, cfg.SOLVER.LR, cfg.SOLVER.EPOCHS, list(cfg.SOLVER.LR_DECAY_STAGES)) == (
+                512,
+                0.2,
+                100,
+                [30, 60, 90],
+            )
             assert cfg.SOLVER.WEIGHT_DECAY == 1e-4 and cfg.DATASET.TYPE == "imagenet"
         assert (c["kd"].KD.TEMPERATURE, c["kd"].KD.LOSS.CE_WEIGHT, c["kd"].KD.LOSS.KD_WEIGHT) == (1, 0.5, 0.5)
         assert (c["dkd"].DKD.BETA, c["dkd"].DKD.T, c["dkd"].DKD.WARMUP) == (dkd_beta, 1.0, 1)
@@ -93,10 +99,10 @@ def test_imagenet_hyperparameters():
 @pytest.mark.parametrize("stem", list(CIFAR))
 @pytest.mark.parametrize("method", METHODS)
 def test_every_cifar_config_builds_and_runs_forward_train_on_real_data(method, stem, cifar_batch):
+    from mdistiller.models import cifar_model_dict
+
     from normkd_plugin.build import build_distiller
     from normkd_plugin.config import load_config
-
-    from mdistiller.models import cifar_model_dict
 
     cfg = load_config(f"cifar100/{method}/{stem}")
     torch = pytest.importorskip("torch")
@@ -188,6 +194,16 @@ def test_release_config_runs_unchanged(tmp_path):
 
 
 def test_normkd_configs_lists_52():
-    out = subprocess.run([sys.executable, "-m", "normkd_plugin.configs_cli"], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "normkd_plugin.configs_cli"], capture_output=True, text=True, check=True
+    ).stdout
     assert out.strip().endswith("52 configs")
     assert "cifar100  NORMDKD  resnet32x4  ShuffleV1    cifar100/normdkd/res32x4_shuv1" in out
+
+
+def test_normkd_configs_path_prints_the_file():
+    out = subprocess.run(
+        [sys.executable, "-m", "normkd_plugin.configs_cli", "--path", "cifar100/normkd/res56_res20"],
+        capture_output=True, text=True, check=True,
+    ).stdout.strip()  # fmt: skip
+    assert out.endswith("res56_res20.yaml") and "NORMKD" in Path(out).read_text()

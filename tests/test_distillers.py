@@ -145,3 +145,13 @@ def test_release_aliases_read_release_nodes():
     assert distiller_dict["NormKD"](s, t, cfg).t_norm == 1.25
     assert distiller_dict["NormKD_W_DKD"](s, t, cfg).beta == 3.5
     assert "LOSS" in cfg.NormKD_W_DKD
+
+
+def test_fused_loss_switch_in_config():
+    from mdistiller.distillers import distiller_dict
+
+    on = _cfg("normkd")
+    off = _cfg("normdkd", **{"DISTILLER.FUSED_LOSS": False})
+    s, t = _models()
+    assert distiller_dict["NORMKD"](s, t, on).fused is None
+    assert distiller_dict["NORMDKD"](s, t, off).fused is False

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -36,7 +36,12 @@ def _loaders(arrays, n_train=200, n_val=100):
 
     images, labels = arrays
     train = CIFAR100Arrays(images[:n_train], labels[:n_train], get_cifar100_train_transform())
-    val = CIFAR100Arrays(images[n_train : n_train + n_val], labels[n_train : n_train + n_val], get_cifar100_test_transform(), with_index=False)
+    val = CIFAR100Arrays(
+        images[n_train : n_train + n_val],
+        labels[n_train : n_train + n_val],
+        get_cifar100_test_transform(),
+        with_index=False,
+    )
     return torch.utils.data.DataLoader(train, batch_size=32), torch.utils.data.DataLoader(val, batch_size=64)
 
 
@@ -157,7 +162,7 @@ def test_loss_dict_contract_and_epoch_keyword(tmp_path, cifar_test_arrays):
     tr.train_epoch(1)
     assert spy.calls and all(c == ["epoch", "image", "target"] for c in spy.calls)
     assert len(spy.calls) == 7  # 200 images / 32: 6 full batches and one partial
-    text = open(os.path.join(tr.log_path, "worklog.txt")).read()
+    text = Path(tr.log_path, "worklog.txt").read_text()
     # with lr 0 the CE is constant per sample; the loss is mean CE + 1 + 2 summed over terms
     train_loss = float(text.split("train_loss: ")[1].split()[0])
     assert train_loss > 3.0 + 4.0  # CE of an untrained 100-way classifier is about log(100)

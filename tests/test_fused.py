@@ -75,9 +75,7 @@ CHECK = textwrap.dedent(
 
 def _run(device: str, env_extra: dict) -> str:
     env = {**os.environ, **env_extra}
-    proc = subprocess.run(
-        [sys.executable, "-c", CHECK, device], capture_output=True, text=True, env=env, timeout=900
-    )
+    proc = subprocess.run([sys.executable, "-c", CHECK, device], capture_output=True, text=True, env=env, timeout=900)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     return proc.stdout
 

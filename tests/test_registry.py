@@ -86,7 +86,9 @@ def test_entry_points_of_other_distributions_are_registered(fake_dists):
 
     import normkd_plugin
 
-    fake_dists(_FakeDist("thirdparty-kd", [("THIRDPARTY", "test_registry:ThirdPartyDistiller", "mdistiller.distillers")]))
+    fake_dists(
+        _FakeDist("thirdparty-kd", [("THIRDPARTY", "test_registry:ThirdPartyDistiller", "mdistiller.distillers")])
+    )
     plugins = normkd_plugin.register()
     assert distiller_dict["THIRDPARTY"] is ThirdPartyDistiller
     assert CFG.THIRDPARTY.WEIGHT == 0.5
@@ -97,7 +99,9 @@ def test_a_name_taken_by_another_class_fails_naming_entry_point_and_distribution
     import normkd_plugin
 
     fake_dists(_FakeDist("evil-kd", [("KD", "test_registry:ThirdPartyDistiller", "mdistiller.distillers")]))
-    with pytest.raises(normkd_plugin.PluginError, match=r"'KD'.*evil-kd.*already registered to mdistiller\.distillers\.KD\.KD"):
+    with pytest.raises(
+        normkd_plugin.PluginError, match=r"'KD'.*evil-kd.*already registered to mdistiller\.distillers\.KD\.KD"
+    ):
         normkd_plugin.register()
 
 
@@ -105,7 +109,9 @@ def test_an_entry_point_that_fails_to_import_names_it(fake_dists):
     import normkd_plugin
 
     fake_dists(_FakeDist("broken-kd", [("BROKEN", "no_such_module_xyz:Thing", "mdistiller.distillers")]))
-    with pytest.raises(normkd_plugin.PluginError, match=r"cannot import entry point 'BROKEN'.*broken-kd.*ModuleNotFoundError"):
+    with pytest.raises(
+        normkd_plugin.PluginError, match=r"cannot import entry point 'BROKEN'.*broken-kd.*ModuleNotFoundError"
+    ):
         normkd_plugin.register()
 
 

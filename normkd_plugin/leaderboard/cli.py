@@ -60,7 +60,9 @@ def check(rows: list[Row], thresholds: dict) -> list[str]:
     for pair in thresholds.get("normkd_beats_kd") or []:
         ours, kd = cells.get(f"{pair}/normkd"), cells.get(f"{pair}/kd")
         if ours is None or kd is None or ours.best_mean is None or kd.best_mean is None:
-            failures.append(f"{pair}: NormKD vs KD cannot be compared (missing {'NormKD' if ours is None else 'KD'} runs)")
+            failures.append(
+                f"{pair}: NormKD vs KD cannot be compared (missing {'NormKD' if ours is None else 'KD'} runs)"
+            )
         elif ours.best_mean <= kd.best_mean:
             failures.append(f"{pair}: NormKD {ours.best_mean:.2f} does not beat KD {kd.best_mean:.2f}")
     return failures

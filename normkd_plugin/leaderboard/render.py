@@ -38,7 +38,13 @@ def markdown(rows: list[Row], problems=()) -> str:
     pub = published()
     pairs = sorted({(r.dataset, r.pair) for r in rows if (r.dataset, r.pair) in pub})
     if pairs:
-        lines += ["", "Published top-1 on these pairs:", "", "| dataset | pair | teacher | student alone | KD | DKD | source |", "|---|---|---:|---:|---:|---:|---|"]
+        lines += [
+            "",
+            "Published top-1 on these pairs:",
+            "",
+            "| dataset | pair | teacher | student alone | KD | DKD | source |",
+            "|---|---|---:|---:|---:|---:|---|",
+        ]
         for key in pairs:
             p = pub[key]
             lines.append(

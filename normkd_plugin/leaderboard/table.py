@@ -55,6 +55,12 @@ class Row:
         return asdict(self)
 
 
+def _counted(group: list[Run]) -> list[Run]:
+    """The runs a mean is taken over: the finished ones, or all while none has finished."""
+    finished = [r for r in group if r.finished]
+    return finished or group
+
+
 def method_label(run: Run) -> str:
     """The method name, with the trainer when it is not the host's base trainer."""
     return run.method if run.trainer in ("", "base") else f"{run.method} ({run.trainer})"
@@ -65,16 +71,19 @@ def aggregate(runs: list[Run]) -> list[Row]:
     groups: dict[tuple[str, str, str], list[Run]] = {}
     for run in runs:
         groups.setdefault((run.dataset, run.pair, method_label(run)), []).append(run)
-    best_means = {k: mean_std([r.best_acc for r in v if r.best_acc is not None])[0] for k, v in groups.items()}
+    best_means = {
+        k: mean_std([r.best_acc for r in _counted(v) if r.best_acc is not None])[0] for k, v in groups.items()
+    }
     pub = published()
     order = {"kd": 0, "dkd": 1, "normkd": 2, "normdkd": 3}
     rows = []
     for key in sorted(groups, key=lambda k: (k[0], k[1], order.get(k[2].split()[0], 9), k[2])):
         dataset, pair, method = key
         group = groups[key]
-        best_m, best_s = mean_std([r.best_acc for r in group if r.best_acc is not None])
-        last_m, last_s = mean_std([r.last_acc for r in group if r.last_acc is not None])
-        top5_m, _ = mean_std([r.last_top5 for r in group if r.last_top5 is not None])
+        counted = _counted(group)
+        best_m, best_s = mean_std([r.best_acc for r in counted if r.best_acc is not None])
+        last_m, last_s = mean_std([r.last_acc for r in counted if r.last_acc is not None])
+        top5_m, _ = mean_std([r.last_top5 for r in counted if r.last_top5 is not None])
         kd, dkd = best_means.get((dataset, pair, "kd")), best_means.get((dataset, pair, "dkd"))
         ref = pub.get((dataset, pair), {})
         ref_value = ref.get(method) if method in ("kd", "dkd") else None
