@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+import shutil
 
 import numpy as np
 import pytest
@@ -119,3 +120,35 @@ def test_seeded_loaders_repeat_their_order(tmp_path, cifar_test_arrays):
         train, *_ = get_dataset(_cfg(root, **{"EXPERIMENT.SEED": 3}))
         firsts.append(next(iter(train)))
     assert torch.equal(firsts[0][2], firsts[1][2]) and torch.equal(firsts[0][0], firsts[1][0])
+
+
+def test_imagenet_folder_root(tmp_path, cifar_test_arrays):
+    from PIL import Image
+
+    from normkd_plugin.config import load_config
+    from normkd_plugin.data import DataError, get_dataset
+
+    images, _ = cifar_test_arrays
+    for split in ("train", "val"):
+        for cls in ("n01", "n02"):
+            (tmp_path / split / cls).mkdir(parents=True)
+            for i in range(2):
+                Image.fromarray(images[i]).resize((64, 64)).save(tmp_path / split / cls / f"{i}.png")
+    opts = [
+        "DATASET.ROOT",
+        str(tmp_path),
+        "DATASET.NUM_WORKERS",
+        "0",
+        "SOLVER.BATCH_SIZE",
+        "2",
+        "DATASET.TEST.BATCH_SIZE",
+        "2",
+    ]
+    train, val, num_data, num_classes = get_dataset(load_config("imagenet/r34_r18/normkd", opts))
+    assert (num_data, num_classes) == (4, 1000)
+    image, target, index = next(iter(train))
+    assert image.shape == (2, 3, 224, 224) and index.shape == (2,)
+    assert next(iter(val))[0].shape == (2, 3, 224, 224)
+    shutil.rmtree(tmp_path / "val")
+    with pytest.raises(DataError, match=r"has no val/ folder"):
+        get_dataset(load_config("imagenet/r34_r18/normkd", opts))

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# The GPU checks and measurements, in stages that fit a short lease on a machine without network.
-#   setup  : install carried wheels, the mdistiller checkout and this package; stage carried data
+# The GPU checks and measurements, in stages, for a GPU machine without network access.
+#   setup  : install wheels copied along, the mdistiller checkout and this package; stage the data shards
 #   checks : CUDA tests (fused loss, graph vs eager) and benchmarks/loss_speed.py
-#   stage  : only copy carried data shards into $DATA
+#   stage  : only copy the data shards into $DATA
 #   train  : benchmarks/trainer_speed.py, then the base-vs-fast accuracy parity runs
-# Carried inputs live in the ignored folder .dev/ (wheels in .dev/whl, an mdistiller checkout in
+# Inputs live in the ignored folder .dev/ (wheels in .dev/whl, an mdistiller checkout in
 # .dev/mdistiller, data shards in .dev/d*/). Results go to $OUT (default results/gpu).
 set -uo pipefail
 OUT=${OUT:-results/gpu}
@@ -40,8 +40,9 @@ for step in "$@"; do
         > "/tmp/parity-$trainer.log" 2>&1 &
     done
     wait
+    # Both parity runs share the GPU (they are launch-bound); their accuracy, not their speed, is compared.
     for trainer in base fast; do
-      run="/tmp/parity/cifar100/normkd,res56,res20,$trainer"
+      run=$(ls -d /tmp/parity/cifar100/normkd,res56,res20,$trainer,* | head -1)
       cp "$run/worklog.txt" "$OUT/parity-$trainer-worklog.txt"
       cp "$run/config.yaml" "$OUT/parity-$trainer-config.yaml"
       grep -a "ms/iter" "/tmp/parity-$trainer.log" | tail -2
