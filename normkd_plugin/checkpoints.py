@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["CheckpointError", "load_state_dict", "teacher_checkpoint_path"]
+__all__ = ["CheckpointError", "load_state_dict", "teacher_checkpoint_path", "allow_release_types"]
 
 
 class CheckpointError(RuntimeError):
@@ -28,6 +28,15 @@ def _safe_globals() -> list:
     return allowed
 
 
+def allow_release_types():
+    """Context in which torch.load(weights_only=True) also accepts numpy scalars and argparse.Namespace.
+
+    mdistiller's own resume needs it under torch >= 2.6: after an LR decay its optimizer state
+    holds a numpy float, which the default weights-only unpickler refuses.
+    """
+    return torch.serialization.safe_globals(_safe_globals())
+
+
 def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """The model weights of ``path``: a ``{"model": state_dict}`` file or a bare state dict."""
     path = Path(path)
@@ -38,7 +47,7 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             '{"model": state_dict}; or set DISTILLER.TEACHER_CKPT to a file (bare state dicts load too).'
         )
     try:
-        with torch.serialization.safe_globals(_safe_globals()):
+        with allow_release_types():
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         raise CheckpointError(

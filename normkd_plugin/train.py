@@ -94,6 +94,7 @@ def train(cfg, experiment_name: str, device: torch.device, resume: bool = False)
     from mdistiller.engine.cfg import show_cfg
 
     from .build import build_distiller, build_models
+    from .checkpoints import allow_release_types
     from .data import get_dataset, seed_everything
 
     if cfg.EXPERIMENT.SEED >= 0:
@@ -118,7 +119,8 @@ def train(cfg, experiment_name: str, device: torch.device, resume: bool = False)
     with open(os.path.join(log_path, "config.yaml"), "w") as f:
         f.write(cfg.dump())
     trainer = trainer_dict[cfg.SOLVER.TRAINER](experiment_name, distiller, train_loader, val_loader, cfg)
-    trainer.train(resume=resume)
+    with allow_release_types():  # the host's --resume reads numpy floats from its own checkpoints
+        trainer.train(resume=resume)
     return trainer
 
 

@@ -58,3 +58,21 @@ def test_real_shared_teacher_loads_strictly(teacher_resnet56):
 
     model = cifar_model_dict["resnet56"][0](num_classes=100)
     model.load_state_dict(load_state_dict(teacher_resnet56), strict=True)
+
+
+def test_host_resume_checkpoint_with_numpy_lr_loads_inside_allow_context(tmp_path):
+    """mdistiller stores a numpy float LR after a decay; its load_checkpoint refuses it on torch >= 2.6."""
+    pytest.importorskip("mdistiller", reason="mdistiller is not importable: set MDISTILLER_SRC and install it")
+    from mdistiller.engine.utils import load_checkpoint, save_checkpoint
+
+    from normkd_plugin.checkpoints import allow_release_types
+
+    p = torch.nn.Parameter(torch.zeros(2))
+    opt = torch.optim.SGD([p], lr=0.05, momentum=0.9)
+    opt.param_groups[0]["lr"] = 0.05 * np.float64(0.1) ** np.int64(1)  # what adjust_learning_rate stores
+    path = str(tmp_path / "latest")
+    save_checkpoint({"epoch": 151, "model": {}, "optimizer": opt.state_dict(), "best_acc": torch.tensor(70.0)}, path)
+    with pytest.raises(Exception, match="Weights only load failed"):
+        load_checkpoint(path)
+    with allow_release_types():
+        assert load_checkpoint(path)["epoch"] == 151
