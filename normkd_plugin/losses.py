@@ -164,6 +164,11 @@ def use_fused(logits_student: Tensor) -> bool:
     return _fused.available()
 
 
+def _check_fused_device(logits: Tensor) -> None:
+    if not logits.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(f"fused=True needs CUDA logits (got device {logits.device}); use fused=None or False")
+
+
 def normkd_loss(
     logits_student: Tensor,
     logits_teacher: Tensor,
@@ -185,6 +190,7 @@ def normkd_loss(
     if fused:
         from ._fused import normkd_loss_fused
 
+        _check_fused_device(logits_student)
         _check_logits(logits_student, logits_teacher)
         _check_reduction(reduction)
         return normkd_loss_fused(logits_student, logits_teacher, t_norm, reduction)
@@ -213,6 +219,7 @@ def normdkd_loss(
     if fused:
         from ._fused import normdkd_loss_fused
 
+        _check_fused_device(logits_student)
         _check_logits(logits_student, logits_teacher)
         _check_reduction(reduction)
         _check_target(target, logits_student)

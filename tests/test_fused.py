@@ -104,3 +104,13 @@ def test_cpu_never_uses_fused():
     from normkd_plugin import losses
 
     assert not losses.use_fused(torch.randn(4, 10))
+
+
+def test_forcing_fused_on_cpu_is_refused(monkeypatch):
+    from normkd_plugin.losses import normdkd_loss, normkd_loss
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match="fused=True needs CUDA logits"):
+        normkd_loss(torch.randn(2, 3), torch.randn(2, 3), 2.0, fused=True)
+    with pytest.raises(ValueError, match="fused=True needs CUDA logits"):
+        normdkd_loss(torch.randn(2, 3), torch.randn(2, 3), torch.tensor([0, 1]), 1.0, 1.0, 2.0, fused=True)
