@@ -191,3 +191,15 @@ def test_check_function_lists_every_failure():
         "a/b/d: no runs (minimum 1.00)",
         "a/b/c: required run missing",
     ]
+
+
+def test_host_folder_name_with_glued_override_tag(tmp_path):
+    make_run(tmp_path, "dkd,res32x4,res8x4SOLVER.LR:0.1,SOLVER.TRAINER:fast", [70.0, 75.0])
+    (run,) = discover_runs([tmp_path])[0]
+    assert (run.method, run.teacher, run.student, run.pair, run.trainer) == (
+        "dkd",
+        "res32x4",
+        "res8x4",
+        "res32x4_res8x4",
+        "fast",
+    )

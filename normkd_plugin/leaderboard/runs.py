@@ -120,8 +120,13 @@ class Run:
         return [(e["epoch"], e["test_acc"]) for e in self.log.epochs]
 
 
+# mdistiller's tools/train.py appends its first override tag to the TAG without a comma
+# ("kd,res32x4,res8x4SOLVER.LR:0.1"); split such a glued tag off again.
+_GLUED = re.compile(r"(?<=[a-z0-9_])(?=[A-Z][A-Z0-9_]*\.[A-Z0-9_.]+:)")
+
+
 def _identity_from_name(folder: Path) -> dict:
-    tokens = folder.name.split(",")
+    tokens = [t for tok in folder.name.split(",") for t in _GLUED.split(tok)]
     if len(tokens) < 3:
         raise WorklogError(f"{folder}: no config.yaml and the folder name is not method,teacher,student[,...]")
     seed, trainer, epochs = None, "base", None
