@@ -93,7 +93,9 @@ class NormDKD(Distiller):
             logits_teacher, _ = self.teacher(image)
         loss_ce = self.ce_loss_weight * F.cross_entropy(logits_student, target)
         ramp = min(kwargs["epoch"] / self.warmup, 1.0)
-        loss_kd = ramp * normdkd_loss(logits_student, logits_teacher, target, self.alpha, self.beta, self.t_norm)
+        loss_kd = ramp * normdkd_loss(
+            logits_student, logits_teacher, target, self.alpha, self.beta, self.t_norm, fused=self.fused
+        )
         return logits_student, {"loss_ce": loss_ce, "loss_kd": loss_kd}
 
 
