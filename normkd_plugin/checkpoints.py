@@ -10,10 +10,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .errors import UserError
+
 __all__ = ["CheckpointError", "load_state_dict", "teacher_checkpoint_path", "allow_release_types"]
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint that is missing or cannot be read safely; the message names the file."""
 
 

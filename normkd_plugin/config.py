@@ -15,6 +15,8 @@ from pathlib import Path
 import yaml
 from yacs.config import CfgNode as CN
 
+from .errors import UserError
+
 __all__ = [
     "ConfigError",
     "plugin_defaults",
@@ -25,7 +27,7 @@ __all__ = [
 ]
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config file, name or override that cannot be used; the message names it."""
 
 

@@ -24,6 +24,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from .errors import UserError
+
 __all__ = ["DataError", "CIFAR100Arrays", "load_cifar100", "get_dataset", "seed_everything", "seed_worker"]
 
 CIFAR_LAYOUTS = (
@@ -34,7 +36,7 @@ CIFAR_LAYOUTS = (
 _SHARD = re.compile(r"^(train|test)-(\d+)-of-(\d+)\.npz$")
 
 
-class DataError(RuntimeError):
+class DataError(UserError, RuntimeError):
     """A dataset root that is missing or not in a supported layout."""
 
 
