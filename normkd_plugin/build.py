@@ -8,24 +8,29 @@ from torch import nn
 
 from .checkpoints import CheckpointError, load_state_dict, teacher_checkpoint_path
 
-__all__ = ["build_models", "build_distiller"]
+__all__ = ["build_student", "build_teacher", "build_models", "build_distiller"]
 
 
-def build_models(cfg, num_classes: int) -> tuple[nn.Module, nn.Module | None]:
-    """(student, teacher or None) from mdistiller's model dictionaries; the teacher's weights loaded."""
+def build_student(cfg, num_classes: int) -> nn.Module:
+    """DISTILLER.STUDENT from mdistiller's model dictionaries, freshly initialised from the global RNG."""
     from mdistiller.models import cifar_model_dict, imagenet_model_dict
 
     if cfg.DATASET.TYPE == "imagenet":
-        student = imagenet_model_dict[cfg.DISTILLER.STUDENT](pretrained=False)
-        if cfg.DISTILLER.TYPE == "NONE":
-            return student, None
+        return imagenet_model_dict[cfg.DISTILLER.STUDENT](pretrained=False)
+    return cifar_model_dict[cfg.DISTILLER.STUDENT][0](num_classes=num_classes)
+
+
+def build_teacher(cfg, num_classes: int) -> nn.Module | None:
+    """DISTILLER.TEACHER with its weights loaded, or None for DISTILLER.TYPE NONE."""
+    from mdistiller.models import cifar_model_dict, imagenet_model_dict
+
+    if cfg.DISTILLER.TYPE == "NONE":
+        return None
+    if cfg.DATASET.TYPE == "imagenet":
         teacher = imagenet_model_dict[cfg.DISTILLER.TEACHER](pretrained=not cfg.DISTILLER.TEACHER_CKPT)
         if cfg.DISTILLER.TEACHER_CKPT:
             teacher.load_state_dict(load_state_dict(cfg.DISTILLER.TEACHER_CKPT))
-        return student, teacher
-    student = cifar_model_dict[cfg.DISTILLER.STUDENT][0](num_classes=num_classes)
-    if cfg.DISTILLER.TYPE == "NONE":
-        return student, None
+        return teacher
     net, host_path = cifar_model_dict[cfg.DISTILLER.TEACHER]
     teacher = net(num_classes=num_classes)
     path = teacher_checkpoint_path(cfg, host_path)
@@ -33,7 +38,13 @@ def build_models(cfg, num_classes: int) -> tuple[nn.Module, nn.Module | None]:
         teacher.load_state_dict(load_state_dict(path), strict=True)
     except RuntimeError as exc:
         raise CheckpointError(f"{path} does not fit teacher {cfg.DISTILLER.TEACHER!r}: {exc}") from exc
-    return student, teacher
+    return teacher
+
+
+def build_models(cfg, num_classes: int) -> tuple[nn.Module, nn.Module | None]:
+    """(student, teacher or None), the student built first as the host's tools/train.py does."""
+    student = build_student(cfg, num_classes)
+    return student, build_teacher(cfg, num_classes)
 
 
 def build_distiller(cfg, student: nn.Module, teacher: nn.Module | None, num_data: int) -> nn.Module:

@@ -89,39 +89,103 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def train(cfg, experiment_name: str, device: torch.device, resume: bool = False):
-    """Seed, build data, models and distiller, save config.yaml, hand over to the trainer."""
+    """One run: ``fast`` as a pack of one; the host's trainers with the folder locked and guarded."""
+    if cfg.SOLVER.TRAINER == "fast":
+        return train_pack([cfg], [experiment_name], device, resume)
     from mdistiller.engine import trainer_dict
     from mdistiller.engine.cfg import show_cfg
 
     from .build import build_distiller, build_models
     from .checkpoints import allow_release_types
     from .data import get_dataset, seed_everything
+    from .runs import CONFIG, RunFolder
 
-    if cfg.EXPERIMENT.SEED >= 0:
-        seed_everything(cfg.EXPERIMENT.SEED)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = cfg.EXPERIMENT.SEED < 0
+    folder = RunFolder(os.path.join(cfg.LOG.PREFIX, experiment_name))
+    folder.lock()
+    try:
+        if not folder.check_start(resume):
+            return None
+        if cfg.EXPERIMENT.SEED >= 0:
+            seed_everything(cfg.EXPERIMENT.SEED)
+        if device.type == "cuda":
+            torch.backends.cudnn.benchmark = cfg.EXPERIMENT.SEED < 0
+        _init_wandb(cfg, experiment_name)
+        show_cfg(cfg)
+        train_loader, val_loader, num_data, num_classes = get_dataset(cfg)
+        student, teacher = build_models(cfg, num_classes)
+        distiller = build_distiller(cfg, student, teacher, num_data)
+        distiller = torch.nn.DataParallel(distiller.to(device))
+        if not resume:
+            folder.write_text(CONFIG, cfg.dump())
+        trainer = trainer_dict[cfg.SOLVER.TRAINER](experiment_name, distiller, train_loader, val_loader, cfg)
+        with allow_release_types():  # the host's --resume reads numpy floats from its own checkpoints
+            trainer.train(resume=resume)
+        return trainer
+    finally:
+        folder.unlock()
+
+
+def _init_wandb(cfg, experiment_name: str) -> None:
     if cfg.LOG.WANDB:
         import wandb
 
         wandb.init(project=cfg.EXPERIMENT.PROJECT, name=experiment_name, tags=cfg.EXPERIMENT.TAG.split(","))
-    show_cfg(cfg)
-    train_loader, val_loader, num_data, num_classes = get_dataset(cfg)
-    student, teacher = build_models(cfg, num_classes)
-    distiller = build_distiller(cfg, student, teacher, num_data)
-    distiller = torch.nn.DataParallel(distiller.to(device))
-    log_path = os.path.join(cfg.LOG.PREFIX, experiment_name)
-    if resume and not os.path.isfile(os.path.join(log_path, "latest")):
-        raise FileNotFoundError(
-            f"--resume: no checkpoint {os.path.join(log_path, 'latest')} (run the same command without --resume first)"
-        )
-    os.makedirs(log_path, exist_ok=True)
-    with open(os.path.join(log_path, "config.yaml"), "w") as f:
-        f.write(cfg.dump())
-    trainer = trainer_dict[cfg.SOLVER.TRAINER](experiment_name, distiller, train_loader, val_loader, cfg)
-    with allow_release_types():  # the host's --resume reads numpy floats from its own checkpoints
-        trainer.train(resume=resume)
-    return trainer
+
+
+def train_pack(cfgs: list, names: list[str], device: torch.device, resume: bool = False):
+    """Runs of one teacher trained together by the ``fast`` engine; each as it would train alone.
+
+    Order (the same for a pack of one): check the pack, lock and guard every run folder, load the
+    data and the teacher once, then per run seed the global RNG and build its student and distiller.
+    """
+    from tensorboardX import SummaryWriter
+
+    from .build import build_distiller, build_student, build_teacher
+    from .data import get_dataset, seed_everything
+    from .fast.pack import Pack, PackRun, SharedTeacher, check_pack, data_seed, host_optimizer
+    from .fast.trainer import tensor_split
+    from .runs import RunFolder
+
+    check_pack(cfgs, names)
+    folders = [RunFolder(os.path.join(cfg.LOG.PREFIX, name)) for cfg, name in zip(cfgs, names)]
+    try:
+        for folder in folders:
+            folder.lock()
+        todo = [(c, n, f) for c, n, f in zip(cfgs, names, folders) if f.check_start(resume)]
+        if not todo:
+            return None
+        if device.type == "cuda":
+            torch.backends.cudnn.benchmark = all(cfg.EXPERIMENT.SEED < 0 for cfg, _, _ in todo)
+        train_loader, val_loader, num_data, num_classes = get_dataset(todo[0][0])
+        teacher_cfg = next((cfg for cfg, _, _ in todo if cfg.DISTILLER.TYPE != "NONE"), None)
+        teacher = None
+        if teacher_cfg is not None:
+            teacher = SharedTeacher(build_teacher(teacher_cfg, num_classes)).to(device)
+        runs = []
+        for cfg, name, folder in todo:
+            if cfg.EXPERIMENT.SEED >= 0:
+                seed_everything(cfg.EXPERIMENT.SEED)
+            student = build_student(cfg, num_classes)
+            distiller = build_distiller(cfg, student, teacher if cfg.DISTILLER.TYPE != "NONE" else None, num_data)
+            distiller.to(device)
+            _init_wandb(cfg, name)
+            runs.append(
+                PackRun(
+                    name=name,
+                    cfg=cfg,
+                    folder=folder,
+                    distiller=distiller,
+                    optimizer=host_optimizer(cfg, distiller),
+                    seed=data_seed(cfg),
+                    writer=SummaryWriter(os.path.join(folder.path, "train.events")),
+                )
+            )
+        train_data = tensor_split(train_loader, "train", device)
+        pack = Pack(runs, train_data, tensor_split(val_loader, "validation", device), teacher)
+        return pack.train(resume)
+    finally:
+        for folder in folders:
+            folder.unlock()
 
 
 if __name__ == "__main__":

@@ -75,64 +75,6 @@ def test_learning_rate_per_epoch_matches_host_schedule(tmp_path, cifar_test_arra
     assert sgd["momentum"] == 0.9 and sgd["weight_decay"] == 0.0005
 
 
-def test_augmentation_shapes_range_and_real_windows(cifar_test_arrays):
-    from mdistiller.dataset.cifar100 import get_cifar100_train_transform
-
-    from normkd_plugin.fast.augment import TensorCifar, host_pipeline
-
-    images, labels = cifar_test_arrays
-    pipe = host_pipeline(get_cifar100_train_transform())
-    assert pipe.pad == 4 and pipe.flip_p == 0.5 and pipe.mean == (0.5071, 0.4867, 0.4408)
-    data = TensorCifar(images[:64], labels[:64], pipe, torch.device("cpu"))
-    idx = torch.arange(64)
-    crops = data.crop_flip(idx)
-    assert crops.shape == (64, 3, 32, 32) and crops.dtype == torch.uint8
-    padded = np.pad(images[:64], ((0, 0), (4, 4), (4, 4), (0, 0)))
-    seen_offsets, flips = set(), 0
-    for i in range(64):
-        got = crops[i].permute(1, 2, 0).numpy()
-        matches = [
-            (dy, dx, f)
-            for dy in range(9)
-            for dx in range(9)
-            for f in (False, True)
-            if np.array_equal(got, (lambda w: w[:, ::-1] if f else w)(padded[i, dy : dy + 32, dx : dx + 32]))
-        ]
-        assert matches, f"crop {i} is not a window of the zero-padded image"
-        seen_offsets.add(matches[0][:2])
-        flips += matches[0][2]
-    assert len(seen_offsets) > 20 and 12 < flips < 52
-    x, y = data.epoch()
-    assert x.shape == (64, 3, 32, 32) and x.dtype == torch.float32 and y.shape == (64,)
-    lo = (0 - torch.tensor(pipe.mean)) / torch.tensor(pipe.std)
-    hi = (1 - torch.tensor(pipe.mean)) / torch.tensor(pipe.std)
-    assert (x.amin((0, 2, 3)) >= lo - 1e-6).all() and (x.amax((0, 2, 3)) <= hi + 1e-6).all()
-    assert sorted(y.tolist()) == sorted(labels[:64].tolist())
-
-
-def test_augmentation_normalises_like_the_host_transform(cifar_test_arrays):
-    from mdistiller.dataset.cifar100 import get_cifar100_test_transform
-    from PIL import Image
-
-    from normkd_plugin.fast.augment import TensorCifar, host_pipeline
-
-    images, labels = cifar_test_arrays
-    tf = get_cifar100_test_transform()
-    data = TensorCifar(images[:8], labels[:8], host_pipeline(tf), torch.device("cpu"))
-    x, _ = data.eval_set()
-    want = torch.stack([tf(Image.fromarray(images[i])) for i in range(8)])
-    assert torch.allclose(x, want, atol=1e-6)
-
-
-def test_unsupported_transform_is_refused():
-    from torchvision import transforms as T
-
-    from normkd_plugin.fast.augment import host_pipeline
-
-    with pytest.raises(ValueError, match="ColorJitter"):
-        host_pipeline(T.Compose([T.ColorJitter(0.1), T.ToTensor(), T.Normalize((0.5,) * 3, (0.5,) * 3)]))
-
-
 class _Spy(torch.nn.Module):
     """A distiller that records the trainer's keyword arguments and returns three loss terms."""
 
@@ -186,8 +128,8 @@ def test_run_files_and_worklog_format(tmp_path, cifar_test_arrays):
     assert set(log.epochs[0]) >= {"lr", "train_acc", "train_loss", "test_acc", "test_acc_top5", "test_loss"}
     assert log.best_acc == pytest.approx(max(e["test_acc"] for e in log.epochs), abs=0.01)
     state = load_checkpoint(str(folder / "latest"))
-    assert state["epoch"] == 2 and set(state) == {"epoch", "model", "optimizer", "best_acc"}
-    assert all(k.startswith("module.") for k in state["model"])
+    assert state["epoch"] == 2 and set(state) >= {"epoch", "model", "optimizer", "best_acc"}
+    assert all(k.startswith("module.student.") for k in state["model"])  # no copy of the teacher
     student = cifar_model_dict["resnet8"][0](num_classes=100)
     student.load_state_dict(load_checkpoint(str(folder / "student_best"))["model"])  # as tools/eval.py does
 
@@ -195,22 +137,34 @@ def test_run_files_and_worklog_format(tmp_path, cifar_test_arrays):
 def test_resume_continues_where_it_stopped(tmp_path, cifar_test_arrays):
     from mdistiller.engine.utils import load_checkpoint
 
-    cfg = _cfg(tmp_path, **{"SOLVER.FAST.ITERS_PER_EPOCH": 2})
-    _trainer(cfg, cifar_test_arrays).train()
+    cfg = _cfg(tmp_path, **{"SOLVER.FAST.ITERS_PER_EPOCH": 2, "SOLVER.EPOCHS": 3})
+    first = _trainer(cfg, cifar_test_arrays)
+    first.pack.start(resume=False)
+    for epoch in (1, 2):  # then "killed": no epoch 3, no best_acc line
+        first.train_epoch(epoch)
+    first.run.folder.unlock()
     after2 = load_checkpoint(str(tmp_path / "run" / "latest"))
-    cfg3 = _cfg(tmp_path, **{"SOLVER.FAST.ITERS_PER_EPOCH": 2, "SOLVER.EPOCHS": 3})
-    tr = _trainer(cfg3, cifar_test_arrays)
+    tr = _trainer(cfg, cifar_test_arrays)
     seen = []
-    original = tr.train_epoch
-    tr.train_epoch = lambda e: (seen.append(e), original(e))
+    original = tr.pack.train_epoch
+    tr.pack.train_epoch = lambda runs, e: (seen.append(e), original(runs, e))
     tr.train(resume=True)
     assert seen == [3]
     after3 = load_checkpoint(str(tmp_path / "run" / "latest"))
-    assert after3["epoch"] == 3
+    assert after2["epoch"] == 2 and after3["epoch"] == 3
     key = next(k for k in after2["model"] if k.endswith("conv1.weight"))
     assert not torch.equal(after2["model"][key], after3["model"][key])
     text = (tmp_path / "run" / "worklog.txt").read_text()
-    assert text.count("epoch: ") == 3 and text.count("best_acc") == 2
+    assert text.count("epoch: ") == 3 and text.count("best_acc") == 1
+
+
+def test_resume_of_a_finished_run_changes_nothing(tmp_path, cifar_test_arrays):
+    cfg = _cfg(tmp_path, **{"SOLVER.FAST.ITERS_PER_EPOCH": 1, "SOLVER.EPOCHS": 1})
+    _trainer(cfg, cifar_test_arrays).train()
+    folder = tmp_path / "run"
+    before = {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+    _trainer(cfg, cifar_test_arrays).train(resume=True)
+    assert {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()} == before
 
 
 @needs_cuda

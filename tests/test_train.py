@@ -92,7 +92,8 @@ def test_same_seed_same_first_iteration_losses_and_recorded(tmp_path, small_cifa
 
 def test_interrupted_run_resumes_through_the_cli(tmp_path, small_cifar, teacher_resnet56, monkeypatch):
     from normkd_plugin import train
-    from normkd_plugin.fast.trainer import FastTrainer
+    from normkd_plugin.errors import RunError
+    from normkd_plugin.fast.pack import Pack
 
     argv = [
         "--cfg", "cifar100/normkd/res56_res20", "--device", "cpu", "SOLVER.TRAINER", "fast",
@@ -100,19 +101,21 @@ def test_interrupted_run_resumes_through_the_cli(tmp_path, small_cifar, teacher_
         "DATASET.ROOT", str(small_cifar), "DISTILLER.TEACHER_CKPT", str(teacher_resnet56),
         "LOG.PREFIX", str(tmp_path / "o"), "EXPERIMENT.NAME", "r",
     ]  # fmt: skip
-    with pytest.raises(FileNotFoundError, match="no checkpoint .*latest"):
+    with pytest.raises(RunError, match="holds no run to resume"):
         train.main(["--resume", *argv])
-    real_epoch = FastTrainer.train_epoch
+    real_epoch = Pack.train_epoch
 
-    def interrupted(self, epoch):
+    def interrupted(self, runs, epoch):
         if epoch == 3:
             raise KeyboardInterrupt
-        real_epoch(self, epoch)
+        real_epoch(self, runs, epoch)
 
-    monkeypatch.setattr(FastTrainer, "train_epoch", interrupted)
+    monkeypatch.setattr(Pack, "train_epoch", interrupted)
     with pytest.raises(KeyboardInterrupt):
         train.main(argv)
-    monkeypatch.setattr(FastTrainer, "train_epoch", real_epoch)
+    with pytest.raises(RunError, match="already holds a started run; add --resume"):
+        train.main(argv)
+    monkeypatch.setattr(Pack, "train_epoch", real_epoch)
     train.main(["--resume", *argv])
     (folder,) = list((tmp_path / "o" / "cifar100").iterdir())
     text = (folder / "worklog.txt").read_text()

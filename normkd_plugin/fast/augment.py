@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 from torchvision import transforms as T
 
-__all__ = ["Pipeline", "host_pipeline", "TensorCifar"]
+__all__ = ["Pipeline", "Draw", "host_pipeline", "TensorCifar"]
 
 
 @dataclass(frozen=True)
@@ -48,8 +48,22 @@ def host_pipeline(transform) -> Pipeline:
     return Pipeline(mean, std, pad, flip_p)
 
 
+@dataclass(frozen=True)
+class Draw:
+    """The random choices of one epoch: order, crop offsets (0..2*pad) and flips, one per image."""
+
+    index: Tensor
+    dy: Tensor
+    dx: Tensor
+    flip: Tensor
+
+
 class TensorCifar:
-    """A CIFAR split held as uint8 (N, 3, 32, 32) on ``device``, augmented in whole batches."""
+    """A CIFAR split held as uint8 (N, 3, 32, 32) on ``device``, augmented in whole batches.
+
+    Every random choice comes from the ``torch.Generator`` passed in, so a run's data order and
+    augmentation depend on its own generator only (what makes packed == solo and resume exact).
+    """
 
     def __init__(self, images_nhwc: np.ndarray, targets, pipeline: Pipeline, device: torch.device):
         images = torch.as_tensor(np.ascontiguousarray(images_nhwc)).permute(0, 3, 1, 2)
@@ -66,28 +80,33 @@ class TensorCifar:
         return self.targets.shape[0]
 
     def normalize(self, images_uint8: Tensor) -> Tensor:
-        """(x / 255 - mean) / std, as ToTensor then Normalize compute it."""
-        return (images_uint8.float().div_(255) - self.mean) / self.std
+        """(x / 255 - mean) / std, the operations of ToTensor then Normalize."""
+        return (images_uint8.float().div(255) - self.mean) / self.std
 
-    def crop_flip(self, index: Tensor) -> Tensor:
-        """Uint8 random 32x32 windows of the padded images ``index``, each flipped with p."""
-        n, p = index.shape[0], self.pipeline.pad
-        dev = self.device
-        dy = torch.randint(0, 2 * p + 1, (n, 1, 1, 1), device=dev)
-        dx = torch.randint(0, 2 * p + 1, (n, 1, 1, 1), device=dev)
+    def draw(self, generator: torch.Generator, count: int | None = None) -> Draw:
+        """A fresh permutation (first ``count`` of it), then offsets and flips for those images."""
+        dev, p = self.device, self.pipeline.pad
+        index = torch.randperm(len(self), device=dev, generator=generator)[:count]
+        n = index.shape[0]
+        dy = torch.randint(0, 2 * p + 1, (n,), device=dev, generator=generator)
+        dx = torch.randint(0, 2 * p + 1, (n,), device=dev, generator=generator)
+        flip = torch.rand(n, device=dev, generator=generator) < self.pipeline.flip_p
+        return Draw(index, dy, dx, flip)
+
+    def crop_flip(self, draw: Draw) -> Tensor:
+        """Uint8 32x32 windows at (dy, dx) of the padded images ``draw.index``, mirrored where ``flip``."""
+        n, dev = draw.index.shape[0], self.device
         ar = torch.arange(32, device=dev)
-        rows = dy + ar.view(1, 1, 32, 1)
-        cols = dx + ar.view(1, 1, 1, 32)
-        if self.pipeline.flip_p > 0:
-            flip = torch.rand(n, 1, 1, 1, device=dev) < self.pipeline.flip_p
-            cols = torch.where(flip, dx + 31 - ar.view(1, 1, 1, 32), cols)
+        rows = draw.dy.view(n, 1, 1, 1) + ar.view(1, 1, 32, 1)
+        cols = draw.dx.view(n, 1, 1, 1) + ar.view(1, 1, 1, 32)
+        cols = torch.where(draw.flip.view(n, 1, 1, 1), draw.dx.view(n, 1, 1, 1) + 31 - ar.view(1, 1, 1, 32), cols)
         chan = torch.arange(3, device=dev).view(1, 3, 1, 1)
-        return self.images[index.view(n, 1, 1, 1), chan, rows, cols]
+        return self.images[draw.index.view(n, 1, 1, 1), chan, rows, cols]
 
-    def epoch(self, count: int | None = None) -> tuple[Tensor, Tensor]:
-        """A shuffled, augmented, normalised epoch (first ``count`` images of a fresh permutation)."""
-        perm = torch.randperm(len(self), device=self.device)[:count]
-        return self.normalize(self.crop_flip(perm)), self.targets[perm]
+    def epoch(self, generator: torch.Generator, count: int | None = None) -> tuple[Tensor, Tensor]:
+        """(uint8 augmented images, targets) of a shuffled epoch drawn from ``generator``."""
+        draw = self.draw(generator, count)
+        return self.crop_flip(draw), self.targets[draw.index]
 
     def eval_set(self) -> tuple[Tensor, Tensor]:
         """The whole split, centre (unpadded) and normalised, in order."""

@@ -1,0 +1,71 @@
+"""Capture of a training step as one CUDA graph per epoch, and its replay; eager when capture fails.
+
+The step's Python runs once per capture: the learning rate, the ``epoch`` a warm-up reads and the
+set of runs are constants of the graph, so the graph is captured again whenever ``key`` changes
+(each epoch). The capture's warm-up trains the epoch's first batch eagerly on a side stream;
+whatever happens to the capture, training goes on from the second batch, so no batch is trained twice.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+log = logging.getLogger(__name__)
+
+__all__ = ["StepGraph"]
+
+Batches = tuple[list[Tensor], list[Tensor]]
+
+
+class StepGraph:
+    """Run full batches of an epoch through ``step``: captured once per ``key`` and replayed, or eagerly."""
+
+    def __init__(self, step: Callable, zero_grad: Callable[[], None], enabled: bool):
+        self.step, self.zero_grad, self.enabled = step, zero_grad, enabled
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.key = None
+        self.static: Batches | None = None
+
+    def _capture(self, first: Batches, epoch: int, key) -> None:
+        self.graph, self.key = None, None
+        self.static = ([x.clone() for x in first[0]], [y.clone() for y in first[1]])
+        self.zero_grad()  # set_to_none: the captured backward allocates the grads from the graph's pool
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self.step(*self.static, epoch)
+        self.graph, self.key = graph, key
+
+    def run(
+        self, eager_step: Callable, batch: Callable[[int, int], Batches], full: int, bs: int, epoch: int, key
+    ) -> int:
+        """Train batches ``batch(i*bs, (i+1)*bs)`` for i < ``full``; returns ``full``."""
+        start = 0
+        if self.enabled and full > 1 and self.key != key:
+            first = batch(0, bs)
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                eager_step(*first, epoch)  # the capture's warm-up: trains batch 0
+            torch.cuda.current_stream().wait_stream(stream)
+            start = 1
+            try:
+                self._capture(first, epoch, key)
+            except RuntimeError as exc:
+                log.warning("CUDA graph capture failed (%s); training eagerly", exc)
+                self.enabled, self.graph = False, None
+                torch.cuda.synchronize()
+        if self.enabled and self.graph is not None and self.key == key:
+            xs, ys = self.static
+            for i in range(start, full):
+                images, targets = batch(i * bs, (i + 1) * bs)
+                for dst, src in zip(xs + ys, images + targets):
+                    dst.copy_(src)
+                self.graph.replay()
+            return full
+        for i in range(start, full):
+            eager_step(*batch(i * bs, (i + 1) * bs), epoch)
+        return full

@@ -1,0 +1,461 @@
+"""A pack: several runs of one teacher trained side by side in one process (a solo run is a pack of one).
+
+One step reads as one line: per data stream (runs that share a seed share the batches) a uint8
+batch -> normalise -> the teacher once on the distinct batches together -> every student's
+forward and loss -> one backward -> each run's own SGD step -> per-run metric sums. Each run keeps
+its own student, optimizer, learning-rate schedule, warm-up epoch, data generator, run folder and
+checkpoints, so a packed run trains exactly what the same config trains alone.
+
+On CUDA the whole packed step is captured as one CUDA graph per epoch (see :mod:`.graph`); on a
+CPU it runs eagerly. A run whose loss turns non-finite is found from the epoch's sums (no host
+sync per step), marked failed in its worklog with the epoch and step, and dropped; the others go on.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils._pytree import tree_map
+from yacs.config import CfgNode as CN
+
+from ..errors import RunError
+from ..runs import CONFIG, RunFolder
+from .augment import TensorCifar
+from .graph import StepGraph
+
+log = logging.getLogger(__name__)
+
+__all__ = ["PackRun", "Pack", "SharedTeacher", "TrainingDiverged", "check_pack"]
+
+STATE_FORMAT = 1
+# Keys every run of a pack must agree on: the data, the batches and the shape of the schedule.
+PACK_KEYS = (
+    "DATASET.TYPE",
+    "DATASET.ROOT",
+    "SOLVER.TRAINER",
+    "SOLVER.BATCH_SIZE",
+    "SOLVER.EPOCHS",
+    "SOLVER.AMP",
+    "SOLVER.FAST.CUDA_GRAPH",
+    "SOLVER.FAST.CHANNELS_LAST",
+    "SOLVER.FAST.EVAL_BATCH_SIZE",
+    "SOLVER.FAST.ITERS_PER_EPOCH",
+)
+TEACHER_KEYS = ("DISTILLER.TEACHER", "DISTILLER.TEACHER_CKPT")
+
+
+class TrainingDiverged(RunError):
+    """One or more runs stopped on a non-finite loss; their worklogs say where."""
+
+
+def _get(cfg: CN, key: str):
+    node = cfg
+    for part in key.split("."):
+        node = node[part]
+    return node
+
+
+def check_pack(cfgs: list[CN], names: list[str]) -> None:
+    """ConfigError unless the configs can train together: same data, batches, schedule length, teacher."""
+    from ..config import ConfigError
+
+    if len(set(names)) != len(names):
+        dup = next(n for n in names if names.count(n) > 1)
+        raise ConfigError(f"pack: two runs would write the same run folder {dup!r}; give them different seeds or names")
+    if len(cfgs) > 1 and any(c.SOLVER.TRAINER != "fast" for c in cfgs):
+        bad = next(n for c, n in zip(cfgs, names) if c.SOLVER.TRAINER != "fast")
+        raise ConfigError(
+            f"pack: {bad} has SOLVER.TRAINER {_get(cfgs[names.index(bad)], 'SOLVER.TRAINER')!r}; packs need fast"
+        )
+    first, first_name = cfgs[0], names[0]
+    distilled = [(c, n) for c, n in zip(cfgs, names) if c.DISTILLER.TYPE != "NONE"]
+    for cfg, name in zip(cfgs[1:], names[1:]):
+        for key in PACK_KEYS:
+            if _get(cfg, key) != _get(first, key):
+                raise ConfigError(
+                    f"pack: {key} differs: {_get(first, key)!r} in {first_name} but {_get(cfg, key)!r} in {name}; "
+                    "runs of a pack share data, batch size and schedule length"
+                )
+    for cfg, name in distilled[1:]:
+        for key in TEACHER_KEYS:
+            if _get(cfg, key) != _get(distilled[0][0], key):
+                raise ConfigError(
+                    f"pack: {key} differs: {_get(distilled[0][0], key)!r} in {distilled[0][1]} but "
+                    f"{_get(cfg, key)!r} in {name}; the runs of a pack share one teacher"
+                )
+
+
+class SharedTeacher(nn.Module):
+    """The teacher of a pack: run once per step on the distinct batches; a distiller's call gets its slice.
+
+    :meth:`precompute` stores the outputs for given input tensors; calling the module with one of
+    those very tensors returns the stored output, any other input runs the network.
+    """
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+        self._outputs: list[tuple[Tensor, object]] = []
+
+    def precompute(self, batches: list[Tensor]) -> None:
+        """Run the network once on ``batches`` (concatenated) without gradient and keep each one's output."""
+        with torch.no_grad():
+            if not batches:
+                outputs = []
+            elif len(batches) == 1:
+                outputs = [self.net(batches[0])]
+            else:
+                joint = self.net(torch.cat(batches))
+                bounds = torch.tensor([b.shape[0] for b in batches]).cumsum(0).tolist()
+                outputs = [
+                    tree_map(lambda t, lo=lo, hi=hi: t[lo:hi] if isinstance(t, Tensor) else t, joint)
+                    for lo, hi in zip([0, *bounds[:-1]], bounds)
+                ]
+        self._outputs = list(zip(batches, outputs))
+
+    def forward(self, x: Tensor):
+        for batch, output in self._outputs:
+            if batch is x:
+                return output
+        return self.net(x)
+
+
+@dataclass
+class PackRun:
+    """One run of a pack: its config and folder, its distiller (student + shared teacher) and optimizer."""
+
+    name: str
+    cfg: CN
+    folder: RunFolder
+    distiller: nn.Module
+    optimizer: torch.optim.Optimizer
+    seed: int  # data-order and augmentation seed (EXPERIMENT.SEED, or drawn when that is < 0)
+    writer: object = None  # tensorboardX SummaryWriter of the run folder
+    generator: torch.Generator | None = None
+    epoch: int = 0  # last completed epoch
+    best_acc: float = -1.0
+    status: str = "active"  # active, finished, failed
+    failure: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+def host_optimizer(cfg: CN, distiller: nn.Module) -> torch.optim.Optimizer:
+    """The optimizer mdistiller's BaseTrainer.init_optimizer builds for ``distiller``."""
+    from types import SimpleNamespace
+
+    from mdistiller.engine.trainer import BaseTrainer
+
+    return BaseTrainer.init_optimizer(SimpleNamespace(distiller=SimpleNamespace(module=distiller)), cfg)
+
+
+def _topk_correct(logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+    top5 = logits.topk(5, dim=1).indices
+    hit = top5.eq(target.unsqueeze(1))
+    return hit[:, 0].sum(), hit.any(dim=1).sum()
+
+
+def model_state(distiller: nn.Module) -> dict[str, Tensor]:
+    """The distiller's state dict as the host saves it (``module.`` prefix), without the teacher."""
+    return {f"module.{k}": v for k, v in distiller.state_dict().items() if not k.startswith("teacher.")}
+
+
+def load_model_state(distiller: nn.Module, state: dict[str, Tensor], source: str) -> None:
+    """Load a saved model state (with or without the teacher's weights) into ``distiller``."""
+    own = {k.removeprefix("module."): v for k, v in state.items()}
+    own = {k: v for k, v in own.items() if not k.startswith("teacher.")}
+    missing, unexpected = distiller.load_state_dict(own, strict=False)
+    missing = [k for k in missing if not k.startswith("teacher.")]
+    if missing or unexpected:
+        raise RunError(
+            f"{source}: the checkpoint does not fit this run's model (missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
+
+
+class Pack:
+    """Train the runs of a pack together; each writes its own run folder as a solo run does."""
+
+    def __init__(
+        self, runs: list[PackRun], train_data: TensorCifar, val_data: TensorCifar, teacher: SharedTeacher | None
+    ):
+        self.runs = runs
+        self.cfg = runs[0].cfg  # the keys of PACK_KEYS, shared by all runs
+        self.train_data, self.val_data = train_data, val_data
+        self.teacher = teacher
+        self.device = train_data.device
+        fast = self.cfg.SOLVER.FAST
+        self.amp = bool(self.cfg.SOLVER.AMP)
+        self.channels_last = bool(fast.CHANNELS_LAST)
+        self.batch_size = int(self.cfg.SOLVER.BATCH_SIZE)
+        if self.channels_last:
+            for run in runs:
+                run.distiller.to(memory_format=torch.channels_last)
+        self.graph = StepGraph(
+            self._step, self._zero_grad, enabled=bool(fast.CUDA_GRAPH) and self.device.type == "cuda"
+        )
+        self._sums = self._first_bad = self._step_no = None
+        for run in runs:
+            if run.generator is None:
+                run.generator = torch.Generator(device=self.device)
+                run.generator.manual_seed(run.seed)
+
+    # -- the step ----------------------------------------------------------------------------
+    def _autocast(self):
+        # The autocast weight cache must stay off: graph replays re-read the fp32 weights.
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp, cache_enabled=False)
+
+    def _layout(self, x: Tensor) -> Tensor:
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+    def _step(self, images: list[Tensor], targets: list[Tensor], epoch: int) -> None:
+        """One training step of every active run on its stream's (uint8 images, targets); no host sync."""
+        xs = [self._layout(self.train_data.normalize(x)) for x in images]
+        if self.teacher is not None:
+            with self._autocast():
+                self.teacher.precompute(xs)
+        losses, top1s, top5s = [], [], []
+        for run, s in zip(self._active, self._stream_of):
+            with self._autocast():
+                preds, terms = run.distiller(image=xs[s], target=targets[s], epoch=epoch)
+            loss = sum(value.mean() for value in terms.values())
+            losses.append(loss)
+            top1, top5 = _topk_correct(preds.detach(), targets[s])
+            top1s.append(top1)
+            top5s.append(top5)
+        sum(losses).backward()
+        for run in self._active:
+            run.optimizer.step()
+        loss = torch.stack([v.detach() for v in losses])
+        n = targets[0].shape[0]
+        count = torch.full_like(loss, n)  # a fill kernel: capturable, unlike a host-to-device copy
+        hits = [torch.stack(top1s), torch.stack(top5s)]
+        self._sums += torch.stack([(loss * n).double(), hits[0].double(), hits[1].double(), count.double()], dim=1)
+        self._step_no += 1
+        newly_bad = (self._first_bad < 0) & ~torch.isfinite(loss)
+        self._first_bad.copy_(torch.where(newly_bad, self._step_no, self._first_bad))  # in place: graph-safe
+        if self.teacher is not None:
+            self.teacher.precompute([])  # drop this step's batches and outputs
+
+    def _zero_grad(self) -> None:
+        for run in self._active:
+            run.optimizer.zero_grad(set_to_none=True)
+
+    def _eager_step(self, images: list[Tensor], targets: list[Tensor], epoch: int) -> None:
+        self._zero_grad()
+        self._step(images, targets, epoch)
+
+    # -- an epoch ----------------------------------------------------------------------------
+    def _streams(self, runs: list[PackRun]) -> list[list[PackRun]]:
+        """Runs grouped by data seed: one generator draws each group's batches."""
+        groups: dict[int, list[PackRun]] = {}
+        for run in runs:
+            groups.setdefault(run.seed, []).append(run)
+        return list(groups.values())
+
+    def train_iterations(self, runs: list[PackRun], epoch: int, count: int | None = None) -> int:
+        """Train ``runs`` on ``count`` images (default: all) of a fresh epoch per stream; returns steps run."""
+        self._active = runs
+        streams = self._streams(runs)
+        self._stream_of = [next(i for i, g in enumerate(streams) if run in g) for run in runs]
+        data = []
+        for group in streams:
+            data.append(self.train_data.epoch(group[0].generator, count))
+            for run in group[1:]:  # same seed, same epoch: the same state, kept in step
+                run.generator.set_state(group[0].generator.get_state())
+        k = len(runs)
+        if self._sums is None or self._sums.shape[0] != k:  # kept in place: a captured graph reads them
+            self._sums = torch.zeros(k, 4, device=self.device, dtype=torch.float64)  # loss*n, top1, top5, n
+            self._first_bad = torch.zeros(k, device=self.device, dtype=torch.long)
+            self._step_no = torch.zeros((), device=self.device, dtype=torch.long)
+        self._sums.zero_()
+        self._first_bad.fill_(-1)
+        self._step_no.zero_()
+        for run in runs:
+            run.distiller.train()
+        n, bs = data[0][1].shape[0], self.batch_size
+
+        def batch(i: int, j: int):
+            return [x[i:j] for x, _ in data], [y[i:j] for _, y in data]
+
+        steps = self.graph.run(self._eager_step, batch, n // bs, bs, epoch, key=(epoch, tuple(id(r) for r in runs)))
+        if n % bs:
+            self._eager_step(*batch((n // bs) * bs, n), epoch)
+            steps += 1
+        for run in runs:
+            run.distiller.train(False)
+        return steps
+
+    @torch.no_grad()
+    def evaluate(self, run: PackRun) -> tuple[float, float, float]:
+        """(top-1 %, top-5 %, mean CE) of the run's student on the validation split."""
+        run.distiller.eval()
+        images, targets = self.val_data.eval_set()
+        step = int(self.cfg.SOLVER.FAST.EVAL_BATCH_SIZE)
+        sums = torch.zeros(3, device=self.device, dtype=torch.float64)
+        for i in range(0, targets.shape[0], step):
+            x, y = self._layout(images[i : i + step]), targets[i : i + step]
+            with self._autocast():
+                logits = run.distiller(image=x)
+            top1, top5 = _topk_correct(logits, y)
+            ce = F.cross_entropy(logits.float(), y, reduction="sum")
+            sums += torch.stack([top1.double(), top5.double(), ce.double()])
+        n = targets.shape[0]
+        top1, top5, ce = sums.tolist()
+        return 100.0 * top1 / n, 100.0 * top5 / n, ce / n
+
+    def train_epoch(self, runs: list[PackRun], epoch: int) -> None:
+        """Set each run's LR for ``epoch``, train the epoch, then validate and commit (or fail) each run."""
+        from mdistiller.engine.utils import adjust_learning_rate
+
+        lrs = []
+        for run in runs:
+            # The host returns a numpy float after a decay; keep a Python float in the optimizer state.
+            lr = float(adjust_learning_rate(epoch, run.cfg, run.optimizer))
+            for group in run.optimizer.param_groups:
+                group["lr"] = lr
+            lrs.append(lr)
+        iters = int(self.cfg.SOLVER.FAST.ITERS_PER_EPOCH)
+        steps = self.train_iterations(runs, epoch, iters * self.batch_size if iters > 0 else None)
+        sums, first_bad = self._sums.tolist(), self._first_bad.tolist()
+        for run, lr, (loss_sum, top1, _top5, n), bad in zip(runs, lrs, sums, first_bad):
+            if bad >= 0 or not math.isfinite(loss_sum):
+                self._fail(run, f"epoch {epoch} step {bad if bad >= 0 else '?'} of {steps}: non-finite training loss")
+                continue
+            test_acc, test_top5, test_loss = self.evaluate(run)
+            if not math.isfinite(test_loss):
+                self._fail(run, f"epoch {epoch}: non-finite validation loss")
+                continue
+            record = OrderedDict(
+                train_acc=100.0 * top1 / n,
+                train_loss=loss_sum / n,
+                test_acc=test_acc,
+                test_acc_top5=test_top5,
+                test_loss=test_loss,
+            )
+            log.info("%s epoch %d: train loss %.4f, test acc %.2f", run.name, epoch, record["train_loss"], test_acc)
+            self._commit(run, epoch, lr, record)
+
+    def _fail(self, run: PackRun, where: str) -> None:
+        cause = (
+            "likely causes: a learning rate or loss weight too large, a temperature near 0, "
+            "or non-finite teacher weights or data"
+        )
+        log.error("%s: %s; stopped (%s). Its last good checkpoint is kept.", run.name, where, cause)
+        run.folder.fail(f"{where}; {cause}")
+        run.status, run.failure = "failed", where
+
+    # -- run folder I/O ----------------------------------------------------------------------
+    def _state(self, run: PackRun, epoch: int, lr: float, record: dict, saved_best: bool) -> dict:
+        return {
+            "epoch": epoch,
+            "model": model_state(run.distiller),
+            "optimizer": run.optimizer.state_dict(),
+            "best_acc": run.best_acc,
+            "format": STATE_FORMAT,
+            "lr": lr,
+            "record": dict(record),
+            "saved_best": saved_best,
+            "seed": run.seed,
+            "generator": run.generator.get_state(),
+        }
+
+    def _commit(self, run: PackRun, epoch: int, lr: float, record: dict) -> None:
+        """latest (the commit point), then the other checkpoints, the worklog block and tensorboard."""
+        test_acc = record["test_acc"]
+        saved_best = test_acc >= run.best_acc  # the host saves `best` on ties too
+        run.best_acc = max(run.best_acc, test_acc)
+        run.epoch = epoch
+        state = self._state(run, epoch, lr, record, saved_best)
+        run.folder.save("latest", state)
+        self._after_latest(run, state)
+        run.folder.append_epoch(epoch, lr, record)
+        if run.writer is not None:
+            for key, value in record.items():
+                run.writer.add_scalar(key, value, epoch)
+            run.writer.flush()
+        if run.cfg.LOG.WANDB:
+            import wandb
+
+            wandb.log({"current lr": lr, **record})
+
+    def _after_latest(self, run: PackRun, state: dict) -> None:
+        """The files an epoch writes after ``latest``; idempotent, so resume can redo them."""
+        epoch, folder = state["epoch"], run.folder
+        student = {"model": run.distiller.student.state_dict()}
+        folder.save("student_latest", student)
+        if epoch % run.cfg.LOG.SAVE_CHECKPOINT_FREQ == 0:
+            folder.save(f"epoch_{epoch}", state)
+            folder.save(f"student_{epoch}", student)
+        if state["saved_best"]:
+            folder.save("best", state)
+            folder.save("student_best", student)
+
+    def _resume(self, run: PackRun) -> None:
+        """Load the run's newest readable state, cut its worklog back to it and redo the epoch's other files."""
+        state = run.folder.load_state()
+        source = f"{run.folder.path}/latest (epoch {state['epoch']})"
+        load_model_state(run.distiller, state["model"], source)
+        run.optimizer.load_state_dict(state["optimizer"])
+        run.epoch, run.best_acc = int(state["epoch"]), float(state["best_acc"])
+        if "generator" not in state:
+            raise RunError(f"{source}: written by another trainer (no data generator state); it cannot resume exactly")
+        run.seed = int(state["seed"])
+        run.generator.set_state(state["generator"])
+        run.folder.cut_worklog(run.epoch)
+        self._after_latest(run, state)
+        if not run.folder.has_epoch(run.epoch):
+            run.folder.append_epoch(run.epoch, state["lr"], state["record"])
+        log.info("%s: resumed after epoch %d (best %.2f)", run.name, run.epoch, run.best_acc)
+
+    # -- the whole schedule ------------------------------------------------------------------
+    def start(self, resume: bool) -> None:
+        """Lock every run folder, refuse clobbering starts, load resume states, write config.yaml."""
+        for run in self.runs:
+            run.folder.lock()
+        for run in self.runs:
+            if not run.folder.check_start(resume):
+                run.status = "finished"
+            elif resume:
+                if run.folder.status() == "failed":
+                    log.warning("%s: resuming a run that failed; it restarts from its last good checkpoint", run.name)
+                self._resume(run)
+            else:
+                run.folder.write_text(CONFIG, run.cfg.dump())
+
+    def train(self, resume: bool = False) -> list[PackRun]:
+        """Train every run to SOLVER.EPOCHS; returns the runs. TrainingDiverged if any stopped on a NaN/inf."""
+        try:
+            self.start(resume)
+            epochs = int(self.cfg.SOLVER.EPOCHS)
+            while True:
+                active = [r for r in self.runs if r.status == "active" and r.epoch < epochs]
+                if not active:
+                    break
+                epoch = min(r.epoch for r in active) + 1  # runs left behind by a kill catch up first
+                self.train_epoch([r for r in active if r.epoch + 1 == epoch], epoch)
+            for run in self.runs:
+                if run.status == "active":
+                    run.folder.finish(run.best_acc)
+                    run.status = "finished"
+                    log.info("%s: best accuracy %.2f", run.name, run.best_acc)
+        finally:
+            for run in self.runs:
+                run.folder.unlock()
+        failed = [r for r in self.runs if r.status == "failed"]
+        if failed:
+            raise TrainingDiverged(
+                "; ".join(f"{r.folder.path}: {r.failure}" for r in failed)
+                + f" ({len(failed)} of {len(self.runs)} runs failed; see their worklog.txt)"
+            )
+        return self.runs
+
+
+def data_seed(cfg: CN) -> int:
+    """EXPERIMENT.SEED when >= 0, else a fresh random seed (recorded in the checkpoints)."""
+    return int(cfg.EXPERIMENT.SEED) if cfg.EXPERIMENT.SEED >= 0 else int.from_bytes(os.urandom(4), "little")

@@ -1,0 +1,236 @@
+"""One run folder: its lock, atomic writes, the host's worklog format, checkpoints and resume.
+
+Everything a ``fast`` run (solo or packed) writes goes through :class:`RunFolder`, so a kill at
+any moment leaves a folder that resumes exactly:
+
+* every file is written to a temporary file in the same folder, flushed, fsync'ed and moved over
+  the old one with ``os.replace`` (a reader sees the old file or the new one, never half of one);
+* an epoch is committed in a fixed order: ``latest`` (the commit point, holding the epoch's log
+  record), the other checkpoints, then the worklog block. Resume loads ``latest`` and redoes
+  what follows it, so files and worklog end as an uninterrupted run leaves them; worklog lines
+  past the checkpoint's epoch are cut;
+* ``fcntl.flock`` on ``.lock`` (holder's PID inside) keeps a second process out of the folder.
+
+The worklog keeps the host's format (dashed ``key: value`` blocks, a last ``best_acc<TAB>NN.NN``
+line); a run that stops on a non-finite loss ends with ``failed<TAB><reason>`` instead.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import logging
+import os
+import re
+import tempfile
+from pathlib import Path
+
+from .errors import RunError
+
+log = logging.getLogger(__name__)
+
+__all__ = ["RunFolder", "atomic_write", "worklog_block"]
+
+WORKLOG = "worklog.txt"
+CONFIG = "config.yaml"
+LOCK = ".lock"
+# Full training states a run can resume from, newest first among those readable.
+_STATE_FILE = re.compile(r"^(latest|best|epoch_\d+)$")
+
+
+def atomic_write(path: str | os.PathLike, write) -> None:
+    """Write ``path`` by calling ``write(file_object)`` on a temporary sibling, fsync, then os.replace."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def worklog_block(epoch: int, lr: float, record: dict[str, float]) -> str:
+    """One epoch of the host's worklog.txt: dashes, epoch, lr, each value with two decimals, dashes."""
+    lines = ["-" * 25, f"epoch: {epoch}", f"lr: {float(lr):.2f}"]
+    lines += [f"{key}: {value:.2f}" for key, value in record.items()]
+    lines.append("-" * 25)
+    return "".join(line + os.linesep for line in lines)
+
+
+def _blocks_through(text: str, epoch: int) -> str:
+    """The complete worklog blocks of epochs <= ``epoch``; partial blocks and end lines dropped."""
+    kept, block = [], None
+    for line in text.splitlines(keepends=True):
+        stripped = line.strip()
+        if stripped and set(stripped) == {"-"}:
+            if block is None:
+                block = [line]
+                continue
+            block.append(line)
+            number = next((b.split(":", 1)[1] for b in block if b.startswith("epoch:")), None)
+            if number is not None and int(number) <= epoch:
+                kept.extend(block)
+            block = None
+        elif block is not None:
+            block.append(line)
+    return "".join(kept)
+
+
+class RunFolder:
+    """The folder ``LOG.PREFIX/<run name>`` of one run."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self._lock_fd: int | None = None
+
+    def __repr__(self) -> str:
+        return f"RunFolder({str(self.path)!r})"
+
+    # -- lock ------------------------------------------------------------------------------
+    def lock(self) -> None:
+        """Take the folder's lock (idempotent); RunError naming the holder's PID if another process has it."""
+        if self._lock_fd is not None:
+            return
+        self.path.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise RunError(
+                    f"{self.path} is in use by another run (PID {holder}); wait for it or pick another EXPERIMENT.NAME"
+                ) from None
+            raise
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._lock_fd = fd
+
+    def unlock(self) -> None:
+        """Release the lock (the file stays; the kernel also releases it when the process dies)."""
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    # -- state of the folder ---------------------------------------------------------------
+    def worklog_text(self) -> str:
+        try:
+            return (self.path / WORKLOG).read_text()
+        except FileNotFoundError:
+            return ""
+
+    def status(self) -> str:
+        """'new', 'started', 'finished' (a best_acc line) or 'failed' (a failed line)."""
+        text = self.worklog_text()
+        if re.search(r"^best_acc\t", text, re.M):
+            return "finished"
+        if re.search(r"^failed\t", text, re.M):
+            return "failed"
+        if text.strip() or any(_STATE_FILE.match(p.name) for p in self._files()):
+            return "started"
+        return "new"
+
+    def _files(self) -> list[Path]:
+        return [p for p in self.path.iterdir() if p.is_file()] if self.path.is_dir() else []
+
+    def check_start(self, resume: bool) -> bool:
+        """Whether to train: False for a finished run under --resume; RunError for a start that would clobber."""
+        status = self.status()
+        if resume and status == "new":
+            raise RunError(f"--resume: {self.path} holds no run to resume; run the same command without --resume")
+        if resume and status == "finished":
+            log.info("%s is finished (its worklog ends with best_acc); nothing to do", self.path)
+            return False
+        if not resume and status != "new":
+            raise RunError(
+                f"{self.path} already holds a {status} run; add --resume to continue it, "
+                "or set EXPERIMENT.NAME (or LOG.PREFIX) to start a new one"
+            )
+        return True
+
+    # -- writing ---------------------------------------------------------------------------
+    def write_text(self, name: str, text: str) -> None:
+        """Atomically replace ``name`` in the folder with ``text``."""
+        atomic_write(self.path / name, lambda f: f.write(text.encode()))
+
+    def save(self, name: str, state: dict) -> None:
+        """Atomically torch.save ``state`` as ``name``."""
+        import torch
+
+        atomic_write(self.path / name, lambda f: torch.save(state, f))
+
+    def _append(self, text: str) -> None:
+        with open(self.path / WORKLOG, "a") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+
+    def append_epoch(self, epoch: int, lr: float, record: dict[str, float]) -> None:
+        """Append the epoch's block to worklog.txt (fsync'ed)."""
+        self._append(worklog_block(epoch, lr, record))
+
+    def has_epoch(self, epoch: int) -> bool:
+        """Whether the worklog holds a complete block for ``epoch``."""
+        text = _blocks_through(self.worklog_text(), epoch)
+        return re.search(rf"^epoch: {epoch}\s*$", text, re.M) is not None
+
+    def finish(self, best_acc: float) -> None:
+        """The host's last worklog line: ``best_acc<TAB>NN.NN`` (no newline, as the host writes it)."""
+        self._append(f"best_acc\t{float(best_acc):.2f}")
+
+    def fail(self, reason: str) -> None:
+        """End the worklog with ``failed<TAB>reason``; no checkpoint is touched."""
+        self._append(f"failed\t{reason}{os.linesep}")
+
+    def cut_worklog(self, epoch: int) -> None:
+        """Keep only complete blocks of epochs <= ``epoch`` (drops later blocks, half blocks and end lines)."""
+        text = self.worklog_text()
+        kept = _blocks_through(text, epoch)
+        if kept != text:
+            dropped = text[len(kept) :] if text.startswith(kept) else text
+            log.warning("%s: cutting worklog back to epoch %d (dropped %d characters)", self.path, epoch, len(dropped))
+            self.write_text(WORKLOG, kept)
+
+    # -- reading ---------------------------------------------------------------------------
+    def load_state(self) -> dict:
+        """The newest readable full training state: ``latest``, else ``epoch_N``/``best`` by epoch.
+
+        Unreadable files are reported by name and skipped; RunError when none is readable.
+        """
+        import torch
+
+        from .checkpoints import allow_release_types
+
+        candidates = [p for p in self._files() if _STATE_FILE.match(p.name)]
+        candidates.sort(key=lambda p: (p.name == "latest", p.stat().st_mtime), reverse=True)
+        problems, states = [], []
+        for path in candidates:
+            try:
+                with allow_release_types():
+                    state = torch.load(path, map_location="cpu", weights_only=True)
+                if not isinstance(state, dict) or "epoch" not in state or "model" not in state:
+                    raise ValueError("not a training state (no epoch/model)")
+            except Exception as exc:  # any unreadable file: report it and try the next one
+                problems.append(f"{path.name} ({type(exc).__name__}: {exc})")
+                log.warning("%s: unreadable checkpoint %s: %s", self.path, path.name, exc)
+                continue
+            if path.name == "latest":
+                return state
+            states.append(state)
+        if states:
+            best = max(states, key=lambda s: s["epoch"])
+            log.warning("%s: resuming from epoch %d, the newest readable checkpoint", self.path, best["epoch"])
+            return best
+        found = "; ".join(problems) or "no latest, best or epoch_N file"
+        raise RunError(f"--resume: no readable checkpoint in {self.path}: {found}")
