@@ -116,6 +116,8 @@ class RunFolder:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._lock_fd = fd
+        for stale in self.path.glob(".*.tmp"):  # left by a write that a kill interrupted; ours now
+            stale.unlink()
 
     def unlock(self) -> None:
         """Release the lock (the file stays; the kernel also releases it when the process dies)."""

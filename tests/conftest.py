@@ -67,3 +67,48 @@ def teacher_resnet56():
     if not TEACHER_RESNET56.is_file():
         pytest.skip(f"teacher checkpoint not found: {TEACHER_RESNET56} (set NORMKD_DATA)")
     return TEACHER_RESNET56
+
+
+@pytest.fixture(scope="session")
+def small_cifar_npz(tmp_path_factory, cifar_test_arrays):
+    """An npz-shard DATASET.ROOT of real CIFAR-100 pixels: 208 training images (3 batches of 64 + 16), 100 test."""
+    images, labels = cifar_test_arrays
+    root = tmp_path_factory.mktemp("cifar_npz")
+    np.savez(root / "train-0-of-1.npz", images=images[:208], labels=labels[:208])
+    np.savez(root / "test-0-of-1.npz", images=images[208:308], labels=labels[208:308])
+    return root
+
+
+def fast_opts(root, teacher, prefix, seed, *extra) -> list[str]:
+    """Overrides of a short CPU ``fast`` run on ``root`` with the real resnet56 teacher."""
+    return [
+        "SOLVER.TRAINER", "fast", "SOLVER.EPOCHS", "2", "SOLVER.LR_DECAY_STAGES", "[1]",
+        "DATASET.ROOT", str(root), "DISTILLER.TEACHER_CKPT", str(teacher), "LOG.PREFIX", str(prefix),
+        "EXPERIMENT.SEED", str(seed), *extra,
+    ]  # fmt: skip
+
+
+def load_state(folder, name="latest"):
+    from normkd_plugin.checkpoints import allow_release_types
+
+    with allow_release_types():
+        return torch.load(folder / name, map_location="cpu", weights_only=True)
+
+
+def assert_same_run(a, b):
+    """Two run folders hold bitwise the same run: parameters, BN buffers, momentum buffers, data generator, metrics and the worklog."""
+    sa, sb = load_state(a), load_state(b)
+    assert sa["epoch"] == sb["epoch"]
+    assert sa["model"].keys() == sb["model"].keys()
+    for key in sa["model"]:
+        assert torch.equal(sa["model"][key], sb["model"][key]), f"{a.name}: {key}"
+    assert any(k.endswith("running_mean") for k in sa["model"]) and any(
+        k.endswith("num_batches_tracked") for k in sa["model"]
+    )
+    moms_a = [s["momentum_buffer"] for s in sa["optimizer"]["state"].values()]
+    moms_b = [s["momentum_buffer"] for s in sb["optimizer"]["state"].values()]
+    assert len(moms_a) == len(moms_b) > 0 and all(torch.equal(x, y) for x, y in zip(moms_a, moms_b))
+    assert sa["optimizer"]["param_groups"][0]["lr"] == sb["optimizer"]["param_groups"][0]["lr"]
+    assert torch.equal(sa["generator"], sb["generator"])
+    assert sa["record"] == sb["record"]  # exact floats: train loss/acc sums, test acc/top-5/loss
+    assert (a / "worklog.txt").read_text() == (b / "worklog.txt").read_text()

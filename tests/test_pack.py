@@ -1,0 +1,222 @@
+"""fast/pack.py: a packed run trains exactly what the same config trains alone (CPU, real data and teacher)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from conftest import assert_same_run, fast_opts, load_state, needs_cuda, needs_mdistiller
+
+pytestmark = needs_mdistiller
+
+# NormKD and KD share seed 0 (paired: the same batches), NormDKD has its own seed.
+RUNS = (("cifar100/normkd/res56_res20", 0), ("cifar100/kd/res56_res20", 0), ("cifar100/normdkd/res56_res20", 1))
+
+
+def _configs(root, teacher, prefix, runs=RUNS, extra=()):
+    from normkd_plugin.config import load_config, run_name
+
+    cfgs, names = [], []
+    for name, seed in runs:
+        opts = fast_opts(root, teacher, prefix, seed, *extra)
+        cfg = load_config(name, opts)
+        cfgs.append(cfg)
+        names.append(run_name(cfg, opts))
+    return cfgs, names
+
+
+def _train(root, teacher, prefix, runs=RUNS, extra=(), resume=False):
+    from normkd_plugin.train import train_pack
+
+    cfgs, names = _configs(root, teacher, prefix, runs, extra)
+    train_pack(cfgs, names, torch.device("cpu"), resume)
+    return [prefix / n for n in names]
+
+
+def test_pack_of_three_equals_three_solo_runs_bitwise(tmp_path, small_cifar_npz, teacher_resnet56):
+    packed = _train(small_cifar_npz, teacher_resnet56, tmp_path / "pack")
+    for (name, seed), folder in zip(RUNS, packed):
+        (solo,) = _train(small_cifar_npz, teacher_resnet56, tmp_path / f"solo-{folder.name}", runs=[(name, seed)])
+        assert solo.name == folder.name  # the same run folder name as a solo run
+        assert_same_run(folder, solo)
+    # the schedule really crossed the LR decay and NormDKD ran inside its warm-up
+    state = load_state(packed[2])
+    assert state["epoch"] == 2 and state["lr"] == pytest.approx(0.005)
+    text = (packed[0] / "worklog.txt").read_text()
+    assert "lr: 0.05" in text and "lr: 0.01" in text and text.rstrip().splitlines()[-1].startswith("best_acc\t")
+    for folder in packed:
+        assert {"config.yaml", "latest", "best", "student_latest", "student_best", "worklog.txt"} <= {
+            p.name for p in folder.iterdir()
+        }
+        assert not any(k.startswith("module.teacher") for k in load_state(folder)["model"])
+
+
+def test_runs_that_share_a_seed_see_the_same_batches(tmp_path, small_cifar_npz, teacher_resnet56):
+    from normkd_plugin.fast.pack import Pack
+
+    seen = []
+    original = Pack._step
+
+    def spy(self, images, targets, epoch):
+        seen.append([(tuple(t.tolist())) for t in targets])
+        original(self, images, targets, epoch)
+
+    Pack._step = spy
+    try:
+        _train(small_cifar_npz, teacher_resnet56, tmp_path, extra=("SOLVER.EPOCHS", "1"))
+    finally:
+        Pack._step = original
+    assert len(seen) == 4 and all(len(step) == 2 for step in seen)  # 2 streams: seeds 0 and 1
+    assert [len(s[0]) for s in seen] == [64, 64, 64, 16]  # the partial last batch is trained too
+    assert seen[0][0] != seen[0][1]
+    assert sorted(sum((list(s[0]) for s in seen), [])) == sorted(sum((list(s[1]) for s in seen), []))
+
+
+def test_teacher_runs_once_per_step_on_the_distinct_batches(tmp_path, small_cifar_npz, teacher_resnet56):
+    from normkd_plugin.fast.pack import SharedTeacher
+
+    calls = []
+    original = SharedTeacher.precompute
+
+    def spy(self, batches):
+        if batches:
+            calls.append(len(batches))
+        original(self, batches)
+
+    SharedTeacher.precompute = spy
+    try:
+        _train(small_cifar_npz, teacher_resnet56, tmp_path, extra=("SOLVER.EPOCHS", "1"))
+    finally:
+        SharedTeacher.precompute = original
+    assert calls == [2, 2, 2, 2]
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        (("SOLVER.BATCH_SIZE", "32"), "SOLVER.BATCH_SIZE"),
+        (("SOLVER.EPOCHS", "3"), "SOLVER.EPOCHS"),
+        (("DISTILLER.TEACHER", "resnet110"), "DISTILLER.TEACHER"),
+        (("DISTILLER.TEACHER_CKPT", "/elsewhere/t.pt"), "DISTILLER.TEACHER_CKPT"),
+        (("DATASET.ROOT", "/elsewhere"), "DATASET.ROOT"),
+    ],
+)
+def test_configs_that_cannot_share_a_pack_fail_naming_key_and_values(
+    tmp_path, small_cifar_npz, teacher_resnet56, override, key
+):
+    from normkd_plugin.config import ConfigError, load_config, run_name
+    from normkd_plugin.train import train_pack
+
+    cfgs, names = _configs(small_cifar_npz, teacher_resnet56, tmp_path / "o", RUNS[:1])
+    opts = fast_opts(small_cifar_npz, teacher_resnet56, tmp_path / "o", 1, *override)
+    other = load_config("cifar100/kd/res56_res20", opts)
+    with pytest.raises(ConfigError, match=rf"pack: {key} differs: .* but .*{override[1].split('/')[-1]}"):
+        train_pack([cfgs[0], other], [names[0], run_name(other, opts)], torch.device("cpu"))
+    assert not (tmp_path / "o").exists()  # nothing built, nothing written
+
+
+def test_same_run_twice_in_a_pack_is_refused(tmp_path, small_cifar_npz, teacher_resnet56):
+    from normkd_plugin.config import ConfigError
+    from normkd_plugin.train import train_pack
+
+    cfgs, names = _configs(small_cifar_npz, teacher_resnet56, tmp_path, RUNS[:1] * 2)
+    with pytest.raises(ConfigError, match="same run folder"):
+        train_pack(cfgs, names, torch.device("cpu"))
+
+
+def test_vanilla_pack_of_different_architectures(tmp_path, small_cifar_npz, teacher_resnet56):
+    from normkd_plugin.config import load_config, run_name
+    from normkd_plugin.train import train_pack
+
+    cfgs, names = [], []
+    for student, seed in (("resnet8", 0), ("resnet20", 0), ("wrn_16_2", 2)):
+        opts = fast_opts(
+            small_cifar_npz, teacher_resnet56, tmp_path, seed, "DISTILLER.TYPE", "NONE", "DISTILLER.STUDENT", student
+        )
+        cfg = load_config("cifar100/kd/res56_res20", opts)
+        cfgs.append(cfg)
+        names.append(run_name(cfg, opts))
+    runs = train_pack(cfgs, names, torch.device("cpu"))
+    assert [r.status for r in runs] == ["finished"] * 3
+    for name in names:
+        text = (tmp_path / name / "worklog.txt").read_text()
+        assert text.count("epoch: ") == 2 and "best_acc\t" in text
+
+
+def test_interrupted_pack_resumes_every_run_exactly(tmp_path, small_cifar_npz, teacher_resnet56, monkeypatch):
+    from normkd_plugin.fast.pack import Pack
+
+    whole = _train(small_cifar_npz, teacher_resnet56, tmp_path / "whole")
+    real = Pack.train_epoch
+
+    def stop_at_2(self, runs, epoch):
+        if epoch == 2:
+            raise KeyboardInterrupt
+        real(self, runs, epoch)
+
+    monkeypatch.setattr(Pack, "train_epoch", stop_at_2)
+    with pytest.raises(KeyboardInterrupt):
+        _train(small_cifar_npz, teacher_resnet56, tmp_path / "cut")
+    monkeypatch.setattr(Pack, "train_epoch", real)
+    cut = _train(small_cifar_npz, teacher_resnet56, tmp_path / "cut", resume=True)
+    for a, b in zip(whole, cut):
+        assert_same_run(a, b)
+
+
+def test_a_run_that_turns_nan_fails_alone(tmp_path, small_cifar_npz, teacher_resnet56, monkeypatch):
+    """The poisoned run stops at epoch 2 step 1, keeps its epoch-1 checkpoint; the others equal their solo runs."""
+    from normkd_plugin.fast.pack import Pack, TrainingDiverged
+
+    real = Pack.train_epoch
+
+    def poison(self, runs, epoch):
+        if epoch == 2:
+            victim = next(r for r in runs if r.cfg.DISTILLER.TYPE == "KD")
+            with torch.no_grad():
+                victim.distiller.student.fc.weight.fill_(math.nan)
+        real(self, runs, epoch)
+
+    monkeypatch.setattr(Pack, "train_epoch", poison)
+    with pytest.raises(TrainingDiverged, match=r"epoch 2 step 1 of 4: non-finite training loss.*1 of 3 runs failed"):
+        _train(small_cifar_npz, teacher_resnet56, tmp_path / "pack")
+    monkeypatch.setattr(Pack, "train_epoch", real)
+    folders = [tmp_path / "pack" / n for n in _configs(small_cifar_npz, teacher_resnet56, tmp_path / "pack")[1]]
+    kd = folders[1]
+    text = (kd / "worklog.txt").read_text()
+    assert text.count("epoch: ") == 1 and "best_acc" not in text
+    assert text.splitlines()[-1].startswith("failed\tepoch 2 step 1 of 4: non-finite training loss")
+    assert load_state(kd)["epoch"] == 1 and all(torch.isfinite(v).all() for v in load_state(kd)["model"].values())
+    for (name, seed), folder in zip(RUNS, folders):
+        if folder == kd:
+            continue
+        (solo,) = _train(small_cifar_npz, teacher_resnet56, tmp_path / f"solo-{seed}-{name[9:14]}", runs=[(name, seed)])
+        assert_same_run(folder, solo)
+
+
+@needs_cuda
+def test_packed_graph_equals_solo_eager_runs_on_cuda(tmp_path, small_cifar_npz, teacher_resnet56):
+    """Deterministic kernels: the packed CUDA-graph runs against solo eager runs, within float32 rounding."""
+    from normkd_plugin.config import load_config, run_name
+    from normkd_plugin.train import train_pack
+
+    torch.use_deterministic_algorithms(True, warn_only=False)
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        dev = torch.device("cuda")
+        cfgs, names = _configs(small_cifar_npz, teacher_resnet56, tmp_path / "pack")
+        train_pack(cfgs, names, dev)
+        for (name, seed), folder in zip(RUNS, names):
+            opts = fast_opts(
+                small_cifar_npz, teacher_resnet56, tmp_path / "solo", seed, "SOLVER.FAST.CUDA_GRAPH", "False"
+            )
+            cfg = load_config(name, opts)
+            train_pack([cfg], [run_name(cfg, opts)], dev)
+            a, b = load_state(tmp_path / "pack" / folder), load_state(tmp_path / "solo" / run_name(cfg, opts))
+            for key in a["model"]:
+                x, y = a["model"][key].double(), b["model"][key].double()
+                assert torch.allclose(x, y, rtol=1e-5, atol=1e-6), key
+    finally:
+        torch.use_deterministic_algorithms(False)
