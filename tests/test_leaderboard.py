@@ -203,3 +203,44 @@ def test_host_folder_name_with_glued_override_tag(tmp_path):
         "res32x4_res8x4",
         "fast",
     )
+
+
+# --- failed and non-finite runs ------------------------------------------------------------------
+
+
+def test_parse_failed_line():
+    text = host_worklog([10.0, 20.0], finished=False) + "failed\tepoch 3 step 17: non-finite training loss\n"
+    log = parse_worklog(text)
+    assert log.failed == "epoch 3 step 17: non-finite training loss" and log.best_acc is None
+    assert [e["epoch"] for e in log.epochs] == [1, 2]
+    assert parse_worklog(host_worklog([10.0])).failed is None
+    assert parse_worklog(host_worklog([10.0], finished=False) + "failed\t").failed == "no reason given"
+
+
+def host_block(epoch: int, acc: float) -> str:
+    return host_worklog([acc], finished=False).replace("epoch: 1", f"epoch: {epoch}", 1)
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        # 9 lines per block: the third block's epoch line is line 20, a best_acc after two blocks line 19
+        (host_worklog([10, 20], finished=False) + host_block(2, 21), "line 20: epoch 2 repeats"),
+        (host_block(1, 10) + host_block(3, 20) + host_block(2, 21), r"line 20: epoch 2 goes back \(previous epoch 3\)"),
+        (host_worklog([10, 20]) + host_block(3, 21), "line 19: text after the best_acc value: '-----"),
+        (host_worklog([10, 20]) + "best_acc\t20.00", "line 19: text after the best_acc value: 'best_acc"),
+        (host_worklog([10, 20]) + "\nbest_acc\t20.00", r"line 20: .* after the best_acc line \(line 19\)"),
+        (
+            host_worklog([10], finished=False) + "failed\tboom\n" + host_block(2, 20),
+            r"line 11: .* failed line \(line 10\)",
+        ),
+        (host_worklog([10], finished=False) + "failed: boom\n", "line 10: malformed failed line"),
+        (
+            host_worklog([10], finished=False) + "-" * 25 + "\nepoch: 2\nbest_acc\t10.00",
+            "line 12: best_acc line inside",
+        ),
+    ],
+)
+def test_malformed_worklogs_are_errors(text, message):
+    with pytest.raises(WorklogError, match=message):
+        parse_worklog(text)
