@@ -183,7 +183,7 @@ def test_check_normkd_must_beat_kd(runs_root, tmp_path):
 
 def test_check_rejects_unknown_section(runs_root, tmp_path):
     proc = _check(runs_root, tmp_path, {"min_acc": {}})
-    assert proc.returncode != 0 and "unknown section(s) ['min_acc']" in proc.stderr
+    assert proc.returncode == 2 and proc.stdout == "" and "unknown section(s) ['min_acc']" in proc.stderr
 
 
 def test_check_function_lists_every_failure():
@@ -433,3 +433,115 @@ def test_failed_runs_are_listed_apart(failed_root, tmp_path):
     ]
     proc = _check(failed_root, tmp_path, {"min_best_acc": {"cifar100/res56_res20/normkd": 72.0}})
     assert proc.returncode == 0, proc.stderr
+
+
+def test_check_required_counts_failed_runs_as_missing(tmp_path):
+    failed = make_run(tmp_path, "kd,res56,res20,seed:0", [60.0], finished=False)
+    with open(failed / "worklog.txt", "a") as f:
+        f.write("failed\tout of memory\n")
+    rows = aggregate(discover_runs([tmp_path])[0])
+    assert cli.check(
+        rows, {"required": ["cifar100/res56_res20/kd"], "min_best_acc": {"cifar100/res56_res20/kd": 1}}
+    ) == [
+        "cifar100/res56_res20/kd: no runs (1 failed) (minimum 1.00)",
+        "cifar100/res56_res20/kd: required run missing (1 failed)",
+    ]
+
+
+# --- paths ---------------------------------------------------------------------------------------
+
+
+def test_nonexistent_path_is_an_error(runs_root):
+    proc = _cli(runs_root, runs_root / "nowhere")
+    assert proc.returncode == 2 and f"no such file or directory: {runs_root / 'nowhere'}" in proc.stderr
+    assert proc.stdout == ""
+
+
+def test_path_without_runs_is_reported(runs_root, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    proc = _cli(empty, runs_root)
+    assert proc.returncode == 0 and f"no run (folder with a worklog.txt) under {empty}" in proc.stderr
+    assert f"under {runs_root}\n" not in proc.stderr and "| kd |" in proc.stdout
+
+
+# --- --check: intervals and trainer names ----------------------------------------------------------
+
+
+def test_beats_with_ci_passes_when_interval_is_above_zero(paired_root, tmp_path):
+    proc = _check(paired_root, tmp_path, {"beats_with_ci": ["cifar100/res56_res20/normkd>kd"]})
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_beats_with_ci_failures(runs_root, tmp_path):
+    th = {
+        "beats_with_ci": [
+            "cifar100/res56_res20/normkd>kd",  # paired n=2, interval straddles 0
+            "cifar100/res56_res20/normkd>dkd",  # DKD has one unseeded run: Welch without interval
+            "cifar100/res110_res32/normkd>kd",
+            "cifar100/res32x4_res8x4/normdkd>dkd",
+        ]
+    }
+    _, low, high = t_interval([72.0 - 70.0, 72.5 - 71.0], T975[1])
+    assert cli.check(aggregate(discover_runs([runs_root])[0]), th) == [
+        f"cifar100/res56_res20/normkd>kd: 95 % interval of normkd − kd in best top-1 is [{low:+.2f}, {high:+.2f}] "
+        "(paired n=2), not above 0",
+        "cifar100/res56_res20/normkd>dkd: too few runs for a 95 % interval (welch n=2/1); "
+        "normkd − dkd in best top-1 = +0.75",
+        "cifar100/res110_res32/normkd>kd: cifar100/res110_res32/normkd: no runs",
+        "cifar100/res32x4_res8x4/normdkd>dkd: no dkd runs on cifar100/res32x4_res8x4 (trainer base)",
+    ]
+    proc = _check(runs_root, tmp_path, th)
+    assert (
+        proc.returncode == 1
+        and "regression check failed (4)" in proc.stderr
+        and "(paired n=2), not above" in proc.stderr
+    )
+
+
+@pytest.mark.parametrize("entry", ["cifar100/res56_res20/normkd", "res56_res20/normkd>kd", "a/b/c>d>e", "a/b/c>x/kd"])
+def test_beats_with_ci_rejects_malformed_entries(runs_root, tmp_path, entry):
+    proc = _check(runs_root, tmp_path, {"beats_with_ci": [entry]})
+    assert (
+        proc.returncode not in (0, 1)
+        and f"section beats_with_ci: {entry!r} is not dataset/pair/method>baseline" in proc.stderr
+    )
+
+
+def test_check_names_with_trainers(runs_root):
+    make_run(runs_root, "normkd-fast-0", [62.0, 73.0], config=cfg("normkd", seed=0, trainer="fast"))
+    make_run(runs_root, "dkd-fast-0", [62.0, 74.0], config=cfg("dkd", "resnet32x4", "resnet8x4", trainer="fast"))
+    rows = aggregate(discover_runs([runs_root])[0])
+    assert "normkd (fast)" in {r.method for r in rows}
+    assert (
+        cli.check(
+            rows,
+            {
+                "min_best_acc": {
+                    "cifar100/res56_res20/normkd (fast)": 73.0,
+                    "cifar100/res56_res20/normkd (base)": 72.25,
+                    "cifar100/res32x4_res8x4/dkd": 74.0,  # only the fast trainer has DKD runs there
+                },
+                "required": ["cifar100/res32x4_res8x4/dkd (fast)"],
+            },
+        )
+        == []
+    )
+    assert cli.check(
+        rows, {"required": ["cifar100/res56_res20/normkd"], "min_best_acc": {"cifar100/res32x4_res8x4/dkd (base)": 1}}
+    ) == [
+        "cifar100/res32x4_res8x4/dkd (base): no runs (minimum 1.00)",
+        "cifar100/res56_res20/normkd: ambiguous: rows of several trainers match (cifar100/res56_res20/normkd (base), "
+        "cifar100/res56_res20/normkd (fast)); name one",
+    ]
+    # the fast NormKD against KD: no fast KD, so the host's KD, unpaired
+    (failure,) = cli.check(rows, {"beats_with_ci": ["cifar100/res56_res20/normkd (fast)>kd"]})
+    assert failure.endswith("too few runs for a 95 % interval (welch n=1/2); normkd (fast) − kd in best top-1 = +2.50")
+    (failure,) = cli.check(rows, {"beats_with_ci": ["cifar100/res56_res20/normkd (fast)>kd (fast)"]})
+    assert failure.endswith("no kd runs on cifar100/res56_res20 (trainer fast)")
+
+
+def test_cli_import_stays_light():
+    code = "import sys, normkd_plugin.leaderboard.cli; print(sorted({'scipy', 'mdistiller'} & set(sys.modules)))"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stderr
