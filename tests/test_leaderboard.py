@@ -120,8 +120,8 @@ def test_markdown_csv_json_outputs(runs_root):
     md = _cli(runs_root)
     assert md.returncode == 0
     assert (
-        "| cifar100 | res56_res20 | kd | 2 | 70.50 ± 0.71 | 70.00 ± 0.71 | 90.00 | – | -1.00 | 70.66 | -0.16 |"
-        in md.stdout
+        "| cifar100 | res56_res20 | kd | 2 | 70.50 ± 0.71 | 70.00 ± 0.71 | 90.00 | – | -1.00 welch n=2/1, no CI | "
+        "70.66 | -0.16 |" in md.stdout
     )
     assert "3 (1 unfinished: 1/3)" in md.stdout and "corrupt" in md.stdout
     assert "| cifar100 | res56_res20 | 72.34 | 69.06 | 70.66 | 71.97 |" in md.stdout
@@ -183,7 +183,7 @@ def test_check_normkd_must_beat_kd(runs_root, tmp_path):
 
 def test_check_rejects_unknown_section(runs_root, tmp_path):
     proc = _check(runs_root, tmp_path, {"min_acc": {}})
-    assert proc.returncode != 0 and "unknown section(s) ['min_acc']" in proc.stderr
+    assert proc.returncode == 2 and proc.stdout == "" and "unknown section(s) ['min_acc']" in proc.stderr
 
 
 def test_check_function_lists_every_failure():
@@ -203,3 +203,345 @@ def test_host_folder_name_with_glued_override_tag(tmp_path):
         "res32x4_res8x4",
         "fast",
     )
+
+
+# --- paired statistics -------------------------------------------------------------------------
+
+# two-sided 95 % quantiles of Student's t, from tables: t_{0.975, dof}
+T975 = {1: 12.706204736174705, 2: 4.302652729911275, 3: 3.182446305284263, 4: 2.7764451051977987}
+
+
+def t_interval(diffs, t):
+    """mean ± t·s/√n, written out."""
+    n = len(diffs)
+    mean = sum(diffs) / n
+    sd = (sum((d - mean) ** 2 for d in diffs) / (n - 1)) ** 0.5
+    return mean, mean - t * sd / n**0.5, mean + t * sd / n**0.5
+
+
+def seeded(root: Path, method: str, seed: int, accs, trainer="base", teacher="resnet56", student="resnet20", **kw):
+    name = f"{method}-{trainer}-{teacher}-{seed}"
+    return make_run(root, name, accs, config=cfg(method, teacher, student, seed=seed, trainer=trainer), **kw)
+
+
+@pytest.fixture
+def paired_root(tmp_path):
+    for seed, kd, ours in ((0, [60, 70.0, 69.0], [60, 71.5, 71.0]), (1, [60, 71.0, 70.5], [60, 71.8, 71.8])):
+        seeded(tmp_path, "kd", seed, kd)
+        seeded(tmp_path, "normkd", seed, ours)
+    seeded(tmp_path, "kd", 2, [60, 70.5, 70.0])
+    seeded(tmp_path, "normkd", 2, [60, 72.3, 71.9])
+    seeded(tmp_path, "dkd", 0, [60, 71.0, 71.0])
+    return tmp_path
+
+
+def test_t_quantile_is_two_sided_95():
+    from normkd_plugin.leaderboard.stats import t975
+
+    for dof, t in T975.items():
+        assert t975(dof) == pytest.approx(t, rel=1e-9)
+
+
+def test_paired_difference_over_shared_seeds(paired_root):
+    rows = {r.method: r for r in aggregate(discover_runs([paired_root])[0])}
+    best, last = rows["normkd"].vs_kd_best, rows["normkd"].vs_kd_last
+    mean, low, high = t_interval([71.5 - 70.0, 71.8 - 71.0, 72.3 - 70.5], T975[2])
+    assert (best.kind, best.n, best.dof, best.baseline) == ("paired", 3, 2.0, "kd")
+    assert (best.mean, best.low, best.high) == pytest.approx((mean, low, high), abs=1e-9)
+    assert low > 0  # 1.3667 ± 1.2748
+    mean, low, high = t_interval([71.0 - 69.0, 71.8 - 70.5, 71.9 - 70.0], T975[2])
+    assert (last.kind, last.n) == ("paired", 3)
+    assert (last.mean, last.low, last.high) == pytest.approx((mean, low, high))
+    # DKD has seed 0 only: one pair, a difference but no interval, and the reason recorded
+    dkd = rows["normkd"].vs_dkd_best
+    assert (dkd.kind, dkd.n, dkd.mean, dkd.low, dkd.high) == ("paired", 1, pytest.approx(0.5), None, None)
+    assert dkd.note == "n=1: fewer than 2 pairs" and dkd.text() == "+0.50 paired n=1, no CI"
+    assert rows["kd"].vs_kd_best is None and rows["dkd"].vs_dkd_best is None
+    assert rows["kd"].vs_dkd_best.text() == "-1.00 paired n=1, no CI"
+
+
+def test_welch_when_no_seed_is_shared(tmp_path):
+    for seed, acc in ((10, 70.0), (11, 72.0), (12, 74.0)):
+        seeded(tmp_path, "normkd", seed, [acc])
+        seeded(tmp_path, "normkd", seed, [acc], teacher="resnet110", student="resnet32")
+    for seed, acc in ((0, 69.0), (1, 70.0)):
+        seeded(tmp_path, "kd", seed, [acc])
+    for seed, acc in ((0, 67.0), (1, 69.0), (2, 71.0)):
+        seeded(tmp_path, "kd", seed, [acc], teacher="resnet110", student="resnet32")
+    rows = {(r.pair, r.method): r for r in aggregate(discover_runs([tmp_path])[0])}
+    # unequal variances: means 72 and 69.5, variances 4 and 0.5 over n = 3 and 2
+    va, vb = 4.0 / 3, 0.5 / 2
+    dof = (va + vb) ** 2 / (va**2 / 2 + vb**2 / 1)
+    assert dof == pytest.approx(2.6350364963503647)
+    t = 3.4469381687714518  # t_{0.975, 2.635}
+    d = rows[("res56_res20", "normkd")].vs_kd_best
+    assert (d.kind, d.n, d.n_baseline) == ("welch", 3, 2)
+    assert (d.mean, d.dof) == pytest.approx((2.5, dof))
+    assert (d.low, d.high) == pytest.approx((2.5 - t * (va + vb) ** 0.5, 2.5 + t * (va + vb) ** 0.5), rel=1e-6)
+    assert d.text() == f"+2.50 [{2.5 - t * (va + vb) ** 0.5:+.2f}, {2.5 + t * (va + vb) ** 0.5:+.2f}] welch n=3/2"
+    # equal n and variances: Welch–Satterthwaite gives 2(n-1) = 4 dof
+    d = rows[("res110_res32", "normkd")].vs_kd_best
+    half = T975[4] * (4.0 / 3 + 4.0 / 3) ** 0.5
+    assert (d.kind, d.dof) == ("welch", pytest.approx(4.0))
+    assert (d.mean, d.low, d.high) == pytest.approx((3.0, 3.0 - half, 3.0 + half))
+
+
+def test_runs_of_different_trainers_are_not_paired(paired_root):
+    for seed, acc in ((0, 71.5), (1, 71.8), (2, 72.3)):
+        seeded(paired_root, "normkd", seed, [60, acc], trainer="fast")
+    rows = {r.method: r for r in aggregate(discover_runs([paired_root])[0])}
+    assert rows["normkd (fast)"].trainer == "fast" and rows["normkd (fast)"].base_method == "normkd"
+    d = rows["normkd (fast)"].vs_kd_best  # no KD with the fast trainer: the host's KD, unpaired
+    assert (d.kind, d.n, d.n_baseline, d.baseline) == ("welch", 3, 3, "kd")
+    assert d.mean == pytest.approx((71.5 + 71.8 + 72.3) / 3 - (70.0 + 71.0 + 70.5) / 3)
+    seeded(paired_root, "kd", 0, [60, 70.0], trainer="fast")
+    seeded(paired_root, "kd", 1, [60, 70.0], trainer="fast")
+    rows = {r.method: r for r in aggregate(discover_runs([paired_root])[0])}
+    d = rows["normkd (fast)"].vs_kd_best  # now the fast KD, paired over seeds 0 and 1
+    assert (d.kind, d.n, d.baseline) == ("paired", 2, "kd (fast)")
+    assert (d.mean, d.low, d.high) == pytest.approx(t_interval([1.5, 1.8], T975[1]))
+
+
+def test_repeated_seed_is_not_paired():
+    from normkd_plugin.leaderboard.stats import compare
+
+    d = compare([(0, 71.0), (0, 73.0), (1, 72.0)], [(0, 70.0), (1, 70.5)])
+    assert (d.kind, d.n, d.n_baseline, d.note) == ("welch", 3, 2, "seed 0 repeated, not paired")
+    assert d.mean == pytest.approx(72.0 - 70.25)
+    d = compare([(None, 71.0), (None, 73.0)], [(None, 70.0), (None, 70.0)])
+    assert (d.kind, d.mean, d.low, d.high) == ("welch", 2.0, pytest.approx(2.0 - T975[1]), pytest.approx(2.0 + T975[1]))
+    assert d.dof == pytest.approx(1.0)  # all the variance on one side: n_a - 1 dof
+    d = compare([(0, 71.0), (1, 72.0)], [(None, 70.0)])
+    assert (d.kind, d.mean, d.low, d.note) == ("welch", 1.5, None, "n=2/1: fewer than 2 runs on a side")
+
+
+def test_csv_and_json_carry_best_and_last_differences(paired_root):
+    rows = {r["method"]: r for r in csv.DictReader(io.StringIO(_cli(paired_root, "--format", "csv").stdout))}
+    mean, low, high = t_interval([1.5, 0.8, 1.8], T975[2])
+    r = rows["normkd"]
+    assert (r["vs_kd_best_kind"], r["vs_kd_best_n"], r["vs_kd_best_baseline"]) == ("paired", "3", "kd")
+    assert [float(r[f"vs_kd_best_{k}"]) for k in ("mean", "low", "high")] == pytest.approx([mean, low, high])
+    assert float(r["vs_kd_last_mean"]) == pytest.approx((2.0 + 1.3 + 1.9) / 3)
+    assert r["vs_dkd_best_low"] == "" and r["vs_dkd_best_note"] == "n=1: fewer than 2 pairs"
+    assert rows["kd"]["vs_kd_best_mean"] == "" and r["failed"] == "0" and r["failed_runs"] == ""
+    data = json.loads(_cli(paired_root, "--format", "json").stdout)
+    (nk,) = [r for r in data["rows"] if r["method"] == "normkd"]
+    assert nk["vs_kd_last"]["kind"] == "paired" and nk["vs_kd_best"]["low"] == pytest.approx(low)
+    assert data["failed"] == [] and "members" not in nk
+
+
+def test_markdown_shows_interval_and_method(paired_root):
+    md = _cli(paired_root).stdout
+    mean, low, high = t_interval([1.5, 0.8, 1.8], T975[2])
+    assert "| vs KD (best, 95 % CI) | vs DKD (best, 95 % CI) |" in md.splitlines()[0]
+    assert f"| {mean:+.2f} [{low:+.2f}, {high:+.2f}] paired n=3 | +0.50 paired n=1, no CI |" in md
+    assert "*paired*: mean of per-seed differences" in md
+
+
+# --- failed and non-finite runs ------------------------------------------------------------------
+
+
+def test_parse_failed_line():
+    text = host_worklog([10.0, 20.0], finished=False) + "failed\tepoch 3 step 17: non-finite training loss\n"
+    log = parse_worklog(text)
+    assert log.failed == "epoch 3 step 17: non-finite training loss" and log.best_acc is None
+    assert [e["epoch"] for e in log.epochs] == [1, 2]
+    assert parse_worklog(host_worklog([10.0])).failed is None
+    assert parse_worklog(host_worklog([10.0], finished=False) + "failed\t").failed == "no reason given"
+
+
+def host_block(epoch: int, acc: float) -> str:
+    return host_worklog([acc], finished=False).replace("epoch: 1", f"epoch: {epoch}", 1)
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        # 9 lines per block: the third block's epoch line is line 20, a best_acc after two blocks line 19
+        (host_worklog([10, 20], finished=False) + host_block(2, 21), "line 20: epoch 2 repeats"),
+        (host_block(1, 10) + host_block(3, 20) + host_block(2, 21), r"line 20: epoch 2 goes back \(previous epoch 3\)"),
+        (host_worklog([10, 20]) + host_block(3, 21), "line 19: text after the best_acc value: '-----"),
+        (host_worklog([10, 20]) + "best_acc\t20.00", "line 19: text after the best_acc value: 'best_acc"),
+        (host_worklog([10, 20]) + "\nbest_acc\t20.00", r"line 20: .* after the best_acc line \(line 19\)"),
+        (
+            host_worklog([10], finished=False) + "failed\tboom\n" + host_block(2, 20),
+            r"line 11: .* failed line \(line 10\)",
+        ),
+        (host_worklog([10], finished=False) + "failed: boom\n", "line 10: malformed failed line"),
+        (
+            host_worklog([10], finished=False) + "-" * 25 + "\nepoch: 2\nbest_acc\t10.00",
+            "line 12: best_acc line inside",
+        ),
+    ],
+)
+def test_malformed_worklogs_are_errors(text, message):
+    with pytest.raises(WorklogError, match=message):
+        parse_worklog(text)
+
+
+def test_non_finite_accuracies_make_a_run_non_finite(tmp_path):
+    nan = make_run(tmp_path, "kd,res56,res20,seed:0", [10.0, 20.0])
+    (nan / "worklog.txt").write_text((nan / "worklog.txt").read_text().replace("test_acc: 20.00", "test_acc: nan"))
+    inf = make_run(tmp_path, "kd,res56,res20,seed:1", [10.0])
+    (inf / "worklog.txt").write_text(host_worklog([10.0], finished=False) + "best_acc\tinf")
+    ok = make_run(tmp_path, "kd,res56,res20,seed:2", [10.0])
+    runs = {r.seed: r for r in discover_runs([tmp_path])[0]}
+    assert (runs[0].status, runs[0].problem) == ("non-finite", "non-finite test_acc (nan) at epoch 2")
+    assert (runs[1].status, runs[1].problem) == ("non-finite", "non-finite best_acc (inf)")
+    assert (runs[2].status, runs[2].problem) == ("finished", None) and ok == runs[2].path
+    (row,) = aggregate(list(runs.values()))
+    assert (row.runs, row.finished, row.failed, row.best_mean, row.best_std) == (1, 1, 2, 10.0, None)
+
+
+@pytest.fixture
+def failed_root(runs_root):
+    # a failed KD run and a non-finite NormKD run sharing seeds with good ones: counted in neither mean nor pair
+    failed = make_run(runs_root, "kd,res56,res20,seed:0,again", [60.0, 10.0], finished=False)
+    with open(failed / "worklog.txt", "a") as f:
+        f.write("failed\tepoch 3 step 17: non-finite training loss\n")
+    bad = make_run(runs_root, "normkd-nan", [99.0, 99.0], config=cfg("normkd", seed=1))
+    (bad / "worklog.txt").write_text((bad / "worklog.txt").read_text().replace("test_acc: 99.00", "test_acc: nan", 1))
+    return runs_root
+
+
+def test_failed_runs_are_listed_apart(failed_root, tmp_path):
+    rows = {(r.pair, r.method): r for r in aggregate(discover_runs([failed_root])[0])}
+    kd, nk = rows[("res56_res20", "kd")], rows[("res56_res20", "normkd")]
+    assert (kd.runs, kd.failed, kd.best_mean) == (2, 1, pytest.approx(70.5))
+    assert (nk.runs, nk.failed, nk.best_mean) == (3, 1, pytest.approx(72.25))
+    d = nk.vs_kd_best
+    assert (d.kind, d.n) == ("paired", 2)
+    assert (d.mean, d.low, d.high) == pytest.approx(t_interval([72.0 - 70.0, 72.5 - 71.0], T975[1]))
+
+    md = _cli(failed_root)
+    assert md.returncode == 0, md.stderr
+    assert "| kd | 2 (1 failed) | 70.50 ± 0.71 |" in md.stdout and "| 3 (1 unfinished: 1/3; 1 failed) |" in md.stdout
+    listed = md.stdout.split("Failed runs (not in any mean or difference):")[1]
+    assert (
+        f"- `{failed_root / 'cifar100' / 'kd,res56,res20,seed:0,again'}` (cifar100/res56_res20/kd, seed 0): " in listed
+    )
+    assert "failed: epoch 3 step 17: non-finite training loss" in listed
+    assert "normkd-nan` (cifar100/res56_res20/normkd, seed 1): non-finite test_acc (nan) at epoch 1" in listed
+    rows = {r["method"]: r for r in csv.DictReader(io.StringIO(_cli(failed_root, "--format", "csv").stdout))}
+    assert rows["kd"]["failed"] == "1" and rows["kd"]["failed_runs"].endswith(
+        "seed:0,again: failed: epoch 3 step 17: non-finite training loss"
+    )
+    data = json.loads(_cli(failed_root, "--format", "json").stdout)
+    assert sorted((f["method"], f["status"], f["seed"]) for f in data["failed"]) == [
+        ("kd", "failed", 0),
+        ("normkd", "non-finite", 1),
+    ]
+    proc = _check(failed_root, tmp_path, {"min_best_acc": {"cifar100/res56_res20/normkd": 72.0}})
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_check_required_counts_failed_runs_as_missing(tmp_path):
+    failed = make_run(tmp_path, "kd,res56,res20,seed:0", [60.0], finished=False)
+    with open(failed / "worklog.txt", "a") as f:
+        f.write("failed\tout of memory\n")
+    rows = aggregate(discover_runs([tmp_path])[0])
+    assert cli.check(
+        rows, {"required": ["cifar100/res56_res20/kd"], "min_best_acc": {"cifar100/res56_res20/kd": 1}}
+    ) == [
+        "cifar100/res56_res20/kd: no runs (1 failed) (minimum 1.00)",
+        "cifar100/res56_res20/kd: required run missing (1 failed)",
+    ]
+
+
+# --- paths ---------------------------------------------------------------------------------------
+
+
+def test_nonexistent_path_is_an_error(runs_root):
+    proc = _cli(runs_root, runs_root / "nowhere")
+    assert proc.returncode == 2 and f"no such file or directory: {runs_root / 'nowhere'}" in proc.stderr
+    assert proc.stdout == ""
+
+
+def test_path_without_runs_is_reported(runs_root, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    proc = _cli(empty, runs_root)
+    assert proc.returncode == 0 and f"no run (folder with a worklog.txt) under {empty}" in proc.stderr
+    assert f"under {runs_root}\n" not in proc.stderr and "| kd |" in proc.stdout
+
+
+# --- --check: intervals and trainer names ----------------------------------------------------------
+
+
+def test_beats_with_ci_passes_when_interval_is_above_zero(paired_root, tmp_path):
+    proc = _check(paired_root, tmp_path, {"beats_with_ci": ["cifar100/res56_res20/normkd>kd"]})
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_beats_with_ci_failures(runs_root, tmp_path):
+    th = {
+        "beats_with_ci": [
+            "cifar100/res56_res20/normkd>kd",  # paired n=2, interval straddles 0
+            "cifar100/res56_res20/normkd>dkd",  # DKD has one unseeded run: Welch without interval
+            "cifar100/res110_res32/normkd>kd",
+            "cifar100/res32x4_res8x4/normdkd>dkd",
+        ]
+    }
+    _, low, high = t_interval([72.0 - 70.0, 72.5 - 71.0], T975[1])
+    assert cli.check(aggregate(discover_runs([runs_root])[0]), th) == [
+        f"cifar100/res56_res20/normkd>kd: 95 % interval of normkd − kd in best top-1 is [{low:+.2f}, {high:+.2f}] "
+        "(paired n=2), not above 0",
+        "cifar100/res56_res20/normkd>dkd: too few runs for a 95 % interval (welch n=2/1); "
+        "normkd − dkd in best top-1 = +0.75",
+        "cifar100/res110_res32/normkd>kd: cifar100/res110_res32/normkd: no runs",
+        "cifar100/res32x4_res8x4/normdkd>dkd: no dkd runs on cifar100/res32x4_res8x4 (trainer base)",
+    ]
+    proc = _check(runs_root, tmp_path, th)
+    assert (
+        proc.returncode == 1
+        and "regression check failed (4)" in proc.stderr
+        and "(paired n=2), not above" in proc.stderr
+    )
+
+
+@pytest.mark.parametrize("entry", ["cifar100/res56_res20/normkd", "res56_res20/normkd>kd", "a/b/c>d>e", "a/b/c>x/kd"])
+def test_beats_with_ci_rejects_malformed_entries(runs_root, tmp_path, entry):
+    proc = _check(runs_root, tmp_path, {"beats_with_ci": [entry]})
+    assert (
+        proc.returncode not in (0, 1)
+        and f"section beats_with_ci: {entry!r} is not dataset/pair/method>baseline" in proc.stderr
+    )
+
+
+def test_check_names_with_trainers(runs_root):
+    make_run(runs_root, "normkd-fast-0", [62.0, 73.0], config=cfg("normkd", seed=0, trainer="fast"))
+    make_run(runs_root, "dkd-fast-0", [62.0, 74.0], config=cfg("dkd", "resnet32x4", "resnet8x4", trainer="fast"))
+    rows = aggregate(discover_runs([runs_root])[0])
+    assert "normkd (fast)" in {r.method for r in rows}
+    assert (
+        cli.check(
+            rows,
+            {
+                "min_best_acc": {
+                    "cifar100/res56_res20/normkd (fast)": 73.0,
+                    "cifar100/res56_res20/normkd (base)": 72.25,
+                    "cifar100/res32x4_res8x4/dkd": 74.0,  # only the fast trainer has DKD runs there
+                },
+                "required": ["cifar100/res32x4_res8x4/dkd (fast)"],
+            },
+        )
+        == []
+    )
+    assert cli.check(
+        rows, {"required": ["cifar100/res56_res20/normkd"], "min_best_acc": {"cifar100/res32x4_res8x4/dkd (base)": 1}}
+    ) == [
+        "cifar100/res32x4_res8x4/dkd (base): no runs (minimum 1.00)",
+        "cifar100/res56_res20/normkd: ambiguous: rows of several trainers match (cifar100/res56_res20/normkd (base), "
+        "cifar100/res56_res20/normkd (fast)); name one",
+    ]
+    # the fast NormKD against KD: no fast KD, so the host's KD, unpaired
+    (failure,) = cli.check(rows, {"beats_with_ci": ["cifar100/res56_res20/normkd (fast)>kd"]})
+    assert failure.endswith("too few runs for a 95 % interval (welch n=1/2); normkd (fast) − kd in best top-1 = +2.50")
+    (failure,) = cli.check(rows, {"beats_with_ci": ["cifar100/res56_res20/normkd (fast)>kd (fast)"]})
+    assert failure.endswith("no kd runs on cifar100/res56_res20 (trainer fast)")
+
+
+def test_cli_import_stays_light():
+    code = "import sys, normkd_plugin.leaderboard.cli; print(sorted({'scipy', 'mdistiller'} & set(sys.modules)))"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stderr

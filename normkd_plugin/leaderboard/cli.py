@@ -3,68 +3,177 @@
     normkd-leaderboard output/ [--format md|csv|json] [--plot bars.png] [--curves curves.png]
     normkd-leaderboard output/ --check thresholds.yaml     # exit 1 on a regression
 
+A PATH that does not exist, or a malformed thresholds file, is an error (exit 2); a PATH that
+holds no run is reported on stderr. Failed runs (a final "failed<TAB>reason" worklog line) and
+runs with a nan/inf accuracy are listed apart and never averaged.
+
+Check names: a row is named dataset/pair/method, as in the table's first three columns, e.g.
+cifar100/res56_res20/normkd. Without a trainer the name matches that method's row whatever its
+trainer, as long as only one trainer has rows for it (else the check fails and names the
+candidates); "cifar100/res56_res20/normkd (fast)" requires the fast trainer and
+"cifar100/res56_res20/normkd (base)" the host's own trainer.
+
 Thresholds file (every section optional)::
 
     min_best_acc:              # dataset/pair/method: minimum mean best top-1
       cifar100/res56_res20/normkd: 70.5
     required:                  # dataset/pair/method that must have a finished run
       - cifar100/res56_res20/kd
-    normkd_beats_kd:           # dataset/pair where mean best NormKD must exceed KD
+    normkd_beats_kd:           # dataset/pair[ (trainer)] where mean best NormKD must exceed KD
       - cifar100/res56_res20
+    beats_with_ci:             # dataset/pair/method>baseline: the 95 % interval of
+      - cifar100/res56_res20/normkd>kd   # method - baseline in best top-1 must lie above 0
+      - cifar100/res56_res20/normkd (fast)>kd (fast)
+
+beats_with_ci uses the interval shown in the table: paired over the seeds both methods have
+(Student's t, n-1 dof), else Welch; it fails when there are too few runs for an interval
+(fewer than 2 pairs, or 2 runs a side). The baseline runs with the method's trainer when it has
+rows for it, else with the host's; name one to choose, e.g. "normkd (fast)>kd (base)".
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
+from pathlib import Path
 
 import yaml
 
+from ..errors import UserError
 from .render import markdown, plot_bars, plot_curves, to_csv, to_json
 from .runs import discover_runs
-from .table import Row, aggregate
+from .table import Row, aggregate, baseline_row, compare_rows
 
 log = logging.getLogger("normkd_plugin.leaderboard")
 
-_SECTIONS = ("min_best_acc", "required", "normkd_beats_kd")
+_SECTIONS = ("min_best_acc", "required", "normkd_beats_kd", "beats_with_ci")
+_TRAINER = re.compile(r"^(.*?)\s*\(([^()]+)\)$")
+
+
+def _split_trainer(name: str) -> tuple[str, str | None]:
+    m = _TRAINER.match(name.strip())
+    return (m.group(1), m.group(2).strip()) if m else (name.strip(), None)
+
+
+class ThresholdsError(UserError, ValueError):
+    """A thresholds file that cannot be read or does not follow the documented sections."""
+
+
+def _fail(path: str, section: str, why: str) -> ThresholdsError:
+    return ThresholdsError(f"{path}: section {section}: {why}")
 
 
 def load_thresholds(path: str) -> dict:
-    """The thresholds YAML, with its sections checked; errors name the file and the section."""
+    """The thresholds YAML, with its sections checked; raises ThresholdsError naming the file and the section."""
     try:
         with open(path) as f:
             data = yaml.safe_load(f) or {}
     except (OSError, yaml.YAMLError) as exc:
-        raise SystemExit(f"normkd-leaderboard: cannot read thresholds {path}: {exc}") from exc
+        raise ThresholdsError(f"cannot read thresholds {path}: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ThresholdsError(f"{path}: expected a mapping of sections {_SECTIONS}")
     unknown = set(data) - set(_SECTIONS)
     if unknown:
-        raise SystemExit(f"normkd-leaderboard: {path}: unknown section(s) {sorted(unknown)}; expected {_SECTIONS}")
+        raise ThresholdsError(f"{path}: unknown section(s) {sorted(unknown)}; expected {_SECTIONS}")
+    if not isinstance(data.get("min_best_acc") or {}, dict):
+        raise _fail(path, "min_best_acc", "expected a mapping dataset/pair/method: minimum")
+    for section in ("required", "normkd_beats_kd", "beats_with_ci"):
+        entries = data.get(section) or []
+        if not isinstance(entries, list) or not all(isinstance(e, str) for e in entries):
+            raise _fail(path, section, "expected a list of names")
+    for entry in data.get("beats_with_ci") or []:
+        method, sep, baseline = entry.partition(">")
+        if not sep or ">" in baseline or method.count("/") != 2 or "/" in baseline or not baseline.strip():
+            raise _fail(path, "beats_with_ci", f"{entry!r} is not dataset/pair/method>baseline")
     return data
+
+
+def resolve(rows: list[Row], key: str) -> tuple[Row | None, str | None]:
+    """(row, None) for a check name dataset/pair/method[ (trainer)], else (None, why it matches no single row)."""
+    dataset, _, rest = key.partition("/")
+    pair, _, method = rest.partition("/")
+    method, trainer = _split_trainer(method)
+    cands = [r for r in rows if (r.dataset, r.pair, r.base_method) == (dataset, pair, method)]
+    if trainer is not None:
+        cands = [r for r in cands if r.trainer == trainer]
+    if not cands:
+        return None, "no runs"
+    if len(cands) > 1:
+        names = ", ".join(f"{dataset}/{pair}/{r.base_method} ({r.trainer})" for r in cands)
+        return None, f"ambiguous: rows of several trainers match ({names}); name one"
+    return cands[0], None
+
+
+def _baseline(rows: list[Row], row: Row, name: str) -> tuple[Row | None, str | None]:
+    method, trainer = _split_trainer(name)
+    if trainer is None:
+        base = baseline_row(rows, row, method)
+        where = f"trainer {row.trainer}" + ("" if row.trainer == "base" else " or base")
+    else:
+        want = (row.dataset, row.pair, method, trainer)
+        base = next((r for r in rows if (r.dataset, r.pair, r.base_method, r.trainer) == want), None)
+        where = f"trainer {trainer}"
+    return base, None if base else f"no {method} runs on {row.dataset}/{row.pair} ({where})"
+
+
+def _beats_with_ci(rows: list[Row], entry: str) -> str | None:
+    left, _, right = entry.partition(">")
+    row, why = resolve(rows, left.strip())
+    if row is None:
+        return f"{entry}: {left.strip()}: {why}"
+    base, why = _baseline(rows, row, right)
+    if base is None:
+        return f"{entry}: {why}"
+    diff = compare_rows(row, base, "best")
+    what = f"{row.method} − {base.method} in best top-1"
+    if diff.mean is None:
+        return f"{entry}: cannot compare: {diff.note}"
+    if diff.low is None:
+        return f"{entry}: too few runs for a 95 % interval ({diff.sample}); {what} = {diff.mean:+.2f}"
+    if not diff.above_zero:
+        return f"{entry}: 95 % interval of {what} is [{diff.low:+.2f}, {diff.high:+.2f}] ({diff.sample}), not above 0"
+    return None
 
 
 def check(rows: list[Row], thresholds: dict) -> list[str]:
     """Human-readable failures of the thresholds (empty when all hold)."""
-    cells = {f"{r.dataset}/{r.pair}/{r.method}": r for r in rows}
     failures = []
     for key, minimum in (thresholds.get("min_best_acc") or {}).items():
-        row = cells.get(key)
-        if row is None or row.best_mean is None:
-            failures.append(f"{key}: no runs (minimum {minimum:.2f})")
+        row, why = resolve(rows, key)
+        if row is not None and row.best_mean is None:
+            why = ("no epoch logged yet" if row.runs else "no runs") + (f" ({row.failed} failed)" if row.failed else "")
+        if why:
+            failures.append(f"{key}: {why} (minimum {minimum:.2f})")
         elif row.best_mean < minimum:
             failures.append(f"{key}: mean best top-1 {row.best_mean:.2f} < minimum {minimum:.2f} ({row.runs} runs)")
     for key in thresholds.get("required") or []:
-        row = cells.get(key)
-        if row is None or row.finished == 0:
-            failures.append(f"{key}: required run missing" + (f" (unfinished: {row.progress})" if row else ""))
-    for pair in thresholds.get("normkd_beats_kd") or []:
-        ours, kd = cells.get(f"{pair}/normkd"), cells.get(f"{pair}/kd")
-        if ours is None or kd is None or ours.best_mean is None or kd.best_mean is None:
-            failures.append(
-                f"{pair}: NormKD vs KD cannot be compared (missing {'NormKD' if ours is None else 'KD'} runs)"
-            )
+        row, why = resolve(rows, key)
+        if row is None and why != "no runs":
+            failures.append(f"{key}: {why}")
+        elif row is None or row.finished == 0:
+            notes = [f"unfinished: {row.progress}"] if row and row.progress else []
+            notes += [f"{row.failed} failed"] if row and row.failed else []
+            failures.append(f"{key}: required run missing" + (f" ({'; '.join(notes)})" if notes else ""))
+    for key in thresholds.get("normkd_beats_kd") or []:
+        pair, trainer = _split_trainer(key)
+        ours, why = resolve(rows, f"{pair}/normkd" + (f" ({trainer})" if trainer else ""))
+        kd = None
+        if ours is None:
+            why = "missing NormKD runs" if why == "no runs" else why
+        else:
+            kd, why = _baseline(rows, ours, "kd")
+            if kd is not None and (ours.best_mean is None or kd.best_mean is None):
+                why = f"no usable {'NormKD' if ours.best_mean is None else 'KD'} runs"
+        if why is not None:
+            failures.append(f"{key}: NormKD vs KD cannot be compared ({why})")
         elif ours.best_mean <= kd.best_mean:
-            failures.append(f"{pair}: NormKD {ours.best_mean:.2f} does not beat KD {kd.best_mean:.2f}")
+            failures.append(f"{key}: NormKD {ours.best_mean:.2f} does not beat KD {kd.best_mean:.2f}")
+    for entry in thresholds.get("beats_with_ci") or []:
+        failure = _beats_with_ci(rows, entry)
+        if failure:
+            failures.append(failure)
     return failures
 
 
@@ -85,7 +194,18 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--check", metavar="THRESHOLDS.yaml", help="exit 1 when a threshold fails")
     args = ap.parse_args(argv)
 
+    missing = [p for p in args.paths if not Path(p).exists()]
+    if missing:
+        ap.error(f"no such file or directory: {', '.join(missing)}")
+    try:
+        thresholds = load_thresholds(args.check) if args.check else None
+    except ThresholdsError as exc:
+        print(f"normkd-leaderboard: {exc}", file=sys.stderr)
+        sys.exit(2)
     runs, problems = discover_runs(args.paths)
+    for root in args.paths:
+        if not any(_under(path, root) for path in [r.path for r in runs] + [p for p, _ in problems]):
+            print(f"normkd-leaderboard: no run (folder with a worklog.txt) under {root}", file=sys.stderr)
     for path, why in problems:
         log.warning("skipped %s: %s", path, why)
     rows = aggregate(runs)
@@ -100,13 +220,19 @@ def main(argv: list[str] | None = None) -> None:
     if args.curves:
         plot_curves([r for r in runs if args.select in str(r.path)], args.curves)
     if args.check:
-        failures = check(rows, load_thresholds(args.check))
+        failures = check(rows, thresholds)
         if failures:
             print(f"\nregression check failed ({len(failures)}):", file=sys.stderr)
             for line in failures:
                 print(f"  - {line}", file=sys.stderr)
             sys.exit(1)
         print("\nregression check passed", file=sys.stderr)
+
+
+def _under(path: Path, root: str) -> bool:
+    base = Path(root).resolve()
+    base = base.parent if base.is_file() else base
+    return Path(path).resolve().is_relative_to(base)
 
 
 if __name__ == "__main__":

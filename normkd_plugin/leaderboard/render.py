@@ -7,9 +7,10 @@ import io
 import json
 
 from .runs import Run
-from .table import Row, published
+from .stats import Diff
+from .table import Row, method_label, published
 
-__all__ = ["markdown", "to_csv", "to_json", "plot_bars", "plot_curves"]
+__all__ = ["markdown", "to_csv", "to_json", "failed_runs", "plot_bars", "plot_curves"]
 
 
 def _num(value: float | None, digits: int = 2, signed: bool = False) -> str:
@@ -22,19 +23,49 @@ def _pm(mean: float | None, std: float | None) -> str:
     return _num(mean) if std is None else f"{_num(mean)} ± {_num(std)}"
 
 
+def _diff(diff) -> str:
+    return "–" if diff is None else diff.text()
+
+
+def _runs(r: Row) -> str:
+    notes = []
+    if r.progress:
+        notes.append(f"{r.runs - r.finished} unfinished: {r.progress}")
+    if r.failed:
+        notes.append(f"{r.failed} failed")
+    return f"{r.runs}" + (f" ({'; '.join(notes)})" if notes else "")
+
+
+HEADER = (
+    "| dataset | pair | method | runs | best top-1 | last-epoch top-1 | last top-5 "
+    "| vs KD (best, 95 % CI) | vs DKD (best, 95 % CI) | published | Δ published |"
+)
+
+LEGEND = (
+    "vs KD / vs DKD: this method − KD / DKD in best top-1 (same trainer when it has runs), finished runs only. "
+    "*paired*: mean of per-seed differences over the seeds both have, Student's t with n−1 dof; "
+    "*welch*: difference of means when no seed is shared, Welch–Satterthwaite dof (n = method/baseline runs); "
+    "no CI below 2 pairs (or 2 runs a side)."
+)
+
+
+def failed_runs(rows: list[Row]) -> list[Run]:
+    """Every failed or non-finite run of the rows, in row order."""
+    return [run for r in rows for run in r.failed_runs]
+
+
 def markdown(rows: list[Row], problems=()) -> str:
-    """A Markdown table (best and last-epoch top-1 side by side), published baselines, problems."""
-    lines = [
-        "| dataset | pair | method | runs | best top-1 | last-epoch top-1 | last top-5 | vs KD | vs DKD | published | Δ published |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
+    """A Markdown table (best and last-epoch top-1, differences to KD and DKD with 95 % intervals),
+    published baselines, then failed runs and unreadable folders."""
+    lines = [HEADER, "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        runs = f"{r.runs}" if not r.progress else f"{r.runs} ({r.runs - r.finished} unfinished: {r.progress})"
         lines.append(
-            f"| {r.dataset} | {r.pair} | {r.method} | {runs} | {_pm(r.best_mean, r.best_std)} | "
-            f"{_pm(r.last_mean, r.last_std)} | {_num(r.top5_mean)} | {_num(r.gain_vs_kd, signed=True)} | "
-            f"{_num(r.gain_vs_dkd, signed=True)} | {_num(r.published)} | {_num(r.diff_vs_published, signed=True)} |"
+            f"| {r.dataset} | {r.pair} | {r.method} | {_runs(r)} | {_pm(r.best_mean, r.best_std)} | "
+            f"{_pm(r.last_mean, r.last_std)} | {_num(r.top5_mean)} | {_diff(r.vs_kd_best)} | "
+            f"{_diff(r.vs_dkd_best)} | {_num(r.published)} | {_num(r.diff_vs_published, signed=True)} |"
         )
+    if any(r.vs_kd_best or r.vs_dkd_best for r in rows):
+        lines += ["", LEGEND]
     pub = published()
     pairs = sorted({(r.dataset, r.pair) for r in rows if (r.dataset, r.pair) in pub})
     if pairs:
@@ -51,26 +82,62 @@ def markdown(rows: list[Row], problems=()) -> str:
                 f"| {p['dataset']} | {p['pair']} | {p['teacher_acc']:.2f} | {p['student_acc']:.2f} | "
                 f"{p['kd']:.2f} | {p['dkd']:.2f} | {p['source']} |"
             )
+    failed = failed_runs(rows)
+    if failed:
+        lines += ["", "Failed runs (not in any mean or difference):", ""]
+        lines += [f"- `{run.path}` ({_identity(run)}): {run.problem}" for run in failed]
     if problems:
         lines += ["", "Skipped (unreadable):", ""] + [f"- `{path}`: {why}" for path, why in problems]
     return "\n".join(lines) + "\n"
 
 
+def _identity(run: Run) -> str:
+    seed = "" if run.seed is None else f", seed {run.seed}"
+    return f"{run.dataset}/{run.pair}/{method_label(run)}{seed}"
+
+
 def to_csv(rows: list[Row]) -> str:
-    """One CSV line per row, all fields."""
+    """One CSV line per row: every field, the vs_* differences spread into columns
+    (vs_kd_best_mean, _low, _high, _kind, _n, ...), and failed_runs ("path: reason; ...")."""
     buf = io.StringIO()
-    fields = list(rows[0].as_dict()) if rows else list(Row.__dataclass_fields__)
+    fields = list(rows[0].flat()) if rows else _flat_fields()
     writer = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
     writer.writeheader()
     for r in rows:
-        writer.writerow(r.as_dict())
+        writer.writerow(r.flat())
     return buf.getvalue()
 
 
+def _flat_fields() -> list[str]:
+    out = []
+    for name in Row.__dataclass_fields__:
+        if name == "members":
+            continue
+        out += [f"{name}_{sub}" for sub in Diff.__dataclass_fields__] if name.startswith("vs_") else [name]
+    return out + ["failed_runs"]
+
+
 def to_json(rows: list[Row], problems=()) -> str:
-    """{"rows": [...], "skipped": [{"path", "error"}]}."""
+    """{"rows": [...], "failed": [{"path", "dataset", "pair", "method", "seed", "status", "reason"}],
+    "skipped": [{"path", "error"}]}; a row's vs_* differences are nested objects."""
+    failed = [
+        {
+            "path": str(run.path),
+            "dataset": run.dataset,
+            "pair": run.pair,
+            "method": method_label(run),
+            "seed": run.seed,
+            "status": run.status,
+            "reason": run.problem,
+        }
+        for run in failed_runs(rows)
+    ]
     return json.dumps(
-        {"rows": [r.as_dict() for r in rows], "skipped": [{"path": str(p), "error": w} for p, w in problems]},
+        {
+            "rows": [r.as_dict() for r in rows],
+            "failed": failed,
+            "skipped": [{"path": str(p), "error": w} for p, w in problems],
+        },
         indent=2,
     )
 

@@ -8,6 +8,7 @@ host's tools/train.py writes: ``<PROJECT>/<method>,<teacher>,<student>[,KEY:VALU
 from __future__ import annotations
 
 import logging
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,28 +28,49 @@ class WorklogError(ValueError):
 
 @dataclass
 class Worklog:
-    """The per-epoch records of a worklog and its final best_acc line (None while unfinished)."""
+    """The per-epoch records of a worklog, its final best_acc line (None while unfinished) and the
+    reason of a final ``failed`` line (None unless the training code gave up on the run)."""
 
     epochs: list[dict] = field(default_factory=list)
     best_acc: float | None = None
+    failed: str | None = None
 
 
-_BEST = re.compile(r"^best_acc\t([-+0-9.eE]+|nan)\s*$")
+_NUMBER = r"[-+]?(?:(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?|nan|inf)"
+_BEST = re.compile(rf"best_acc\t({_NUMBER})(.*)")
+_FAILED = re.compile(r"failed\t(.*)")
 
 
 def parse_worklog(text: str) -> Worklog:
-    """Parse the host's worklog.txt: dashed blocks of ``key: value`` lines, then ``best_acc\\tNN.NN``."""
+    """Parse the host's worklog.txt: dashed blocks of ``key: value`` lines with strictly increasing
+    ``epoch``, then at most one final ``best_acc\\tNN.NN`` or ``failed\\t<reason>`` line."""
     out = Worklog()
     block: dict | None = None
+    epoch_line = 0  # line of the open block's epoch line
+    final: tuple[int, str] | None = None  # (line, "best_acc" | "failed") of the line that must end the log
     for lineno, raw in enumerate(text.splitlines(), 1):
+        raw = raw.rstrip("\r")
         line = raw.strip()
         if not line:
             continue
-        if line.startswith("best_acc"):
-            m = _BEST.match(raw.rstrip("\r"))
+        if final is not None:
+            raise WorklogError(
+                f"line {lineno}: {raw!r} after the {final[1]} line (line {final[0]}), which must end the log"
+            )
+        if line.startswith("best_acc") or (block is None and line.startswith("failed")):
+            word = "best_acc" if line.startswith("best_acc") else "failed"
+            if block is not None:
+                raise WorklogError(f"line {lineno}: {word} line inside an unterminated block")
+            m = (_BEST if word == "best_acc" else _FAILED).fullmatch(raw.lstrip())
             if not m:
-                raise WorklogError(f"line {lineno}: malformed best_acc line {raw!r}")
-            out.best_acc = float(m.group(1))
+                raise WorklogError(f"line {lineno}: malformed {word} line {raw!r}")
+            if word == "failed":
+                out.failed = m.group(1).strip() or "no reason given"
+            elif m.group(2).strip():
+                raise WorklogError(f"line {lineno}: text after the best_acc value: {m.group(2).strip()!r}")
+            else:
+                out.best_acc = float(m.group(1))
+            final = (lineno, word)
             continue
         if set(line) == {"-"}:
             if block is None:
@@ -56,6 +78,10 @@ def parse_worklog(text: str) -> Worklog:
             else:
                 if "epoch" not in block:
                     raise WorklogError(f"line {lineno}: block without an epoch line")
+                if out.epochs and block["epoch"] <= out.epochs[-1]["epoch"]:
+                    previous = out.epochs[-1]["epoch"]
+                    how = "repeats" if block["epoch"] == previous else f"goes back (previous epoch {previous})"
+                    raise WorklogError(f"line {epoch_line}: epoch {block['epoch']} {how}")
                 out.epochs.append(block)
                 block = None
             continue
@@ -68,9 +94,14 @@ def parse_worklog(text: str) -> Worklog:
             block[key] = int(value) if key == "epoch" else float(value)
         except ValueError as exc:
             raise WorklogError(f"line {lineno}: {key} has non-numeric value {value!r}") from exc
+        if key == "epoch":
+            epoch_line = lineno
     if block:  # a block cut off mid-write by an interrupted run
         log.debug("ignoring an unterminated block at the end of the worklog")
     return out
+
+
+_ACCURACIES = ("test_acc", "test_acc_top5")
 
 
 @dataclass
@@ -95,10 +126,34 @@ class Run:
 
     @property
     def finished(self) -> bool:
+        """True once the best_acc line is written."""
         return self.log.best_acc is not None
 
     @property
+    def problem(self) -> str | None:
+        """Why the run must not be counted: its ``failed`` reason or its first non-finite accuracy; else None."""
+        if self.log.failed is not None:
+            return f"failed: {self.log.failed}"
+        for e in self.log.epochs:
+            for key in _ACCURACIES:
+                if key in e and not math.isfinite(e[key]):
+                    return f"non-finite {key} ({e[key]}) at epoch {e['epoch']}"
+        if self.log.best_acc is not None and not math.isfinite(self.log.best_acc):
+            return f"non-finite best_acc ({self.log.best_acc})"
+        return None
+
+    @property
+    def status(self) -> str:
+        """One of "failed", "non-finite", "finished", "unfinished"."""
+        if self.log.failed is not None:
+            return "failed"
+        if self.problem is not None:
+            return "non-finite"
+        return "finished" if self.finished else "unfinished"
+
+    @property
     def epochs_done(self) -> int:
+        """Number of complete epoch blocks in the worklog."""
         return len(self.log.epochs)
 
     @property
@@ -110,13 +165,16 @@ class Run:
 
     @property
     def last_acc(self) -> float | None:
+        """Test top-1 of the last logged epoch (None before the first)."""
         return self.log.epochs[-1]["test_acc"] if self.log.epochs else None
 
     @property
     def last_top5(self) -> float | None:
+        """Test top-5 of the last logged epoch, when logged."""
         return self.log.epochs[-1].get("test_acc_top5") if self.log.epochs else None
 
     def curve(self) -> list[tuple[int, float]]:
+        """(epoch, test top-1) per logged epoch."""
         return [(e["epoch"], e["test_acc"]) for e in self.log.epochs]
 
 
@@ -170,19 +228,24 @@ def read_run(folder: Path) -> Run:
     config = folder / "config.yaml"
     ident = _identity_from_config(config) if config.is_file() else _identity_from_name(folder)
     ident["method"] = _ALIASES.get(ident["method"], ident["method"])
+    ident["trainer"] = str(ident["trainer"] or "base")
     return Run(path=folder, log=worklog, **ident)
 
 
 def discover_runs(paths) -> tuple[list[Run], list[tuple[Path, str]]]:
-    """(runs, problems): every folder below ``paths`` holding a worklog.txt; bad ones reported, not fatal."""
+    """(runs, problems): every folder below ``paths`` (or of a worklog.txt given) holding a worklog.txt;
+    unreadable or malformed ones are reported as problems, not fatal. Failed runs are runs (see Run.problem)."""
     runs, problems = [], []
     seen = set()
     for root in map(Path, paths):
         if not root.exists():
             problems.append((root, "no such file or directory"))
             continue
-        candidates = [root] if (root / "worklog.txt").is_file() else []
-        candidates += sorted(p.parent for p in root.rglob("worklog.txt") if p.parent != root)
+        if root.is_file():
+            candidates = [root.parent] if root.name == "worklog.txt" else []
+        else:
+            candidates = [root] if (root / "worklog.txt").is_file() else []
+            candidates += sorted(p.parent for p in root.rglob("worklog.txt") if p.parent != root)
         for folder in candidates:
             if folder.resolve() in seen:
                 continue

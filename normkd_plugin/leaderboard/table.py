@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import csv
 import importlib.resources
+import math
 import statistics
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, fields, replace
 
 from .runs import Run
+from .stats import Diff, compare
 
-__all__ = ["Row", "published", "aggregate", "mean_std"]
+__all__ = ["Row", "published", "aggregate", "mean_std", "method_label", "samples", "compare_rows", "baseline_row"]
 
 
 def mean_std(values: list[float]) -> tuple[float | None, float | None]:
-    """(mean, sample std); std is None for fewer than two values, both None for none."""
+    """(mean, sample std); std is None for fewer than two values, both None for none; non-finite values raise."""
+    if not all(math.isfinite(v) for v in values):
+        raise ValueError(f"non-finite value among {values}")
     if not values:
         return None, None
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
@@ -32,33 +36,79 @@ def published() -> dict[tuple[str, str], dict]:
 
 @dataclass
 class Row:
-    """One (dataset, pair, method) cell of the leaderboard."""
+    """One (dataset, pair, method, trainer) cell of the leaderboard.
+
+    Means and stds are over the finished usable runs (all usable runs while none has finished);
+    failed and non-finite runs are counted in ``failed`` and never averaged. ``vs_kd_best`` and the
+    like are the difference of this method to KD / DKD (same trainer when it has runs, else the host's)
+    in best or last-epoch top-1, paired over shared seeds or else Welch (see stats.compare).
+    """
 
     dataset: str
     pair: str
-    method: str
-    runs: int
+    method: str  # with the trainer when it is not the host's: "normkd (fast)"
+    trainer: str
+    runs: int  # usable runs (finished or not)
     finished: int
+    failed: int  # failed or non-finite runs, listed apart
     progress: str  # epochs done / planned per unfinished run, "" when all finished
     best_mean: float | None
     best_std: float | None
     last_mean: float | None
     last_std: float | None
     top5_mean: float | None
-    gain_vs_kd: float | None
+    gain_vs_kd: float | None  # best_mean − the KD row's best_mean
     gain_vs_dkd: float | None
+    vs_kd_best: Diff | None
+    vs_kd_last: Diff | None
+    vs_dkd_best: Diff | None
+    vs_dkd_last: Diff | None
     published: float | None
     published_source: str
     diff_vs_published: float | None
+    members: list[Run] = field(default_factory=list, repr=False, compare=False)  # every run of the cell
+
+    @property
+    def base_method(self) -> str:
+        """The method without its trainer: "normkd" for "normkd (fast)"."""
+        suffix = f" ({self.trainer})"
+        return self.method[: -len(suffix)] if self.method.endswith(suffix) else self.method
+
+    @property
+    def failed_runs(self) -> list[Run]:
+        """The cell's failed and non-finite runs."""
+        return [r for r in self.members if r.problem is not None]
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        """Every field but ``members``; the vs_* differences as nested dicts (None when absent)."""
+        return {f.name: _plain(getattr(self, f.name)) for f in fields(self) if f.name != "members"}
+
+    def flat(self) -> dict:
+        """as_dict with the vs_* differences spread into ``vs_kd_best_mean``-style keys, plus
+        ``failed_runs``: "path: reason" of each failed run, joined by "; " (for CSV)."""
+        out = {}
+        for key, value in self.as_dict().items():
+            if key.startswith("vs_"):
+                for sub in Diff.__dataclass_fields__:
+                    out[f"{key}_{sub}"] = None if value is None else value[sub]
+            else:
+                out[key] = value
+        out["failed_runs"] = "; ".join(f"{r.path}: {r.problem}" for r in self.failed_runs)
+        return out
+
+
+def _plain(value):
+    return asdict(value) if isinstance(value, Diff) else value
+
+
+def _usable(group: list[Run]) -> list[Run]:
+    return [r for r in group if r.problem is None]
 
 
 def _counted(group: list[Run]) -> list[Run]:
-    """The runs a mean is taken over: the finished ones, or all while none has finished."""
-    finished = [r for r in group if r.finished]
-    return finished or group
+    """The runs a mean is taken over: the finished usable ones, or all usable ones while none has finished."""
+    usable = _usable(group)
+    return [r for r in usable if r.finished] or usable
 
 
 def method_label(run: Run) -> str:
@@ -66,14 +116,35 @@ def method_label(run: Run) -> str:
     return run.method if run.trainer in ("", "base") else f"{run.method} ({run.trainer})"
 
 
+def samples(row: Row, metric: str = "best") -> list[tuple[int | None, float]]:
+    """(seed, best or last-epoch top-1) of the row's finished usable runs."""
+    if metric not in ("best", "last"):
+        raise ValueError(f"metric must be 'best' or 'last', not {metric!r}")
+    runs = [r for r in _usable(row.members) if r.finished]
+    return [(r.seed, r.best_acc if metric == "best" else r.last_acc) for r in runs]
+
+
+def compare_rows(ours: Row, base: Row, metric: str = "best") -> Diff:
+    """ours − base in best or last-epoch top-1 over finished usable runs: paired over the seeds both have
+    when both rows use one trainer, else Welch (stats.compare)."""
+    a, b = samples(ours, metric), samples(base, metric)
+    if not a or not b:
+        empty = ours if not a else base
+        return Diff("", len(a), len(b), None, None, None, None, f"no finished {empty.method} runs", base.method)
+    return replace(compare(a, b, pairable=ours.trainer == base.trainer), baseline=base.method)
+
+
+def baseline_row(rows: list[Row], row: Row, method: str) -> Row | None:
+    """The ``method`` row on row's dataset and pair: the one of row's trainer, else the host trainer's, else None."""
+    same = {r.trainer: r for r in rows if (r.dataset, r.pair, r.base_method) == (row.dataset, row.pair, method)}
+    return same.get(row.trainer) or same.get("base")
+
+
 def aggregate(runs: list[Run]) -> list[Row]:
     """Leaderboard rows, pairs and methods in a stable order (KD and DKD first)."""
     groups: dict[tuple[str, str, str], list[Run]] = {}
     for run in runs:
         groups.setdefault((run.dataset, run.pair, method_label(run)), []).append(run)
-    best_means = {
-        k: mean_std([r.best_acc for r in _counted(v) if r.best_acc is not None])[0] for k, v in groups.items()
-    }
     pub = published()
     order = {"kd": 0, "dkd": 1, "normkd": 2, "normdkd": 3}
     rows = []
@@ -84,28 +155,44 @@ def aggregate(runs: list[Run]) -> list[Row]:
         best_m, best_s = mean_std([r.best_acc for r in counted if r.best_acc is not None])
         last_m, last_s = mean_std([r.last_acc for r in counted if r.last_acc is not None])
         top5_m, _ = mean_std([r.last_top5 for r in counted if r.last_top5 is not None])
-        kd, dkd = best_means.get((dataset, pair, "kd")), best_means.get((dataset, pair, "dkd"))
         ref = pub.get((dataset, pair), {})
         ref_value = ref.get(method) if method in ("kd", "dkd") else None
-        unfinished = [r for r in group if not r.finished]
+        usable = _usable(group)
+        unfinished = [r for r in usable if not r.finished]
         rows.append(
             Row(
                 dataset=dataset,
                 pair=pair,
                 method=method,
-                runs=len(group),
-                finished=len(group) - len(unfinished),
+                trainer=group[0].trainer or "base",
+                runs=len(usable),
+                finished=len(usable) - len(unfinished),
+                failed=len(group) - len(usable),
                 progress=", ".join(f"{r.epochs_done}/{r.epochs_planned or '?'}" for r in unfinished),
                 best_mean=best_m,
                 best_std=best_s,
                 last_mean=last_m,
                 last_std=last_s,
                 top5_mean=top5_m,
-                gain_vs_kd=None if kd is None or best_m is None or method == "kd" else best_m - kd,
-                gain_vs_dkd=None if dkd is None or best_m is None or method == "dkd" else best_m - dkd,
+                gain_vs_kd=None,
+                gain_vs_dkd=None,
+                vs_kd_best=None,
+                vs_kd_last=None,
+                vs_dkd_best=None,
+                vs_dkd_last=None,
                 published=ref_value,
                 published_source=ref.get("source", "") if ref_value is not None else "",
                 diff_vs_published=None if ref_value is None or best_m is None else best_m - ref_value,
+                members=group,
             )
         )
+    for row in rows:
+        for name in ("kd", "dkd"):
+            base = None if row.base_method == name else baseline_row(rows, row, name)
+            if base is None:
+                continue
+            if row.best_mean is not None and base.best_mean is not None:
+                setattr(row, f"gain_vs_{name}", row.best_mean - base.best_mean)
+            setattr(row, f"vs_{name}_best", compare_rows(row, base, "best"))
+            setattr(row, f"vs_{name}_last", compare_rows(row, base, "last"))
     return rows
