@@ -1,0 +1,253 @@
+"""runs.py: atomic writes, the folder lock, start guards, worklog cut-back, resume fallback, and SIGKILL at any moment."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+
+from conftest import assert_same_run, fast_opts, needs_mdistiller
+
+BLOCK = "-------------------------\nepoch: {e}\nlr: 0.05\ntest_acc: 1.00\n-------------------------\n"
+
+
+def _folder(tmp_path, name="run"):
+    from normkd_plugin.runs import RunFolder
+
+    return RunFolder(tmp_path / name)
+
+
+def test_atomic_write_keeps_the_old_file_when_the_writer_fails(tmp_path):
+    from normkd_plugin.runs import atomic_write
+
+    target = tmp_path / "latest"
+    target.write_bytes(b"old")
+
+    def broken(f):
+        f.write(b"half of the new")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write(target, broken)
+    assert target.read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["latest"]  # no temporary file left
+
+
+def test_lock_refuses_a_second_holder_naming_its_pid(tmp_path):
+    from normkd_plugin.errors import RunError
+
+    first, second = _folder(tmp_path), _folder(tmp_path)
+    first.lock()
+    first.lock()  # idempotent for its holder
+    with pytest.raises(RunError, match=rf"in use by another run \(PID {os.getpid()}\)"):
+        second.lock()
+    first.unlock()
+    second.lock()
+    second.unlock()
+
+
+def test_lock_held_by_another_process(tmp_path):
+    from normkd_plugin.errors import RunError
+
+    code = textwrap.dedent(f"""
+        import sys, time
+        from normkd_plugin.runs import RunFolder
+        RunFolder({str(tmp_path / "run")!r}).lock()
+        print("locked", flush=True)
+        time.sleep(60)
+    """)
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(RunError, match=rf"PID {holder.pid}\)"):
+            _folder(tmp_path).lock()
+    finally:
+        holder.kill()
+        holder.wait()
+        holder.stdout.close()
+    _folder(tmp_path).lock()  # the kernel released the dead holder's lock
+
+
+@pytest.mark.parametrize(
+    ("files", "status"),
+    [
+        ({}, "new"),
+        ({".lock": ""}, "new"),
+        ({"worklog.txt": BLOCK.format(e=1)}, "started"),
+        ({"latest": "x"}, "started"),
+        ({"worklog.txt": BLOCK.format(e=1) + "best_acc\t1.00"}, "finished"),
+        ({"worklog.txt": BLOCK.format(e=1) + "failed\tepoch 2 step 3 of 4: non-finite training loss\n"}, "failed"),
+    ],
+)
+def test_status_and_start_guards(tmp_path, files, status):
+    from normkd_plugin.errors import RunError
+
+    folder = _folder(tmp_path)
+    folder.path.mkdir()
+    for name, text in files.items():
+        (folder.path / name).write_text(text)
+    assert folder.status() == status
+    if status == "new":
+        assert folder.check_start(resume=False)
+        with pytest.raises(RunError, match="holds no run to resume; run the same command without --resume"):
+            folder.check_start(resume=True)
+    else:
+        with pytest.raises(RunError, match=f"already holds a {status} run; add --resume .* EXPERIMENT.NAME"):
+            folder.check_start(resume=False)
+        assert folder.check_start(resume=True) is (status != "finished")
+
+
+def test_cut_worklog_keeps_complete_blocks_up_to_the_epoch(tmp_path):
+    folder = _folder(tmp_path)
+    folder.path.mkdir()
+    half = "-------------------------\nepoch: 4\nlr: 0.0"
+    (folder.path / "worklog.txt").write_text("".join(BLOCK.format(e=e) for e in (1, 2, 3)) + half)
+    folder.cut_worklog(2)
+    assert (folder.path / "worklog.txt").read_text() == BLOCK.format(e=1) + BLOCK.format(e=2)
+    assert folder.has_epoch(2) and not folder.has_epoch(3)
+    (folder.path / "worklog.txt").write_text(BLOCK.format(e=1) + "failed\tepoch 2 step 1 of 4: x\n")
+    folder.cut_worklog(1)
+    assert (folder.path / "worklog.txt").read_text() == BLOCK.format(e=1)
+
+
+def test_load_state_falls_back_to_the_newest_readable_checkpoint(tmp_path, caplog):
+    from normkd_plugin.errors import RunError
+
+    folder = _folder(tmp_path)
+    folder.path.mkdir()
+    for epoch in (1, 2):
+        folder.save(f"epoch_{epoch}", {"epoch": epoch, "model": {}})
+    (folder.path / "latest").write_bytes(b"")  # a file emptied by a crash of an older writer
+    with caplog.at_level("WARNING"):
+        assert folder.load_state()["epoch"] == 2
+    assert "unreadable checkpoint latest" in caplog.text
+    for name in ("epoch_1", "epoch_2"):
+        data = (folder.path / name).read_bytes()
+        (folder.path / name).write_bytes(data[: len(data) // 2])
+    with pytest.raises(RunError, match=r"no readable checkpoint in .*latest \(.*epoch_\d \("):
+        folder.load_state()
+
+
+def test_stale_temporary_files_are_removed_by_the_lock_holder(tmp_path):
+    folder = _folder(tmp_path)
+    folder.path.mkdir()
+    (folder.path / ".latest.abc123.tmp").write_bytes(b"half")
+    folder.lock()
+    assert not (folder.path / ".latest.abc123.tmp").exists()
+
+
+# -- SIGKILL at any moment, then --resume: bitwise the run that was never interrupted ------------
+
+CHILD = textwrap.dedent("""
+    import io, os, sys, time
+    from pathlib import Path
+    from normkd_plugin import runs, train
+    from normkd_plugin.fast import pack
+
+    point, marker, argv = sys.argv[1], Path(sys.argv[2]), sys.argv[3:]
+
+    def stop_here():
+        marker.write_text("at " + point)
+        time.sleep(600)  # the test kills this process now
+
+    calls = {"latest": 0, "step": 0}
+    if point == "mid-step":  # epoch 2, inside its second training step
+        real_step = pack.Pack._step
+        def _step(self, images, targets, epoch):
+            if epoch == 2:
+                calls["step"] += 1
+                if calls["step"] == 2:
+                    stop_here()
+            real_step(self, images, targets, epoch)
+        pack.Pack._step = _step
+    elif point == "mid-write":  # half of epoch 2's `latest` written to its temporary file
+        real_write = runs.atomic_write
+        def atomic_write(path, write):
+            if Path(path).name == "latest":
+                calls["latest"] += 1
+                if calls["latest"] == 2:
+                    buf = io.BytesIO()
+                    write(buf)
+                    def half(f):
+                        f.write(buf.getvalue()[: len(buf.getvalue()) // 2])
+                        f.flush()
+                        stop_here()
+                    return real_write(path, half)
+            return real_write(path, write)
+        runs.atomic_write = atomic_write
+    elif point == "between-writes":  # epoch 2's `latest` in place; student files, best, worklog not yet
+        real_save = runs.RunFolder.save
+        def save(self, name, state):
+            real_save(self, name, state)
+            if name == "latest":
+                calls["latest"] += 1
+                if calls["latest"] == 2:
+                    stop_here()
+        runs.RunFolder.save = save
+    elif point == "mid-worklog":  # epoch 2's worklog block half appended
+        real_append = runs.RunFolder._append
+        def _append(self, text):
+            if "epoch: 2" in text:
+                real_append(self, text[: len(text) // 2])
+                stop_here()
+            real_append(self, text)
+        runs.RunFolder._append = _append
+    elif point == "after-epoch":  # epoch 2 fully committed, epoch 3 not started
+        real_epoch = pack.Pack.train_epoch
+        def train_epoch(self, runs_, epoch):
+            if epoch == 3:
+                stop_here()
+            real_epoch(self, runs_, epoch)
+        pack.Pack.train_epoch = train_epoch
+    train.main(argv)
+""")
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory, small_cifar_npz, teacher_resnet56):
+    from normkd_plugin import train
+
+    prefix = tmp_path_factory.mktemp("uninterrupted")
+    train.main(_argv(small_cifar_npz, teacher_resnet56, prefix))
+    return next((prefix / "cifar100").iterdir())
+
+
+def _argv(root, teacher, prefix):
+    opts = fast_opts(root, teacher, prefix, 3, "SOLVER.EPOCHS", "3", "SOLVER.LR_DECAY_STAGES", "[2]")
+    return ["--cfg", "cifar100/normdkd/res56_res20", "--device", "cpu", *opts]
+
+
+@needs_mdistiller
+@pytest.mark.parametrize("point", ["mid-step", "mid-write", "between-writes", "mid-worklog", "after-epoch"])
+def test_sigkill_at_any_moment_then_resume_is_bitwise_the_uninterrupted_run(
+    tmp_path, small_cifar_npz, teacher_resnet56, reference_run, point
+):
+    from normkd_plugin import train
+
+    argv = _argv(small_cifar_npz, teacher_resnet56, tmp_path)
+    marker = tmp_path / "marker"
+    with subprocess.Popen([sys.executable, "-c", CHILD, point, str(marker), *argv], stderr=subprocess.PIPE) as child:
+        deadline = time.monotonic() + 300
+        while not marker.exists():
+            assert child.poll() is None, child.stderr.read().decode()[-3000:]
+            assert time.monotonic() < deadline, "the child never reached the kill point"
+            time.sleep(0.05)
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    (folder,) = list((tmp_path / "cifar100").iterdir())
+    assert folder.name == reference_run.name
+    if point == "mid-write":
+        assert any(p.name.startswith(".latest.") for p in folder.iterdir())  # the half-written file
+    train.main(["--resume", *argv])
+    assert_same_run(folder, reference_run)
+    for name in ("best", "student_best", "student_latest"):
+        a, b = (torch.load(d / name, weights_only=False) for d in (folder, reference_run))
+        assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"]), name
+    assert not any(p.name.endswith(".tmp") for p in folder.iterdir())
+    assert (folder / "worklog.txt").read_text().count("best_acc") == 1
