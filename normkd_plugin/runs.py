@@ -146,20 +146,25 @@ class RunFolder:
     def _files(self) -> list[Path]:
         return [p for p in self.path.iterdir() if p.is_file()] if self.path.is_dir() else []
 
-    def check_start(self, resume: bool) -> bool:
-        """Whether to train: False for a finished run under --resume; RunError for a start that would clobber."""
+    def check_start(self, resume: bool, new_ok: bool = False) -> str:
+        """'start', 'resume' or 'skip' (a finished run under --resume); RunError for a start that would clobber.
+
+        ``new_ok``: under --resume, a folder with no run yet starts fresh (a pack that gained a run).
+        """
         status = self.status()
         if resume and status == "new":
+            if new_ok:
+                return "start"
             raise RunError(f"--resume: {self.path} holds no run to resume; run the same command without --resume")
         if resume and status == "finished":
             log.info("%s is finished (its worklog ends with best_acc); nothing to do", self.path)
-            return False
+            return "skip"
         if not resume and status != "new":
             raise RunError(
                 f"{self.path} already holds a {status} run; add --resume to continue it, "
                 "or set EXPERIMENT.NAME (or LOG.PREFIX) to start a new one"
             )
-        return True
+        return "resume" if resume else "start"
 
     # -- writing ---------------------------------------------------------------------------
     def write_text(self, name: str, text: str) -> None:

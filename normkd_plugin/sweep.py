@@ -1,10 +1,14 @@
 """normkd-sweep: the normkd-train command of every (method, pair, seed) run, or run them in turn.
 
     normkd-sweep --dataset cifar100 --methods kd,dkd,normkd,normdkd --pairs all --seeds 0,1,2 [--run] [KEY VALUE ...]
+    normkd-sweep --pairs res56_res20 --seeds 0,1,2 --pack [--run] [KEY VALUE ...]   # one command per teacher
 
 Without --run it prints one command per line (for a cluster scheduler). With --run it executes
-them one after another and skips any run whose folder already holds a finished worklog.txt
-(a ``best_acc`` line), so an interrupted sweep continues where it stopped.
+them one after another, skips runs whose folder already holds a finished worklog.txt (a
+``best_acc`` line), resumes started ones, and reports a run that fails without stopping the rest.
+With --pack the grid is grouped into packs, one per dataset and teacher (at most N runs each with
+--pack-size N): each pack is one ``normkd-train --cfg A --cfg B ... --seeds S`` trained in one process
+by the ``fast`` trainer (implied).
 """
 
 from __future__ import annotations
@@ -26,12 +30,57 @@ class Job:
     cfg: str
     seed: int
     opts: tuple[str, ...]
+    teacher: str = ""  # the pair's teacher: runs of one teacher can share a pack
 
     def argv(self) -> list[str]:
         return ["normkd-train", "--cfg", self.cfg, *self.opts, "EXPERIMENT.SEED", str(self.seed)]
 
     def command(self) -> str:
         return shlex.join(self.argv())
+
+    def runs(self) -> list[tuple[str, int]]:
+        return [(self.cfg, self.seed)]
+
+
+@dataclass(frozen=True)
+class PackJob:
+    """Configs x seeds of one teacher, trained together: ``normkd-train --cfg A --cfg B --seeds S``."""
+
+    cfgs: tuple[str, ...]
+    seeds: tuple[int, ...]
+    opts: tuple[str, ...]
+
+    def argv(self) -> list[str]:
+        cfgs = [x for cfg in self.cfgs for x in ("--cfg", cfg)]
+        return ["normkd-train", *cfgs, "--seeds", ",".join(map(str, self.seeds)), *self.opts]
+
+    def command(self) -> str:
+        return shlex.join(self.argv())
+
+    def runs(self) -> list[tuple[str, int]]:
+        return [(cfg, seed) for cfg in self.cfgs for seed in self.seeds]
+
+
+def _chunks(items: list, size: int) -> list[list]:
+    return [items[i : i + size] for i in range(0, len(items), size)] if size > 0 else [items]
+
+
+def packs(jobs: list[Job], max_runs: int = 0) -> list[PackJob]:
+    """Group jobs by teacher into packs of configs x seeds, each at most ``max_runs`` runs (0: no limit)."""
+    groups: dict[str, list[Job]] = {}
+    for job in jobs:
+        groups.setdefault(job.teacher, []).append(job)
+    out = []
+    for group in groups.values():
+        cfgs = list(dict.fromkeys(j.cfg for j in group))
+        seeds = list(dict.fromkeys(j.seed for j in group))
+        opts = list(group[0].opts)
+        if "SOLVER.TRAINER" not in opts[::2]:
+            opts += ["SOLVER.TRAINER", "fast"]
+        for seed_chunk in _chunks(seeds, max_runs if max_runs and len(seeds) > max_runs else 0):
+            per_pack = max(1, max_runs // len(seed_chunk)) if max_runs else 0
+            out += [PackJob(tuple(c), tuple(seed_chunk), tuple(opts)) for c in _chunks(cfgs, per_pack)]
+    return out
 
 
 def _split(value: str) -> list[str]:
@@ -51,19 +100,20 @@ def grid(dataset: str, methods: list[str], pairs: list[str], seeds: list[int], o
             f"unknown pair or method {', '.join(bad)}; pairs: {', '.join(stems)}; methods: {', '.join(METHODS)}"
         )
     jobs = []
-    for stem in chosen:
+    for pair in (p for p in known if p.stem in chosen):
+        stem = pair.stem
         for method in methods:
             name = f"{dataset}/{method}/{stem}" if dataset == "cifar100" else f"{dataset}/{stem}/{method}"
-            jobs.extend(Job(name, seed, tuple(opts)) for seed in seeds)
+            jobs.extend(Job(name, seed, tuple(opts), pair.teacher) for seed in seeds)
     return jobs
 
 
-def run_folder(job: Job) -> str:
-    """The folder normkd-train will write for this job."""
+def run_folder(cfg_name: str, seed: int, opts: tuple[str, ...]) -> str:
+    """The folder normkd-train will write for the run of ``cfg_name`` with ``seed``."""
     from .config import load_config, run_name
 
-    opts = [*job.opts, "EXPERIMENT.SEED", str(job.seed)]
-    cfg = load_config(job.cfg, opts)
+    opts = [*opts, "EXPERIMENT.SEED", str(seed)]
+    cfg = load_config(cfg_name, opts)
     return os.path.join(cfg.LOG.PREFIX, run_name(cfg, opts))
 
 
@@ -76,38 +126,75 @@ def is_finished(folder: str) -> bool:
         return False
 
 
+def _remaining(job: Job | PackJob) -> tuple[Job | PackJob | None, bool]:
+    """(the job without its finished runs or None, whether any remaining run has started)."""
+    folders = {run: run_folder(run[0], run[1], job.opts) for run in job.runs()}
+    todo = [run for run, folder in folders.items() if not is_finished(folder)]
+    started = any(os.path.exists(os.path.join(folders[run], "worklog.txt")) for run in todo) or any(
+        os.path.isfile(os.path.join(folders[run], "latest")) for run in todo
+    )
+    if not todo:
+        return None, False
+    if isinstance(job, Job):
+        return job, started
+    # keep the configs x seeds shape: drop a config only when all its seeds are finished
+    cfgs = tuple(c for c in job.cfgs if any(run[0] == c for run in todo))
+    return PackJob(cfgs, job.seeds, job.opts), started
+
+
+def run_all(jobs: list[Job | PackJob]) -> list[str]:
+    """Run the jobs in turn (skip finished runs, resume started ones); the failures, one line each."""
+    failures = []
+    for i, job in enumerate(jobs, 1):
+        todo, started = _remaining(job)
+        if todo is None:
+            print(f"[{i}/{len(jobs)}] skip (finished): {job.command()}", flush=True)
+            continue
+        print(f"[{i}/{len(jobs)}] {todo.command()}", flush=True)
+        resume = ["--resume"] if started else []
+        code = subprocess.call([sys.executable, "-m", "normkd_plugin.train", *resume, *todo.argv()[1:]])
+        if code:
+            failures.append(f"exit code {code}: {todo.command()}")
+            print(f"normkd-sweep: failed (exit code {code}); going on with the next", file=sys.stderr, flush=True)
+    return failures
+
+
 def main(argv: list[str] | None = None) -> None:
     """Print or run the grid."""
     ap = argparse.ArgumentParser(
-        prog="normkd-sweep", description=__doc__.splitlines()[0], epilog=__doc__.split("\n", 2)[2]
+        prog="normkd-sweep",
+        description=__doc__.splitlines()[0],
+        epilog=__doc__.split("\n", 2)[2],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     ap.add_argument("--dataset", default="cifar100")
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--pairs", default="all", help="comma-separated stems, or all")
     ap.add_argument("--seeds", default="0")
+    ap.add_argument("--pack", action="store_true", help="group runs of one teacher into packs (fast trainer)")
+    ap.add_argument("--pack-size", type=int, default=0, metavar="N", help="with --pack: at most N runs per pack")
     ap.add_argument("--run", action="store_true", help="execute the commands one after another")
     ap.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides passed to every run")
     args = ap.parse_args(argv)
     try:
         seeds = [int(s) for s in _split(args.seeds)]
         jobs = grid(args.dataset, _split(args.methods), _split(args.pairs), seeds, list(args.opts))
+        if args.pack:
+            if args.dataset != "cifar100":
+                raise ValueError("--pack needs the fast trainer, which trains CIFAR-100 (in-memory splits) only")
+            trainer = dict(zip(args.opts[::2], args.opts[1::2])).get("SOLVER.TRAINER", "fast")
+            if trainer != "fast":
+                raise ValueError(f"--pack trains with SOLVER.TRAINER fast, not {trainer!r}")
+            jobs = packs(jobs, args.pack_size)
     except ValueError as exc:
         sys.exit(f"normkd-sweep: {exc}")
     if not args.run:
         for job in jobs:
             print(job.command())
         return
-    for i, job in enumerate(jobs, 1):
-        folder = run_folder(job)
-        if is_finished(folder):
-            print(f"[{i}/{len(jobs)}] skip (finished): {folder}", flush=True)
-            continue
-        print(f"[{i}/{len(jobs)}] {job.command()}", flush=True)
-        resume = ["--resume"] if os.path.isfile(os.path.join(folder, "latest")) else []
-        argv_ = [sys.executable, "-m", "normkd_plugin.train", *resume, *job.argv()[1:]]
-        code = subprocess.call(argv_)
-        if code:
-            sys.exit(f"normkd-sweep: run failed with exit code {code}: {job.command()}")
+    failures = run_all(jobs)
+    if failures:
+        sys.exit(f"normkd-sweep: {len(failures)} of {len(jobs)} commands failed:\n  " + "\n  ".join(failures))
 
 
 if __name__ == "__main__":

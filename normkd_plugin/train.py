@@ -103,7 +103,7 @@ def train(cfg, experiment_name: str, device: torch.device, resume: bool = False)
     folder = RunFolder(os.path.join(cfg.LOG.PREFIX, experiment_name))
     folder.lock()
     try:
-        if not folder.check_start(resume):
+        if folder.check_start(resume) == "skip":
             return None
         if cfg.EXPERIMENT.SEED >= 0:
             seed_everything(cfg.EXPERIMENT.SEED)
@@ -151,7 +151,8 @@ def train_pack(cfgs: list, names: list[str], device: torch.device, resume: bool 
     try:
         for folder in folders:
             folder.lock()
-        todo = [(c, n, f) for c, n, f in zip(cfgs, names, folders) if f.check_start(resume)]
+        new_ok = len(cfgs) > 1
+        todo = [(c, n, f) for c, n, f in zip(cfgs, names, folders) if f.check_start(resume, new_ok) != "skip"]
         if not todo:
             return None
         if device.type == "cuda":
@@ -182,7 +183,7 @@ def train_pack(cfgs: list, names: list[str], device: torch.device, resume: bool 
             )
         train_data = tensor_split(train_loader, "train", device)
         pack = Pack(runs, train_data, tensor_split(val_loader, "validation", device), teacher)
-        return pack.train(resume)
+        return pack.train(resume, new_ok)
     finally:
         for folder in folders:
             folder.unlock()

@@ -9,6 +9,9 @@ import numpy as np
 import pytest
 import torch
 
+# cuBLAS reads this when its first handle is made; deterministic GPU tests need it.
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
 REPO = Path(__file__).resolve().parents[1]
 DATA_DIR = Path(os.environ.get("NORMKD_DATA", REPO.parent / "shared" / "data"))
 CIFAR_DIR = DATA_DIR / "cifar100"

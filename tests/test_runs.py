@@ -94,13 +94,14 @@ def test_status_and_start_guards(tmp_path, files, status):
         (folder.path / name).write_text(text)
     assert folder.status() == status
     if status == "new":
-        assert folder.check_start(resume=False)
+        assert folder.check_start(resume=False) == "start"
+        assert folder.check_start(resume=True, new_ok=True) == "start"  # a run added to a resumed pack
         with pytest.raises(RunError, match="holds no run to resume; run the same command without --resume"):
             folder.check_start(resume=True)
     else:
         with pytest.raises(RunError, match=f"already holds a {status} run; add --resume .* EXPERIMENT.NAME"):
             folder.check_start(resume=False)
-        assert folder.check_start(resume=True) is (status != "finished")
+        assert folder.check_start(resume=True) == ("skip" if status == "finished" else "resume")
 
 
 def test_cut_worklog_keeps_complete_blocks_up_to_the_epoch(tmp_path):

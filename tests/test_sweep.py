@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -49,7 +50,7 @@ def test_finished_means_a_best_acc_line(tmp_path):
 @needs_mdistiller
 def test_run_skips_finished_and_launches_the_rest(tmp_path, monkeypatch):
     jobs = sweep.grid("cifar100", ["kd", "normkd"], ["res56_res20"], [0], ["LOG.PREFIX", str(tmp_path)])
-    done = sweep.run_folder(jobs[0])
+    done = sweep.run_folder(jobs[0].cfg, jobs[0].seed, jobs[0].opts)
     assert done == str(tmp_path / "cifar100" / "kd,res56,res20,seed:0")
     (tmp_path / "cifar100" / "kd,res56,res20,seed:0").mkdir(parents=True)
     (tmp_path / "cifar100" / "kd,res56,res20,seed:0" / "worklog.txt").write_text("best_acc\t70.00")
@@ -59,3 +60,67 @@ def test_run_skips_finished_and_launches_the_rest(tmp_path, monkeypatch):
         ["--methods", "kd,normkd", "--pairs", "res56_res20", "--seeds", "0", "--run", "LOG.PREFIX", str(tmp_path)]
     )
     assert len(launched) == 1 and "cifar100/normkd/res56_res20" in launched[0] and "--resume" not in launched[0]
+
+
+def test_pack_groups_runs_by_teacher_with_seeds():
+    jobs = sweep.grid("cifar100", ["kd", "normkd"], ["res32x4_res8x4", "res56_res20", "res32x4_shuv2"], [0, 1], [])
+    packs = sweep.packs(jobs)
+    assert [p.command() for p in packs] == [
+        "normkd-train --cfg cifar100/kd/res56_res20 --cfg cifar100/normkd/res56_res20 --seeds 0,1 SOLVER.TRAINER fast",
+        "normkd-train --cfg cifar100/kd/res32x4_res8x4 --cfg cifar100/normkd/res32x4_res8x4 --cfg cifar100/kd/res32x4_shuv2 "
+        "--cfg cifar100/normkd/res32x4_shuv2 --seeds 0,1 SOLVER.TRAINER fast",
+    ]
+    assert sorted(r for p in packs for r in p.runs()) == sorted((j.cfg, j.seed) for j in jobs)
+
+
+def test_pack_size_limit_splits_configs_and_seeds():
+    jobs = sweep.grid("cifar100", ["kd", "dkd", "normkd", "normdkd"], ["res56_res20"], [0, 1, 2], [])
+    assert [len(p.runs()) for p in sweep.packs(jobs, 6)] == [6, 6]  # 2 configs x 3 seeds each
+    small = sweep.packs(jobs, 2)
+    assert all(len(p.runs()) <= 2 for p in small)
+    assert sorted(r for p in small for r in p.runs()) == sorted((j.cfg, j.seed) for j in jobs)
+
+
+def test_pack_cli_prints_full_comparison_and_refuses_other_trainers():
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "normkd_plugin.sweep", *args], capture_output=True, text=True)
+
+    out = cli("--pairs", "res56_res20", "--seeds", "0,1,2", "--pack", "DATASET.ROOT", "/data")
+    assert out.returncode == 0 and out.stdout.splitlines() == [
+        "normkd-train --cfg cifar100/kd/res56_res20 --cfg cifar100/dkd/res56_res20 --cfg cifar100/normkd/res56_res20 "
+        "--cfg cifar100/normdkd/res56_res20 --seeds 0,1,2 DATASET.ROOT /data SOLVER.TRAINER fast"
+    ]
+    bad = cli("--pairs", "res56_res20", "--pack", "SOLVER.TRAINER", "base")
+    assert bad.returncode != 0 and "--pack trains with SOLVER.TRAINER fast, not 'base'" in bad.stderr
+
+
+@needs_mdistiller
+def test_run_reports_a_failing_command_and_goes_on(tmp_path, monkeypatch, capsys):
+    launched = []
+    monkeypatch.setattr(
+        sweep.subprocess, "call", lambda argv: launched.append(argv) or (3 if len(launched) == 1 else 0)
+    )
+    with pytest.raises(SystemExit, match=r"1 of 2 commands failed:\n  exit code 3: normkd-train --cfg cifar100/kd"):
+        sweep.main(["--methods", "kd,normkd", "--pairs", "res56_res20", "--run", "LOG.PREFIX", str(tmp_path)])
+    assert len(launched) == 2
+    assert "going on with the next" in capsys.readouterr().err
+
+
+@needs_mdistiller
+def test_pack_run_drops_finished_runs_and_resumes_started_ones(tmp_path, monkeypatch):
+    opts = ["LOG.PREFIX", str(tmp_path)]
+    (pack,) = sweep.packs(sweep.grid("cifar100", ["kd", "normkd"], ["res56_res20"], [0, 1], opts))
+    for cfg, seed in pack.runs()[:2]:  # kd seeds 0 and 1 finished
+        folder = sweep.run_folder(cfg, seed, pack.opts)
+        assert "SOLVER.TRAINER:fast" in folder
+        os.makedirs(folder)
+        with open(os.path.join(folder, "worklog.txt"), "w") as f:
+            f.write("best_acc\t70.00")
+    started = sweep.run_folder("cifar100/normkd/res56_res20", 1, pack.opts)
+    os.makedirs(started)
+    open(os.path.join(started, "latest"), "wb").close()
+    launched = []
+    monkeypatch.setattr(sweep.subprocess, "call", lambda argv: launched.append(argv) or 0)
+    sweep.run_all([pack])
+    (argv,) = launched
+    assert "--resume" in argv and argv.count("--cfg") == 1 and "cifar100/normkd/res56_res20" in argv

@@ -13,6 +13,7 @@ sync per step), marked failed in its worklog with the epoch and step, and droppe
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import os
@@ -113,7 +114,7 @@ class SharedTeacher(nn.Module):
                 outputs = [self.net(batches[0])]
             else:
                 joint = self.net(torch.cat(batches))
-                bounds = torch.tensor([b.shape[0] for b in batches]).cumsum(0).tolist()
+                bounds = list(itertools.accumulate(b.shape[0] for b in batches))
                 outputs = [
                     tree_map(lambda t, lo=lo, hi=hi: t[lo:hi] if isinstance(t, Tensor) else t, joint)
                     for lo, hi in zip([0, *bounds[:-1]], bounds)
@@ -234,8 +235,8 @@ class Pack:
         loss = torch.stack([v.detach() for v in losses])
         n = targets[0].shape[0]
         count = torch.full_like(loss, n)  # a fill kernel: capturable, unlike a host-to-device copy
-        hits = [torch.stack(top1s), torch.stack(top5s)]
-        self._sums += torch.stack([(loss * n).double(), hits[0].double(), hits[1].double(), count.double()], dim=1)
+        metrics = [loss * n, torch.stack(top1s), torch.stack(top5s), count]
+        self._sums += torch.stack([m.double() for m in metrics], dim=1)
         self._step_no += 1
         newly_bad = (self._first_bad < 0) & ~torch.isfinite(loss)
         self._first_bad.copy_(torch.where(newly_bad, self._step_no, self._first_bad))  # in place: graph-safe
@@ -414,24 +415,28 @@ class Pack:
         log.info("%s: resumed after epoch %d (best %.2f)", run.name, run.epoch, run.best_acc)
 
     # -- the whole schedule ------------------------------------------------------------------
-    def start(self, resume: bool) -> None:
-        """Lock every run folder, refuse clobbering starts, load resume states, write config.yaml."""
+    def start(self, resume: bool, new_ok: bool = False) -> None:
+        """Lock every run folder, refuse clobbering starts, load resume states, write config.yaml.
+
+        ``new_ok``: under --resume, runs with an empty folder start fresh (a pack that gained runs).
+        """
         for run in self.runs:
             run.folder.lock()
         for run in self.runs:
-            if not run.folder.check_start(resume):
+            mode = run.folder.check_start(resume, new_ok)
+            if mode == "skip":
                 run.status = "finished"
-            elif resume:
+            elif mode == "resume":
                 if run.folder.status() == "failed":
                     log.warning("%s: resuming a run that failed; it restarts from its last good checkpoint", run.name)
                 self._resume(run)
             else:
                 run.folder.write_text(CONFIG, run.cfg.dump())
 
-    def train(self, resume: bool = False) -> list[PackRun]:
+    def train(self, resume: bool = False, new_ok: bool = False) -> list[PackRun]:
         """Train every run to SOLVER.EPOCHS; returns the runs. TrainingDiverged if any stopped on a NaN/inf."""
         try:
-            self.start(resume)
+            self.start(resume, new_ok)
             epochs = int(self.cfg.SOLVER.EPOCHS)
             while True:
                 active = [r for r in self.runs if r.status == "active" and r.epoch < epochs]
