@@ -6,7 +6,7 @@ import inspect
 
 from torch import nn
 
-from .checkpoints import CheckpointError, load_state_dict, teacher_checkpoint_path
+from .checkpoints import load_teacher
 
 __all__ = ["build_models", "build_distiller"]
 
@@ -21,18 +21,14 @@ def build_models(cfg, num_classes: int) -> tuple[nn.Module, nn.Module | None]:
             return student, None
         teacher = imagenet_model_dict[cfg.DISTILLER.TEACHER](pretrained=not cfg.DISTILLER.TEACHER_CKPT)
         if cfg.DISTILLER.TEACHER_CKPT:
-            teacher.load_state_dict(load_state_dict(cfg.DISTILLER.TEACHER_CKPT))
+            load_teacher(cfg, teacher, None)
         return student, teacher
     student = cifar_model_dict[cfg.DISTILLER.STUDENT][0](num_classes=num_classes)
     if cfg.DISTILLER.TYPE == "NONE":
         return student, None
     net, host_path = cifar_model_dict[cfg.DISTILLER.TEACHER]
     teacher = net(num_classes=num_classes)
-    path = teacher_checkpoint_path(cfg, host_path)
-    try:
-        teacher.load_state_dict(load_state_dict(path), strict=True)
-    except RuntimeError as exc:
-        raise CheckpointError(f"{path} does not fit teacher {cfg.DISTILLER.TEACHER!r}: {exc}") from exc
+    load_teacher(cfg, teacher, host_path)
     return student, teacher
 
 
