@@ -51,7 +51,7 @@ def test_host_trainer_without_cuda_stops_before_building(tmp_path):
 
 def test_bad_config_fails_before_training(tmp_path):
     proc = _cli("--cfg", "cifar100/normkd/res56_res20", "NORMKD.TEMPERATURE", "2", "LOG.PREFIX", str(tmp_path))
-    assert proc.returncode != 0 and "override NORMKD.TEMPERATURE: no such config key" in proc.stderr
+    assert proc.returncode != 0 and "command-line override NORMKD.TEMPERATURE 2: no such config key" in proc.stderr
     assert not any(tmp_path.iterdir())
 
 
@@ -66,7 +66,7 @@ def _train_once(tmp_path, small_cifar, teacher, seed, prefix):
 
     opts = [
         "--cfg", "cifar100/normdkd/res56_res20", "--device", "cpu",
-        "SOLVER.TRAINER", "fast", "SOLVER.BATCH_SIZE", "16", "SOLVER.EPOCHS", "1",
+        "SOLVER.TRAINER", "fast", "SOLVER.BATCH_SIZE", "16", "SOLVER.EPOCHS", "1", "SOLVER.LR_DECAY_STAGES", "[]",
         "SOLVER.FAST.ITERS_PER_EPOCH", "1", "DATASET.ROOT", str(small_cifar),
         "DISTILLER.TEACHER_CKPT", str(teacher), "EXPERIMENT.SEED", str(seed), "LOG.PREFIX", str(prefix),
     ]  # fmt: skip
@@ -80,7 +80,8 @@ def test_same_seed_same_first_iteration_losses_and_recorded(tmp_path, small_cifa
     other = _train_once(tmp_path, small_cifar, teacher_resnet56, 8, tmp_path / "out-other")
     assert (
         runs[0].name
-        == "normdkd,res56,res20,SOLVER.TRAINER:fast,SOLVER.BATCH_SIZE:16,SOLVER.EPOCHS:1,SOLVER.FAST.ITERS_PER_EPOCH:1,seed:7"
+        == "normdkd,res56,res20,SOLVER.TRAINER:fast,SOLVER.BATCH_SIZE:16,SOLVER.EPOCHS:1,SOLVER.LR_DECAY_STAGES:[],"
+        "SOLVER.FAST.ITERS_PER_EPOCH:1,seed:7"
     )
     losses = [(r / "worklog.txt").read_text().split("train_loss: ")[1].split()[0] for r in [*runs, other]]
     assert losses[0] == losses[1]
@@ -96,7 +97,7 @@ def test_interrupted_run_resumes_through_the_cli(tmp_path, small_cifar, teacher_
 
     argv = [
         "--cfg", "cifar100/normkd/res56_res20", "--device", "cpu", "SOLVER.TRAINER", "fast",
-        "SOLVER.BATCH_SIZE", "16", "SOLVER.FAST.ITERS_PER_EPOCH", "1", "SOLVER.EPOCHS", "3",
+        "SOLVER.BATCH_SIZE", "16", "SOLVER.FAST.ITERS_PER_EPOCH", "1", "SOLVER.EPOCHS", "3", "SOLVER.LR_DECAY_STAGES", "[2]",
         "DATASET.ROOT", str(small_cifar), "DISTILLER.TEACHER_CKPT", str(teacher_resnet56),
         "LOG.PREFIX", str(tmp_path / "o"), "EXPERIMENT.NAME", "r",
     ]  # fmt: skip
