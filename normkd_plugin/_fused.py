@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .losses import SIGMA_FLOOR
+from .losses import SIGMA_FLOOR, _check_target
 
 try:
     import triton
@@ -187,4 +187,5 @@ def normdkd_loss_fused(
         from .losses import normdkd_loss_reference
 
         return normdkd_loss_reference(zs, zt, target, alpha, beta, t_norm, reduction)
+    _check_target(target, zs)  # before the launch: the kernel would read any index without complaint
     return _FusedLoss.apply(zs, zt, target.contiguous(), alpha, beta, t_norm, reduction)

@@ -6,7 +6,7 @@ import inspect
 
 from torch import nn
 
-from .checkpoints import CheckpointError, load_state_dict, teacher_checkpoint_path
+from .checkpoints import load_teacher
 
 __all__ = ["build_student", "build_teacher", "build_models", "build_distiller"]
 
@@ -29,15 +29,11 @@ def build_teacher(cfg, num_classes: int) -> nn.Module | None:
     if cfg.DATASET.TYPE == "imagenet":
         teacher = imagenet_model_dict[cfg.DISTILLER.TEACHER](pretrained=not cfg.DISTILLER.TEACHER_CKPT)
         if cfg.DISTILLER.TEACHER_CKPT:
-            teacher.load_state_dict(load_state_dict(cfg.DISTILLER.TEACHER_CKPT))
+            load_teacher(cfg, teacher, None)
         return teacher
     net, host_path = cifar_model_dict[cfg.DISTILLER.TEACHER]
     teacher = net(num_classes=num_classes)
-    path = teacher_checkpoint_path(cfg, host_path)
-    try:
-        teacher.load_state_dict(load_state_dict(path), strict=True)
-    except RuntimeError as exc:
-        raise CheckpointError(f"{path} does not fit teacher {cfg.DISTILLER.TEACHER!r}: {exc}") from exc
+    load_teacher(cfg, teacher, host_path)
     return teacher
 
 

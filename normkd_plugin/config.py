@@ -1,14 +1,21 @@
 """Config handling: plugin keys, packaged configs by name, and a validated, frozen run config.
 
 Order (detectron2's ``get_cfg`` pattern): register plugins, ``CFG.clone()``, merge the file,
-merge the ``KEY VALUE`` overrides, validate, freeze. Every failure names the file or key.
+merge the ``KEY VALUE`` overrides, validate, freeze. Every failure is a :class:`ConfigError` naming
+the key, its value and what is expected, and where the value came from: the config file, or the
+command line (then only the one ``KEY VALUE`` pair at fault is shown). Validation checks names
+against the host's registries and values against :data:`COMMON_RULES` and the selected
+distiller's :data:`DISTILLER_RULES`, the LR decay stages against the epochs, and that
+``LOG.PREFIX`` can be written or created, all before anything is built.
 """
 
 from __future__ import annotations
 
 import difflib
 import importlib.resources
+import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +30,11 @@ __all__ = [
     "resolve_config",
     "packaged_configs",
     "load_config",
+    "validate",
     "run_name",
+    "Rule",
+    "COMMON_RULES",
+    "DISTILLER_RULES",
 ]
 
 
@@ -116,25 +127,42 @@ def _merge_file(cfg: CN, path: Path) -> None:
         raise ConfigError(f"{path}: {exc}") from exc
 
 
+class _Origin:
+    """Where a value came from, for messages: the command line (its one KEY VALUE pair) or the config file."""
+
+    def __init__(self, path: Path, opts: list[str]):
+        self.path = path
+        self.overrides = dict(zip(opts[::2], opts[1::2]))
+
+    def __call__(self, key: str, value, *related: str) -> str:
+        """'command-line override K V' for the first of key, *related overridden; else 'FILE: KEY VALUE'."""
+        for k in (key, *related):
+            if k in self.overrides:
+                return f"command-line override {k} {self.overrides[k]}"
+        return f"{self.path}: {key} {value!r}"
+
+
 def _merge_opts(cfg: CN, opts: list[str]) -> None:
+    """Merge KEY VALUE overrides one pair at a time; an error shows only the pair at fault."""
     if len(opts) % 2:
-        raise ConfigError(f"overrides must be KEY VALUE pairs; got an odd list: {' '.join(opts)}")
-    for key in opts[::2]:
-        node = cfg
-        parts = key.split(".")
-        for part in parts[:-1]:
-            if not isinstance(node, CN) or part not in node:
-                raise ConfigError(f"override {key}: no such config key")
-            node = node[part]
-        if not isinstance(node, CN) or parts[-1] not in node:
+        raise ConfigError(f"command-line override {opts[-1]} has no VALUE; overrides are KEY VALUE pairs")
+    for key, raw in zip(opts[::2], opts[1::2]):
+        where = f"command-line override {key} {raw}"
+        old = _get(cfg, key)
+        if old is _MISSING:
             near = difflib.get_close_matches(key, list(_flat_keys(cfg)), n=3)
-            raise ConfigError(
-                f"override {key}: no such config key" + (f"; did you mean {', '.join(near)}?" if near else "")
-            )
-    try:
-        cfg.merge_from_list(list(opts))
-    except (ValueError, AssertionError) as exc:
-        raise ConfigError(f"overrides {' '.join(opts)}: {exc}") from exc
+            raise ConfigError(f"{where}: no such config key" + (f"; did you mean {', '.join(near)}?" if near else ""))
+        if isinstance(old, CN):
+            raise ConfigError(f"{where}: {key} is a group of keys; override one of its keys, e.g. {key}.<NAME>")
+        try:
+            cfg.merge_from_list([key, raw])
+        except (ValueError, AssertionError, KeyError) as exc:
+            new = CN._decode_cfg_value(raw)
+            if type(new) is type(old):
+                raise ConfigError(f"{where}: {exc}") from None
+            hint = f" (write {float(new)!r})" if isinstance(old, float) and _is_int(new) else ""
+            expected = f"a value of type {type(old).__name__} (like {old!r})"
+            raise ConfigError(f"{where}: expected {expected}, got {type(new).__name__} {new!r}{hint}") from None
 
 
 def _flat_keys(cfg: CN, prefix: str = ""):
@@ -145,31 +173,141 @@ def _flat_keys(cfg: CN, prefix: str = ""):
             yield f"{prefix}{key}"
 
 
-def _choice(value: str, choices, what: str, source: str) -> None:
+_MISSING = object()
+
+
+def _get(cfg: CN, key: str):
+    node = cfg
+    for part in key.split("."):
+        if not isinstance(node, CN) or part not in node:
+            return _MISSING
+        node = node[part]
+    return node
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return (_is_int(value) or isinstance(value, float)) and math.isfinite(value)
+
+
+@dataclass(frozen=True)
+class Rule:
+    """A value check: ``test(value)`` must hold; ``expected`` says what is wanted, for the message."""
+
+    test: Callable[[object], bool]
+    expected: str
+
+
+TEMPERATURE = Rule(lambda v: _is_number(v) and v > 0, "a finite temperature > 0")
+WEIGHT = Rule(lambda v: _is_number(v) and v >= 0, "a finite weight >= 0")
+WARMUP = Rule(lambda v: _is_number(v) and v > 0, "a warm-up > 0 (epochs)")
+AT_LEAST_ONE = Rule(lambda v: _is_int(v) and v >= 1, "an integer >= 1")
+LEARNING_RATE = Rule(lambda v: _is_number(v) and v > 0, "a finite learning rate > 0")
+ITERATIONS = Rule(lambda v: _is_int(v) and v >= 0, "an integer >= 0 (0: full epochs)")
+
+COMMON_RULES: dict[str, Rule] = {
+    "SOLVER.BATCH_SIZE": AT_LEAST_ONE,
+    "DATASET.TEST.BATCH_SIZE": AT_LEAST_ONE,
+    "SOLVER.EPOCHS": AT_LEAST_ONE,
+    "SOLVER.LR": LEARNING_RATE,
+    "SOLVER.FAST.EVAL_BATCH_SIZE": AT_LEAST_ONE,  # only where the fast trainer is registered
+    "SOLVER.FAST.ITERS_PER_EPOCH": ITERATIONS,
+}
+"""Keys every run reads; a key missing from the config is skipped."""
+
+
+def _normkd_rules(node: str) -> dict[str, Rule]:
+    return {f"{node}.TEMPERATURE_NORM": TEMPERATURE, f"{node}.LOSS.CE_WEIGHT": WEIGHT, f"{node}.LOSS.KD_WEIGHT": WEIGHT}
+
+
+def _normdkd_rules(node: str) -> dict[str, Rule]:
+    keys = {"TEMPERATURE_NORM": TEMPERATURE, "WARMUP": WARMUP, "CE_WEIGHT": WEIGHT, "ALPHA": WEIGHT, "BETA": WEIGHT}
+    return {f"{node}.{k}": rule for k, rule in keys.items()}
+
+
+DISTILLER_RULES: dict[str, dict[str, Rule]] = {
+    "KD": {"KD.TEMPERATURE": TEMPERATURE, "KD.LOSS.CE_WEIGHT": WEIGHT, "KD.LOSS.KD_WEIGHT": WEIGHT},
+    "DKD": {
+        "DKD.T": TEMPERATURE,
+        "DKD.WARMUP": WARMUP,
+        "DKD.CE_WEIGHT": WEIGHT,
+        "DKD.ALPHA": WEIGHT,
+        "DKD.BETA": WEIGHT,
+    },
+    "NORMKD": _normkd_rules("NORMKD"),
+    "NormKD": _normkd_rules("NormKD"),  # the authors' release node names
+    "NORMDKD": _normdkd_rules("NORMDKD"),
+    "NormKD_W_DKD": _normdkd_rules("NormKD_W_DKD"),
+}
+"""DISTILLER.TYPE -> the keys of the node that distiller reads; only the selected type's keys are checked."""
+
+
+def _choice(cfg: CN, key: str, choices, what: str, origin: _Origin) -> None:
+    value = _get(cfg, key)
     if value not in choices:
         near = difflib.get_close_matches(value, list(choices), n=3, cutoff=0.4)
         hint = f"did you mean {', '.join(near)}?" if near else f"choose from {', '.join(sorted(choices))}"
-        raise ConfigError(f"{source}: {what} {value!r} is not registered; {hint}")
+        raise ConfigError(f"{origin(key, value)}: not a registered {what}; {hint}")
 
 
-def validate(cfg: CN, source: str) -> None:
-    """Check names against the host's registries before anything is built."""
+def _check_stages(cfg: CN, origin: _Origin) -> None:
+    stages, epochs = list(cfg.SOLVER.LR_DECAY_STAGES), cfg.SOLVER.EPOCHS
+    whole = all(_is_int(s) for s in stages)
+    inside = whole and all(1 <= s <= epochs for s in stages)
+    if inside and all(a < b for a, b in zip(stages, stages[1:])):
+        return
+    where = origin("SOLVER.LR_DECAY_STAGES", stages, "SOLVER.EPOCHS")
+    hint = "" if inside or not whole else "; for a short run also set SOLVER.LR_DECAY_STAGES, e.g. '[]' for no decay"
+    raise ConfigError(
+        f"{where}: expected SOLVER.LR_DECAY_STAGES {stages} to be strictly increasing whole epochs "
+        f"within 1..{epochs} (SOLVER.EPOCHS){hint}"
+    )
+
+
+def _check_log_prefix(cfg: CN, origin: _Origin) -> None:
+    prefix = cfg.LOG.PREFIX
+    folder = Path(prefix).expanduser().absolute()
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        problem = f"{folder} is a file"
+    elif not os.access(folder, os.W_OK | os.X_OK):
+        problem = f"{folder} is not writable"
+    else:
+        return
+    raise ConfigError(f"{origin('LOG.PREFIX', prefix)}: expected a folder that can be written or created ({problem})")
+
+
+def validate(cfg: CN, source: str | Path, opts: list[str] | tuple = ()) -> None:
+    """Check names against the host's registries and values against their ranges, before anything is built.
+
+    Each message names the key, its value and what is expected, and says whether the value came
+    from the command line (``opts``, shown as the one KEY VALUE pair) or from the file ``source``.
+    """
     from mdistiller.distillers import distiller_dict
     from mdistiller.engine import trainer_dict
     from mdistiller.models import cifar_model_dict, imagenet_model_dict
 
-    _choice(cfg.DISTILLER.TYPE, distiller_dict, "DISTILLER.TYPE", source)
-    _choice(cfg.SOLVER.TRAINER, trainer_dict, "SOLVER.TRAINER", source)
-    models = imagenet_model_dict if cfg.DATASET.TYPE == "imagenet" else cifar_model_dict
+    origin = _Origin(Path(source), list(opts))
+    _choice(cfg, "DISTILLER.TYPE", distiller_dict, "distiller", origin)
+    _choice(cfg, "SOLVER.TRAINER", trainer_dict, "trainer", origin)
     if cfg.DATASET.TYPE not in ("cifar100", "imagenet"):
-        raise ConfigError(f"{source}: DATASET.TYPE {cfg.DATASET.TYPE!r}; expected cifar100 or imagenet")
-    _choice(cfg.DISTILLER.STUDENT, models, "DISTILLER.STUDENT", source)
+        raise ConfigError(f"{origin('DATASET.TYPE', cfg.DATASET.TYPE)}: expected cifar100 or imagenet")
+    models = imagenet_model_dict if cfg.DATASET.TYPE == "imagenet" else cifar_model_dict
+    model_kind = f"{cfg.DATASET.TYPE} model"
+    _choice(cfg, "DISTILLER.STUDENT", models, model_kind, origin)
     if cfg.DISTILLER.TYPE != "NONE":
-        _choice(cfg.DISTILLER.TEACHER, models, "DISTILLER.TEACHER", source)
-    if cfg.SOLVER.BATCH_SIZE < 1 or cfg.SOLVER.EPOCHS < 1:
-        raise ConfigError(f"{source}: SOLVER.BATCH_SIZE and SOLVER.EPOCHS must be >= 1")
-    if list(cfg.SOLVER.LR_DECAY_STAGES) != sorted(cfg.SOLVER.LR_DECAY_STAGES):
-        raise ConfigError(f"{source}: SOLVER.LR_DECAY_STAGES must be increasing, got {cfg.SOLVER.LR_DECAY_STAGES}")
+        _choice(cfg, "DISTILLER.TEACHER", models, model_kind, origin)
+    rules = {**COMMON_RULES, **DISTILLER_RULES.get(cfg.DISTILLER.TYPE, {})}
+    for key, rule in rules.items():
+        value = _get(cfg, key)
+        if value is not _MISSING and not rule.test(value):
+            raise ConfigError(f"{origin(key, value)}: expected {rule.expected}")
+    _check_stages(cfg, origin)
+    _check_log_prefix(cfg, origin)
 
 
 def load_config(name_or_path: str, opts: list[str] | tuple = ()) -> CN:
@@ -184,7 +322,7 @@ def load_config(name_or_path: str, opts: list[str] | tuple = ()) -> CN:
     cfg.defrost()
     _merge_file(cfg, path)
     _merge_opts(cfg, list(opts))
-    validate(cfg, str(path))
+    validate(cfg, path, list(opts))
     cfg.freeze()
     return cfg
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from .config import ConfigError, packaged_configs, resolve_config
+from ._cli import user_errors
+from .config import packaged_configs, resolve_config
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -13,12 +14,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--dataset", help="only this dataset (cifar100, imagenet)")
     ap.add_argument("--method", help="only this DISTILLER.TYPE (KD, DKD, NORMKD, NORMDKD)")
     ap.add_argument("--path", metavar="NAME", help="print the file of one packaged config and exit")
+    ap.add_argument("--debug", action="store_true", help="show the traceback of an input error instead of one line")
     args = ap.parse_args(argv)
     if args.path:
-        try:
+        with user_errors(ap.prog, args.debug):
             print(resolve_config(args.path))
-        except ConfigError as exc:
-            raise SystemExit(f"normkd-configs: {exc}") from exc
         return
     rows = [
         r

@@ -17,6 +17,9 @@ from __future__ import annotations
 import pickle
 import random
 import re
+import tokenize
+import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +37,8 @@ CIFAR_LAYOUTS = (
     "(or <root>/{train,test}) pickles with b'data' (N,3072) and b'fine_labels'"
 )
 _SHARD = re.compile(r"^(train|test)-(\d+)-of-(\d+)\.npz$")
+# What numpy's npz reader raises on a truncated or damaged file (zip structure, CRC, deflate, .npy header).
+_UNREADABLE = (OSError, EOFError, ValueError, SyntaxError, zipfile.BadZipFile, zlib.error, tokenize.TokenError)
 
 
 class DataError(UserError, RuntimeError):
@@ -92,13 +97,15 @@ def _load_shards(files: list[Path]) -> tuple[np.ndarray, np.ndarray]:
     images, labels = [], []
     for f in files:
         try:
-            with np.load(f) as z:
+            with open(f, "rb") as fh, np.load(fh) as z:  # our handle: np.load leaks its own on a bad zip
                 missing = [k for k in ("images", "labels") if k not in z.files]
                 if missing:
                     raise DataError(f"{f}: missing array(s) {missing}; expected 'images' and 'labels'")
                 img, lab = z["images"], z["labels"].astype(np.int64)
-        except (OSError, ValueError) as exc:
-            raise DataError(f"{f}: not a readable npz file ({exc})") from exc
+        except _UNREADABLE as exc:
+            lines = str(exc).strip().splitlines()
+            why = f"{type(exc).__name__}: {lines[0][:200] if lines else ''}"
+            raise DataError(f"{f}: unreadable npz shard, truncated or corrupt ({why}); copy it again") from exc
         _check_arrays(img, lab, f)
         images.append(img)
         labels.append(lab)

@@ -149,8 +149,16 @@ def normdkd_loss_reference(
 
 
 def _check_target(target: Tensor, logits: Tensor) -> None:
-    if target.shape != (logits.shape[0],):
-        raise ValueError(f"target must have shape ({logits.shape[0]},), got {tuple(target.shape)}")
+    """Shape and range of the class targets; on CUDA the range check is a device-side assert (no sync)."""
+    n, c = logits.shape
+    if target.shape != (n,):
+        raise ValueError(f"target must have shape ({n},), got {tuple(target.shape)}")
+    message = f"target must hold class indices in 0..{c - 1} (no ignore index such as -100)"
+    if target.is_cuda:
+        torch._assert_async(((target >= 0) & (target < c)).all(), message)
+    elif n and (int(target.min()) < 0 or int(target.max()) >= c):
+        bad = int(target[(target < 0) | (target >= c)][0])
+        raise ValueError(f"{message}; got {bad}")
 
 
 def use_fused(logits_student: Tensor) -> bool:
@@ -222,6 +230,5 @@ def normdkd_loss(
         _check_fused_device(logits_student)
         _check_logits(logits_student, logits_teacher)
         _check_reduction(reduction)
-        _check_target(target, logits_student)
         return normdkd_loss_fused(logits_student, logits_teacher, target, alpha, beta, t_norm, reduction)
     return normdkd_loss_reference(logits_student, logits_teacher, target, alpha, beta, t_norm, reduction)

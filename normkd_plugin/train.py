@@ -21,23 +21,40 @@ EPILOG = """examples:
   normkd-train --cfg cifar100/normdkd/res56_res20 DATASET.ROOT ../shared/data/cifar100 \\
       DISTILLER.TEACHER_CKPT ../shared/data/teachers/cifar100/resnet56-f2eff4c8.pt EXPERIMENT.SEED 0
   normkd-train --cfg my_kd.yaml SOLVER.TRAINER fast SOLVER.AMP True
+  normkd-train --cfg cifar100/kd/res56_res20 --cfg cifar100/normkd/res56_res20 --seeds 0,1,2 SOLVER.TRAINER fast
   normkd-train --list-distillers
 """
 
 
 def parser() -> argparse.ArgumentParser:
-    """The command line of mdistiller's tools/train.py plus --device and --list-distillers."""
+    """The command line of mdistiller's tools/train.py plus --device, --debug and --list-distillers.
+
+    Flags may stand before, between or after the KEY VALUE overrides (see ``_cli.parse_with_overrides``).
+    """
     p = argparse.ArgumentParser(
         prog="normkd-train",
         description="Train a distiller with mdistiller's trainers (plugins registered).",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--cfg", default="", help="config file, or a packaged name such as cifar100/normkd/res56_res20")
+    p.add_argument(
+        "--cfg",
+        action="append",
+        default=[],
+        help="config file, or a packaged name such as cifar100/normkd/res56_res20; "
+        "repeat it to train several configs together in one process (a pack)",
+    )
+    p.add_argument(
+        "--seeds",
+        default="",
+        metavar="S1,S2,...",
+        help="train every --cfg once per seed (EXPERIMENT.SEED), all in one pack",
+    )
     p.add_argument("--resume", action="store_true", help="continue from <run folder>/latest")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an input error instead of one line")
     p.add_argument("--list-distillers", action="store_true", help="print registered plugins and exit")
-    p.add_argument("opts", nargs=argparse.REMAINDER, help="space-separated PATH.KEY VALUE pairs")
+    p.add_argument("opts", nargs="*", metavar="KEY VALUE", help="space-separated PATH.KEY VALUE pairs")
     return p
 
 
@@ -56,36 +73,71 @@ def _list_distillers() -> None:
         print(f"{plugin.group:24s} {plugin.name:14s} {plugin.distribution} {plugin.version}  ({plugin.value})")
 
 
+def _seeded(opts: list[str], seeds: str) -> list[list[str]]:
+    """The override list of each seed of ``--seeds`` (just ``opts`` without the flag)."""
+    from .config import ConfigError
+
+    if not seeds:
+        return [list(opts)]
+    if "EXPERIMENT.SEED" in opts[::2]:
+        raise ConfigError("give the seeds either with --seeds or with EXPERIMENT.SEED, not both")
+    try:
+        values = [int(s) for s in seeds.split(",") if s.strip()]
+    except ValueError:
+        raise ConfigError(f"--seeds {seeds!r}: expected comma-separated integers such as 0,1,2") from None
+    return [[*opts, "EXPERIMENT.SEED", str(seed)] for seed in values]
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Parse, load and validate the config, build everything with the host's pieces, train."""
+    """Parse, load and validate the config(s), build everything with the host's pieces, train.
+
+    An input error (config, data, checkpoint, run folder) prints one line and exits 2.
+    """
+    from ._cli import parse_with_overrides, user_errors
+
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    args = parser().parse_args(argv)
+    p = parser()
+    args = parse_with_overrides(p, sys.argv[1:] if argv is None else argv)
     if args.list_distillers:
         _list_distillers()
         return
     if not args.cfg:
-        parser().error("--cfg is required")
+        p.error("--cfg is required")
+    with user_errors(p.prog, args.debug):
+        from .config import ConfigError, load_config, run_name
 
-    from .config import ConfigError, load_config, run_name
-
-    opts = list(args.opts)
-    try:
-        cfg = load_config(args.cfg, opts)
-    except ConfigError as exc:
-        sys.exit(f"normkd-train: {exc}")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if cfg.SOLVER.TRAINER in HOST_CUDA_TRAINERS and device.type != "cuda":
-        sys.exit(
-            f"normkd-train: SOLVER.TRAINER {cfg.SOLVER.TRAINER!r} is mdistiller's trainer, which moves every "
-            "batch to CUDA, and no CUDA device is available. Use a GPU machine, or train on the CPU "
-            "with SOLVER.TRAINER fast --device cpu."
-        )
-    if cfg.LOG.WANDB and not _wandb_available():
-        log.warning("LOG.WANDB is on but wandb is not installed; logging to tensorboard and worklog.txt only")
-        cfg.defrost()
-        cfg.LOG.WANDB = False
-        cfg.freeze()
-    train(cfg, run_name(cfg, opts), device, args.resume)
+        runs = [(name, opts) for name in args.cfg for opts in _seeded(args.opts, args.seeds)]
+        cfgs = [load_config(name, opts) for name, opts in runs]
+        names = [run_name(cfg, opts) for cfg, (_, opts) in zip(cfgs, runs)]
+        folders = {}
+        for (given, _), cfg, name in zip(runs, cfgs, names):
+            folder = os.path.normpath(os.path.join(cfg.LOG.PREFIX, name))
+            if folder in folders:
+                raise ConfigError(f"--cfg {folders[folder]} and --cfg {given} would write the same run folder {folder}")
+            folders[folder] = given
+        try:
+            device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        except RuntimeError as exc:
+            raise ConfigError(f"--device {args.device!r}: {exc}; expected cpu, cuda or cuda:N") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(f"--device {args.device}: no CUDA device is available; use --device cpu")
+        for cfg in cfgs:
+            if cfg.SOLVER.TRAINER in HOST_CUDA_TRAINERS and device.type != "cuda":
+                why = f"--device {device} was asked" if torch.cuda.is_available() else "no CUDA device is available"
+                raise ConfigError(
+                    f"SOLVER.TRAINER {cfg.SOLVER.TRAINER!r} is mdistiller's trainer, which moves every "
+                    f"batch to CUDA, and {why}. Use a GPU machine, or train on the CPU "
+                    "with SOLVER.TRAINER fast --device cpu."
+                )
+            if cfg.LOG.WANDB and not _wandb_available():
+                log.warning("LOG.WANDB is on but wandb is not installed; logging to tensorboard and worklog.txt only")
+                cfg.defrost()
+                cfg.LOG.WANDB = False
+                cfg.freeze()
+        if len(cfgs) == 1:
+            train(cfgs[0], names[0], device, args.resume)
+        else:
+            train_pack(cfgs, names, device, args.resume)
 
 
 def train(cfg, experiment_name: str, device: torch.device, resume: bool = False):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -157,19 +159,179 @@ def test_unknown_key_in_file_names_file_and_key(tmp_path):
         load_config(str(bad))
 
 
-def test_unknown_distiller_and_model_and_override(tmp_path):
+def test_bad_overrides_name_the_one_command_line_pair():
     from normkd_plugin.config import ConfigError, load_config
 
-    with pytest.raises(ConfigError, match="DISTILLER.TYPE 'NORMKDD'.*NORMKD"):
-        load_config("cifar100/normkd/res56_res20", ["DISTILLER.TYPE", "NORMKDD"])
-    with pytest.raises(ConfigError, match="DISTILLER.STUDENT 'resnet21'"):
-        load_config("cifar100/normkd/res56_res20", ["DISTILLER.STUDENT", "resnet21"])
-    with pytest.raises(ConfigError, match="override SOLVER.LRR: no such config key; did you mean SOLVER.LR"):
-        load_config("cifar100/normkd/res56_res20", ["SOLVER.LRR", "0.1"])
-    with pytest.raises(ConfigError, match="KEY VALUE pairs"):
-        load_config("cifar100/normkd/res56_res20", ["SOLVER.LR"])
-    with pytest.raises(ConfigError, match="SOLVER.TRAINER 'fats'.*fast"):
-        load_config("cifar100/normkd/res56_res20", ["SOLVER.TRAINER", "fats"])
+    good = ["SOLVER.BATCH_SIZE", "16", "EXPERIMENT.SEED", "3"]
+    cases = [
+        (
+            ["DISTILLER.TYPE", "NORMKDD"],
+            "command-line override DISTILLER.TYPE NORMKDD: not a registered distiller; did you mean NORMKD",
+        ),
+        (
+            ["DISTILLER.STUDENT", "resnet21"],
+            "command-line override DISTILLER.STUDENT resnet21: not a registered cifar100 model",
+        ),
+        (
+            ["SOLVER.TRAINER", "fats"],
+            "command-line override SOLVER.TRAINER fats: not a registered trainer; did you mean fast",
+        ),
+        (["SOLVER.LRR", "0.1"], "command-line override SOLVER.LRR 0.1: no such config key; did you mean SOLVER.LR"),
+        (["NORMKDD.TEMPERATURE_NORM", "2.0"], "command-line override NORMKDD.TEMPERATURE_NORM 2.0: no such config key"),
+        (["SOLVER", "1"], "command-line override SOLVER 1: SOLVER is a group of keys"),
+        (
+            ["SOLVER.LR", "abc"],
+            r"command-line override SOLVER.LR abc: expected a value of type float \(like 0.05\), got str 'abc'",
+        ),
+        (
+            ["SOLVER.LR", "1"],
+            r"command-line override SOLVER.LR 1: expected a value of type float \(like 0.05\), got int 1 \(write 1.0\)",
+        ),
+        (
+            ["SOLVER.EPOCHS", "2.5"],
+            r"command-line override SOLVER.EPOCHS 2.5: expected a value of type int \(like 240\), got float 2.5$",
+        ),
+        (["SOLVER.LR"], "command-line override SOLVER.LR has no VALUE; overrides are KEY VALUE pairs"),
+    ]
+    for bad, message in cases:
+        with pytest.raises(ConfigError, match=f"^{message}") as info:
+            load_config("cifar100/normkd/res56_res20", [*good, *bad])
+        # only the pair at fault: neither the other overrides nor the file are named
+        assert "BATCH_SIZE" not in str(info.value) and "yaml" not in str(info.value), str(info.value)
+
+
+def test_bad_names_in_a_file_name_the_file(tmp_path):
+    from normkd_plugin.config import ConfigError, load_config, resolve_config
+
+    bad = tmp_path / "typo.yaml"
+    bad.write_text(resolve_config("cifar100/normkd/res56_res20").read_text().replace("resnet20", "resnet21"))
+    with pytest.raises(ConfigError, match=r"typo\.yaml: DISTILLER.STUDENT 'resnet21': not a registered cifar100 model"):
+        load_config(str(bad))
+
+
+C = "cifar100/normkd/res56_res20"
+BAD_VALUES = [
+    # (config, KEY, VALUE, what the message says is expected)
+    (C, "NORMKD.TEMPERATURE_NORM", "0.0", "a finite temperature > 0"),
+    (C, "NORMKD.TEMPERATURE_NORM", "-2.0", "a finite temperature > 0"),
+    (C, "NORMKD.LOSS.CE_WEIGHT", "-0.1", "a finite weight >= 0"),
+    ("cifar100/normdkd/res56_res20", "NORMDKD.TEMPERATURE_NORM", "0.0", "a finite temperature > 0"),
+    ("cifar100/normdkd/res56_res20", "NORMDKD.WARMUP", "0", "a warm-up > 0"),
+    ("cifar100/normdkd/res56_res20", "NORMDKD.ALPHA", "-1.0", "a finite weight >= 0"),
+    ("cifar100/normdkd/res56_res20", "NORMDKD.BETA", "-8.0", "a finite weight >= 0"),
+    ("cifar100/normdkd/res56_res20", "NORMDKD.CE_WEIGHT", "-1.0", "a finite weight >= 0"),
+    ("cifar100/kd/res56_res20", "KD.TEMPERATURE", "0", "a finite temperature > 0"),
+    ("cifar100/kd/res56_res20", "KD.LOSS.KD_WEIGHT", "-0.9", "a finite weight >= 0"),
+    ("cifar100/dkd/res56_res20", "DKD.T", "-4.0", "a finite temperature > 0"),
+    ("cifar100/dkd/res56_res20", "DKD.WARMUP", "-1", "a warm-up > 0"),
+    ("cifar100/dkd/res56_res20", "DKD.BETA", "-2.0", "a finite weight >= 0"),
+    (C, "SOLVER.BATCH_SIZE", "0", "an integer >= 1"),
+    (C, "DATASET.TEST.BATCH_SIZE", "0", "an integer >= 1"),
+    (C, "SOLVER.FAST.EVAL_BATCH_SIZE", "-5", "an integer >= 1"),
+    (C, "SOLVER.EPOCHS", "0", "an integer >= 1"),
+    (C, "SOLVER.LR", "0.0", "a finite learning rate > 0"),
+    (C, "SOLVER.LR", "-0.05", "a finite learning rate > 0"),
+    (C, "SOLVER.FAST.ITERS_PER_EPOCH", "-1", r"an integer >= 0 \(0: full epochs\)"),
+    (
+        C,
+        "SOLVER.LR_DECAY_STAGES",
+        "[180,150,210]",
+        r"SOLVER.LR_DECAY_STAGES \[180, 150, 210\] to be strictly increasing",
+    ),
+    (
+        C,
+        "SOLVER.LR_DECAY_STAGES",
+        "[150,150]",
+        "SOLVER.LR_DECAY_STAGES \\[150, 150\\] to be strictly increasing whole epochs within 1..240",
+    ),
+    (C, "SOLVER.LR_DECAY_STAGES", "[0,180]", r"SOLVER.LR_DECAY_STAGES \[0, 180\] .* within 1..240"),
+    (C, "SOLVER.LR_DECAY_STAGES", "[150,250]", r"SOLVER.LR_DECAY_STAGES \[150, 250\] .* within 1..240"),
+    (C, "SOLVER.LR_DECAY_STAGES", "[1.5]", r"SOLVER.LR_DECAY_STAGES \[1.5\] to be strictly increasing whole epochs"),
+    (
+        C,
+        "SOLVER.EPOCHS",
+        "2",
+        r"SOLVER.LR_DECAY_STAGES \[150, 180, 210\] to be strictly increasing whole epochs within 1..2 .*'\[\]' for no decay",
+    ),
+]
+
+
+@pytest.mark.parametrize(("cfg", "key", "value", "expected"), BAD_VALUES, ids=[f"{k}={v}" for _, k, v, _ in BAD_VALUES])
+def test_bad_values_are_refused_naming_key_value_and_range(cfg, key, value, expected):
+    from normkd_plugin.config import ConfigError, load_config
+
+    with pytest.raises(
+        ConfigError, match=f"^command-line override {re.escape(key)} {re.escape(value)}: expected {expected}"
+    ):
+        load_config(cfg, ["EXPERIMENT.SEED", "1", key, value])
+
+
+def test_bad_value_in_a_file_names_the_file_key_and_value(tmp_path):
+    from normkd_plugin.config import ConfigError, load_config, resolve_config
+
+    text = resolve_config("cifar100/normdkd/res56_res20").read_text()
+    assert "WARMUP: 20" in text
+    bad = tmp_path / "warm.yaml"
+    bad.write_text(text.replace("WARMUP: 20", "WARMUP: 0"))
+    with pytest.raises(ConfigError, match=r"warm\.yaml: NORMDKD.WARMUP 0: expected a warm-up > 0"):
+        load_config(str(bad))
+    bad.write_text(text.replace("TEMPERATURE_NORM: 2.0", "TEMPERATURE_NORM: .nan"))
+    with pytest.raises(
+        ConfigError, match=r"warm\.yaml: NORMDKD.TEMPERATURE_NORM nan: expected a finite temperature > 0"
+    ):
+        load_config(str(bad))
+
+
+def test_only_the_selected_distillers_node_is_checked():
+    from normkd_plugin.config import load_config
+
+    # KD's node is not read by NORMKD, so a KD value out of range does not stop a NORMKD run
+    cfg = load_config(C, ["KD.TEMPERATURE", "0"])
+    assert cfg.KD.TEMPERATURE == 0 and cfg.DISTILLER.TYPE == "NORMKD"
+
+
+def test_release_nodes_are_checked(tmp_path):
+    from normkd_plugin.config import ConfigError, load_config
+
+    f = tmp_path / "release.yaml"
+    f.write_text(
+        "DISTILLER:\n  TYPE: NormKD_W_DKD\n  TEACHER: resnet32x4\n  STUDENT: resnet8x4\n"
+        "NormKD_W_DKD:\n  TEMPERATURE_NORM: 2.0\n  WARMUP: 20\n"
+    )
+    with pytest.raises(ConfigError, match="override NormKD_W_DKD.TEMPERATURE_NORM -1.0: expected a finite temperature"):
+        load_config(str(f), ["NormKD_W_DKD.TEMPERATURE_NORM", "-1.0"])
+    with pytest.raises(ConfigError, match="override NormKD_W_DKD.WARMUP 0: expected a warm-up > 0"):
+        load_config(str(f), ["NormKD_W_DKD.WARMUP", "0"])
+    f.write_text("DISTILLER:\n  TYPE: NormKD\n  TEACHER: resnet32x4\n  STUDENT: resnet8x4\n")
+    with pytest.raises(ConfigError, match="override NormKD.TEMPERATURE_NORM 0.0: expected a finite temperature"):
+        load_config(str(f), ["NormKD.TEMPERATURE_NORM", "0.0"])
+
+
+def test_short_run_with_its_own_decay_stages_is_accepted():
+    from normkd_plugin.config import load_config
+
+    assert load_config(C, ["SOLVER.EPOCHS", "2", "SOLVER.LR_DECAY_STAGES", "[]"]).SOLVER.EPOCHS == 2
+    assert list(load_config(C, ["SOLVER.EPOCHS", "2", "SOLVER.LR_DECAY_STAGES", "[1,2]"]).SOLVER.LR_DECAY_STAGES) == [
+        1,
+        2,
+    ]
+
+
+def test_log_prefix_must_be_writable_or_creatable(tmp_path, monkeypatch):
+    from normkd_plugin.config import ConfigError, load_config
+
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(ConfigError, match=r"override LOG.PREFIX .*a-file/out: expected a folder .*a-file is a file"):
+        load_config(C, ["LOG.PREFIX", str(tmp_path / "a-file" / "out")])
+    # a folder that does not exist yet is fine when its nearest existing parent is writable; nothing is created
+    assert load_config(C, ["LOG.PREFIX", str(tmp_path / "new" / "deeper")]).LOG.PREFIX.endswith("deeper")
+    assert not (tmp_path / "new").exists()
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if Path(p) == locked else real_access(p, mode))
+    with pytest.raises(ConfigError, match=r"LOG.PREFIX .*locked/out: expected a folder .*locked is not writable"):
+        load_config(C, ["LOG.PREFIX", str(locked / "out")])
 
 
 def test_release_config_runs_unchanged(tmp_path):

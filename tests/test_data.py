@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+import re
 import shutil
 
 import numpy as np
@@ -108,6 +109,37 @@ def test_malformed_inputs(tmp_path):
     np.savez(tmp_path / "train-0-of-2.npz", images=np.zeros((4, 32, 32, 3), np.uint8), labels=np.full(4, 100))
     with pytest.raises(DataError, match="fine labels 0-99"):
         load_cifar100(tmp_path, True)
+
+
+@pytest.fixture(scope="module")
+def real_shard_bytes():
+    shard = CIFAR_DIR / "test-0-of-1.npz"
+    if not shard.is_file():
+        pytest.skip(f"real CIFAR-100 shards not found in {CIFAR_DIR} (set NORMKD_DATA)")
+    return shard.read_bytes()
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.999, 30, 0])
+def test_truncated_real_shard_names_the_shard(tmp_path, real_shard_bytes, keep):
+    from normkd_plugin.data import DataError, load_cifar100
+
+    shard = tmp_path / "test-0-of-1.npz"
+    shard.write_bytes(real_shard_bytes[: int(len(real_shard_bytes) * keep) if keep < 1 else keep])
+    with pytest.raises(DataError, match=rf"^{re.escape(str(shard))}: unreadable npz shard, truncated or corrupt \("):
+        load_cifar100(tmp_path, train=False)
+
+
+# Byte offsets in the real shard: deflate stream start, the .npy header, mid-images (zip CRC).
+@pytest.mark.parametrize("offset", [100, 200, 14_000_000])
+def test_bit_flipped_real_shard_names_the_shard(tmp_path, real_shard_bytes, offset):
+    from normkd_plugin.data import DataError, load_cifar100
+
+    data = bytearray(real_shard_bytes)
+    data[offset] ^= 0xFF
+    shard = tmp_path / "test-0-of-1.npz"
+    shard.write_bytes(bytes(data))
+    with pytest.raises(DataError, match=rf"^{re.escape(str(shard))}: unreadable npz shard, truncated or corrupt \("):
+        load_cifar100(tmp_path, train=False)
 
 
 def test_seeded_loaders_repeat_their_order(tmp_path, cifar_test_arrays):

@@ -114,3 +114,57 @@ def test_forcing_fused_on_cpu_is_refused(monkeypatch):
         normkd_loss(torch.randn(2, 3), torch.randn(2, 3), 2.0, fused=True)
     with pytest.raises(ValueError, match="fused=True needs CUDA logits"):
         normdkd_loss(torch.randn(2, 3), torch.randn(2, 3), torch.tensor([0, 1]), 1.0, 1.0, 2.0, fused=True)
+
+
+TARGET_CHECK = textwrap.dedent(
+    """
+    import torch
+    from normkd_plugin import _fused, losses
+
+    zs, zt = torch.randn(4, 10), torch.randn(4, 10)
+    good = torch.tensor([0, 9, 3, 3])
+    fused = _fused.normdkd_loss_fused(zs, zt, good, 1.0, 8.0, 2.0)
+    ref = losses.normdkd_loss_reference(zs, zt, good, 1.0, 8.0, 2.0)
+    assert torch.allclose(fused, ref, rtol=1e-4), (fused, ref)
+    for bad, shown in ((-100, -100), (10, 10), (-1, -1)):
+        y = good.clone()
+        y[2] = bad
+        paths = {
+            "reference": lambda: losses.normdkd_loss_reference(zs, zt, y, 1.0, 8.0, 2.0),
+            "public fused=True": lambda: losses.normdkd_loss(zs, zt, y, 1.0, 8.0, 2.0, fused=True),
+            "fused kernel entry": lambda: _fused.normdkd_loss_fused(zs, zt, y, 1.0, 8.0, 2.0),
+        }
+        messages = set()
+        for name, call in paths.items():
+            try:
+                call()
+            except ValueError as exc:
+                messages.add(str(exc))
+            else:
+                raise AssertionError(f"{name} accepted target {bad}")
+        assert messages == {f"target must hold class indices in 0..9 (no ignore index such as -100); got {shown}"}, messages
+    print("TARGET-OK")
+    """
+)
+
+
+def test_out_of_range_target_is_refused_alike_by_reference_and_fused_path():
+    """-100 (an ignore index) or C: the same ValueError from both paths, before the kernel runs (Triton interpreter)."""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run([sys.executable, "-c", TARGET_CHECK], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0 and "TARGET-OK" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-4000:]
+
+
+@needs_cuda
+def test_out_of_range_target_on_cuda_needs_no_host_sync():
+    """On CUDA the range check is a device-side assert queued on the stream, not a host round trip."""
+    from normkd_plugin.losses import normdkd_loss
+
+    zs, zt = torch.randn(8, 100, device="cuda"), torch.randn(8, 100, device="cuda")
+    y = torch.randint(0, 100, (8,), device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        normdkd_loss(zs, zt, y, 1.0, 8.0, 2.0, fused=True)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

@@ -49,9 +49,13 @@ def test_host_trainer_without_cuda_stops_before_building(tmp_path):
     assert not any(tmp_path.iterdir())
 
 
-def test_bad_config_fails_before_training(tmp_path):
+def test_bad_config_fails_before_training_with_one_line_and_exit_2(tmp_path):
     proc = _cli("--cfg", "cifar100/normkd/res56_res20", "NORMKD.TEMPERATURE", "2", "LOG.PREFIX", str(tmp_path))
-    assert proc.returncode != 0 and "override NORMKD.TEMPERATURE: no such config key" in proc.stderr
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "normkd-train: command-line override NORMKD.TEMPERATURE 2: no such config key; "
+        "did you mean NORMKD.TEMPERATURE_NORM, KD.TEMPERATURE, NORMDKD.TEMPERATURE_NORM?"
+    ]
     assert not any(tmp_path.iterdir())
 
 
@@ -66,7 +70,7 @@ def _train_once(tmp_path, small_cifar, teacher, seed, prefix):
 
     opts = [
         "--cfg", "cifar100/normdkd/res56_res20", "--device", "cpu",
-        "SOLVER.TRAINER", "fast", "SOLVER.BATCH_SIZE", "16", "SOLVER.EPOCHS", "1",
+        "SOLVER.TRAINER", "fast", "SOLVER.BATCH_SIZE", "16", "SOLVER.EPOCHS", "1", "SOLVER.LR_DECAY_STAGES", "[]",
         "SOLVER.FAST.ITERS_PER_EPOCH", "1", "DATASET.ROOT", str(small_cifar),
         "DISTILLER.TEACHER_CKPT", str(teacher), "EXPERIMENT.SEED", str(seed), "LOG.PREFIX", str(prefix),
     ]  # fmt: skip
@@ -80,7 +84,8 @@ def test_same_seed_same_first_iteration_losses_and_recorded(tmp_path, small_cifa
     other = _train_once(tmp_path, small_cifar, teacher_resnet56, 8, tmp_path / "out-other")
     assert (
         runs[0].name
-        == "normdkd,res56,res20,SOLVER.TRAINER:fast,SOLVER.BATCH_SIZE:16,SOLVER.EPOCHS:1,SOLVER.FAST.ITERS_PER_EPOCH:1,seed:7"
+        == "normdkd,res56,res20,SOLVER.TRAINER:fast,SOLVER.BATCH_SIZE:16,SOLVER.EPOCHS:1,SOLVER.LR_DECAY_STAGES:[],"
+        "SOLVER.FAST.ITERS_PER_EPOCH:1,seed:7"
     )
     losses = [(r / "worklog.txt").read_text().split("train_loss: ")[1].split()[0] for r in [*runs, other]]
     assert losses[0] == losses[1]
@@ -97,7 +102,7 @@ def test_interrupted_run_resumes_through_the_cli(tmp_path, small_cifar, teacher_
 
     argv = [
         "--cfg", "cifar100/normkd/res56_res20", "--device", "cpu", "SOLVER.TRAINER", "fast",
-        "SOLVER.BATCH_SIZE", "16", "SOLVER.FAST.ITERS_PER_EPOCH", "1", "SOLVER.EPOCHS", "3",
+        "SOLVER.BATCH_SIZE", "16", "SOLVER.FAST.ITERS_PER_EPOCH", "1", "SOLVER.EPOCHS", "3", "SOLVER.LR_DECAY_STAGES", "[2]",
         "DATASET.ROOT", str(small_cifar), "DISTILLER.TEACHER_CKPT", str(teacher_resnet56),
         "LOG.PREFIX", str(tmp_path / "o"), "EXPERIMENT.NAME", "r",
     ]  # fmt: skip
@@ -123,16 +128,138 @@ def test_interrupted_run_resumes_through_the_cli(tmp_path, small_cifar, teacher_
     assert text.count("best_acc") == 1
 
 
-def test_missing_teacher_checkpoint_names_path(tmp_path, small_cifar):
+def test_missing_teacher_checkpoint_is_one_line_naming_the_path(tmp_path, small_cifar, capsys):
     from normkd_plugin import train
     from normkd_plugin.checkpoints import CheckpointError
 
-    with pytest.raises(CheckpointError, match=r"missing\.pt.*ckpt_epoch_240\.pth"):
-        train.main([
-            "--cfg", "cifar100/normkd/res56_res20", "--device", "cpu", "SOLVER.TRAINER", "fast",
-            "DATASET.ROOT", str(small_cifar), "DISTILLER.TEACHER_CKPT", str(tmp_path / "missing.pt"),
-            "LOG.PREFIX", str(tmp_path / "o"),
-        ])  # fmt: skip
+    missing = tmp_path / "missing.pt"
+    argv = [
+        "--cfg", "cifar100/normkd/res56_res20", "--device", "cpu", "SOLVER.TRAINER", "fast",
+        "DATASET.ROOT", str(small_cifar), "DISTILLER.TEACHER_CKPT", str(missing), "LOG.PREFIX", str(tmp_path / "o"),
+    ]  # fmt: skip
+    with pytest.raises(SystemExit) as info:
+        train.main(argv)
+    assert info.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last == f"normkd-train: DISTILLER.TEACHER_CKPT {missing}: no such file"
+    with pytest.raises(CheckpointError, match="no such file"):  # --debug: the exception itself, with its traceback
+        train.main([*argv, "--debug"])
+
+
+@pytest.fixture
+def fake_train(monkeypatch):
+    """Replace train() and train_pack() by recorders: the CLI is tested without training anything."""
+    from normkd_plugin import train
+
+    calls = []
+    monkeypatch.setattr(
+        train, "train", lambda cfg, name, device, resume: calls.append(("train", cfg, name, device, resume))
+    )
+    monkeypatch.setattr(
+        train,
+        "train_pack",
+        lambda cfgs, names, device, resume: calls.append(("pack", cfgs, names, device, resume)),
+        raising=False,
+    )
+    return calls
+
+
+def test_flags_may_follow_the_overrides(tmp_path, fake_train):
+    from normkd_plugin import train
+
+    cfg = "cifar100/normkd/res56_res20"
+    # a VALUE starting with "-" (the seed) is never taken for a flag
+    overrides = ["SOLVER.TRAINER", "fast", "EXPERIMENT.SEED", "-1", "SOLVER.LR", "0.1", "LOG.PREFIX", str(tmp_path)]
+    orders = [
+        ["--resume", "--device", "cpu", "--cfg", cfg, *overrides],
+        ["--cfg", cfg, *overrides, "--resume", "--device", "cpu"],
+        ["--cfg", cfg, *overrides[:4], "--resume", *overrides[4:], "--device=cpu"],
+    ]
+    for argv in orders:
+        train.main(argv)
+    assert len(fake_train) == 3
+    for kind, cfg_, name, device, resume in fake_train:
+        assert (kind, name, device.type, resume) == ("train", fake_train[0][2], "cpu", True)
+        assert (cfg_.SOLVER.TRAINER, cfg_.EXPERIMENT.SEED, cfg_.SOLVER.LR) == ("fast", -1, 0.1)
+
+
+def test_parse_with_overrides_keeps_pairs_and_negative_values():
+    import argparse
+
+    from normkd_plugin._cli import parse_with_overrides
+
+    p = argparse.ArgumentParser()
+    p.add_argument("--cfg", action="append", default=[])
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("opts", nargs="*")
+    args = parse_with_overrides(p, ["A.B", "-1", "--cfg", "x", "C", "--weird", "--res", "--cfg=y", "--", "D", "--e"])
+    assert (args.cfg, args.resume, args.opts) == (["x", "y"], True, ["A.B", "-1", "C", "--weird", "D", "--e"])
+    with pytest.raises(SystemExit):
+        parse_with_overrides(p, ["--nope"])
+
+
+def test_user_errors_print_one_line_and_exit_2(capsys):
+    from normkd_plugin._cli import user_errors
+    from normkd_plugin.errors import UserError
+
+    with pytest.raises(SystemExit) as info, user_errors("prog"):
+        raise UserError("first line\n  second line")
+    assert info.value.code == 2 and capsys.readouterr().err == "prog: first line second line\n"
+    with pytest.raises(UserError), user_errors("prog", debug=True):
+        raise UserError("shown with its traceback")
+    with pytest.raises(KeyError), user_errors("prog"):  # not an input error: a bug keeps its traceback
+        raise KeyError("x")
+
+
+def test_several_configs_train_as_one_pack(tmp_path, fake_train):
+    from normkd_plugin import train
+
+    argv = ["--cfg", "cifar100/kd/res56_res20", "SOLVER.TRAINER", "fast", "LOG.PREFIX", str(tmp_path)]
+    train.main([*argv, "--cfg", "cifar100/normkd/res56_res20", "--device", "cpu", "--resume"])
+    ((kind, cfgs, names, device, resume),) = fake_train
+    assert kind == "pack" and [c.DISTILLER.TYPE for c in cfgs] == ["KD", "NORMKD"]
+    assert all(c.SOLVER.TRAINER == "fast" for c in cfgs) and (device.type, resume) == ("cpu", True)
+    assert names == ["cifar100/kd,res56,res20,SOLVER.TRAINER:fast", "cifar100/normkd,res56,res20,SOLVER.TRAINER:fast"]
+
+
+def test_pack_without_train_pack_exits_2(tmp_path, monkeypatch, capsys):
+    from normkd_plugin import train
+
+    monkeypatch.delattr(train, "train_pack", raising=False)
+    argv = ["--cfg", "cifar100/kd/res56_res20", "--cfg", "cifar100/normkd/res56_res20", "--device", "cpu"]
+    with pytest.raises(SystemExit) as info:
+        train.main([*argv, "SOLVER.TRAINER", "fast", "LOG.PREFIX", str(tmp_path)])
+    assert info.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "normkd-train: packs need normkd_plugin.train.train_pack"
+
+
+def test_pack_members_writing_the_same_folder_are_refused(tmp_path, fake_train, capsys):
+    from normkd_plugin import train
+
+    argv = ["--cfg", "cifar100/kd/res56_res20", "--cfg", "cifar100/kd/res56_res20", "--device", "cpu"]
+    with pytest.raises(SystemExit) as info:
+        train.main([*argv, "SOLVER.TRAINER", "fast", "LOG.PREFIX", str(tmp_path)])
+    assert info.value.code == 2 and not fake_train
+    assert "would write the same run folder" in capsys.readouterr().err
+
+
+def test_bad_device_is_one_line(tmp_path, fake_train, capsys):
+    from normkd_plugin import train
+
+    with pytest.raises(SystemExit) as info:
+        train.main(["--cfg", "cifar100/kd/res56_res20", "SOLVER.TRAINER", "fast", "--device", "tpu"])
+    assert info.value.code == 2 and not fake_train
+    assert capsys.readouterr().err.startswith("normkd-train: --device 'tpu': ")
+
+
+def test_normkd_configs_unknown_name_is_one_line_exit_2():
+    proc = subprocess.run(
+        [sys.executable, "-m", "normkd_plugin.configs_cli", "--path", "cifar100/normkd/res56_res2"],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("normkd-configs: --cfg 'cifar100/normkd/res56_res2' is neither a file")
+    assert len(proc.stderr.strip().splitlines()) == 1
 
 
 def test_run_launcher_registers_and_runs_script_as_main(tmp_path, monkeypatch):
