@@ -159,7 +159,7 @@ def test_resume_continues_where_it_stopped(tmp_path, cifar_test_arrays):
 
 
 def test_resume_of_a_finished_run_changes_nothing(tmp_path, cifar_test_arrays):
-    cfg = _cfg(tmp_path, **{"SOLVER.FAST.ITERS_PER_EPOCH": 1, "SOLVER.EPOCHS": 1})
+    cfg = _cfg(tmp_path, **{"SOLVER.FAST.ITERS_PER_EPOCH": 1, "SOLVER.EPOCHS": 1, "SOLVER.LR_DECAY_STAGES": "[1]"})
     _trainer(cfg, cifar_test_arrays).train()
     folder = tmp_path / "run"
     before = {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}

@@ -95,9 +95,8 @@ def test_same_seed_same_first_iteration_losses_and_recorded(tmp_path, small_cifa
     assert cfg["DATASET"]["ROOT"] == str(small_cifar)
 
 
-def test_interrupted_run_resumes_through_the_cli(tmp_path, small_cifar, teacher_resnet56, monkeypatch):
+def test_interrupted_run_resumes_through_the_cli(tmp_path, small_cifar, teacher_resnet56, monkeypatch, capsys):
     from normkd_plugin import train
-    from normkd_plugin.errors import RunError
     from normkd_plugin.fast.pack import Pack
 
     argv = [
@@ -106,8 +105,9 @@ def test_interrupted_run_resumes_through_the_cli(tmp_path, small_cifar, teacher_
         "DATASET.ROOT", str(small_cifar), "DISTILLER.TEACHER_CKPT", str(teacher_resnet56),
         "LOG.PREFIX", str(tmp_path / "o"), "EXPERIMENT.NAME", "r",
     ]  # fmt: skip
-    with pytest.raises(RunError, match="holds no run to resume"):
+    with pytest.raises(SystemExit) as info:
         train.main(["--resume", *argv])
+    assert info.value.code == 2 and "holds no run to resume" in capsys.readouterr().err
     real_epoch = Pack.train_epoch
 
     def interrupted(self, runs, epoch):
@@ -118,8 +118,9 @@ def test_interrupted_run_resumes_through_the_cli(tmp_path, small_cifar, teacher_
     monkeypatch.setattr(Pack, "train_epoch", interrupted)
     with pytest.raises(KeyboardInterrupt):
         train.main(argv)
-    with pytest.raises(RunError, match="already holds a started run; add --resume"):
+    with pytest.raises(SystemExit):
         train.main(argv)
+    assert "already holds a started run; add --resume" in capsys.readouterr().err
     monkeypatch.setattr(Pack, "train_epoch", real_epoch)
     train.main(["--resume", *argv])
     (folder,) = list((tmp_path / "o" / "cifar100").iterdir())
@@ -222,15 +223,21 @@ def test_several_configs_train_as_one_pack(tmp_path, fake_train):
     assert names == ["cifar100/kd,res56,res20,SOLVER.TRAINER:fast", "cifar100/normkd,res56,res20,SOLVER.TRAINER:fast"]
 
 
-def test_pack_without_train_pack_exits_2(tmp_path, monkeypatch, capsys):
+def test_seeds_times_configs_go_to_train_pack(tmp_path, fake_train, capsys):
     from normkd_plugin import train
 
-    monkeypatch.delattr(train, "train_pack", raising=False)
     argv = ["--cfg", "cifar100/kd/res56_res20", "--cfg", "cifar100/normkd/res56_res20", "--device", "cpu"]
+    train.main([*argv, "--seeds", "0,1", "SOLVER.TRAINER", "fast", "LOG.PREFIX", str(tmp_path)])
+    ((kind, cfgs, names, _, resume),) = fake_train
+    assert kind == "pack" and not resume
+    assert [(c.DISTILLER.TYPE, c.EXPERIMENT.SEED) for c in cfgs] == [("KD", 0), ("KD", 1), ("NORMKD", 0), ("NORMKD", 1)]
+    assert names[1] == "cifar100/kd,res56,res20,SOLVER.TRAINER:fast,seed:1"
     with pytest.raises(SystemExit) as info:
-        train.main([*argv, "SOLVER.TRAINER", "fast", "LOG.PREFIX", str(tmp_path)])
-    assert info.value.code == 2
-    assert capsys.readouterr().err.strip().splitlines()[-1] == "normkd-train: packs need normkd_plugin.train.train_pack"
+        train.main([*argv, "--seeds", "0", "EXPERIMENT.SEED", "3", "LOG.PREFIX", str(tmp_path)])
+    assert info.value.code == 2 and "either with --seeds or with EXPERIMENT.SEED" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        train.main([*argv, "--seeds", "0,x"])
+    assert "--seeds '0,x': expected comma-separated integers" in capsys.readouterr().err
 
 
 def test_pack_members_writing_the_same_folder_are_refused(tmp_path, fake_train, capsys):
