@@ -4,6 +4,10 @@
 #   checks : CUDA tests (fused loss, graph vs eager) and benchmarks/loss_speed.py
 #   stage  : only copy the data shards into $DATA
 #   train  : benchmarks/trainer_speed.py, then the base-vs-fast accuracy parity runs
+#   pack   : benchmarks/pack_speed.py (K = 1, 4, 12 runs per pack, fp32 and bf16)
+#   compare: one chunk of the 240-epoch KD/DKD/NormKD/NormDKD x 3 seeds comparison on resnet56 -> resnet20,
+#            resumed from results/cifar100-res56_res20/ and killed after $COMPARE_SECONDS (a kill is safe:
+#            every run resumes exactly); worklogs, configs and the unfinished runs' `latest` come back in $OUT
 # Inputs live in the ignored folder .dev/ (wheels in .dev/whl, an mdistiller checkout in
 # .dev/mdistiller, data shards in .dev/d*/). Results go to $OUT (default results/gpu).
 set -uo pipefail
@@ -27,7 +31,8 @@ for step in "$@"; do
     stage_data ;;
   stage) stage_data ;;
   checks)
-    python3 -P -m pytest -q -p no:cacheprovider tests/test_fused.py tests/test_fast_trainer.py tests/test_losses.py 2>&1 | tail -5
+    python3 -P -m pytest -q -p no:cacheprovider tests/test_fused.py tests/test_fast_trainer.py tests/test_losses.py \
+      tests/test_pack.py tests/test_augment.py 2>&1 | tail -8
     python3 benchmarks/loss_speed.py --out "$OUT/loss_speed.md" ;;
   losses) python3 benchmarks/loss_speed.py --out "$OUT/loss_speed.md" ;;
   train)
@@ -47,6 +52,21 @@ for step in "$@"; do
       cp "$run/config.yaml" "$OUT/parity-$trainer-config.yaml"
       grep -a "ms/iter" "/tmp/parity-$trainer.log" | tail -2
       tail -c 300 "$OUT/parity-$trainer-worklog.txt"; echo
+    done ;;
+  pack) python3 benchmarks/pack_speed.py --data "$DATA" --out "$OUT/pack_speed.md" 2>&1 | grep '^|' ;;
+  compare)
+    keep=results/cifar100-res56_res20 prefix=/tmp/compare
+    mkdir -p "$prefix/cifar100" && cp -rn "$keep"/runs/* "$prefix/cifar100/" 2>/dev/null
+    timeout --signal=KILL "${COMPARE_SECONDS:-480}" normkd-train --resume --seeds 0,1,2 \
+      --cfg cifar100/kd/res56_res20 --cfg cifar100/dkd/res56_res20 --cfg cifar100/normkd/res56_res20 \
+      --cfg cifar100/normdkd/res56_res20 SOLVER.TRAINER fast DATASET.ROOT "$DATA" \
+      DISTILLER.TEACHER_CKPT "$DATA/resnet56-f2eff4c8.pt" LOG.PREFIX "$prefix" > /tmp/compare.log 2>&1
+    echo "compare chunk exit code $? (137: stopped by the time limit; resumes next time)"
+    for run in "$prefix"/cifar100/*/; do
+      dst="$OUT/compare/$(basename "$run")" && mkdir -p "$dst"
+      cp "$run"/worklog.txt "$run"/config.yaml "$dst"/
+      grep -q "^best_acc" "$run/worklog.txt" || cp "$run/latest" "$dst"/  # compact resume state: student + optimizer
+      echo "$(basename "$run"): $(grep -c '^epoch:' "$run/worklog.txt") epochs"
     done ;;
   *) echo "unknown stage $step"; exit 2 ;;
   esac

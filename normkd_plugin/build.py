@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import inspect
+import os
 
 from torch import nn
 
 from .checkpoints import load_teacher
 
-__all__ = ["build_student", "build_teacher", "build_models", "build_distiller"]
+__all__ = ["build_student", "build_teacher", "build_models", "build_distiller", "build_pack"]
 
 
 def build_student(cfg, num_classes: int) -> nn.Module:
@@ -54,3 +55,34 @@ def build_distiller(cfg, student: nn.Module, teacher: nn.Module | None, num_data
     if len(inspect.signature(cls.__init__).parameters) > 4:
         return cls(student, teacher, cfg, num_data)
     return cls(student, teacher, cfg)
+
+
+def build_pack(cfgs: list, names: list[str], folders: list, device):
+    """A fast-trainer Pack: data and teacher once; then per run, seed, student, distiller and optimizer.
+
+    The order is the same for a pack of one, so a run's initialisation depends on its own seed only.
+    Only each run's tensorboard writer is opened; locking and starting the folders is the caller's.
+    """
+    import torch
+    from tensorboardX import SummaryWriter
+
+    from .data import get_dataset, seed_everything
+    from .fast.pack import Pack, PackRun, SharedTeacher, data_seed, host_optimizer
+    from .fast.trainer import tensor_split
+
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = all(cfg.EXPERIMENT.SEED < 0 for cfg in cfgs)
+    train_loader, val_loader, num_data, num_classes = get_dataset(cfgs[0])
+    teacher_cfg = next((cfg for cfg in cfgs if cfg.DISTILLER.TYPE != "NONE"), None)
+    teacher = None if teacher_cfg is None else SharedTeacher(build_teacher(teacher_cfg, num_classes)).to(device)
+    runs = []
+    for cfg, name, folder in zip(cfgs, names, folders):
+        if cfg.EXPERIMENT.SEED >= 0:
+            seed_everything(cfg.EXPERIMENT.SEED)
+        student = build_student(cfg, num_classes)
+        distiller = build_distiller(cfg, student, teacher if cfg.DISTILLER.TYPE != "NONE" else None, num_data)
+        distiller.to(device)
+        writer = SummaryWriter(os.path.join(folder.path, "train.events"), flush_secs=60)
+        runs.append(PackRun(name, cfg, folder, distiller, host_optimizer(cfg, distiller), data_seed(cfg), writer))
+    train_data = tensor_split(train_loader, "train", device)
+    return Pack(runs, train_data, tensor_split(val_loader, "validation", device), teacher)

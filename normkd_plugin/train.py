@@ -187,15 +187,10 @@ def _init_wandb(cfg, experiment_name: str) -> None:
 def train_pack(cfgs: list, names: list[str], device: torch.device, resume: bool = False):
     """Runs of one teacher trained together by the ``fast`` engine; each as it would train alone.
 
-    Order (the same for a pack of one): check the pack, lock and guard every run folder, load the
-    data and the teacher once, then per run seed the global RNG and build its student and distiller.
+    The pack is checked and every run folder locked and guarded before anything is built.
     """
-    from tensorboardX import SummaryWriter
-
-    from .build import build_distiller, build_student, build_teacher
-    from .data import get_dataset, seed_everything
-    from .fast.pack import Pack, PackRun, SharedTeacher, check_pack, data_seed, host_optimizer
-    from .fast.trainer import tensor_split
+    from .build import build_pack
+    from .fast.pack import check_pack
     from .runs import RunFolder
 
     check_pack(cfgs, names)
@@ -207,34 +202,9 @@ def train_pack(cfgs: list, names: list[str], device: torch.device, resume: bool 
         todo = [(c, n, f) for c, n, f in zip(cfgs, names, folders) if f.check_start(resume, new_ok) != "skip"]
         if not todo:
             return None
-        if device.type == "cuda":
-            torch.backends.cudnn.benchmark = all(cfg.EXPERIMENT.SEED < 0 for cfg, _, _ in todo)
-        train_loader, val_loader, num_data, num_classes = get_dataset(todo[0][0])
-        teacher_cfg = next((cfg for cfg, _, _ in todo if cfg.DISTILLER.TYPE != "NONE"), None)
-        teacher = None
-        if teacher_cfg is not None:
-            teacher = SharedTeacher(build_teacher(teacher_cfg, num_classes)).to(device)
-        runs = []
-        for cfg, name, folder in todo:
-            if cfg.EXPERIMENT.SEED >= 0:
-                seed_everything(cfg.EXPERIMENT.SEED)
-            student = build_student(cfg, num_classes)
-            distiller = build_distiller(cfg, student, teacher if cfg.DISTILLER.TYPE != "NONE" else None, num_data)
-            distiller.to(device)
+        for cfg, name, _ in todo:
             _init_wandb(cfg, name)
-            runs.append(
-                PackRun(
-                    name=name,
-                    cfg=cfg,
-                    folder=folder,
-                    distiller=distiller,
-                    optimizer=host_optimizer(cfg, distiller),
-                    seed=data_seed(cfg),
-                    writer=SummaryWriter(os.path.join(folder.path, "train.events")),
-                )
-            )
-        train_data = tensor_split(train_loader, "train", device)
-        pack = Pack(runs, train_data, tensor_split(val_loader, "validation", device), teacher)
+        pack = build_pack(*map(list, zip(*todo)), device)
         return pack.train(resume, new_ok)
     finally:
         for folder in folders:
