@@ -8,7 +8,8 @@ NormDKD; one seed) and 12 (the 4 methods x 3 seeds, so 3 distinct batches a step
 (ms per step / K) relative to a solo ``fast`` run of the same precision and to mdistiller's stock
 ``base`` trainer measured in the same process; peak GPU memory. Teachers keep a random
 initialisation (their weights do not change the work). Timed after a warm-up that includes the
-graph capture. Runs on a CPU too (``--device cpu``, eager), for checking the script only. Not a test.
+graph capture. Packs of K > 1 are timed twice: students one after another in the step ("serial")
+and each on its own forked CUDA stream ("branches", SOLVER.FAST.PACK_BRANCHES). Runs on a CPU too (``--device cpu``, eager), for checking the script only. Not a test.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from normkd_plugin.runs import RunFolder  # noqa: E402
 METHODS = ("kd", "dkd", "normkd", "normdkd")
 PAIRS = {"res56_res20": ("resnet56", "resnet20"), "res32x4_res8x4": ("resnet32x4", "resnet8x4")}
 PRECISIONS = {"fp32": [], "bf16": ["SOLVER.AMP", "True", "SOLVER.FAST.CHANNELS_LAST", "True"]}
+BRANCHES = ["SOLVER.FAST.PACK_BRANCHES", "True"]  # students on forked streams (parallel graph branches)
 
 
 def _sync(device: torch.device) -> None:
@@ -114,13 +116,15 @@ def main() -> None:
             base = bench_base(cfg, init, get_dataset(cfg)[:2], args.iters, args.warmup, on_gpu=False)
         for precision, extra in PRECISIONS.items():
             solo = None
-            for k in sizes:
-                sec, mem = bench_pack(stem, k, extra, common, device, args.iters, args.warmup)
+            cases = [(k, "serial", extra) for k in sizes]
+            cases += [(k, "branches", extra + BRANCHES) for k in sizes if k > 1 and device.type == "cuda"]
+            for k, layout, opts in cases:
+                sec, mem = bench_pack(stem, k, opts, common, device, args.iters, args.warmup)
                 per_run = sec / k
                 solo = per_run if k == 1 else solo
                 vs_solo = f"{per_run / solo:.3f}×" if solo else "–"
                 lines.append(
-                    f"| {stem} | {precision} | {k} | {sec * 1e3:.2f} | {per_run * 1e3:.2f} | {vs_solo} | "
+                    f"| {stem} | {precision} | {k} {layout} | {sec * 1e3:.2f} | {per_run * 1e3:.2f} | {vs_solo} | "
                     f"{per_run / base:.3f}× | {mem:.2f} |"
                 )
                 print(lines[-1], flush=True)

@@ -196,7 +196,8 @@ def test_a_run_that_turns_nan_fails_alone(tmp_path, small_cifar_npz, teacher_res
 
 
 @needs_cuda
-def test_packed_graph_equals_solo_eager_runs_on_cuda(tmp_path, small_cifar_npz, teacher_resnet56):
+@pytest.mark.parametrize("branches", [False, True])
+def test_packed_graph_equals_solo_eager_runs_on_cuda(tmp_path, small_cifar_npz, teacher_resnet56, branches):
     """Deterministic kernels: the packed CUDA-graph runs against solo eager runs, within float32 rounding."""
     from normkd_plugin.config import load_config, run_name
     from normkd_plugin.train import train_pack
@@ -206,7 +207,9 @@ def test_packed_graph_equals_solo_eager_runs_on_cuda(tmp_path, small_cifar_npz, 
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     try:
         dev = torch.device("cuda")
-        cfgs, names = _configs(small_cifar_npz, teacher_resnet56, tmp_path / "pack")
+        cfgs, names = _configs(
+            small_cifar_npz, teacher_resnet56, tmp_path / "pack", extra=("SOLVER.FAST.PACK_BRANCHES", str(branches))
+        )
         train_pack(cfgs, names, dev)
         for (name, seed), folder in zip(RUNS, names):
             opts = fast_opts(

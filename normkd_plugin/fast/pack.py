@@ -1,6 +1,6 @@
 """A pack: several runs of one teacher trained side by side in one process (a solo run is a pack of one).
 
-One step reads as one line: per data stream (runs that share a seed share the batches) a uint8
+One step reads as one line: per seed group (runs that share a seed share the batches) a uint8
 batch -> normalise -> the teacher once on the distinct batches together -> every student's
 forward and loss -> one backward -> each run's own SGD step -> per-run metric sums. Each run keeps
 its own student, optimizer, learning-rate schedule, warm-up epoch, data generator, run folder and
@@ -13,6 +13,7 @@ sync per step), marked failed in its worklog with the epoch and step, and droppe
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import math
@@ -48,6 +49,7 @@ PACK_KEYS = (
     "SOLVER.FAST.CHANNELS_LAST",
     "SOLVER.FAST.EVAL_BATCH_SIZE",
     "SOLVER.FAST.ITERS_PER_EPOCH",
+    "SOLVER.FAST.PACK_BRANCHES",
 )
 TEACHER_KEYS = ("DISTILLER.TEACHER", "DISTILLER.TEACHER_CKPT")
 
@@ -197,6 +199,9 @@ class Pack:
         if self.channels_last:
             for run in runs:
                 run.distiller.to(memory_format=torch.channels_last)
+        # Students on parallel branches: forked CUDA streams, captured as parallel branches of the graph.
+        self.branches = bool(fast.PACK_BRANCHES) and self.device.type == "cuda"
+        self._cuda_streams: list = []
         self.graph = StepGraph(
             self._step, self._zero_grad, enabled=bool(fast.CUDA_GRAPH) and self.device.type == "cuda"
         )
@@ -215,23 +220,30 @@ class Pack:
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
     def _step(self, images: list[Tensor], targets: list[Tensor], epoch: int) -> None:
-        """One training step of every active run on its stream's (uint8 images, targets); no host sync."""
+        """One training step of every active run on its seed group's (uint8 images, targets); no host sync."""
         xs = [self._layout(self.train_data.normalize(x)) for x in images]
         if self.teacher is not None:
             with self._autocast():
                 self.teacher.precompute(xs)
         losses, top1s, top5s = [], [], []
-        for run, s in zip(self._active, self._stream_of):
-            with self._autocast():
+        for run, s, branch in zip(self._active, self._group_of, self._branches()):
+            with branch, self._autocast():
                 preds, terms = run.distiller(image=xs[s], target=targets[s], epoch=epoch)
-            loss = sum(value.mean() for value in terms.values())
-            losses.append(loss)
-            top1, top5 = _topk_correct(preds.detach(), targets[s])
-            top1s.append(top1)
-            top5s.append(top5)
-        sum(losses).backward()
-        for run in self._active:
-            run.optimizer.step()
+            with branch:
+                loss = sum(value.mean() for value in terms.values())
+                if self.branches:  # each student's backward and step on its own branch
+                    loss.backward()
+                    run.optimizer.step()
+                losses.append(loss)
+                top1, top5 = _topk_correct(preds.detach(), targets[s])
+                top1s.append(top1)
+                top5s.append(top5)
+        if self.branches:
+            self._join()
+        else:
+            sum(losses).backward()
+            for run in self._active:
+                run.optimizer.step()
         loss = torch.stack([v.detach() for v in losses])
         n = targets[0].shape[0]
         count = torch.full_like(loss, n)  # a fill kernel: capturable, unlike a host-to-device copy
@@ -243,6 +255,22 @@ class Pack:
         if self.teacher is not None:
             self.teacher.precompute([])  # drop this step's batches and outputs
 
+    def _branches(self) -> list:
+        """A context per active run: its own CUDA stream forked from the current one, or nothing."""
+        if not self.branches:
+            return [contextlib.nullcontext()] * len(self._active)
+        while len(self._cuda_streams) < len(self._active):
+            self._cuda_streams.append(torch.cuda.Stream(self.device))
+        main = torch.cuda.current_stream(self.device)
+        for stream in self._cuda_streams[: len(self._active)]:
+            stream.wait_stream(main)  # the batches and the teacher's outputs are ready
+        return [torch.cuda.stream(stream) for stream in self._cuda_streams[: len(self._active)]]
+
+    def _join(self) -> None:
+        main = torch.cuda.current_stream(self.device)
+        for stream in self._cuda_streams[: len(self._active)]:
+            main.wait_stream(stream)
+
     def _zero_grad(self) -> None:
         for run in self._active:
             run.optimizer.zero_grad(set_to_none=True)
@@ -252,7 +280,7 @@ class Pack:
         self._step(images, targets, epoch)
 
     # -- an epoch ----------------------------------------------------------------------------
-    def _streams(self, runs: list[PackRun]) -> list[list[PackRun]]:
+    def _seed_groups(self, runs: list[PackRun]) -> list[list[PackRun]]:
         """Runs grouped by data seed: one generator draws each group's batches."""
         groups: dict[int, list[PackRun]] = {}
         for run in runs:
@@ -260,12 +288,12 @@ class Pack:
         return list(groups.values())
 
     def train_iterations(self, runs: list[PackRun], epoch: int, count: int | None = None) -> int:
-        """Train ``runs`` on ``count`` images (default: all) of a fresh epoch per stream; returns steps run."""
+        """Train ``runs`` on ``count`` images (default: all) of a fresh epoch per seed; returns steps run."""
         self._active = runs
-        streams = self._streams(runs)
-        self._stream_of = [next(i for i, g in enumerate(streams) if run in g) for run in runs]
+        groups = self._seed_groups(runs)
+        self._group_of = [next(i for i, g in enumerate(groups) if run in g) for run in runs]
         data = []
-        for group in streams:
+        for group in groups:
             data.append(self.train_data.epoch(group[0].generator, count))
             for run in group[1:]:  # same seed, same epoch: the same state, kept in step
                 run.generator.set_state(group[0].generator.get_state())
