@@ -159,6 +159,10 @@ class RunFolder:
         if resume and status == "finished":
             log.info("%s is finished (its worklog ends with best_acc); nothing to do", self.path)
             return "skip"
+        if not resume and status == "finished":
+            raise RunError(
+                f"{self.path} already holds a finished run; set EXPERIMENT.NAME (or LOG.PREFIX) to train it again"
+            )
         if not resume and status != "new":
             raise RunError(
                 f"{self.path} already holds a {status} run; add --resume to continue it, "

@@ -99,7 +99,8 @@ def test_status_and_start_guards(tmp_path, files, status):
         with pytest.raises(RunError, match="holds no run to resume; run the same command without --resume"):
             folder.check_start(resume=True)
     else:
-        with pytest.raises(RunError, match=f"already holds a {status} run; add --resume .* EXPERIMENT.NAME"):
+        advice = "set EXPERIMENT.NAME" if status == "finished" else "add --resume .* EXPERIMENT.NAME"
+        with pytest.raises(RunError, match=f"already holds a {status} run; {advice}"):
             folder.check_start(resume=False)
         assert folder.check_start(resume=True) == ("skip" if status == "finished" else "resume")
 
