@@ -61,13 +61,14 @@ def build_pack(cfgs: list, names: list[str], folders: list, device):
     """A fast-trainer Pack: data and teacher once; then per run, seed, student, distiller and optimizer.
 
     The order is the same for a pack of one, so a run's initialisation depends on its own seed only.
-    Only each run's tensorboard writer is opened; locking and starting the folders is the caller's.
+    Only each run's tensorboard writer is opened (on rank 0); locking and starting the folders is the caller's.
     """
     import torch
     from tensorboardX import SummaryWriter
 
     from .data import get_dataset, seed_everything
     from .fast.pack import Pack, PackRun, SharedTeacher, data_seed, host_optimizer
+    from .fast.ranks import Ranks
     from .fast.trainer import tensor_split
 
     if device.type == "cuda":
@@ -82,7 +83,7 @@ def build_pack(cfgs: list, names: list[str], folders: list, device):
         student = build_student(cfg, num_classes)
         distiller = build_distiller(cfg, student, teacher if cfg.DISTILLER.TYPE != "NONE" else None, num_data)
         distiller.to(device)
-        writer = SummaryWriter(os.path.join(folder.path, "train.events"), flush_secs=60)
+        writer = SummaryWriter(os.path.join(folder.path, "train.events"), flush_secs=60) if Ranks().main else None
         runs.append(PackRun(name, cfg, folder, distiller, host_optimizer(cfg, distiller), data_seed(cfg), writer))
     train_data = tensor_split(train_loader, "train", device)
     return Pack(runs, train_data, tensor_split(val_loader, "validation", device), teacher)

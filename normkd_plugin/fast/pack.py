@@ -31,6 +31,7 @@ from ..errors import RunError
 from ..runs import CONFIG, RunFolder
 from .augment import TensorCifar
 from .graph import StepGraph
+from .ranks import Ranks
 
 log = logging.getLogger(__name__)
 
@@ -158,6 +159,15 @@ def host_optimizer(cfg: CN, distiller: nn.Module) -> torch.optim.Optimizer:
     return BaseTrainer.init_optimizer(SimpleNamespace(distiller=SimpleNamespace(module=distiller)), cfg)
 
 
+def _params(run: PackRun) -> list[Tensor]:
+    return [p for group in run.optimizer.param_groups for p in group["params"]]
+
+
+def _buffers(run: PackRun) -> list[Tensor]:
+    """The run's BatchNorm running statistics and counters (the shared teacher's excluded)."""
+    return [b for name, b in run.distiller.named_buffers() if not name.startswith("teacher.")]
+
+
 def _topk_correct(logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
     top5 = logits.topk(5, dim=1).indices
     hit = top5.eq(target.unsqueeze(1))
@@ -201,6 +211,12 @@ class Pack:
                 run.distiller.to(memory_format=torch.channels_last)
         # Students on parallel branches: forked CUDA streams, captured as parallel branches of the graph.
         self.branches = bool(fast.PACK_BRANCHES) and self.device.type == "cuda"
+        self.ranks = Ranks()
+        self._weight = 1.0  # this rank's share of the current global batch
+        if self.branches and self.ranks.world > 1:
+            from ..config import ConfigError
+
+            raise ConfigError("SOLVER.FAST.PACK_BRANCHES True is not supported on several processes (torchrun)")
         self._cuda_streams: list = []
         self.graph = StepGraph(
             self._step, self._zero_grad, enabled=bool(fast.CUDA_GRAPH) and self.device.type == "cuda"
@@ -243,7 +259,11 @@ class Pack:
         else:
             sum(losses).backward()
             for run in self._active:
+                if self.ranks.world > 1:
+                    self.ranks.reduce_grads(_params(run), self._weight)
                 run.optimizer.step()
+                if self.ranks.world > 1:
+                    self.ranks.follow_rank0(_buffers(run))
         loss = torch.stack([v.detach() for v in losses])
         n = targets[0].shape[0]
         count = torch.full_like(loss, n)  # a fill kernel: capturable, unlike a host-to-device copy
@@ -310,12 +330,16 @@ class Pack:
         n, bs = data[0][1].shape[0], self.batch_size
 
         def batch(i: int, j: int):
-            return [x[i:j] for x, _ in data], [y[i:j] for _, y in data]
+            lo, hi = self.ranks.share(i, j)  # the whole batch on one process
+            self._weight = (hi - lo) / (j - i)  # this rank's share of the batch mean
+            return [x[lo:hi] for x, _ in data], [y[lo:hi] for _, y in data]
 
         steps = self.graph.run(self._eager_step, batch, n // bs, bs, epoch, key=(epoch, tuple(id(r) for r in runs)))
         if n % bs:
             self._eager_step(*batch((n // bs) * bs, n), epoch)
             steps += 1
+        self.ranks.sum_(self._sums)
+        self.ranks.first_(self._first_bad)
         for run in runs:
             run.distiller.train(False)
         return steps
@@ -327,13 +351,15 @@ class Pack:
         images, targets = self.val_data.eval_set()
         step = int(self.cfg.SOLVER.FAST.EVAL_BATCH_SIZE)
         sums = torch.zeros(3, device=self.device, dtype=torch.float64)
-        for i in range(0, targets.shape[0], step):
-            x, y = self._layout(images[i : i + step]), targets[i : i + step]
+        lo, hi = self.ranks.share(0, targets.shape[0])  # each rank its part; the sums cover the whole split
+        for i in range(lo, hi, step):
+            x, y = self._layout(images[i : min(i + step, hi)]), targets[i : min(i + step, hi)]
             with self._autocast():
                 logits = run.distiller(image=x)
             top1, top5 = _topk_correct(logits, y)
             ce = F.cross_entropy(logits.float(), y, reduction="sum")
             sums += torch.stack([top1.double(), top5.double(), ce.double()])
+        self.ranks.sum_(sums)
         n = targets.shape[0]
         top1, top5, ce = sums.tolist()
         return 100.0 * top1 / n, 100.0 * top5 / n, ce / n
@@ -376,7 +402,8 @@ class Pack:
             "or non-finite teacher weights or data"
         )
         log.error("%s: %s; stopped (%s). Its last good checkpoint is kept.", run.name, where, cause)
-        run.folder.fail(f"{where}; {cause}")
+        if self.ranks.main:
+            run.folder.fail(f"{where}; {cause}")
         run.status, run.failure = "failed", where
 
     # -- run folder I/O ----------------------------------------------------------------------
@@ -400,6 +427,8 @@ class Pack:
         saved_best = test_acc >= run.best_acc  # the host saves `best` on ties too
         run.best_acc = max(run.best_acc, test_acc)
         run.epoch = epoch
+        if not self.ranks.main:  # every rank holds the same run; rank 0 writes it
+            return
         state = self._state(run, epoch, lr, record, saved_best)
         run.folder.save("latest", state)
         self._after_latest(run, state)
@@ -436,10 +465,11 @@ class Pack:
             raise RunError(f"{source}: written by another trainer (no data generator state); it cannot resume exactly")
         run.seed = int(state["seed"])
         run.generator.set_state(state["generator"])
-        run.folder.cut_worklog(run.epoch)
-        self._after_latest(run, state)
-        if not run.folder.has_epoch(run.epoch):
-            run.folder.append_epoch(run.epoch, state["lr"], state["record"])
+        if self.ranks.main:
+            run.folder.cut_worklog(run.epoch)
+            self._after_latest(run, state)
+            if not run.folder.has_epoch(run.epoch):
+                run.folder.append_epoch(run.epoch, state["lr"], state["record"])
         log.info("%s: resumed after epoch %d (best %.2f)", run.name, run.epoch, run.best_acc)
 
     # -- the whole schedule ------------------------------------------------------------------
@@ -448,8 +478,9 @@ class Pack:
 
         ``new_ok``: under --resume, runs with an empty folder start fresh (a pack that gained runs).
         """
-        for run in self.runs:
-            run.folder.lock()
+        if self.ranks.main:
+            for run in self.runs:
+                run.folder.lock()
         for run in self.runs:
             mode = run.folder.check_start(resume, new_ok)
             if mode == "skip":
@@ -459,7 +490,12 @@ class Pack:
                     log.warning("%s: resuming a run that failed; it restarts from its last good checkpoint", run.name)
                 self._resume(run)
             else:
-                run.folder.write_text(CONFIG, run.cfg.dump())
+                if self.ranks.main:
+                    run.folder.write_text(CONFIG, run.cfg.dump())
+                if self.ranks.world > 1:  # a fresh run starts from rank 0's initialisation and data seed
+                    run.seed = self.ranks.same_int(run.seed, self.device)
+                    run.generator.manual_seed(run.seed)
+                    self.ranks.follow_rank0(list(model_state(run.distiller).values()))
 
     def train(self, resume: bool = False, new_ok: bool = False) -> list[PackRun]:
         """Train every run to SOLVER.EPOCHS; returns the runs. TrainingDiverged if any stopped on a NaN/inf."""
@@ -474,7 +510,8 @@ class Pack:
                 self.train_epoch([r for r in active if r.epoch + 1 == epoch], epoch)
             for run in self.runs:
                 if run.status == "active":
-                    run.folder.finish(run.best_acc)
+                    if self.ranks.main:
+                        run.folder.finish(run.best_acc)
                     run.status = "finished"
                     log.info("%s: best accuracy %.2f", run.name, run.best_acc)
         finally:

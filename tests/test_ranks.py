@@ -1,0 +1,160 @@
+"""fast/ranks.py: a pack on two processes (gloo, CPU) trains what one process trains on per-rank half batches."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import fast_opts, load_state, needs_mdistiller
+
+pytestmark = needs_mdistiller
+CFG = "cifar100/normkd/res56_res20"
+
+
+def _cfg(root, teacher, prefix, epochs=1):
+    from normkd_plugin.config import load_config, run_name
+
+    opts = fast_opts(root, teacher, prefix, 0, "SOLVER.EPOCHS", str(epochs), "SOLVER.LR_DECAY_STAGES", "[]")
+    cfg = load_config(CFG, opts)
+    return cfg, run_name(cfg, opts)
+
+
+def _worker(rank, world, root, teacher, prefix, out, epochs, stop_at, fail_rank):
+    """One torchrun-like process: init gloo, build and train the pack, record what it saw and wrote."""
+    import torch.distributed as dist
+
+    from normkd_plugin import runs
+    from normkd_plugin.build import build_pack
+    from normkd_plugin.fast.pack import Pack
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{out}/rendezvous", rank=rank, world_size=world)
+    seen, writes = [], []
+    real_step, real_epoch = Pack._step, Pack.train_epoch
+
+    def step(self, images, targets, epoch):
+        seen.append(targets[0].tolist())
+        real_step(self, images, targets, epoch)
+
+    def train_epoch(self, runs_, epoch):
+        if epoch == stop_at:
+            raise KeyboardInterrupt
+        if rank == fail_rank:
+            raise ValueError(f"rank {rank} broke")
+        real_epoch(self, runs_, epoch)
+
+    Pack._step, Pack.train_epoch = step, train_epoch
+    for name in ("save", "_append", "write_text"):
+        real = getattr(runs.RunFolder, name)
+        setattr(runs.RunFolder, name, lambda self, *a, _real=real, _name=name: (writes.append(_name), _real(self, *a)))
+    try:
+        cfg, name = _cfg(root, teacher, prefix, epochs)
+        pack = build_pack([cfg], [name], [runs.RunFolder(prefix / name)], torch.device("cpu"))
+        try:
+            pack.train(resume=(prefix / name / "latest").exists())
+        except KeyboardInterrupt:
+            pass
+        student = {k: v.clone() for k, v in pack.runs[0].distiller.student.state_dict().items()}
+        torch.save({"seen": seen, "writes": writes, "student": student, "writer": pack.runs[0].writer is not None},
+                   out / f"rank{rank}.pt")  # fmt: skip
+    finally:
+        dist.destroy_process_group()
+
+
+def _spawn(tmp_path, root, teacher, prefix, world=2, epochs=1, stop_at=0, fail_rank=-1):
+    import torch.multiprocessing as mp
+
+    out = tmp_path / f"out-{world}-{epochs}-{stop_at}"
+    out.mkdir()
+    mp.spawn(_worker, args=(world, root, teacher, prefix, out, epochs, stop_at, fail_rank), nprocs=world)
+    return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(world)]
+
+
+def _reference(root, teacher, cfg):
+    """Written here, independently: each global batch split in two halves (per-half BatchNorm), gradients of
+    the half means weighted by the halves' shares and summed; running statistics from the first half only."""
+    from mdistiller.dataset.cifar100 import get_cifar100_train_transform
+    from mdistiller.models import cifar_model_dict
+
+    from normkd_plugin.data import load_cifar100, seed_everything
+    from normkd_plugin.distillers import NormKD
+    from normkd_plugin.fast.augment import TensorCifar, host_pipeline
+
+    net = cifar_model_dict["resnet56"][0](num_classes=100)
+    net.load_state_dict(torch.load(teacher, weights_only=True))
+    seed_everything(0)
+    student = cifar_model_dict["resnet20"][0](num_classes=100)
+    distiller = NormKD(student, net, cfg)
+    opt = torch.optim.SGD(student.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+    data = TensorCifar(*load_cifar100(root, True), host_pipeline(get_cifar100_train_transform()), torch.device("cpu"))
+    images, targets = data.epoch(torch.Generator().manual_seed(0))
+    x, batches = data.normalize(images), []
+    distiller.train()
+    for i in range(0, 208, 64):
+        j = min(i + 64, 208)
+        halves = [(i, i + (j - i) // 2), (i + (j - i) // 2, j)]
+        batches.append([targets[a:b].tolist() for a, b in halves])
+        opt.zero_grad()
+        for h, (a, b) in enumerate(halves):
+            kept = {k: v.clone() for k, v in student.state_dict().items() if "running" in k or "num_batches" in k}
+            _, losses = distiller(image=x[a:b], target=targets[a:b], epoch=1)
+            (sum(v.mean() for v in losses.values()) * ((b - a) / (j - i))).backward()
+            if h == 1:  # the second half's running statistics are not kept
+                student.load_state_dict(kept, strict=False)
+        opt.step()
+    return student, batches
+
+
+def test_two_ranks_equal_the_half_batch_reference(tmp_path, small_cifar_npz, teacher_resnet56):
+    ranks = _spawn(tmp_path, small_cifar_npz, teacher_resnet56, tmp_path / "o")
+    cfg, name = _cfg(small_cifar_npz, teacher_resnet56, tmp_path / "o")
+    student, batches = _reference(small_cifar_npz, teacher_resnet56, cfg)
+    want = student.state_dict()
+    for key in want:
+        assert torch.equal(ranks[0]["student"][key], ranks[1]["student"][key]), key  # every rank the same
+        a, b = ranks[0]["student"][key].double(), want[key].double()
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6), (key, (a - b).abs().max().item())
+    # each sample once per epoch across the ranks: rank r trained half r of every global batch
+    assert [[ranks[0]["seen"][s], ranks[1]["seen"][s]] for s in range(4)] == batches
+    assert [len(s) for s in ranks[1]["seen"]] == [32, 32, 32, 8]
+    # only rank 0 writes
+    assert ranks[0]["writes"] and not ranks[1]["writes"] and ranks[0]["writer"] and not ranks[1]["writer"]
+    # the all-reduced validation accuracy is the accuracy on the whole split
+    record = load_state(tmp_path / "o" / name)["record"]
+    correct, n = _count_correct(student, small_cifar_npz)
+    assert record["test_acc"] == pytest.approx(100.0 * correct / n, abs=1e-9) and n == 100
+
+
+def _count_correct(student, root):
+    from mdistiller.dataset.cifar100 import get_cifar100_test_transform
+    from PIL import Image
+
+    from normkd_plugin.data import load_cifar100
+
+    images, labels = load_cifar100(root, False)
+    tf = get_cifar100_test_transform()
+    student.eval()
+    with torch.no_grad():
+        logits = student(torch.stack([tf(Image.fromarray(im)) for im in images]))[0]
+    return int((logits.argmax(1) == torch.as_tensor(labels)).sum()), len(labels)
+
+
+@pytest.mark.parametrize(("first", "then"), [(2, 1), (1, 2)])
+def test_resume_with_another_number_of_ranks(tmp_path, small_cifar_npz, teacher_resnet56, first, then):
+    prefix = tmp_path / "o"
+    _spawn(tmp_path, small_cifar_npz, teacher_resnet56, prefix, world=first, epochs=2, stop_at=2)
+    cfg, name = _cfg(small_cifar_npz, teacher_resnet56, prefix, epochs=2)
+    assert load_state(prefix / name)["epoch"] == 1
+    _spawn(tmp_path, small_cifar_npz, teacher_resnet56, prefix, world=then, epochs=2)
+    text = (prefix / name / "worklog.txt").read_text()
+    assert text.count("epoch: ") == 2 and text.rstrip().splitlines()[-1].startswith("best_acc\t")
+    assert load_state(prefix / name)["epoch"] == 2
+
+
+def test_a_rank_that_raises_ends_the_job_with_its_error(tmp_path, small_cifar_npz, teacher_resnet56):
+    from torch.multiprocessing import ProcessRaisedException
+
+    with pytest.raises(ProcessRaisedException, match="rank 1 broke"):
+        _spawn(tmp_path, small_cifar_npz, teacher_resnet56, tmp_path / "o", fail_rank=1)
+    (folder,) = list((tmp_path / "o" / "cifar100").iterdir())
+    assert not (folder / "latest").exists() and not (folder / "worklog.txt").exists()
