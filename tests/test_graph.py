@@ -1,0 +1,86 @@
+"""fast/graph.py: which batches run eagerly, captured or replayed; a failed capture never re-trains a batch."""
+
+from __future__ import annotations
+
+import contextlib
+import types
+
+import pytest
+import torch
+
+
+class _Graph:
+    def __init__(self, log):
+        self.log = log
+
+    def replay(self):
+        self.log.append("replay")
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    """Stand-ins for the stream and graph calls, so the bookkeeping runs on a CPU."""
+    stream = types.SimpleNamespace(wait_stream=lambda other: None)
+    monkeypatch.setattr(torch.cuda, "Stream", lambda *a, **k: stream)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda *a: stream)
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+
+
+def _run(graph, log, full=5, key=1):
+    def eager(images, targets, epoch):
+        log.append(int(images[0][0]))
+
+    def batch(i, j):
+        return [torch.tensor([i])], [torch.tensor([i])]
+
+    return graph.run(eager, batch, full, 1, epoch=1, key=key)
+
+
+def test_failed_capture_trains_every_batch_once(fake_cuda, monkeypatch):
+    from normkd_plugin.fast.graph import StepGraph
+
+    graph, log = StepGraph(step=None, zero_grad=lambda: None, enabled=True), []
+
+    def broken(*args):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(graph, "_capture", broken)
+    assert _run(graph, log) == 5
+    assert log == [0, 1, 2, 3, 4]  # batch 0 trained once, by the capture's warm-up
+    assert not graph.enabled and graph.graph is None
+    log.clear()
+    _run(graph, log, key=2)
+    assert log == [0, 1, 2, 3, 4]  # later epochs: plain eager
+
+
+def test_capture_once_per_key_then_replay(fake_cuda, monkeypatch):
+    from normkd_plugin.fast.graph import StepGraph
+
+    graph, log = StepGraph(step=None, zero_grad=lambda: None, enabled=True), []
+
+    def capture(first, epoch, key):
+        log.append("capture")
+        graph.graph, graph.key = _Graph(log), key
+        graph.static = ([torch.zeros(1, dtype=torch.long)], [torch.zeros(1, dtype=torch.long)])
+
+    monkeypatch.setattr(graph, "_capture", capture)
+    _run(graph, log, key=1)
+    assert log == [0, "capture", "replay", "replay", "replay", "replay"]
+    log.clear()
+    _run(graph, log, key=1)  # same key (same epoch and runs): replays only
+    assert log == ["replay"] * 5
+    log.clear()
+    _run(graph, log, key=2)  # a new epoch: warm-up batch, capture again
+    assert log == [0, "capture", "replay", "replay", "replay", "replay"]
+
+
+def test_disabled_or_single_batch_runs_eagerly():
+    from normkd_plugin.fast.graph import StepGraph
+
+    log = []
+    _run(StepGraph(step=None, zero_grad=lambda: None, enabled=False), log)
+    assert log == [0, 1, 2, 3, 4]
+    log.clear()
+    _run(StepGraph(step=None, zero_grad=lambda: None, enabled=True), log, full=1)
+    assert log == [0]
