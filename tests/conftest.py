@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -115,3 +116,22 @@ def assert_same_run(a, b):
     assert torch.equal(sa["generator"], sb["generator"])
     assert sa["record"] == sb["record"]  # exact floats: train loss/acc sums, test acc/top-5/loss
     assert (a / "worklog.txt").read_text() == (b / "worklog.txt").read_text()
+
+
+@contextlib.contextmanager
+def interrupted_at_epoch(epoch: int):
+    """Inside the block, a pack raises KeyboardInterrupt when it reaches ``epoch`` (an interruption it sees)."""
+    from normkd_plugin.fast.pack import Pack
+
+    real = Pack.train_epoch
+
+    def train_epoch(self, runs, e):
+        if e == epoch:
+            raise KeyboardInterrupt
+        real(self, runs, e)
+
+    Pack.train_epoch = train_epoch
+    try:
+        yield
+    finally:
+        Pack.train_epoch = real

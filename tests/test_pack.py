@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from conftest import assert_same_run, fast_opts, load_state, needs_cuda, needs_mdistiller
+from conftest import assert_same_run, fast_opts, interrupted_at_epoch, load_state, needs_cuda, needs_mdistiller
 
 pytestmark = needs_mdistiller
 
@@ -145,21 +145,10 @@ def test_vanilla_pack_of_different_architectures(tmp_path, small_cifar_npz, teac
         assert text.count("epoch: ") == 2 and "best_acc\t" in text
 
 
-def test_interrupted_pack_resumes_every_run_exactly(tmp_path, small_cifar_npz, teacher_resnet56, monkeypatch):
-    from normkd_plugin.fast.pack import Pack
-
+def test_interrupted_pack_resumes_every_run_exactly(tmp_path, small_cifar_npz, teacher_resnet56):
     whole = _train(small_cifar_npz, teacher_resnet56, tmp_path / "whole")
-    real = Pack.train_epoch
-
-    def stop_at_2(self, runs, epoch):
-        if epoch == 2:
-            raise KeyboardInterrupt
-        real(self, runs, epoch)
-
-    monkeypatch.setattr(Pack, "train_epoch", stop_at_2)
-    with pytest.raises(KeyboardInterrupt):
+    with interrupted_at_epoch(2), pytest.raises(KeyboardInterrupt):
         _train(small_cifar_npz, teacher_resnet56, tmp_path / "cut")
-    monkeypatch.setattr(Pack, "train_epoch", real)
     cut = _train(small_cifar_npz, teacher_resnet56, tmp_path / "cut", resume=True)
     for a, b in zip(whole, cut):
         assert_same_run(a, b)

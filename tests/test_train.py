@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import needs_mdistiller
+from conftest import interrupted_at_epoch, needs_mdistiller
 
 pytestmark = needs_mdistiller
 
@@ -97,7 +97,6 @@ def test_same_seed_same_first_iteration_losses_and_recorded(tmp_path, small_cifa
 
 def test_interrupted_run_resumes_through_the_cli(tmp_path, small_cifar, teacher_resnet56, monkeypatch, capsys):
     from normkd_plugin import train
-    from normkd_plugin.fast.pack import Pack
 
     argv = [
         "--cfg", "cifar100/normkd/res56_res20", "--device", "cpu", "SOLVER.TRAINER", "fast",
@@ -108,20 +107,12 @@ def test_interrupted_run_resumes_through_the_cli(tmp_path, small_cifar, teacher_
     with pytest.raises(SystemExit) as info:
         train.main(["--resume", *argv])
     assert info.value.code == 2 and "holds no run to resume" in capsys.readouterr().err
-    real_epoch = Pack.train_epoch
-
-    def interrupted(self, runs, epoch):
-        if epoch == 3:
-            raise KeyboardInterrupt
-        real_epoch(self, runs, epoch)
-
-    monkeypatch.setattr(Pack, "train_epoch", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        train.main(argv)
-    with pytest.raises(SystemExit):
-        train.main(argv)
-    assert "already holds a started run; add --resume" in capsys.readouterr().err
-    monkeypatch.setattr(Pack, "train_epoch", real_epoch)
+    with interrupted_at_epoch(3):
+        with pytest.raises(KeyboardInterrupt):
+            train.main(argv)
+        with pytest.raises(SystemExit):
+            train.main(argv)
+        assert "already holds a started run; add --resume" in capsys.readouterr().err
     train.main(["--resume", *argv])
     (folder,) = list((tmp_path / "o" / "cifar100").iterdir())
     text = (folder / "worklog.txt").read_text()
