@@ -2,7 +2,7 @@
 
     python benchmarks/imagenet_loader.py [--images 2048] [--workers 4,8,16] [--root FOLDER] [--out table.md]
 
-Without ``--root`` it writes a temporary ImageFolder of real-image JPEGs of ImageNet-like size:
+Without ``--root`` it writes a temporary ImageFolder (kept in ``--keep DIR`` if given) of real-image JPEGs of ImageNet-like size:
 real CIFAR-100 test images (``$NORMKD_DATA/cifar100/test-0-of-1.npz``, default
 ``../shared/data``) upscaled with PIL (bicubic) to random 256-500 px sides, JPEG quality 90, in
 10 classes; with ``--root`` it reads ``ROOT/train`` and ``ROOT/val`` (e.g. the real ImageNet).
@@ -125,6 +125,7 @@ def main(argv: list[str] | None = None) -> str:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--images", type=int, default=2048, help="training images to write (default 2048)")
     p.add_argument("--root", type=Path, help="an existing ImageFolder root with train/ and val/")
+    p.add_argument("--keep", type=Path, help="write the generated folder here and keep it (instead of a temporary one)")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--workers", default="4,8", help="comma-separated loader worker counts")
     p.add_argument("--device", default="auto", help="auto (cuda when present), cuda or cpu")
@@ -141,7 +142,7 @@ def main(argv: list[str] | None = None) -> str:
     with tempfile.TemporaryDirectory(prefix="imagenet_loader_") as tmp:
         root = args.root
         if root is None:
-            root = Path(tmp)
+            root = args.keep or Path(tmp)
             count, mpix = make_folder(root, args.images)
             source = f"{count} CIFAR-100 test images upscaled to 256-500 px (mean {mpix:.3f} MP), JPEG q90"
         else:
