@@ -144,6 +144,10 @@ def train(cfg, experiment_name: str, device: torch.device, resume: bool = False)
     """One run: ``fast`` as a pack of one; the host's trainers with the folder locked and guarded."""
     if cfg.SOLVER.TRAINER == "fast":
         return train_pack([cfg], [experiment_name], device, resume)
+    from .ddp_trainer import train_ddp, wants_ddp
+
+    if wants_ddp(cfg):  # torchrun + DistributedDataParallel (also SOLVER.TRAINER ddp, DATASET.DECODE gpu|cpu)
+        return train_ddp(cfg, experiment_name, device, resume)
     from mdistiller.engine import trainer_dict
     from mdistiller.engine.cfg import show_cfg
 

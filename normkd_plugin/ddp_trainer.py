@@ -1,0 +1,413 @@
+"""``SOLVER.TRAINER ddp``: mdistiller's base trainer on torchrun + DistributedDataParallel.
+
+The host's ``base`` semantics (SGD on the distiller's learnable parameters, step learning-rate
+schedule, loss = sum of the distiller's losses, the worklog, ``latest``/``best``/``epoch_N`` and
+``student_*`` checkpoints, ``--resume``) with one process per device:
+
+* ``SOLVER.BATCH_SIZE`` stays the global batch; each rank takes ``BATCH_SIZE / world`` samples of
+  every global batch through a ``DistributedSampler`` seeded from EXPERIMENT.SEED (``set_epoch``
+  each epoch), so the global batches are the same for any number of ranks. When the training set
+  size is not a multiple of the world size, the sampler repeats up to ``world - 1`` samples;
+* the distiller is wrapped in ``DistributedDataParallel`` (gradients averaged over the ranks,
+  buffers broadcast from rank 0 before each forward); the teacher is frozen so DDP ignores it;
+  ``SOLVER.SYNC_BN True`` converts the student's BatchNorm to SyncBatchNorm (CUDA only);
+* validation is split over the ranks without padding; correct counts and loss sums are summed
+  over the ranks, so every rank sees the metrics of the whole validation split;
+* only rank 0 writes (worklog.txt, tensorboard, checkpoints), atomically, the worklog block of an
+  epoch after its checkpoints; states hold no rank-specific data, so a run resumes on any number
+  of ranks. Rank 0 reads the state on resume and broadcasts it.
+
+It also runs on CPU (gloo) and in a single process without torchrun; with ``DATASET.DECODE
+gpu|cpu`` the ImageNet batches are decoded and augmented on the device (:mod:`.imagenet`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import time
+from collections import OrderedDict
+
+import torch
+import torch.distributed
+import torch.nn.functional as F
+from mdistiller.engine.trainer import BaseTrainer
+from mdistiller.engine.utils import adjust_learning_rate, log_msg
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler
+from tqdm import tqdm
+from yacs.config import CfgNode as CN
+
+from . import dist
+from .config import ConfigError
+from .data import seed_worker
+from .errors import UserError
+from .imagenet import DevicePipeline, HostAugment, check_decode, decode, jpeg_loader
+from .runs import CONFIG, RunFolder
+
+log = logging.getLogger(__name__)
+
+__all__ = ["DDPTrainer", "wants_ddp", "train_ddp"]
+
+# A rank that sees one of these lost a peer: the peer's error is the job's error.
+_PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "NCCL communicator was aborted", "Broken pipe")
+PEER_GRACE_S = 30.0
+
+
+def wants_ddp(cfg) -> bool:
+    """Whether train() should use this module: SOLVER.TRAINER ddp, or base under torchrun or with DATASET.DECODE."""
+    _, world_size, _, _ = dist.env_world()
+    trainer, decode_mode = cfg.SOLVER.TRAINER, cfg.DATASET.get("DECODE", "host")
+    if trainer == "ddp":
+        return True
+    if trainer == "base":
+        return world_size > 1 or decode_mode != "host"
+    if world_size > 1:
+        raise ConfigError(
+            f"SOLVER.TRAINER {trainer!r} has no multi-process version (WORLD_SIZE={world_size} under torchrun); "
+            "use SOLVER.TRAINER base (DistributedDataParallel) or launch one process without torchrun"
+        )
+    if decode_mode != "host":
+        raise ConfigError(f"DATASET.DECODE {decode_mode!r} needs SOLVER.TRAINER base or ddp, not {trainer!r}")
+    return False
+
+
+def _state_model(module: nn.Module) -> dict[str, Tensor]:
+    """The distiller's state dict keyed as mdistiller saves it (through DataParallel: ``module.`` prefix)."""
+    return OrderedDict((f"module.{k}", v) for k, v in module.state_dict().items())
+
+
+def _load_model(module: nn.Module, state: dict[str, Tensor]) -> None:
+    prefix = "module."
+    module.load_state_dict({k[len(prefix) :] if k.startswith(prefix) else k: v for k, v in state.items()})
+
+
+def _correct(output: Tensor, target: Tensor, k: int) -> Tensor:
+    top = output.topk(min(k, output.shape[1]), dim=1).indices
+    return (top == target.unsqueeze(1)).any(dim=1).sum()
+
+
+class DDPTrainer(BaseTrainer):
+    """mdistiller's BaseTrainer with DistributedDataParallel, sharded data and rank-0-only writes."""
+
+    @classmethod
+    def cfg_defaults(cls) -> CN:
+        """SOLVER.SYNC_BN and DATASET.DECODE (host | cpu | gpu)."""
+        cfg = CN()
+        cfg.SOLVER = CN()
+        cfg.SOLVER.SYNC_BN = False  # student BatchNorm -> SyncBatchNorm (CUDA)
+        cfg.DATASET = CN()
+        cfg.DATASET.DECODE = "host"  # ImageNet: host = PIL in workers; gpu = nvJPEG; cpu = same code on CPU
+        return cfg
+
+    def __init__(self, experiment_name, distiller, train_loader, val_loader, cfg):
+        self.cfg = cfg
+        self.rank, self.world = dist.rank(), dist.world()
+        self.main = self.rank == 0
+        model = distiller.module if isinstance(distiller, (nn.DataParallel, DistributedDataParallel)) else distiller
+        self.device = next(model.parameters()).device
+        dist.check_world(cfg, self.device)
+        self.decode = check_decode(cfg, self.device)
+        if cfg.DISTILLER.TYPE == "CRD":
+            raise ConfigError("DISTILLER.TYPE CRD needs its contrastive sampler: use SOLVER.TRAINER crd (one process)")
+        teacher = getattr(model, "teacher", None)
+        if teacher is not None:
+            teacher.requires_grad_(False)  # frozen: DDP neither hooks nor reduces it
+        if cfg.SOLVER.get("SYNC_BN", False) and self.world > 1:
+            model.student = nn.SyncBatchNorm.convert_sync_batchnorm(model.student)
+        self.model = model
+        self.distiller = model
+        if self.world > 1:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.distiller = DistributedDataParallel(model, device_ids=ids)
+        self.optimizer = self.init_optimizer(cfg)
+        self.best_acc = -1.0
+        self.log_path = os.path.join(cfg.LOG.PREFIX, experiment_name)
+        self.folder = RunFolder(self.log_path)
+        self.tf_writer = None
+        if self.main:
+            from tensorboardX import SummaryWriter
+
+            os.makedirs(self.log_path, exist_ok=True)
+            self.tf_writer = SummaryWriter(os.path.join(self.log_path, "train.events"))
+        self.seed = self._shared_seed()
+        self._build_loaders(train_loader, val_loader)
+
+    # -- set-up ----------------------------------------------------------------------------
+    def init_optimizer(self, cfg):
+        """The host's SGD on the distiller's learnable parameters."""
+        if cfg.SOLVER.TYPE != "SGD":
+            raise ConfigError(f"SOLVER.TYPE {cfg.SOLVER.TYPE!r}: mdistiller's base trainer only builds SGD")
+        return torch.optim.SGD(
+            self.model.get_learnable_parameters(),
+            lr=cfg.SOLVER.LR,
+            momentum=cfg.SOLVER.MOMENTUM,
+            weight_decay=cfg.SOLVER.WEIGHT_DECAY,
+        )
+
+    def _shared_seed(self) -> int:
+        seed = self.cfg.EXPERIMENT.get("SEED", -1)
+        if seed < 0:  # every rank must shuffle alike: rank 0 draws, the others receive
+            seed = dist.broadcast_object(random.SystemRandom().randrange(2**31) if self.main else None)
+        return int(seed)
+
+    def _build_loaders(self, train_loader: DataLoader, val_loader: DataLoader) -> None:
+        train_set, val_set = train_loader.dataset, val_loader.dataset
+        per_rank = self.cfg.SOLVER.BATCH_SIZE // self.world
+        val_per_rank = max(1, math.ceil(self.cfg.DATASET.TEST.BATCH_SIZE / self.world))
+        if len(train_set) % self.world and self.main:
+            log.warning(
+                "%d training samples over %d ranks: DistributedSampler repeats %d sample(s) per epoch",
+                len(train_set),
+                self.world,
+                self.world - len(train_set) % self.world,
+            )
+        self.train_sampler = DistributedSampler(
+            train_set, num_replicas=self.world, rank=self.rank, shuffle=True, seed=self.seed, drop_last=False
+        )
+        val_indices = dist.shard(range(len(val_set)), self.rank, self.world)
+        workers, val_workers = train_loader.num_workers, val_loader.num_workers
+        self.pipeline: DevicePipeline | None = None
+        g = torch.Generator().manual_seed(self.seed * 1000 + self.rank)  # per-rank augmentation streams
+        if self.decode != "host":
+            for what, ds in (("train", train_set), ("val", val_set)):
+                if not hasattr(ds, "samples"):
+                    raise ConfigError(f"DATASET.DECODE {self.decode!r} needs an ImageFolder {what} set, not {ds!r}")
+            where = self.device if self.decode == "gpu" else torch.device("cpu")
+            self.pipeline = DevicePipeline(HostAugment.from_host(), where, g)
+            self.train_loader = jpeg_loader(train_set.samples, per_rank, self.train_sampler, workers)
+            self.val_loader = jpeg_loader(val_set.samples, val_per_rank, val_indices, val_workers)
+            self._names = [p for p, _ in train_set.samples], [p for p, _ in val_set.samples]
+            return
+        pin = self.device.type == "cuda"
+        self.train_loader = DataLoader(
+            train_set,
+            batch_size=per_rank,
+            sampler=self.train_sampler,
+            num_workers=workers,
+            worker_init_fn=seed_worker,
+            generator=g,
+            pin_memory=pin,
+        )
+        self.val_loader = DataLoader(
+            val_set, batch_size=val_per_rank, sampler=val_indices, num_workers=val_workers, pin_memory=pin
+        )
+
+    # -- batches ---------------------------------------------------------------------------
+    def _batch(self, data, train: bool) -> tuple[Tensor, Tensor]:
+        """(images, targets) on the device from a loader batch."""
+        if self.pipeline is None:
+            image, target = data[0], data[1]
+            return image.float().to(self.device, non_blocking=True), target.to(self.device, non_blocking=True)
+        encoded, target, index = data
+        names = [self._names[0 if train else 1][i] for i in index.tolist()]
+        images = decode(encoded, self.pipeline.device, names)
+        image = self.pipeline.train(images)[0] if train else self.pipeline.val(images)
+        return image.to(self.device, non_blocking=True), target.to(self.device, non_blocking=True)
+
+    # -- training --------------------------------------------------------------------------
+    def train(self, resume: bool = False) -> None:
+        """Train to SOLVER.EPOCHS; with ``resume``, continue from the run folder's state (read by rank 0)."""
+        epoch = 1
+        if resume:
+            state = dist.broadcast_object(self.folder.load_state() if self.main else None)
+            _load_model(self.model, state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.best_acc = float(state["best_acc"])
+            epoch = int(state["epoch"]) + 1
+            if self.main:
+                self.folder.cut_worklog(epoch - 1)
+        while epoch <= self.cfg.SOLVER.EPOCHS:
+            self.train_epoch(epoch)
+            epoch += 1
+        if self.main:
+            print(log_msg(f"Best accuracy:{self.best_acc}", "EVAL"))
+            self.folder.finish(self.best_acc)
+            self.tf_writer.close()
+
+    def train_epoch(self, epoch: int) -> None:
+        """Schedule, one pass over this rank's shard, validation, then (rank 0) checkpoints and the worklog."""
+        lr = adjust_learning_rate(epoch, self.cfg, self.optimizer)
+        self.train_sampler.set_epoch(epoch)
+        self.distiller.train()
+        sums = torch.zeros(4, dtype=torch.float64, device=self.device)  # loss * n, top-1, top-5, n
+        pbar = tqdm(total=len(self.train_loader), disable=not self.main)
+        start = time.time()
+        for step, data in enumerate(self.train_loader):
+            self.train_iter(data, epoch, sums)
+            pbar.update()
+            if self.main and (step % 20 == 0 or step + 1 == len(self.train_loader)):
+                s = sums.tolist()
+                rate = s[3] * self.world / max(time.time() - start, 1e-9)
+                msg = f"Epoch:{epoch}| Loss:{s[0] / s[3]:.4f}| Top-1:{100 * s[1] / s[3]:.3f}| img/s:{rate:.0f}"
+                pbar.set_description(log_msg(msg, "TRAIN"))
+        pbar.close()
+        loss_sum, top1, top5, n = dist.all_reduce_sum(sums).tolist()
+        self.sync_buffers()
+        test_acc, test_acc_top5, test_loss = self.validate()
+        record = OrderedDict(
+            train_acc=100.0 * top1 / n,
+            train_loss=loss_sum / n,
+            test_acc=test_acc,
+            test_acc_top5=test_acc_top5,
+            test_loss=test_loss,
+        )
+        if test_acc > self.best_acc:
+            self.best_acc = test_acc
+        if self.main:
+            self.commit(epoch, lr, record)
+
+    def train_iter(self, data, epoch: int, sums: Tensor) -> None:
+        """One step on this rank's share of the global batch; adds (loss * n, top-1, top-5, n) to ``sums``."""
+        image, target = self._batch(data, train=True)
+        preds, losses = self.distiller(image=image, target=target, epoch=epoch)
+        loss = sum(value.mean() for value in losses.values())
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        with torch.no_grad():
+            sums += _stats(loss.detach(), preds, target, sums.dtype)
+
+    def sync_buffers(self) -> None:
+        """Rank 0's BatchNorm statistics on every rank (DDP broadcasts them only before a training forward)."""
+        if self.world > 1:
+            for buf in self.model.buffers():
+                torch.distributed.broadcast(buf, src=0)
+
+    @torch.no_grad()
+    def validate(self) -> tuple[float, float, float]:
+        """(top-1 %, top-5 %, mean loss) of the whole validation split; each rank evaluates its share."""
+        self.model.eval()
+        sums = torch.zeros(4, dtype=torch.float64, device=self.device)
+        for data in tqdm(self.val_loader, disable=not self.main, desc=log_msg("validation", "EVAL")):
+            image, target = self._batch(data, train=False)
+            output = self.model(image=image)
+            loss_sum = F.cross_entropy(output, target, reduction="sum")
+            sums += _stats(loss_sum, output, target, sums.dtype, mean=False)
+        loss_sum, top1, top5, n = dist.all_reduce_sum(sums).tolist()
+        return 100.0 * top1 / n, 100.0 * top5 / n, loss_sum / n
+
+    # -- writing (rank 0) ------------------------------------------------------------------
+    def commit(self, epoch: int, lr: float, record: dict[str, float]) -> None:
+        """Checkpoints (atomic), tensorboard, then the epoch's worklog block: the host's files and names."""
+        state = {
+            "epoch": epoch,
+            "model": _state_model(self.model),
+            "optimizer": self.optimizer.state_dict(),
+            "best_acc": self.best_acc,
+            "record": dict(record),
+        }
+        student = {"model": self.model.student.state_dict()}
+        self.folder.save("latest", state)
+        self.folder.save("student_latest", student)
+        if epoch % self.cfg.LOG.SAVE_CHECKPOINT_FREQ == 0:
+            self.folder.save(f"epoch_{epoch}", state)
+            self.folder.save(f"student_{epoch}", student)
+        if record["test_acc"] >= self.best_acc:
+            self.folder.save("best", state)
+            self.folder.save("student_best", student)
+        for key, value in record.items():
+            self.tf_writer.add_scalar(key, value, epoch)
+        self.tf_writer.flush()
+        if self.cfg.LOG.WANDB:
+            import wandb
+
+            wandb.log({"current lr": lr})
+            wandb.log(dict(record))
+            wandb.run.summary["best_acc"] = self.best_acc
+        self.folder.append_epoch(epoch, lr, record)
+
+
+def _stats(loss: Tensor, output: Tensor, target: Tensor, dtype: torch.dtype, mean: bool = True) -> Tensor:
+    """(loss sum, top-1 count, top-5 count, n) of one batch; ``loss`` is a mean when ``mean``."""
+    n = target.shape[0]
+    loss_sum = loss.double() * n if mean else loss.double()
+    parts = [loss_sum, _correct(output, target, 1), _correct(output, target, 5), torch.tensor(n, device=loss.device)]
+    return torch.stack([p.to(dtype) for p in parts])
+
+
+def _peer_lost(exc: BaseException) -> bool:
+    """Whether ``exc`` only says that another rank went away (its own error is the job's error)."""
+    return isinstance(exc, torch.distributed.DistError) or any(text in str(exc) for text in _PEER_LOST)
+
+
+def _record(exc: BaseException) -> None:
+    """Write ``exc`` to torchrun's error file (TORCHELASTIC_ERROR_FILE), as ``@record`` does."""
+    if os.environ.get("TORCHELASTIC_ERROR_FILE"):
+        from torch.distributed.elastic.multiprocessing.errors import get_error_handler
+
+        get_error_handler().record_exception(exc)
+
+
+def train_ddp(cfg, experiment_name: str, device: torch.device, resume: bool = False) -> DDPTrainer | None:
+    """One run of the host's base trainer on every rank of torchrun's job (or one process without it).
+
+    A rank that raises ends the job with its own error: it is written to torchrun's error file,
+    while a rank that only lost a peer waits (up to PEER_GRACE_S) for torchrun to stop it, so the
+    failing rank is the job's root cause.
+    """
+    owned = not torch.distributed.is_initialized()
+    try:
+        dist.check_world(cfg, device)  # before the process group: a bad world fails fast and alike on every rank
+        check_decode(cfg, device)
+        device = dist.init_from_env(device.type)
+        trainer = _train(cfg, experiment_name, device, resume)
+    except Exception as exc:
+        if dist.world() > 1 and _peer_lost(exc):
+            log.error("rank %d lost a peer (%s); torchrun reports the failing rank", dist.rank(), exc)
+            time.sleep(PEER_GRACE_S)
+        else:
+            _record(exc)
+        raise
+    if owned and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    return trainer
+
+
+def _train(cfg, experiment_name: str, device: torch.device, resume: bool) -> DDPTrainer | None:
+    from mdistiller.engine.cfg import show_cfg
+
+    from .build import build_distiller, build_models
+    from .checkpoints import allow_release_types
+    from .data import get_dataset, seed_everything
+    from .train import _init_wandb
+
+    main = dist.is_main()
+    folder = RunFolder(os.path.join(cfg.LOG.PREFIX, experiment_name))
+    try:
+        start: bool | UserError = False
+        if main:
+            try:
+                folder.lock()
+                start = folder.check_start(resume)
+            except UserError as exc:
+                start = exc
+        start = dist.broadcast_object(start)
+        if isinstance(start, UserError):
+            raise start
+        if not start:
+            return None
+        if cfg.EXPERIMENT.SEED >= 0:
+            seed_everything(cfg.EXPERIMENT.SEED)
+        if device.type == "cuda":
+            torch.backends.cudnn.benchmark = cfg.EXPERIMENT.SEED < 0
+        if main:
+            _init_wandb(cfg, experiment_name)
+            show_cfg(cfg)
+            log.info("DistributedDataParallel on %d process(es), %s", dist.world(), device)
+        train_loader, val_loader, num_data, num_classes = get_dataset(cfg)
+        student, teacher = build_models(cfg, num_classes)
+        distiller = build_distiller(cfg, student, teacher, num_data).to(device)
+        if cfg.EXPERIMENT.SEED >= 0 and dist.world() > 1:
+            seed_everything(cfg.EXPERIMENT.SEED + dist.rank())  # per-rank augmentation in the main process
+        trainer = DDPTrainer(experiment_name, distiller, train_loader, val_loader, cfg)
+        if main and not resume:
+            folder.write_text(CONFIG, cfg.dump())
+        with allow_release_types():  # states from the host's trainer hold numpy floats
+            trainer.train(resume=resume)
+        return trainer
+    finally:
+        folder.unlock()

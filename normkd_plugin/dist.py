@@ -1,0 +1,136 @@
+"""torchrun glue: process group from the environment, rank helpers, sharding and world checks.
+
+Everything here is PyTorch's own machinery (``torch.distributed`` with NCCL on CUDA, gloo on
+CPU, ``env://`` rendezvous as set up by ``torchrun``); outside torchrun every helper is a no-op
+for a world of one process.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Sequence, TypeVar
+
+import torch
+import torch.distributed as dist
+
+from .config import ConfigError
+
+__all__ = [
+    "under_torchrun",
+    "env_world",
+    "init_from_env",
+    "is_main",
+    "rank",
+    "world",
+    "all_reduce_sum",
+    "broadcast_object",
+    "shard",
+    "check_world",
+]
+
+T = TypeVar("T")
+_TORCHRUN_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def under_torchrun() -> bool:
+    """Whether torchrun (or an equivalent launcher) set RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT."""
+    return all(key in os.environ for key in _TORCHRUN_KEYS)
+
+
+def _env_int(key: str, default: int) -> int:
+    value = os.environ.get(key, "")
+    if not value:
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise ConfigError(f"environment variable {key}={value!r} is not an integer") from None
+
+
+def env_world() -> tuple[int, int, int, int]:
+    """(rank, world size, local rank, local world size) from torchrun's environment; (0, 1, 0, 1) outside it."""
+    world_size = _env_int("WORLD_SIZE", 1)
+    local_world = _env_int("LOCAL_WORLD_SIZE", world_size)
+    return _env_int("RANK", 0), world_size, _env_int("LOCAL_RANK", 0), local_world
+
+
+def init_from_env(device_type: str) -> torch.device:
+    """Join torchrun's process group (nccl for cuda, gloo for cpu) and return this rank's device."""
+    if device_type not in ("cuda", "cpu"):
+        raise ConfigError(f"--device {device_type!r}: distributed training runs on cuda (NCCL) or cpu (gloo)")
+    _, _, local, _ = env_world()
+    device = torch.device("cuda", local) if device_type == "cuda" else torch.device("cpu")
+    if device_type == "cuda":
+        torch.cuda.set_device(device)
+    if under_torchrun() and not dist.is_initialized():
+        if device_type == "cuda":
+            dist.init_process_group(backend="nccl", init_method="env://", device_id=device)
+        else:
+            dist.init_process_group(backend="gloo", init_method="env://")
+    return device
+
+
+def rank() -> int:
+    """This process's global rank (0 outside a process group)."""
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world() -> int:
+    """Number of processes in the job (1 outside a process group)."""
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def is_main() -> bool:
+    """Whether this is global rank 0, the only rank that writes files."""
+    return rank() == 0
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum ``tensor`` over all ranks in place and return it (unchanged for a world of one)."""
+    if world() > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Rank ``src``'s picklable ``obj`` on every rank (``obj`` is ignored on the others)."""
+    if world() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def shard(indices: Sequence[T], rank: int, world: int) -> list[T]:
+    """Rank ``rank``'s strided share ``indices[rank::world]``, as DistributedSampler splits, without padding."""
+    if world < 1 or not 0 <= rank < world:
+        raise ValueError(f"shard: rank {rank} is not in a world of {world} process(es)")
+    return list(indices[rank::world])
+
+
+def check_world(cfg, device: torch.device) -> None:
+    """ConfigError, before anything is built, if the config cannot run in torchrun's world on ``device``."""
+    _, world_size, local, local_world = env_world()
+    if world_size < 1 or local_world < 1 or not 0 <= local < local_world:
+        raise ConfigError(
+            f"torchrun environment is inconsistent: WORLD_SIZE={world_size}, "
+            f"LOCAL_WORLD_SIZE={local_world}, LOCAL_RANK={local}"
+        )
+    if cfg.SOLVER.BATCH_SIZE % world_size:
+        raise ConfigError(
+            f"SOLVER.BATCH_SIZE {cfg.SOLVER.BATCH_SIZE} is the global batch and must be divisible by the "
+            f"world size {world_size} (WORLD_SIZE); use a multiple of {world_size} or another number of processes"
+        )
+    if device.type == "cuda":
+        gpus = torch.cuda.device_count()
+        if gpus < local_world:
+            raise ConfigError(
+                f"NCCL needs one GPU per local rank: this node runs {local_world} rank(s) "
+                f"(torchrun --nproc-per-node) but sees {gpus} GPU(s) (CUDA_VISIBLE_DEVICES="
+                f"{os.environ.get('CUDA_VISIBLE_DEVICES', '<unset>')}); lower --nproc-per-node to {gpus}"
+            )
+    if cfg.SOLVER.get("SYNC_BN", False) and device.type != "cuda":
+        raise ConfigError(
+            f"SOLVER.SYNC_BN True needs CUDA (PyTorch's SyncBatchNorm has no CPU kernel); "
+            f"--device is {device.type}: set SOLVER.SYNC_BN False"
+        )

@@ -1,0 +1,72 @@
+"""One rank of a test job: ``torchrun ... tests/ddp_worker.py --out DIR [--fixed-augment] [--fail R:E] -- ARGS``.
+
+Runs ``normkd_plugin.train.main(ARGS)`` (the normkd-train command line) with, for the tests:
+
+* ``--fixed-augment``: CIFAR training images get the host's test transform (no random crop or
+  flip), so a reference in the test can rebuild every batch from the sample indices alone;
+* ``--fail R:E``: rank R raises at its first step of epoch E;
+* records per rank in ``DIR/rank<R>.pt``: the sample indices of every step, the metrics each rank's
+  validation returned, and the distiller's final state;
+* each rank works in its own empty directory ``DIR/cwd<R>``, so relative paths show who wrote what.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--out", required=True)
+    p.add_argument("--fixed-augment", action="store_true")
+    p.add_argument("--fail", default="")
+    p.add_argument("args", nargs=argparse.REMAINDER)
+    a = p.parse_args()
+    argv = a.args[1:] if a.args[:1] == ["--"] else a.args
+    rank = int(os.environ.get("RANK", "0"))
+    out = Path(a.out).resolve()
+    cwd = out / f"cwd{rank}"
+    cwd.mkdir(parents=True, exist_ok=True)
+    os.chdir(cwd)
+
+    import torch
+
+    if a.fixed_augment:
+        import mdistiller.dataset.cifar100 as host_cifar
+
+        host_cifar.get_cifar100_train_transform = host_cifar.get_cifar100_test_transform
+
+    from normkd_plugin import train
+    from normkd_plugin.ddp_trainer import DDPTrainer
+
+    fail = tuple(int(x) for x in a.fail.split(":")) if a.fail else None
+    record: dict = {"batches": {}, "validation": {}}
+    now = {"epoch": 0}
+    real_iter, real_validate, real_train = DDPTrainer.train_iter, DDPTrainer.validate, DDPTrainer.train
+
+    def train_iter(self, data, epoch, sums):
+        if fail == (self.rank, epoch):
+            raise RuntimeError(f"injected failure on rank {self.rank} in epoch {epoch}")
+        now["epoch"] = epoch
+        record["batches"].setdefault(epoch, []).append(data[2].tolist())
+        return real_iter(self, data, epoch, sums)
+
+    def validate(self):
+        result = real_validate(self)
+        record["validation"][now["epoch"]] = result
+        return result
+
+    def train_all(self, resume=False):
+        real_train(self, resume)
+        record.update(rank=self.rank, world=self.world, model=self.model.state_dict())
+        torch.save(record, out / f"rank{self.rank}.pt")
+
+    DDPTrainer.train_iter, DDPTrainer.validate, DDPTrainer.train = train_iter, validate, train_all
+    train.main(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,366 @@
+"""torchrun + DistributedDataParallel for the host's trainer, on CPU with gloo and 2 processes.
+
+The jobs run ``tests/ddp_worker.py`` under ``python -m torch.distributed.run`` (torchrun), which
+calls normkd-train's ``main``. The references below are single-process re-implementations of the
+semantics: the global batch of step k is ``randperm(N, seed + epoch)[k*B:(k+1)*B]``; rank r
+takes its positions r, r + world, ...; each rank's BatchNorm sees only its share; gradients are
+averaged; rank 0's BatchNorm buffers win (DDP broadcasts them before every forward).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import needs_mdistiller
+
+pytestmark = needs_mdistiller
+
+WORKER = Path(__file__).resolve().parent / "ddp_worker.py"
+SEED = 3
+N_TRAIN, BATCH = 208, 64  # steps of 64, 64, 64, 16 images
+N_VAL = 101  # odd: a padded split over 2 ranks would count one image twice
+
+
+# -- unit: dist.py ---------------------------------------------------------------------------------
+def test_shard_splits_like_distributed_sampler_without_padding():
+    from torch.utils.data import DistributedSampler
+
+    from normkd_plugin.dist import shard
+
+    for n, world in ((10, 2), (11, 3), (2, 4), (0, 2)):
+        parts = [shard(list(range(n)), r, world) for r in range(world)]
+        assert sorted(i for p in parts for i in p) == list(range(n))
+        assert max(map(len, parts)) - min(map(len, parts)) <= 1
+        if n % world == 0 and n:
+            for r in range(world):
+                sampler = DistributedSampler(range(n), num_replicas=world, rank=r, shuffle=False)
+                assert parts[r] == list(sampler)
+    with pytest.raises(ValueError, match="rank 2 is not in a world of 2"):
+        shard([1, 2, 3], 2, 2)
+
+
+def _cfg(*opts):
+    from normkd_plugin.config import load_config
+
+    return load_config("cifar100/normkd/res56_res20", list(opts))
+
+
+def test_check_world_names_the_bad_key(monkeypatch):
+    from normkd_plugin import dist
+    from normkd_plugin.config import ConfigError
+
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "3")
+    with pytest.raises(ConfigError, match=r"SOLVER\.BATCH_SIZE 64 .* divisible by the world size 3"):
+        dist.check_world(_cfg(), torch.device("cpu"))
+    dist.check_world(_cfg("SOLVER.BATCH_SIZE", "63"), torch.device("cpu"))
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(ConfigError, match=r"runs 4 rank\(s\) .* sees 2 GPU\(s\)"):
+        dist.check_world(_cfg(), torch.device("cuda"))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    dist.check_world(_cfg(), torch.device("cuda"))
+    with pytest.raises(ConfigError, match="SOLVER.SYNC_BN True needs CUDA"):
+        dist.check_world(_cfg("SOLVER.SYNC_BN", "True"), torch.device("cpu"))
+    monkeypatch.setenv("WORLD_SIZE", "x")
+    with pytest.raises(ConfigError, match="WORLD_SIZE='x' is not an integer"):
+        dist.check_world(_cfg(), torch.device("cpu"))
+
+
+def test_outside_torchrun_everything_is_one_process(monkeypatch):
+    from normkd_plugin import dist
+
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    assert dist.init_from_env("cpu") == torch.device("cpu")
+    assert not torch.distributed.is_initialized()
+    assert (dist.rank(), dist.world(), dist.is_main()) == (0, 1, True)
+    t = torch.tensor([1.0, 2.0])
+    assert dist.all_reduce_sum(t) is t and t.tolist() == [1.0, 2.0]
+    assert dist.broadcast_object({"a": 1}) == {"a": 1}
+    with pytest.raises(Exception, match="distributed training runs on cuda"):
+        dist.init_from_env("mps")
+
+
+def test_which_runs_go_to_ddp(monkeypatch):
+    from normkd_plugin.config import ConfigError
+    from normkd_plugin.ddp_trainer import wants_ddp
+
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert not wants_ddp(_cfg())
+    assert wants_ddp(_cfg("SOLVER.TRAINER", "ddp"))
+    with pytest.raises(ConfigError, match="DATASET.DECODE 'gpu' needs SOLVER.TRAINER base or ddp, not 'dot'"):
+        wants_ddp(_cfg("SOLVER.TRAINER", "dot", "DATASET.DECODE", "gpu"))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert wants_ddp(_cfg())
+    with pytest.raises(ConfigError, match=r"SOLVER.TRAINER 'dot' has no multi-process version \(WORLD_SIZE=2"):
+        wants_ddp(_cfg("SOLVER.TRAINER", "dot"))
+
+
+# -- jobs ----------------------------------------------------------------------------------------
+def _opts(root, teacher, prefix, epochs=2, *extra):
+    return [
+        "--cfg", "cifar100/normkd/res56_res20", "--device", "cpu", "SOLVER.TRAINER", "ddp",
+        "SOLVER.EPOCHS", str(epochs), "SOLVER.LR_DECAY_STAGES", "[1]", "DATASET.ROOT", str(root),
+        "DATASET.NUM_WORKERS", "0", "DISTILLER.TEACHER_CKPT", str(teacher), "LOG.PREFIX", str(prefix),
+        "EXPERIMENT.SEED", str(SEED), "EXPERIMENT.NAME", "r", *extra,
+    ]  # fmt: skip
+
+
+def _job(nproc, out, opts, *worker_flags, torchrun=True):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    launcher = [sys.executable]
+    if torchrun:
+        launcher += ["-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--standalone"]
+    cmd = [*launcher, str(WORKER), "--out", str(out), *worker_flags, "--", *opts]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+
+
+def _ok(proc):
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+
+
+def _run_folder(prefix: Path) -> Path:
+    (folder,) = list((prefix / "cifar100").iterdir())
+    return folder
+
+
+def _load(path):
+    from normkd_plugin.checkpoints import allow_release_types
+
+    with allow_release_types():
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+class Reference:
+    """The same training in one process, written from the semantics above."""
+
+    def __init__(self, root, teacher, opts):
+        from mdistiller.dataset.cifar100 import get_cifar100_test_transform
+        from mdistiller.distillers import distiller_dict
+        from mdistiller.models import cifar_model_dict
+        from PIL import Image
+
+        from normkd_plugin.config import load_config
+        from normkd_plugin.data import seed_everything
+
+        self.cfg = load_config(opts[1], opts[4:])
+        tf = get_cifar100_test_transform()  # what --fixed-augment gives the training images
+        with np.load(root / "train-0-of-1.npz") as z:
+            self.x = torch.stack([tf(Image.fromarray(im)) for im in z["images"]])
+            self.y = torch.as_tensor(z["labels"])
+        with np.load(root / "test-0-of-1.npz") as z:
+            self.x_val = torch.stack([tf(Image.fromarray(im)) for im in z["images"]])
+            self.y_val = torch.as_tensor(z["labels"])
+        seed_everything(SEED)
+        student = cifar_model_dict["resnet20"][0](num_classes=100)
+        net = cifar_model_dict["resnet56"][0](num_classes=100)
+        weights = _load(teacher)
+        net.load_state_dict(weights.get("model", weights))
+        self.distiller = distiller_dict["NORMKD"](student, net, self.cfg)
+        self.params = list(student.parameters())
+        self.buffers = list(student.buffers())
+        self.opt = torch.optim.SGD(self.params, lr=0.05, momentum=0.9, weight_decay=5e-4)
+
+    def load(self, state):
+        """Continue from a saved training state (model keys as mdistiller saves them)."""
+        self.distiller.load_state_dict({k.removeprefix("module."): v for k, v in state["model"].items()})
+        self.opt.load_state_dict(state["optimizer"])
+
+    def batches(self, epoch):
+        perm = torch.randperm(N_TRAIN, generator=torch.Generator().manual_seed(SEED + epoch))
+        return [perm[k : k + BATCH] for k in range(0, N_TRAIN, BATCH)]
+
+    def epoch(self, epoch, world):
+        """One epoch on ``world`` simulated ranks; returns the mean training loss over all samples."""
+        lr = 0.05 * (0.1 if epoch > 1 else 1.0)
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        self.distiller.train()
+        loss_sum = 0.0
+        for batch in self.batches(epoch):
+            start = [b.clone() for b in self.buffers]
+            grads, after_rank0 = None, None
+            for r in range(world):
+                share = batch[r::world]
+                for b, s in zip(self.buffers, start):
+                    b.copy_(s)
+                _, losses = self.distiller(image=self.x[share], target=self.y[share], epoch=epoch)
+                loss = sum(v.mean() for v in losses.values())
+                loss_sum += loss.item() * len(share)
+                g = torch.autograd.grad(loss, self.params)
+                grads = list(g) if grads is None else [a + c for a, c in zip(grads, g)]
+                if r == 0:
+                    after_rank0 = [b.clone() for b in self.buffers]
+            with torch.no_grad():
+                for b, s in zip(self.buffers, after_rank0):
+                    b.copy_(s)
+            for p, g in zip(self.params, grads):
+                p.grad = g / world
+            self.opt.step()
+        return loss_sum / N_TRAIN
+
+    @torch.no_grad()
+    def accuracy(self, student_state):
+        """Top-1 % of ``student_state`` on the whole validation split, in one process."""
+        from mdistiller.models import cifar_model_dict
+
+        net = cifar_model_dict["resnet20"][0](num_classes=100)
+        net.load_state_dict(student_state)
+        net.eval()
+        return 100.0 * (net(self.x_val)[0].argmax(1) == self.y_val).sum().item() / len(self.y_val)
+
+    def assert_close(self, model_state):
+        """The trained student equals this one up to float32 rounding of the gradient sums."""
+        mine = self.distiller.student.state_dict()
+        theirs = {k.removeprefix("student."): v for k, v in model_state.items() if k.startswith("student.")}
+        assert mine.keys() == theirs.keys()
+        for key, value in mine.items():
+            if value.is_floating_point():
+                # (a/2 + b/2 == (a + b)/2 in floating point: with one thread per process they are bitwise equal)
+                torch.testing.assert_close(theirs[key], value, rtol=1e-5, atol=1e-6, msg=key)
+            else:
+                assert torch.equal(theirs[key], value), key
+
+
+def _student(state):
+    return {k.removeprefix("module.student."): v for k, v in state["model"].items() if k.startswith("module.student.")}
+
+
+@pytest.fixture(scope="module")
+def npz_root(tmp_path_factory, cifar_test_arrays):
+    """An npz-shard DATASET.ROOT of real CIFAR-100 pixels: N_TRAIN training and N_VAL test images."""
+    images, labels = cifar_test_arrays
+    root = tmp_path_factory.mktemp("ddp_npz")
+    np.savez(root / "train-0-of-1.npz", images=images[:N_TRAIN], labels=labels[:N_TRAIN])
+    np.savez(root / "test-0-of-1.npz", images=images[1000 : 1000 + N_VAL], labels=labels[1000 : 1000 + N_VAL])
+    return root
+
+
+@pytest.fixture
+def reference(npz_root, teacher_resnet56, tmp_path):
+    opts = _opts(npz_root, teacher_resnet56, tmp_path / "unused")
+    return Reference(npz_root, teacher_resnet56, opts)
+
+
+def test_two_ranks_equal_the_single_process_reference(npz_root, teacher_resnet56, tmp_path, reference):
+    out = tmp_path / "job"
+    proc = _job(2, out, _opts(npz_root, teacher_resnet56, "runs"), "--fixed-augment")
+    _ok(proc)
+    ranks = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    assert [(r["rank"], r["world"]) for r in ranks] == [(0, 2), (1, 2)]
+
+    # every rank ends with the same parameters and buffers
+    for key, value in ranks[0]["model"].items():
+        assert torch.equal(value, ranks[1]["model"][key]), key
+
+    for epoch in (1, 2):
+        # rank r's k-th batch is its strided share of global batch k; every sample once per epoch
+        steps = [ranks[r]["batches"][epoch] for r in range(2)]
+        expected = reference.batches(epoch)
+        assert [len(s) for s in steps] == [len(expected)] * 2
+        for k, batch in enumerate(expected):
+            for r in range(2):
+                assert steps[r][k] == batch[r::2].tolist()
+        used = sorted(i for r in range(2) for step in steps[r] for i in step)
+        assert used == list(range(N_TRAIN))
+        train_loss = reference.epoch(epoch, world=2)
+
+    reference.assert_close(ranks[0]["model"])
+    folder = _run_folder(out / "cwd0" / "runs")
+    state = _load(folder / "latest")
+    assert state["epoch"] == 2
+    # validation of the whole split, summed over the ranks: every rank got the one-process accuracy
+    acc = reference.accuracy(_student(state))
+    assert ranks[0]["validation"][2][0] == ranks[1]["validation"][2][0] == state["record"]["test_acc"] == acc
+    assert state["record"]["train_loss"] == pytest.approx(train_loss, rel=1e-5)
+    assert f"test_acc: {acc:.2f}" in (folder / "worklog.txt").read_text()
+
+    # only rank 0 wrote: rank 1 worked in its own empty directory and left it empty
+    assert list((out / "cwd1").iterdir()) == []
+    assert sorted(p.name for p in folder.iterdir()) == [
+        ".lock", "best", "config.yaml", "latest", "student_best", "student_latest", "train.events", "worklog.txt",
+    ]  # fmt: skip
+    assert (folder / "worklog.txt").read_text().count("epoch: ") == 2
+
+
+def _root_cause(stderr: str) -> str:
+    assert "Root Cause (first observed failure)" in stderr, stderr[-4000:]
+    return stderr.split("Root Cause (first observed failure)", 1)[1]
+
+
+def test_failing_rank_ends_the_job_and_the_run_resumes_on_one_rank(npz_root, teacher_resnet56, tmp_path, reference):
+    prefix = tmp_path / "runs"
+    opts = _opts(npz_root, teacher_resnet56, prefix)
+    proc = _job(2, tmp_path / "a", opts, "--fixed-augment", "--fail", "1:2")
+    assert proc.returncode != 0
+    root = _root_cause(proc.stderr)
+    assert re.search(r"rank\s*: 1 \(local_rank: 1\)", root) and "injected failure on rank 1 in epoch 2" in root
+    assert not re.search(r"rank\s*: 0 \(local_rank: 0\)", root.split("====")[0])
+    # nothing half-written: epoch 1 complete (checkpoint, then its worklog block), nothing of epoch 2
+    folder = _run_folder(prefix)
+    state = _load(folder / "latest")
+    assert state["epoch"] == 1
+    text = (folder / "worklog.txt").read_text()
+    assert text.count("epoch: ") == 1 and text.endswith("-" * 25 + os.linesep) and "best_acc" not in text
+    assert not list(folder.glob(".*.tmp")) and list((tmp_path / "a" / "cwd1").iterdir()) == []
+
+    # the 2-rank state resumes in one process without torchrun; epoch 2 is then a one-rank epoch
+    proc = _job(1, tmp_path / "b", ["--resume", *opts], "--fixed-augment", torchrun=False)
+    _ok(proc)
+    final = torch.load(tmp_path / "b" / "rank0.pt", weights_only=False)
+    assert final["world"] == 1 and list(final["batches"]) == [2]
+    reference.load(state)
+    reference.epoch(2, world=1)
+    reference.assert_close(final["model"])
+    text = (folder / "worklog.txt").read_text()
+    assert [int(x.split()[0]) for x in text.split("epoch: ")[1:]] == [1, 2] and text.count("best_acc\t") == 1
+
+
+def test_one_rank_run_resumes_on_two_ranks(npz_root, teacher_resnet56, tmp_path, reference):
+    prefix = tmp_path / "runs"
+    opts = _opts(npz_root, teacher_resnet56, prefix)
+    proc = _job(1, tmp_path / "a", opts, "--fixed-augment", "--fail", "0:2")
+    assert proc.returncode != 0 and "injected failure on rank 0 in epoch 2" in proc.stderr
+    folder = _run_folder(prefix)
+    state = _load(folder / "latest")
+    assert state["epoch"] == 1
+
+    # rank 0 judges the run folder and every rank stops with its verdict
+    proc = _job(2, tmp_path / "c", opts, "--fixed-augment")
+    assert proc.returncode != 0 and proc.stderr.count("already holds a started run; add --resume") >= 2
+    assert _load(folder / "latest")["epoch"] == 1 and (folder / "worklog.txt").read_text().count("epoch: ") == 1
+
+    proc = _job(2, tmp_path / "b", ["--resume", *opts], "--fixed-augment")
+    _ok(proc)
+    ranks = [torch.load(tmp_path / "b" / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    assert [r["world"] for r in ranks] == [2, 2] and list(ranks[0]["batches"]) == [2]
+    reference.load(state)
+    reference.epoch(2, world=2)
+    reference.assert_close(ranks[0]["model"])
+    reference.assert_close(ranks[1]["model"])
+    assert _load(folder / "latest")["epoch"] == 2
+
+
+def test_batch_not_divisible_by_world_fails_before_anything_is_written(npz_root, teacher_resnet56, tmp_path):
+    opts = _opts(npz_root, teacher_resnet56, tmp_path / "runs", 1, "SOLVER.BATCH_SIZE", "63")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone"]
+    proc = subprocess.run(
+        [*cmd, "-m", "normkd_plugin.train", *opts],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        timeout=300,
+    )
+    assert proc.returncode != 0
+    assert "SOLVER.BATCH_SIZE 63 is the global batch and must be divisible by the world size 2" in proc.stderr
+    assert not (tmp_path / "runs").exists()

@@ -1,0 +1,234 @@
+"""DATASET.DECODE gpu|cpu: byte-reading loader, batched decode, the host's augmentation on tensors.
+
+Fixtures are real CIFAR-100 test images upscaled with PIL (nearest neighbour, so edges stay sharp
+and a crop that is off by one pixel shows) to 256-500 px and saved as JPEG in tmp_path, in an
+ImageFolder tree; one is grayscale and one is a PNG named .JPEG, as in the real ImageNet train set.
+
+The references are the host's own transform objects on PIL images (mdistiller's
+``get_imagenet_train_transform`` / ``get_imagenet_test_transform``, drawing from the global RNG).
+Bound for the pixel comparison: PIL resamples in two 8-bit passes with fixed-point weights
+(each pass within 1/2 level of the exact value, so the result is within 1 level), torchvision in
+float32 rounded once (within 1/2 level); both are integers, so they differ by at most one level,
+1/255 after ToTensor. Crops, flips and decoded pixels must match exactly.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import needs_cuda, needs_mdistiller
+
+pytestmark = needs_mdistiller
+
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+LEVEL = 1 / 255
+
+
+@pytest.fixture(scope="module")
+def image_root(tmp_path_factory, cifar_test_arrays):
+    """root/{train,val}/<class>/*.JPEG of upscaled real CIFAR-100 images (3 classes x 4 train, 2 val)."""
+    images, _ = cifar_test_arrays
+    rng = np.random.default_rng(0)
+    root = tmp_path_factory.mktemp("imagenet")
+    k = 0
+    for split, per_class in (("train", 4), ("val", 2)):
+        for c in ("n01", "n02", "n03"):
+            (root / split / c).mkdir(parents=True)
+            for i in range(per_class):
+                w, h = (int(v) for v in rng.integers(256, 501, size=2))
+                im = Image.fromarray(images[k]).resize((w, h), Image.NEAREST)
+                k += 1
+                path = root / split / c / f"{c}_{i}.JPEG"
+                if split == "train" and (c, i) == ("n02", 1):
+                    im.convert("L").save(path, "JPEG", quality=90)
+                elif split == "train" and (c, i) == ("n03", 2):
+                    im.save(path, "PNG")  # ImageNet has a PNG named .JPEG too
+                else:
+                    im.save(path, "JPEG", quality=90)
+    return root
+
+
+def _host(split):
+    from mdistiller.dataset.imagenet import get_imagenet_test_transform, get_imagenet_train_transform
+
+    return (get_imagenet_train_transform if split == "train" else get_imagenet_test_transform)(list(MEAN), list(STD))
+
+
+def _pipeline(seed=0, device="cpu"):
+    from normkd_plugin.imagenet import DevicePipeline, HostAugment
+
+    return DevicePipeline(HostAugment.from_host(), torch.device(device), torch.Generator().manual_seed(seed))
+
+
+def _samples(root, split):
+    from torchvision.datasets import ImageFolder
+
+    return ImageFolder(str(root / split)).samples
+
+
+def _pil(path) -> Image.Image:
+    """mdistiller's ImageFolder loader: PIL, converted to RGB."""
+    with open(path, "rb") as f:
+        return Image.open(f).convert("RGB")
+
+
+def _bytes(path) -> torch.Tensor:
+    return torch.from_numpy(np.fromfile(path, dtype=np.uint8))
+
+
+def _pixels(x: torch.Tensor) -> torch.Tensor:
+    """Undo Normalize: ToTensor's [0, 1] values."""
+    return x * torch.tensor(STD).view(-1, 1, 1) + torch.tensor(MEAN).view(-1, 1, 1)
+
+
+def test_host_augment_is_read_from_mdistillers_transforms():
+    from normkd_plugin.imagenet import HostAugment
+
+    a = HostAugment.from_host()
+    assert (a.size, a.scale, a.ratio, a.flip_p) == ((224, 224), (0.08, 1.0), (3 / 4, 4 / 3), 0.5)
+    assert (a.mean, a.std, a.val_resize, a.val_crop, a.antialias) == (MEAN, STD, 256, (224, 224), True)
+
+
+@pytest.mark.parametrize("size", [(375, 500), (256, 256), (500, 40), (40, 500), (300, 390)])
+def test_crop_parameters_are_torchvisions_draws(size):
+    import torchvision.transforms as T
+
+    a = _pipeline().augment
+    for seed in range(40):
+        torch.manual_seed(seed)
+        expected = T.RandomResizedCrop.get_params(torch.empty(3, *size), list(a.scale), list(a.ratio))
+        assert _pipeline(seed).crop_params(*size) == expected, (seed, size)
+
+
+def test_cpu_decode_equals_the_hosts_pil_loader(image_root):
+    from normkd_plugin.imagenet import decode
+
+    samples = _samples(image_root, "train")
+    data = [_bytes(p) for p, _ in samples]
+    decoded = decode(data, torch.device("cpu"))  # the PNG sends the batch through the one-by-one path
+    for (path, _), img in zip(samples, decoded):
+        pil = np.asarray(_pil(path))
+        assert img.dtype == torch.uint8 and img.shape == (3, *pil.shape[:2])
+        assert np.array_equal(img.permute(1, 2, 0).numpy(), pil), path
+
+
+def test_undecodable_file_is_named(tmp_path):
+    from normkd_plugin.data import DataError
+    from normkd_plugin.imagenet import decode
+
+    bad = torch.frombuffer(bytearray(b"not an image at all"), dtype=torch.uint8)
+    with pytest.raises(DataError, match="broken.JPEG: cannot be decoded as an image"):
+        decode([bad], torch.device("cpu"), ["train/n01/broken.JPEG"])
+
+
+def _decoded(root, split):
+    from normkd_plugin.imagenet import decode
+
+    samples = _samples(root, split)
+    return samples, decode([_bytes(p) for p, _ in samples], torch.device("cpu"))
+
+
+def test_train_batch_matches_the_hosts_transform(image_root):
+    samples, images = _decoded(image_root, "train")
+    mine, params = _pipeline(seed=5).train(images)
+    host_tf = _host("train")
+    torch.manual_seed(5)  # the host draws from the global RNG, image after image, crop then flip
+    host = torch.stack([host_tf(_pil(p)) for p, _ in samples])
+    assert mine.shape == host.shape == (len(samples), 3, 224, 224) and mine.dtype == torch.float32
+    assert {flip for *_, flip in params} == {True, False}
+    diff = (_pixels(mine) - _pixels(host)).abs().amax(dim=(1, 2, 3))
+    assert diff.max() <= LEVEL + 1e-6, diff
+    assert (mine != host).any()  # the bound is used: PIL and torchvision round differently
+    assert _pixels(mine).min() >= -1e-6 and _pixels(mine).max() <= 1 + 1e-6
+
+    # the comparison sees a crop one pixel off or a missed flip
+    import torchvision.transforms.functional as F
+
+    top, left, h, w, flip = params[0]
+    pil = _pil(samples[0][0])
+    for t, lf, fl in ((top + 1, left, flip), (top, left + 1, flip), (top, left, not flip)):
+        other = F.resized_crop(pil, t, lf, h, w, [224, 224], antialias=True)
+        other = F.to_tensor(F.hflip(other) if fl else other)
+        assert (_pixels(mine[0]) - other).abs().max() > 3 * LEVEL
+
+
+def test_val_batch_matches_the_hosts_transform(image_root):
+    samples, images = _decoded(image_root, "val")
+    mine = _pipeline().val(images)
+    host = torch.stack([_host("val")(_pil(p)) for p, _ in samples])
+    assert mine.shape == host.shape == (len(samples), 3, 224, 224)
+    assert (_pixels(mine) - _pixels(host)).abs().max() <= LEVEL + 1e-6
+
+
+def test_byte_loader_shards_and_keeps_the_hosts_labels(image_root):
+    from mdistiller.dataset.imagenet import ImageNet
+    from torch.utils.data import DistributedSampler
+
+    from normkd_plugin.imagenet import jpeg_loader
+
+    host = ImageNet(str(image_root / "train"))
+    seen = []
+    for rank in range(2):
+        sampler = DistributedSampler(host, num_replicas=2, rank=rank, shuffle=True, seed=1)
+        sampler.set_epoch(3)
+        for data, target, index in jpeg_loader(host.samples, 4, sampler, num_workers=1):
+            assert isinstance(data, list) and all(d.dtype == torch.uint8 and d.dim() == 1 for d in data)
+            for d, t, i in zip(data, target.tolist(), index.tolist()):
+                path, label = host.samples[i]
+                assert t == label == host.targets[i]
+                with open(path, "rb") as f:
+                    assert bytes(d.numpy()) == f.read()
+                seen.append(i)
+        assert list(sampler) == seen[-len(list(sampler)) :]
+    assert sorted(seen) == list(range(len(host)))
+    assert sorted(set(host.targets)) == [0, 1, 2]
+
+
+def test_decode_key_is_checked(tmp_path):
+    from normkd_plugin.config import ConfigError, load_config
+    from normkd_plugin.imagenet import check_decode
+
+    cpu = torch.device("cpu")
+    with pytest.raises(ConfigError, match="DATASET.DECODE 'nvjpeg'; choose from host, cpu, gpu"):
+        check_decode(load_config("imagenet/r34_r18/normkd", ["DATASET.DECODE", "nvjpeg"]), cpu)
+    with pytest.raises(ConfigError, match="DATASET.TYPE is 'cifar100': use DATASET.DECODE host"):
+        check_decode(load_config("cifar100/normkd/res56_res20", ["DATASET.DECODE", "cpu"]), cpu)
+    with pytest.raises(ConfigError, match="DATASET.DECODE gpu decodes with nvJPEG on CUDA; --device is cpu"):
+        check_decode(load_config("imagenet/r34_r18/normkd", ["DATASET.DECODE", "gpu"]), cpu)
+    assert check_decode(load_config("imagenet/r34_r18/normkd", ["DATASET.DECODE", "cpu"]), cpu) == "cpu"
+
+
+def test_trainer_trains_an_imagenet_folder_with_the_tensor_pipeline(image_root, tmp_path):
+    from normkd_plugin import train
+
+    train.main([
+        "--cfg", "imagenet/r34_r18/kd", "--device", "cpu", "SOLVER.TRAINER", "ddp", "DISTILLER.TYPE", "NONE",
+        "DATASET.DECODE", "cpu", "DATASET.ROOT", str(image_root), "DATASET.NUM_WORKERS", "1",
+        "DATASET.TEST.BATCH_SIZE", "4", "SOLVER.BATCH_SIZE", "6", "SOLVER.EPOCHS", "1",
+        "LOG.PREFIX", str(tmp_path), "EXPERIMENT.NAME", "r", "EXPERIMENT.SEED", "0",
+    ])  # fmt: skip
+    (folder,) = list((tmp_path / "imagenet").iterdir())
+    text = (folder / "worklog.txt").read_text()
+    assert "epoch: 1" in text and text.endswith("best_acc\t" + text.split("test_acc: ")[1].split()[0])
+    state = torch.load(folder / "latest", map_location="cpu", weights_only=True)
+    acc = state["record"]["test_acc"]
+    assert state["epoch"] == 1 and 0 <= acc <= 100 and acc * 6 / 100 == pytest.approx(round(acc * 6 / 100))
+
+
+@needs_cuda
+def test_gpu_pipeline_matches_the_cpu_pipeline(image_root):
+    """nvJPEG and CUDA resampling against the CPU path: same crops, pixels within a few levels."""
+    from normkd_plugin.imagenet import decode
+
+    samples = [s for s in _samples(image_root, "train") if open(s[0], "rb").read(2) == b"\xff\xd8"]
+    data = [_bytes(p) for p, _ in samples]
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    gpu_images, cpu_images = decode(data, cuda), decode(data, cpu)
+    decode_diff = max((g.cpu().int() - c.int()).abs().max().item() for g, c in zip(gpu_images, cpu_images))
+    assert decode_diff <= 8  # nvJPEG's IDCT and chroma upsampling differ from libjpeg-turbo's slightly
+    (g, gp), (c, cp) = _pipeline(7, "cuda").train(gpu_images), _pipeline(7).train(cpu_images)
+    assert gp == cp
+    assert (_pixels(g.cpu()) - _pixels(c)).abs().max() <= (decode_diff + 1) * LEVEL + 1e-6
