@@ -52,10 +52,6 @@ log = logging.getLogger(__name__)
 
 __all__ = ["DDPTrainer", "wants_ddp", "train_ddp"]
 
-# A rank that sees one of these lost a peer: the peer's error is the job's error.
-_PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "NCCL communicator was aborted", "Broken pipe")
-PEER_GRACE_S = 30.0
-
 
 def wants_ddp(cfg) -> bool:
     """Whether train() should use this module: SOLVER.TRAINER ddp, or base under torchrun or with DATASET.DECODE."""
@@ -329,42 +325,11 @@ def _stats(loss: Tensor, output: Tensor, target: Tensor, dtype: torch.dtype, mea
     return torch.stack([p.to(dtype) for p in parts])
 
 
-def _peer_lost(exc: BaseException) -> bool:
-    """Whether ``exc`` only says that another rank went away (its own error is the job's error)."""
-    return isinstance(exc, torch.distributed.DistError) or any(text in str(exc) for text in _PEER_LOST)
-
-
-def _record(exc: BaseException) -> None:
-    """Write ``exc`` to torchrun's error file (TORCHELASTIC_ERROR_FILE), as ``@record`` does."""
-    if os.environ.get("TORCHELASTIC_ERROR_FILE"):
-        from torch.distributed.elastic.multiprocessing.errors import get_error_handler
-
-        get_error_handler().record_exception(exc)
-
-
 def train_ddp(cfg, experiment_name: str, device: torch.device, resume: bool = False) -> DDPTrainer | None:
-    """One run of the host's base trainer on every rank of torchrun's job (or one process without it).
-
-    A rank that raises ends the job with its own error: it is written to torchrun's error file,
-    while a rank that only lost a peer waits (up to PEER_GRACE_S) for torchrun to stop it, so the
-    failing rank is the job's root cause.
-    """
-    owned = not torch.distributed.is_initialized()
-    try:
-        dist.check_world(cfg, device)  # before the process group: a bad world fails fast and alike on every rank
-        check_decode(cfg, device)
-        device = dist.init_from_env(device.type)
-        trainer = _train(cfg, experiment_name, device, resume)
-    except Exception as exc:
-        if dist.world() > 1 and _peer_lost(exc):
-            log.error("rank %d lost a peer (%s); torchrun reports the failing rank", dist.rank(), exc)
-            time.sleep(PEER_GRACE_S)
-        else:
-            _record(exc)
-        raise
-    if owned and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
-    return trainer
+    """One run of the host's base trainer on every rank of torchrun's job (or one process without it)."""
+    check_decode(cfg, device)
+    with dist.job([cfg], device) as rank_device:
+        return _train(cfg, experiment_name, rank_device, resume)
 
 
 def _train(cfg, experiment_name: str, device: torch.device, resume: bool) -> DDPTrainer | None:
@@ -382,7 +347,7 @@ def _train(cfg, experiment_name: str, device: torch.device, resume: bool) -> DDP
         if main:
             try:
                 folder.lock()
-                start = folder.check_start(resume)
+                start = folder.check_start(resume) != "skip"
             except UserError as exc:
                 start = exc
         start = dist.broadcast_object(start)

@@ -7,8 +7,11 @@ for a world of one process.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
-from typing import Any, Sequence, TypeVar
+import time
+from typing import Any, Iterator, Sequence, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -26,7 +29,13 @@ __all__ = [
     "broadcast_object",
     "shard",
     "check_world",
+    "job",
 ]
+
+log = logging.getLogger(__name__)
+# A rank that only lost a peer waits this long for torchrun to stop it, so the failing rank is the root cause.
+PEER_GRACE_S = 30.0
+_PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "NCCL communicator was aborted", "Broken pipe")
 
 T = TypeVar("T")
 _TORCHRUN_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -134,3 +143,42 @@ def check_world(cfg, device: torch.device) -> None:
             f"SOLVER.SYNC_BN True needs CUDA (PyTorch's SyncBatchNorm has no CPU kernel); "
             f"--device is {device.type}: set SOLVER.SYNC_BN False"
         )
+
+
+def _peer_lost(exc: BaseException) -> bool:
+    """Whether ``exc`` only says that another rank went away (its own error is the job's error)."""
+    return isinstance(exc, dist.DistError) or any(text in str(exc) for text in _PEER_LOST)
+
+
+def _record(exc: BaseException) -> None:
+    """Write ``exc`` to torchrun's error file (TORCHELASTIC_ERROR_FILE), as ``@record`` does."""
+    if os.environ.get("TORCHELASTIC_ERROR_FILE"):
+        from torch.distributed.elastic.multiprocessing.errors import get_error_handler
+
+        get_error_handler().record_exception(exc)
+
+
+@contextlib.contextmanager
+def job(cfgs: Sequence, device: torch.device) -> Iterator[torch.device]:
+    """Check the world for every config; inside torchrun join the process group; yield this rank's device.
+
+    A rank that raises ends the job with its own error (written to torchrun's error file); a rank
+    that only lost a peer waits up to PEER_GRACE_S for torchrun to stop it. Outside torchrun (or
+    inside a process group made by the caller) it yields ``device`` and does nothing else.
+    """
+    owned = under_torchrun() and not dist.is_initialized()
+    for cfg in cfgs:
+        check_world(cfg, device)  # before the process group: fails fast and alike on every rank
+    try:
+        if owned:
+            device = init_from_env(device.type)
+        yield device
+    except Exception as exc:
+        if world() > 1 and _peer_lost(exc):
+            log.error("rank %d lost a peer (%s); torchrun reports the failing rank", rank(), exc)
+            time.sleep(PEER_GRACE_S)
+        else:
+            _record(exc)
+        raise
+    if owned and dist.is_initialized():
+        dist.destroy_process_group()

@@ -12,6 +12,8 @@ import sys
 
 import torch
 
+from .errors import UserError
+
 log = logging.getLogger("normkd_plugin.train")
 
 HOST_CUDA_TRAINERS = ("base", "crd", "dot", "crd_dot")
@@ -121,13 +123,15 @@ def main(argv: list[str] | None = None) -> None:
             raise ConfigError(f"--device {args.device!r}: {exc}; expected cpu, cuda or cuda:N") from None
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ConfigError(f"--device {args.device}: no CUDA device is available; use --device cpu")
+        from .ddp_trainer import wants_ddp
+
         for cfg in cfgs:
-            if cfg.SOLVER.TRAINER in HOST_CUDA_TRAINERS and device.type != "cuda":
+            if cfg.SOLVER.TRAINER in HOST_CUDA_TRAINERS and device.type != "cuda" and not wants_ddp(cfg):
                 why = f"--device {device} was asked" if torch.cuda.is_available() else "no CUDA device is available"
                 raise ConfigError(
                     f"SOLVER.TRAINER {cfg.SOLVER.TRAINER!r} is mdistiller's trainer, which moves every "
                     f"batch to CUDA, and {why}. Use a GPU machine, or train on the CPU "
-                    "with SOLVER.TRAINER fast --device cpu."
+                    "with SOLVER.TRAINER fast (or ddp) --device cpu."
                 )
             if cfg.LOG.WANDB and not _wandb_available():
                 log.warning("LOG.WANDB is on but wandb is not installed; logging to tensorboard and worklog.txt only")
@@ -191,28 +195,41 @@ def _init_wandb(cfg, experiment_name: str) -> None:
 def train_pack(cfgs: list, names: list[str], device: torch.device, resume: bool = False):
     """Runs of one teacher trained together by the ``fast`` engine; each as it would train alone.
 
-    The pack is checked and every run folder locked and guarded before anything is built.
+    Under torchrun every rank trains its share of each global batch (see ``fast/ranks.py``). The
+    pack is checked and every run folder locked (by rank 0) and guarded before anything is built.
     """
+    from . import dist
     from .build import build_pack
     from .fast.pack import check_pack
     from .runs import RunFolder
 
     check_pack(cfgs, names)
     folders = [RunFolder(os.path.join(cfg.LOG.PREFIX, name)) for cfg, name in zip(cfgs, names)]
-    try:
-        for folder in folders:
-            folder.lock()
-        new_ok = len(cfgs) > 1
-        todo = [(c, n, f) for c, n, f in zip(cfgs, names, folders) if f.check_start(resume, new_ok) != "skip"]
-        if not todo:
-            return None
-        for cfg, name, _ in todo:
-            _init_wandb(cfg, name)
-        pack = build_pack(*map(list, zip(*todo)), device)
-        return pack.train(resume, new_ok)
-    finally:
-        for folder in folders:
-            folder.unlock()
+    with dist.job(cfgs, device) as device:
+        try:
+            modes: list[str] | UserError = []
+            new_ok = len(cfgs) > 1
+            if dist.is_main():
+                try:
+                    for folder in folders:
+                        folder.lock()
+                    modes = [folder.check_start(resume, new_ok) for folder in folders]
+                except UserError as exc:
+                    modes = exc
+            modes = dist.broadcast_object(modes)  # every rank stops alike on a refused start
+            if isinstance(modes, UserError):
+                raise modes
+            todo = [(c, n, f) for c, n, f, m in zip(cfgs, names, folders, modes) if m != "skip"]
+            if not todo:
+                return None
+            if dist.is_main():
+                for cfg, name, _ in todo:
+                    _init_wandb(cfg, name)
+            pack = build_pack(*map(list, zip(*todo)), device)
+            return pack.train(resume, new_ok)
+        finally:
+            for folder in folders:
+                folder.unlock()
 
 
 if __name__ == "__main__":

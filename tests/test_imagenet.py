@@ -207,7 +207,7 @@ def test_trainer_trains_an_imagenet_folder_with_the_tensor_pipeline(image_root, 
     train.main([
         "--cfg", "imagenet/r34_r18/kd", "--device", "cpu", "SOLVER.TRAINER", "ddp", "DISTILLER.TYPE", "NONE",
         "DATASET.DECODE", "cpu", "DATASET.ROOT", str(image_root), "DATASET.NUM_WORKERS", "1",
-        "DATASET.TEST.BATCH_SIZE", "4", "SOLVER.BATCH_SIZE", "6", "SOLVER.EPOCHS", "1",
+        "DATASET.TEST.BATCH_SIZE", "4", "SOLVER.BATCH_SIZE", "6", "SOLVER.EPOCHS", "1", "SOLVER.LR_DECAY_STAGES", "[]",
         "LOG.PREFIX", str(tmp_path), "EXPERIMENT.NAME", "r", "EXPERIMENT.SEED", "0",
     ])  # fmt: skip
     (folder,) = list((tmp_path / "imagenet").iterdir())

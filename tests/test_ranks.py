@@ -158,3 +158,25 @@ def test_a_rank_that_raises_ends_the_job_with_its_error(tmp_path, small_cifar_np
         _spawn(tmp_path, small_cifar_npz, teacher_resnet56, tmp_path / "o", fail_rank=1)
     (folder,) = list((tmp_path / "o" / "cifar100").iterdir())
     assert not (folder / "latest").exists() and not (folder / "worklog.txt").exists()
+
+
+def test_torchrun_trains_a_pack_like_the_two_process_harness(tmp_path, small_cifar_npz, teacher_resnet56):
+    """normkd-train under torchrun (gloo): a pack of KD and NormKD; its NormKD run equals the harness's solo run."""
+    import os
+    import subprocess
+    import sys
+
+    opts = fast_opts(small_cifar_npz, teacher_resnet56, tmp_path / "torchrun", 0, "SOLVER.EPOCHS", "1")
+    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+            "-m", "normkd_plugin.train", "--device", "cpu", "--cfg", "cifar100/kd/res56_res20", "--cfg", CFG,
+            *opts, "SOLVER.LR_DECAY_STAGES", "[]"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = _spawn(tmp_path, small_cifar_npz, teacher_resnet56, tmp_path / "harness")
+    _, name = _cfg(small_cifar_npz, teacher_resnet56, tmp_path / "torchrun")
+    state = load_state(tmp_path / "torchrun" / name)["model"]
+    for key, value in ranks[0]["student"].items():
+        assert torch.equal(state[f"module.student.{key}"], value), key
+    runs = sorted(p.name for p in (tmp_path / "torchrun" / "cifar100").iterdir())
+    assert len(runs) == 2 and all((tmp_path / "torchrun" / "cifar100" / r / "worklog.txt").is_file() for r in runs)

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_map
 from yacs.config import CfgNode as CN
 
+from ..dist import broadcast_object
 from ..errors import RunError
 from ..runs import CONFIG, RunFolder
 from .augment import TensorCifar
@@ -456,7 +457,12 @@ class Pack:
 
     def _resume(self, run: PackRun) -> None:
         """Load the run's newest readable state, cut its worklog back to it and redo the epoch's other files."""
-        state = run.folder.load_state()
+        state = None
+        if self.ranks.main:
+            if run.folder.status() == "failed":
+                log.warning("%s: resuming a run that failed; it restarts from its last good checkpoint", run.name)
+            state = run.folder.load_state()
+        state = broadcast_object(state)  # rank 0's file, on every rank
         source = f"{run.folder.path}/latest (epoch {state['epoch']})"
         load_model_state(run.distiller, state["model"], source)
         run.optimizer.load_state_dict(state["optimizer"])
@@ -478,16 +484,21 @@ class Pack:
 
         ``new_ok``: under --resume, runs with an empty folder start fresh (a pack that gained runs).
         """
-        if self.ranks.main:
-            for run in self.runs:
-                run.folder.lock()
-        for run in self.runs:
-            mode = run.folder.check_start(resume, new_ok)
+        modes: list[str] | RunError = []
+        if self.ranks.main:  # rank 0 decides for every rank: the others never read the run folders
+            try:
+                for run in self.runs:
+                    run.folder.lock()
+                modes = [run.folder.check_start(resume, new_ok) for run in self.runs]
+            except RunError as exc:
+                modes = exc
+        modes = broadcast_object(modes)
+        if isinstance(modes, RunError):
+            raise modes
+        for run, mode in zip(self.runs, modes):
             if mode == "skip":
                 run.status = "finished"
             elif mode == "resume":
-                if run.folder.status() == "failed":
-                    log.warning("%s: resuming a run that failed; it restarts from its last good checkpoint", run.name)
                 self._resume(run)
             else:
                 if self.ranks.main:
