@@ -139,9 +139,13 @@ class RunFolder:
             return "finished"
         if re.search(r"^failed\t", text, re.M):
             return "failed"
-        if text.strip() or any(_STATE_FILE.match(p.name) for p in self._files()):
+        if text.strip() or self.has_state():
             return "started"
         return "new"
+
+    def has_state(self) -> bool:
+        """Whether a full training state (latest, best or epoch_N) is in the folder."""
+        return any(_STATE_FILE.match(p.name) for p in self._files())
 
     def _files(self) -> list[Path]:
         return [p for p in self.path.iterdir() if p.is_file()] if self.path.is_dir() else []
@@ -150,8 +154,12 @@ class RunFolder:
         """'start', 'resume' or 'skip' (a finished run under --resume); RunError for a start that would clobber.
 
         ``new_ok``: under --resume, a folder with no run yet starts fresh (a pack that gained a run).
+        Under --resume a run that never completed an epoch (no checkpoint) starts again from scratch.
         """
         status = self.status()
+        if resume and status in ("started", "failed") and not self.has_state():
+            log.warning("%s: %s run without a checkpoint; starting it again", self.path, status)
+            return "start"
         if resume and status == "new":
             if new_ok:
                 return "start"

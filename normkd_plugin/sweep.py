@@ -127,19 +127,21 @@ def is_finished(folder: str) -> bool:
 
 
 def _remaining(job: Job | PackJob) -> tuple[Job | PackJob | None, bool]:
-    """(the job without its finished runs or None, whether any remaining run has started)."""
+    """(the job without its finished runs or None, whether to pass --resume).
+
+    A pack gets --resume whenever any of its folders holds a run (finished runs are then skipped
+    and new ones start); a solo job when its own run has started.
+    """
     folders = {run: run_folder(run[0], run[1], job.opts) for run in job.runs()}
     todo = [run for run, folder in folders.items() if not is_finished(folder)]
-    started = any(os.path.exists(os.path.join(folders[run], "worklog.txt")) for run in todo) or any(
-        os.path.isfile(os.path.join(folders[run], "latest")) for run in todo
-    )
     if not todo:
         return None, False
-    if isinstance(job, Job):
-        return job, started
-    # keep the configs x seeds shape: drop a config only when all its seeds are finished
-    cfgs = tuple(c for c in job.cfgs if any(run[0] == c for run in todo))
-    return PackJob(cfgs, job.seeds, job.opts), started
+    if isinstance(job, PackJob):  # keep the configs x seeds shape: drop a config only when all its seeds are done
+        job = PackJob(tuple(c for c in job.cfgs if any(run[0] == c for run in todo)), job.seeds, job.opts)
+    has_run = [
+        os.path.isfile(os.path.join(folders[run], name)) for run in job.runs() for name in ("worklog.txt", "latest")
+    ]
+    return job, any(has_run)
 
 
 def run_all(jobs: list[Job | PackJob]) -> list[str]:

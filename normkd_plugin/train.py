@@ -12,8 +12,6 @@ import sys
 
 import torch
 
-from .errors import UserError
-
 log = logging.getLogger("normkd_plugin.train")
 
 HOST_CUDA_TRAINERS = ("base", "crd", "dot", "crd_dot")
@@ -200,25 +198,14 @@ def train_pack(cfgs: list, names: list[str], device: torch.device, resume: bool 
     """
     from . import dist
     from .build import build_pack
-    from .fast.pack import check_pack
+    from .fast.pack import check_pack, decide_starts
     from .runs import RunFolder
 
     check_pack(cfgs, names)
     folders = [RunFolder(os.path.join(cfg.LOG.PREFIX, name)) for cfg, name in zip(cfgs, names)]
     with dist.job(cfgs, device) as device:
         try:
-            modes: list[str] | UserError = []
-            new_ok = len(cfgs) > 1
-            if dist.is_main():
-                try:
-                    for folder in folders:
-                        folder.lock()
-                    modes = [folder.check_start(resume, new_ok) for folder in folders]
-                except UserError as exc:
-                    modes = exc
-            modes = dist.broadcast_object(modes)  # every rank stops alike on a refused start
-            if isinstance(modes, UserError):
-                raise modes
+            modes = decide_starts(folders, resume, new_ok=len(cfgs) > 1)  # before anything is built
             todo = [(c, n, f) for c, n, f, m in zip(cfgs, names, folders, modes) if m != "skip"]
             if not todo:
                 return None
@@ -226,7 +213,7 @@ def train_pack(cfgs: list, names: list[str], device: torch.device, resume: bool 
                 for cfg, name, _ in todo:
                     _init_wandb(cfg, name)
             pack = build_pack(*map(list, zip(*todo)), device)
-            return pack.train(resume, new_ok)
+            return pack.train(resume, len(cfgs) > 1, [m for m in modes if m != "skip"])
         finally:
             for folder in folders:
                 folder.unlock()

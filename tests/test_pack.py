@@ -156,7 +156,7 @@ def test_interrupted_pack_resumes_every_run_exactly(tmp_path, small_cifar_npz, t
 
 def test_a_run_that_turns_nan_fails_alone(tmp_path, small_cifar_npz, teacher_resnet56, monkeypatch):
     """The poisoned run stops at epoch 2 step 1, keeps its epoch-1 checkpoint; the others equal their solo runs."""
-    from normkd_plugin.fast.pack import Pack, TrainingDiverged
+    from normkd_plugin.fast.pack import Pack, RunsFailed
 
     real = Pack.train_epoch
 
@@ -168,7 +168,7 @@ def test_a_run_that_turns_nan_fails_alone(tmp_path, small_cifar_npz, teacher_res
         real(self, runs, epoch)
 
     monkeypatch.setattr(Pack, "train_epoch", poison)
-    with pytest.raises(TrainingDiverged, match=r"epoch 2 step 1 of 4: non-finite training loss.*1 of 3 runs failed"):
+    with pytest.raises(RunsFailed, match=r"epoch 2 step 1 of 4: non-finite training loss.*1 of 3 runs failed"):
         _train(small_cifar_npz, teacher_resnet56, tmp_path / "pack")
     monkeypatch.setattr(Pack, "train_epoch", real)
     folders = [tmp_path / "pack" / n for n in _configs(small_cifar_npz, teacher_resnet56, tmp_path / "pack")[1]]
@@ -212,3 +212,38 @@ def test_packed_graph_equals_solo_eager_runs_on_cuda(tmp_path, small_cifar_npz, 
                 assert torch.allclose(x, y, rtol=1e-5, atol=1e-6), key
     finally:
         torch.use_deterministic_algorithms(False)
+
+
+def test_resumed_pack_restarts_a_run_that_failed_before_its_first_checkpoint(
+    tmp_path, small_cifar_npz, teacher_resnet56
+):
+    """KD turns NaN in epoch 1 (no checkpoint), the pack is interrupted at epoch 3; --resume restarts KD from
+    scratch, lets it catch up alone, and it ends bitwise equal to a solo KD run; NormKD resumes."""
+    from normkd_plugin.fast.pack import Pack
+
+    runs = RUNS[:2]
+    extra = ("SOLVER.EPOCHS", "3", "SOLVER.LR_DECAY_STAGES", "[2]")
+    real = Pack.train_epoch
+
+    def poison(self, runs_, epoch):
+        for run in runs_:
+            if run.cfg.DISTILLER.TYPE == "KD" and epoch == 1:
+                with torch.no_grad():
+                    run.distiller.student.fc.weight.fill_(math.nan)
+        real(self, runs_, epoch)
+
+    Pack.train_epoch = poison
+    try:
+        with interrupted_at_epoch(3), pytest.raises(KeyboardInterrupt):
+            _train(small_cifar_npz, teacher_resnet56, tmp_path / "pack", runs, extra)
+    finally:
+        Pack.train_epoch = real
+    normkd, kd = [
+        tmp_path / "pack" / n for n in _configs(small_cifar_npz, teacher_resnet56, tmp_path / "pack", runs, extra)[1]
+    ]
+    assert (kd / "worklog.txt").read_text().startswith("failed\tepoch 1 step 1 of 4")
+    assert not (kd / "latest").exists() and load_state(normkd)["epoch"] == 2
+    _train(small_cifar_npz, teacher_resnet56, tmp_path / "pack", runs, extra, resume=True)
+    (solo,) = _train(small_cifar_npz, teacher_resnet56, tmp_path / "solo", runs[1:], extra)
+    assert_same_run(kd, solo)
+    assert (normkd / "worklog.txt").read_text().count("epoch: ") == 3

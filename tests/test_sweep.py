@@ -124,3 +124,18 @@ def test_pack_run_drops_finished_runs_and_resumes_started_ones(tmp_path, monkeyp
     sweep.run_all([pack])
     (argv,) = launched
     assert "--resume" in argv and argv.count("--cfg") == 1 and "cifar100/normkd/res56_res20" in argv
+
+
+@needs_mdistiller
+def test_pack_run_with_finished_and_new_runs_passes_resume(tmp_path, monkeypatch):
+    opts = ["LOG.PREFIX", str(tmp_path)]
+    (pack,) = sweep.packs(sweep.grid("cifar100", ["kd"], ["res56_res20"], [0, 1], opts))
+    folder = sweep.run_folder("cifar100/kd/res56_res20", 0, pack.opts)
+    os.makedirs(folder)
+    with open(os.path.join(folder, "worklog.txt"), "w") as f:
+        f.write("best_acc\t70.00")
+    launched = []
+    monkeypatch.setattr(sweep.subprocess, "call", lambda argv: launched.append(argv) or 0)
+    sweep.run_all([pack])
+    (argv,) = launched
+    assert "--resume" in argv and "--seeds" in argv and "0,1" in argv  # seed 0 is skipped, seed 1 starts

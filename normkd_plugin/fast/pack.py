@@ -36,7 +36,7 @@ from .ranks import Ranks
 
 log = logging.getLogger(__name__)
 
-__all__ = ["PackRun", "Pack", "SharedTeacher", "TrainingDiverged", "check_pack"]
+__all__ = ["PackRun", "Pack", "SharedTeacher", "RunsFailed", "check_pack", "decide_starts"]
 
 STATE_FORMAT = 1
 # Keys every run of a pack must agree on: the data, the batches and the shape of the schedule.
@@ -56,8 +56,8 @@ PACK_KEYS = (
 TEACHER_KEYS = ("DISTILLER.TEACHER", "DISTILLER.TEACHER_CKPT")
 
 
-class TrainingDiverged(RunError):
-    """One or more runs stopped on a non-finite loss; their worklogs say where."""
+class RunsFailed(RunError):
+    """One or more runs of a pack stopped (a non-finite loss, a state that cannot be resumed); the message says which."""
 
 
 def _get(cfg: CN, key: str):
@@ -479,39 +479,38 @@ class Pack:
         log.info("%s: resumed after epoch %d (best %.2f)", run.name, run.epoch, run.best_acc)
 
     # -- the whole schedule ------------------------------------------------------------------
-    def start(self, resume: bool, new_ok: bool = False) -> None:
+    def start(self, resume: bool, new_ok: bool = False, modes: list[str] | None = None) -> None:
         """Lock every run folder, refuse clobbering starts, load resume states, write config.yaml.
 
         ``new_ok``: under --resume, runs with an empty folder start fresh (a pack that gained runs).
+        ``modes``: the caller's decisions per run (``RunFolder.check_start``), when already taken.
         """
-        modes: list[str] | RunError = []
-        if self.ranks.main:  # rank 0 decides for every rank: the others never read the run folders
-            try:
-                for run in self.runs:
-                    run.folder.lock()
-                modes = [run.folder.check_start(resume, new_ok) for run in self.runs]
-            except RunError as exc:
-                modes = exc
-        modes = broadcast_object(modes)
-        if isinstance(modes, RunError):
-            raise modes
+        if modes is None:
+            modes = decide_starts([run.folder for run in self.runs], resume, new_ok)
         for run, mode in zip(self.runs, modes):
             if mode == "skip":
                 run.status = "finished"
             elif mode == "resume":
-                self._resume(run)
+                try:
+                    self._resume(run)
+                except RunError as exc:
+                    if len(self.runs) == 1:
+                        raise
+                    log.error("%s: %s", run.name, exc)  # the pack goes on without it
+                    run.status, run.failure = "failed", str(exc)
             else:
                 if self.ranks.main:
+                    run.folder.cut_worklog(0)  # a run that never completed an epoch starts again
                     run.folder.write_text(CONFIG, run.cfg.dump())
                 if self.ranks.world > 1:  # a fresh run starts from rank 0's initialisation and data seed
                     run.seed = self.ranks.same_int(run.seed, self.device)
                     run.generator.manual_seed(run.seed)
                     self.ranks.follow_rank0(list(model_state(run.distiller).values()))
 
-    def train(self, resume: bool = False, new_ok: bool = False) -> list[PackRun]:
-        """Train every run to SOLVER.EPOCHS; returns the runs. TrainingDiverged if any stopped on a NaN/inf."""
+    def train(self, resume: bool = False, new_ok: bool = False, modes: list[str] | None = None) -> list[PackRun]:
+        """Train every run to SOLVER.EPOCHS; returns the runs. RunsFailed if any stopped on a NaN/inf or could not resume."""
         try:
-            self.start(resume, new_ok)
+            self.start(resume, new_ok, modes)
             epochs = int(self.cfg.SOLVER.EPOCHS)
             while True:
                 active = [r for r in self.runs if r.status == "active" and r.epoch < epochs]
@@ -530,11 +529,30 @@ class Pack:
                 run.folder.unlock()
         failed = [r for r in self.runs if r.status == "failed"]
         if failed:
-            raise TrainingDiverged(
+            raise RunsFailed(
                 "; ".join(f"{r.folder.path}: {r.failure}" for r in failed)
-                + f" ({len(failed)} of {len(self.runs)} runs failed; see their worklog.txt)"
+                + f" ({len(failed)} of {len(self.runs)} runs failed)"
             )
         return self.runs
+
+
+def decide_starts(folders: list[RunFolder], resume: bool, new_ok: bool) -> list[str]:
+    """Rank 0 locks the folders and decides each run's start ('start', 'resume', 'skip') for every rank.
+
+    The other ranks never read the run folders; a refused start raises the same RunError on every rank.
+    """
+    modes: list[str] | RunError = []
+    if Ranks().main:
+        try:
+            for folder in folders:
+                folder.lock()
+            modes = [folder.check_start(resume, new_ok) for folder in folders]
+        except RunError as exc:
+            modes = exc
+    modes = broadcast_object(modes)
+    if isinstance(modes, RunError):
+        raise modes
+    return modes
 
 
 def data_seed(cfg: CN) -> int:

@@ -90,7 +90,7 @@ class FastTrainer(BaseTrainer):
         )
 
     def train(self, resume: bool = False) -> None:
-        """Train (or resume) the run to SOLVER.EPOCHS; TrainingDiverged if its loss turned non-finite."""
+        """Train (or resume) the run to SOLVER.EPOCHS; RunsFailed if its loss turned non-finite."""
         self.pack.train(resume)
         self.best_acc = self.run.best_acc
 
