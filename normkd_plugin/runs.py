@@ -29,7 +29,7 @@ from .errors import RunError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["RunFolder", "atomic_write", "worklog_block"]
+__all__ = ["RunFolder", "atomic_write", "serialize", "worklog_block"]
 
 WORKLOG = "worklog.txt"
 CONFIG = "config.yaml"
@@ -38,10 +38,17 @@ LOCK = ".lock"
 _STATE_FILE = re.compile(r"^(latest|best|epoch_\d+)$")
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str | os.PathLike, write) -> None:
     """Write ``path`` by calling ``write(file_object)`` on a temporary sibling, fsync, then os.replace."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; the files are as readable as the host's
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
@@ -57,6 +64,27 @@ def atomic_write(path: str | os.PathLike, write) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def serialize(state: dict) -> bytes:
+    """``torch.save`` of ``state`` into bytes (written to several files without serialising again)."""
+    import io
+
+    import torch
+
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    return buf.getvalue()
+
+
+def _flat(tree: dict | None, prefix: str = "") -> dict:
+    out = {}
+    for key, value in (tree or {}).items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 def worklog_block(epoch: int, lr: float, record: dict[str, float]) -> str:
@@ -185,9 +213,32 @@ class RunFolder:
 
     def save(self, name: str, state: dict) -> None:
         """Atomically torch.save ``state`` as ``name``."""
-        import torch
+        self.write_bytes(name, serialize(state))
 
-        atomic_write(self.path / name, lambda f: torch.save(state, f))
+    def write_bytes(self, name: str, data: bytes) -> None:
+        """Atomically replace ``name`` in the folder with ``data``."""
+        atomic_write(self.path / name, lambda f: f.write(data))
+
+    def check_config(self, cfg_text: str) -> None:
+        """RunError unless ``cfg_text`` trains what the folder's config.yaml trained (paths, logging and
+        EXPERIMENT keys may change); a folder without config.yaml is not checked."""
+        import yaml
+
+        from .config import _UNNAMED_PREFIXES
+
+        try:
+            saved = yaml.safe_load((self.path / CONFIG).read_text())
+        except FileNotFoundError:
+            return
+        now = yaml.safe_load(cfg_text)
+        keys = sorted(set(_flat(saved)) | set(_flat(now)))
+        changed = [k for k in keys if not k.startswith(_UNNAMED_PREFIXES) and _flat(saved).get(k) != _flat(now).get(k)]
+        if changed:
+            diffs = ", ".join(f"{k} {_flat(saved).get(k)!r} -> {_flat(now).get(k)!r}" for k in changed[:3])
+            raise RunError(
+                f"--resume: {self.path} was started with another config ({diffs}{', ...' if len(changed) > 3 else ''}); "
+                "resume with the same config, or start a new run with another EXPERIMENT.NAME"
+            )
 
     def _append(self, text: str) -> None:
         with open(self.path / WORKLOG, "a") as f:

@@ -138,6 +138,29 @@ def test_load_state_falls_back_to_the_newest_readable_checkpoint(tmp_path, caplo
         folder.load_state()
 
 
+def test_resume_refuses_a_changed_config_but_not_moved_paths(tmp_path):
+    from normkd_plugin.errors import RunError
+
+    folder = _folder(tmp_path)
+    folder.path.mkdir()
+    saved = "SOLVER:\n  LR: 0.05\n  EPOCHS: 240\nDATASET:\n  ROOT: /data/a\nLOG:\n  PREFIX: out\n"
+    folder.write_text("config.yaml", saved)
+    folder.check_config(saved.replace("/data/a", "/mnt/b").replace("out", "elsewhere"))
+    with pytest.raises(RunError, match=r"started with another config \(SOLVER.LR 0.05 -> 0.01\); resume with the same"):
+        folder.check_config(saved.replace("0.05", "0.01"))
+
+
+def test_written_files_follow_the_umask(tmp_path):
+    from normkd_plugin.runs import atomic_write
+
+    old = os.umask(0o022)
+    try:
+        atomic_write(tmp_path / "latest", lambda f: f.write(b"x"))
+    finally:
+        os.umask(old)
+    assert (tmp_path / "latest").stat().st_mode & 0o777 == 0o644
+
+
 def test_stale_temporary_files_are_removed_by_the_lock_holder(tmp_path):
     folder = _folder(tmp_path)
     folder.path.mkdir()

@@ -19,7 +19,7 @@ import logging
 import math
 import os
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +29,7 @@ from yacs.config import CfgNode as CN
 
 from ..dist import broadcast_object
 from ..errors import RunError
-from ..runs import CONFIG, RunFolder
+from ..runs import CONFIG, RunFolder, serialize
 from .augment import TensorCifar
 from .graph import StepGraph
 from .ranks import Ranks
@@ -74,6 +74,11 @@ def check_pack(cfgs: list[CN], names: list[str]) -> None:
     if len(set(names)) != len(names):
         dup = next(n for n in names if names.count(n) > 1)
         raise ConfigError(f"pack: two runs would write the same run folder {dup!r}; give them different seeds or names")
+    if len(cfgs) > 1 and any(c.LOG.WANDB for c in cfgs):
+        raise ConfigError(
+            "pack: LOG.WANDB True: one process logs to one wandb run; train packs with LOG.WANDB False "
+            "(each run's tensorboard scalars and worklog.txt are written as usual)"
+        )
     if len(cfgs) > 1 and any(c.SOLVER.TRAINER != "fast" for c in cfgs):
         bad = next(n for c, n in zip(cfgs, names) if c.SOLVER.TRAINER != "fast")
         raise ConfigError(
@@ -125,6 +130,12 @@ class SharedTeacher(nn.Module):
                 ]
         self._outputs = list(zip(batches, outputs))
 
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:  # the teacher's own methods (get_stage_channels, ...) for the distillers
+            return getattr(super().__getattr__("net"), name)
+
     def forward(self, x: Tensor):
         for batch, output in self._outputs:
             if batch is x:
@@ -132,7 +143,7 @@ class SharedTeacher(nn.Module):
         return self.net(x)
 
 
-@dataclass
+@dataclass(eq=False)
 class PackRun:
     """One run of a pack: its config and folder, its distiller (student + shared teacher) and optimizer."""
 
@@ -148,7 +159,6 @@ class PackRun:
     best_acc: float = -1.0
     status: str = "active"  # active, finished, failed
     failure: str = ""
-    extra: dict = field(default_factory=dict)
 
 
 def host_optimizer(cfg: CN, distiller: nn.Module) -> torch.optim.Optimizer:
@@ -223,6 +233,7 @@ class Pack:
             self._step, self._zero_grad, enabled=bool(fast.CUDA_GRAPH) and self.device.type == "cuda"
         )
         self._sums = self._first_bad = self._step_no = None
+        self._eval_set: tuple[Tensor, Tensor] | None = None
         for run in runs:
             if run.generator is None:
                 run.generator = torch.Generator(device=self.device)
@@ -241,8 +252,8 @@ class Pack:
         xs = [self._layout(self.train_data.normalize(x)) for x in images]
         if self.teacher is not None:
             with self._autocast():
-                self.teacher.precompute(xs)
-        losses, top1s, top5s = [], [], []
+                self.teacher.precompute([xs[g] for g in self._taught])
+        losses, top1s = [], []
         for run, s, branch in zip(self._active, self._group_of, self._branches()):
             with branch, self._autocast():
                 preds, terms = run.distiller(image=xs[s], target=targets[s], epoch=epoch)
@@ -252,9 +263,7 @@ class Pack:
                     loss.backward()
                     run.optimizer.step()
                 losses.append(loss)
-                top1, top5 = _topk_correct(preds.detach(), targets[s])
-                top1s.append(top1)
-                top5s.append(top5)
+                top1s.append(preds.detach().argmax(dim=1).eq(targets[s]).sum())
         if self.branches:
             self._join()
         else:
@@ -268,7 +277,7 @@ class Pack:
         loss = torch.stack([v.detach() for v in losses])
         n = targets[0].shape[0]
         count = torch.full_like(loss, n)  # a fill kernel: capturable, unlike a host-to-device copy
-        metrics = [loss * n, torch.stack(top1s), torch.stack(top5s), count]
+        metrics = [loss * n, torch.stack(top1s), count]
         self._sums += torch.stack([m.double() for m in metrics], dim=1)
         self._step_no += 1
         newly_bad = (self._first_bad < 0) & ~torch.isfinite(loss)
@@ -313,6 +322,8 @@ class Pack:
         self._active = runs
         groups = self._seed_groups(runs)
         self._group_of = [next(i for i, g in enumerate(groups) if run in g) for run in runs]
+        distilled = {g for g, run in zip(self._group_of, runs) if run.cfg.DISTILLER.TYPE != "NONE"}
+        self._taught = sorted(distilled)  # seed groups whose batches the teacher sees
         data = []
         for group in groups:
             data.append(self.train_data.epoch(group[0].generator, count))
@@ -320,7 +331,7 @@ class Pack:
                 run.generator.set_state(group[0].generator.get_state())
         k = len(runs)
         if self._sums is None or self._sums.shape[0] != k:  # kept in place: a captured graph reads them
-            self._sums = torch.zeros(k, 4, device=self.device, dtype=torch.float64)  # loss*n, top1, top5, n
+            self._sums = torch.zeros(k, 3, device=self.device, dtype=torch.float64)  # loss*n, top-1 hits, n
             self._first_bad = torch.zeros(k, device=self.device, dtype=torch.long)
             self._step_no = torch.zeros((), device=self.device, dtype=torch.long)
         self._sums.zero_()
@@ -349,14 +360,15 @@ class Pack:
     def evaluate(self, run: PackRun) -> tuple[float, float, float]:
         """(top-1 %, top-5 %, mean CE) of the run's student on the validation split."""
         run.distiller.eval()
-        images, targets = self.val_data.eval_set()
+        if self._eval_set is None:
+            self._eval_set = self.val_data.eval_set()  # normalised once, reused by every run and epoch
+        images, targets = self._eval_set
         step = int(self.cfg.SOLVER.FAST.EVAL_BATCH_SIZE)
         sums = torch.zeros(3, device=self.device, dtype=torch.float64)
         lo, hi = self.ranks.share(0, targets.shape[0])  # each rank its part; the sums cover the whole split
         for i in range(lo, hi, step):
             x, y = self._layout(images[i : min(i + step, hi)]), targets[i : min(i + step, hi)]
-            with self._autocast():
-                logits = run.distiller(image=x)
+            logits = run.distiller(image=x)  # float32 even under SOLVER.AMP, as the host validates
             top1, top5 = _topk_correct(logits, y)
             ce = F.cross_entropy(logits.float(), y, reduction="sum")
             sums += torch.stack([top1.double(), top5.double(), ce.double()])
@@ -379,7 +391,7 @@ class Pack:
         iters = int(self.cfg.SOLVER.FAST.ITERS_PER_EPOCH)
         steps = self.train_iterations(runs, epoch, iters * self.batch_size if iters > 0 else None)
         sums, first_bad = self._sums.tolist(), self._first_bad.tolist()
-        for run, lr, (loss_sum, top1, _top5, n), bad in zip(runs, lrs, sums, first_bad):
+        for run, lr, (loss_sum, top1, n), bad in zip(runs, lrs, sums, first_bad):
             if bad >= 0 or not math.isfinite(loss_sum):
                 self._fail(run, f"epoch {epoch} step {bad if bad >= 0 else '?'} of {steps}: non-finite training loss")
                 continue
@@ -431,34 +443,37 @@ class Pack:
         if not self.ranks.main:  # every rank holds the same run; rank 0 writes it
             return
         state = self._state(run, epoch, lr, record, saved_best)
-        run.folder.save("latest", state)
-        self._after_latest(run, state)
+        blob = serialize(state)  # once for latest, epoch_N and best
+        run.folder.write_bytes("latest", blob)
+        self._after_latest(run, state, blob)
         run.folder.append_epoch(epoch, lr, record)
         if run.writer is not None:
             for key, value in record.items():
                 run.writer.add_scalar(key, value, epoch)
             run.writer.flush()
-        if run.cfg.LOG.WANDB:
+        if run.cfg.LOG.WANDB:  # a solo run (packs refuse LOG.WANDB), as the host logs it
             import wandb
 
             wandb.log({"current lr": lr, **record})
+            wandb.run.summary["best_acc"] = run.best_acc
 
-    def _after_latest(self, run: PackRun, state: dict) -> None:
-        """The files an epoch writes after ``latest``; idempotent, so resume can redo them."""
+    def _after_latest(self, run: PackRun, state: dict, blob: bytes) -> None:
+        """The files an epoch writes after ``latest`` (``blob`` = the serialised state); idempotent."""
         epoch, folder = state["epoch"], run.folder
-        student = {"model": run.distiller.student.state_dict()}
-        folder.save("student_latest", student)
+        student = serialize({"model": run.distiller.student.state_dict()})
+        folder.write_bytes("student_latest", student)
         if epoch % run.cfg.LOG.SAVE_CHECKPOINT_FREQ == 0:
-            folder.save(f"epoch_{epoch}", state)
-            folder.save(f"student_{epoch}", student)
+            folder.write_bytes(f"epoch_{epoch}", blob)
+            folder.write_bytes(f"student_{epoch}", student)
         if state["saved_best"]:
-            folder.save("best", state)
-            folder.save("student_best", student)
+            folder.write_bytes("best", blob)
+            folder.write_bytes("student_best", student)
 
     def _resume(self, run: PackRun) -> None:
         """Load the run's newest readable state, cut its worklog back to it and redo the epoch's other files."""
         state = None
         if self.ranks.main:
+            run.folder.check_config(run.cfg.dump())
             if run.folder.status() == "failed":
                 log.warning("%s: resuming a run that failed; it restarts from its last good checkpoint", run.name)
             state = run.folder.load_state()
@@ -467,13 +482,20 @@ class Pack:
         load_model_state(run.distiller, state["model"], source)
         run.optimizer.load_state_dict(state["optimizer"])
         run.epoch, run.best_acc = int(state["epoch"]), float(state["best_acc"])
-        if "generator" not in state:
-            raise RunError(f"{source}: written by another trainer (no data generator state); it cannot resume exactly")
+        if state.get("format") != STATE_FORMAT:
+            raise RunError(
+                f"{source}: not a state of this trainer (format {state.get('format')}); it cannot resume exactly"
+            )
         run.seed = int(state["seed"])
-        run.generator.set_state(state["generator"])
+        try:
+            run.generator.set_state(state["generator"])
+        except RuntimeError:
+            raise RunError(
+                f"{source}: its data generator belongs to another device type; resume with the same --device"
+            ) from None
         if self.ranks.main:
             run.folder.cut_worklog(run.epoch)
-            self._after_latest(run, state)
+            self._after_latest(run, state, serialize(state))
             if not run.folder.has_epoch(run.epoch):
                 run.folder.append_epoch(run.epoch, state["lr"], state["record"])
         log.info("%s: resumed after epoch %d (best %.2f)", run.name, run.epoch, run.best_acc)
