@@ -75,15 +75,20 @@ def build_pack(cfgs: list, names: list[str], folders: list, device):
         torch.backends.cudnn.benchmark = all(cfg.EXPERIMENT.SEED < 0 for cfg in cfgs)
     train_loader, val_loader, num_data, num_classes = get_dataset(cfgs[0])
     teacher_cfg = next((cfg for cfg in cfgs if cfg.DISTILLER.TYPE != "NONE"), None)
-    teacher = None if teacher_cfg is None else SharedTeacher(build_teacher(teacher_cfg, num_classes)).to(device)
-    runs = []
-    for cfg, name, folder in zip(cfgs, names, folders):
+    teacher = None if teacher_cfg is None else build_teacher(teacher_cfg, num_classes)
+    distillers = []
+    for cfg in cfgs:  # on the CPU, with the plain teacher, as the host builds them (connectors probe shapes)
         if cfg.EXPERIMENT.SEED >= 0:
             seed_everything(cfg.EXPERIMENT.SEED)
         student = build_student(cfg, num_classes)
-        distiller = build_distiller(cfg, student, teacher if cfg.DISTILLER.TYPE != "NONE" else None, num_data)
+        distillers.append(build_distiller(cfg, student, teacher if cfg.DISTILLER.TYPE != "NONE" else None, num_data))
+    shared = None if teacher is None else SharedTeacher(teacher).to(device)
+    runs = []
+    for cfg, name, folder, distiller in zip(cfgs, names, folders, distillers):
+        if cfg.DISTILLER.TYPE != "NONE":
+            distiller.teacher = shared
         distiller.to(device)
         writer = SummaryWriter(os.path.join(folder.path, "train.events"), flush_secs=60) if Ranks().main else None
         runs.append(PackRun(name, cfg, folder, distiller, host_optimizer(cfg, distiller), data_seed(cfg), writer))
     train_data = tensor_split(train_loader, "train", device)
-    return Pack(runs, train_data, tensor_split(val_loader, "validation", device), teacher)
+    return Pack(runs, train_data, tensor_split(val_loader, "validation", device), shared)

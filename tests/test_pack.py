@@ -142,6 +142,26 @@ def test_same_run_twice_in_a_pack_is_refused(tmp_path, small_cifar_npz, teacher_
         train_pack(cfgs, names, torch.device("cpu"))
 
 
+def test_feature_distiller_trains_in_a_pack_as_alone(tmp_path, small_cifar_npz, teacher_resnet56):
+    """OFD reads the teacher's features and calls its own methods: packed with KD it equals its solo run."""
+    from normkd_plugin.config import load_config, run_name
+    from normkd_plugin.train import train_pack
+
+    def configs(prefix, types):
+        out = []
+        for kind in types:
+            opts = fast_opts(small_cifar_npz, teacher_resnet56, prefix, 0, "DISTILLER.TYPE", kind, "SOLVER.EPOCHS", "1")
+            cfg = load_config("cifar100/kd/res56_res20", [*opts, "SOLVER.LR_DECAY_STAGES", "[]"])
+            out.append((cfg, run_name(cfg, [*opts, "SOLVER.LR_DECAY_STAGES", "[]"])))
+        return out
+
+    packed = configs(tmp_path / "pack", ["KD", "OFD"])
+    train_pack([c for c, _ in packed], [n for _, n in packed], torch.device("cpu"))
+    (solo,) = configs(tmp_path / "solo", ["OFD"])
+    train_pack([solo[0]], [solo[1]], torch.device("cpu"))
+    assert_same_run(tmp_path / "pack" / packed[1][1], tmp_path / "solo" / solo[1])
+
+
 def test_vanilla_pack_of_different_architectures(tmp_path, small_cifar_npz, teacher_resnet56):
     from normkd_plugin.config import load_config, run_name
     from normkd_plugin.train import train_pack
