@@ -248,8 +248,11 @@ def npz_root(tmp_path_factory, cifar_test_arrays):
 
 @pytest.fixture
 def reference(npz_root, teacher_resnet56, tmp_path):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the workers (OMP_NUM_THREADS=1): the same float32 rounding
     opts = _opts(npz_root, teacher_resnet56, tmp_path / "unused")
-    return Reference(npz_root, teacher_resnet56, opts)
+    yield Reference(npz_root, teacher_resnet56, opts)
+    torch.set_num_threads(threads)
 
 
 def test_two_ranks_equal_the_single_process_reference(npz_root, teacher_resnet56, tmp_path, reference):

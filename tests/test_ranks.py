@@ -44,7 +44,7 @@ def _worker(rank, world, root, teacher, prefix, out, epochs, stop_at, fail_rank)
         real_epoch(self, runs_, epoch)
 
     Pack._step, Pack.train_epoch = step, train_epoch
-    for name in ("save", "_append", "write_text"):
+    for name in ("write_bytes", "_append", "write_text"):
         real = getattr(runs.RunFolder, name)
         setattr(runs.RunFolder, name, lambda self, *a, _real=real, _name=name: (writes.append(_name), _real(self, *a)))
     try:
@@ -73,6 +73,15 @@ def _spawn(tmp_path, root, teacher, prefix, world=2, epochs=1, stop_at=0, fail_r
 def _reference(root, teacher, cfg):
     """Written here, independently: each global batch split in two halves (per-half BatchNorm), gradients of
     the half means weighted by the halves' shares and summed; running statistics from the first half only."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the workers: the same float32 rounding
+    try:
+        return _reference_steps(root, teacher, cfg)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _reference_steps(root, teacher, cfg):
     from mdistiller.dataset.cifar100 import get_cifar100_train_transform
     from mdistiller.models import cifar_model_dict
 

@@ -209,14 +209,14 @@ CHILD = textwrap.dedent("""
             return real_write(path, write)
         runs.atomic_write = atomic_write
     elif point == "between-writes":  # epoch 2's `latest` in place; student files, best, worklog not yet
-        real_save = runs.RunFolder.save
-        def save(self, name, state):
-            real_save(self, name, state)
+        real_write = runs.RunFolder.write_bytes
+        def write_bytes(self, name, data):
+            real_write(self, name, data)
             if name == "latest":
                 calls["latest"] += 1
                 if calls["latest"] == 2:
                     stop_here()
-        runs.RunFolder.save = save
+        runs.RunFolder.write_bytes = write_bytes
     elif point == "mid-worklog":  # epoch 2's worklog block half appended
         real_append = runs.RunFolder._append
         def _append(self, text):
