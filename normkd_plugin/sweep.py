@@ -144,7 +144,19 @@ def _remaining(job: Job | PackJob) -> tuple[Job | PackJob | None, bool]:
     return job, any(has_run)
 
 
-def run_all(jobs: list[Job | PackJob]) -> list[str]:
+def launcher(nproc: int) -> list[str]:
+    """The command that starts normkd-train: itself, or torchrun with ``nproc`` processes per node."""
+    if nproc <= 1:
+        return ["normkd-train"]
+    return ["torchrun", "--standalone", "--nproc-per-node", str(nproc), "-m", "normkd_plugin.train"]
+
+
+def command(job: Job | PackJob, nproc: int = 1, resume: bool = False) -> list[str]:
+    """The argv that trains ``job`` (through torchrun when ``nproc`` > 1)."""
+    return [*launcher(nproc), *(["--resume"] if resume else []), *job.argv()[1:]]
+
+
+def run_all(jobs: list[Job | PackJob], nproc: int = 1) -> list[str]:
     """Run the jobs in turn (skip finished runs, resume started ones); the failures, one line each."""
     failures = []
     for i, job in enumerate(jobs, 1):
@@ -152,9 +164,10 @@ def run_all(jobs: list[Job | PackJob]) -> list[str]:
         if todo is None:
             print(f"[{i}/{len(jobs)}] skip (finished): {job.command()}", flush=True)
             continue
-        print(f"[{i}/{len(jobs)}] {todo.command()}", flush=True)
-        resume = ["--resume"] if started else []
-        code = subprocess.call([sys.executable, "-m", "normkd_plugin.train", *resume, *todo.argv()[1:]])
+        argv = command(todo, nproc, started)
+        print(f"[{i}/{len(jobs)}] {shlex.join(argv)}", flush=True)
+        module = "torch.distributed.run" if nproc > 1 else "normkd_plugin.train"  # torchrun / normkd-train
+        code = subprocess.call([sys.executable, "-m", module, *argv[1:]])  # with this interpreter
         if code:
             failures.append(f"exit code {code}: {todo.command()}")
             print(f"normkd-sweep: failed (exit code {code}); going on with the next", file=sys.stderr, flush=True)
@@ -175,6 +188,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seeds", default="0")
     ap.add_argument("--pack", action="store_true", help="group runs of one teacher into packs (fast trainer)")
     ap.add_argument("--pack-size", type=int, default=0, metavar="N", help="with --pack: at most N runs per pack")
+    ap.add_argument("--nproc-per-node", type=int, default=1, metavar="N", help="launch each command with torchrun")
     ap.add_argument("--run", action="store_true", help="execute the commands one after another")
     ap.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides passed to every run")
     args = ap.parse_args(argv)
@@ -192,9 +206,9 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"normkd-sweep: {exc}")
     if not args.run:
         for job in jobs:
-            print(job.command())
+            print(shlex.join(command(job, args.nproc_per_node)))
         return
-    failures = run_all(jobs)
+    failures = run_all(jobs, args.nproc_per_node)
     if failures:
         sys.exit(f"normkd-sweep: {len(failures)} of {len(jobs)} commands failed:\n  " + "\n  ".join(failures))
 

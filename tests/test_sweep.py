@@ -139,3 +139,33 @@ def test_pack_run_with_finished_and_new_runs_passes_resume(tmp_path, monkeypatch
     sweep.run_all([pack])
     (argv,) = launched
     assert "--resume" in argv and "--seeds" in argv and "0,1" in argv  # seed 0 is skipped, seed 1 starts
+
+
+def test_torchrun_commands():
+    out = subprocess.run(
+        [sys.executable, "-m", "normkd_plugin.sweep", "--dataset", "imagenet", "--methods", "normkd", "--pairs", "r34_r18",
+         "--nproc-per-node", "8", "DATASET.ROOT", "/data/imagenet"],
+        capture_output=True, text=True, check=True,
+    ).stdout.splitlines()  # fmt: skip
+    assert out == [
+        "torchrun --standalone --nproc-per-node 8 -m normkd_plugin.train --cfg imagenet/r34_r18/normkd "
+        "DATASET.ROOT /data/imagenet EXPERIMENT.SEED 0"
+    ]
+
+
+@needs_mdistiller
+def test_run_through_torchrun(tmp_path, monkeypatch):
+    launched = []
+    monkeypatch.setattr(sweep.subprocess, "call", lambda argv: launched.append(argv) or 0)
+    sweep.main(
+        ["--methods", "kd", "--pairs", "res56_res20", "--nproc-per-node", "2", "--run", "LOG.PREFIX", str(tmp_path)]
+    )
+    ((python, *argv),) = launched
+    assert python == sys.executable and argv[:5] == [
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+    ]
+    assert argv[5:8] == ["-m", "normkd_plugin.train", "--cfg"]
