@@ -46,7 +46,7 @@ from .config import ConfigError
 from .data import seed_worker
 from .errors import UserError
 from .imagenet import DevicePipeline, HostAugment, check_decode, decode, jpeg_loader
-from .runs import CONFIG, RunFolder
+from .runs import CONFIG, RunFolder, epoch_record
 
 log = logging.getLogger(__name__)
 
@@ -214,7 +214,10 @@ class DDPTrainer(BaseTrainer):
             self.optimizer.load_state_dict(state["optimizer"])
             self.best_acc = float(state["best_acc"])
             epoch = int(state["epoch"]) + 1
-            if self.main:
+            if self.main and "saved_best" in state:  # this trainer's own state: redo what follows `latest`
+                student = {"model": self.model.student.state_dict()}
+                self.folder.redo_epoch(state, student, self.cfg.LOG.SAVE_CHECKPOINT_FREQ)
+            elif self.main:
                 self.folder.cut_worklog(epoch - 1)
         while epoch <= self.cfg.SOLVER.EPOCHS:
             self.train_epoch(epoch)
@@ -244,17 +247,11 @@ class DDPTrainer(BaseTrainer):
         loss_sum, top1, top5, n = dist.all_reduce_sum(sums).tolist()
         self.sync_buffers()
         test_acc, test_acc_top5, test_loss = self.validate()
-        record = OrderedDict(
-            train_acc=100.0 * top1 / n,
-            train_loss=loss_sum / n,
-            test_acc=test_acc,
-            test_acc_top5=test_acc_top5,
-            test_loss=test_loss,
-        )
-        if test_acc > self.best_acc:
-            self.best_acc = test_acc
+        record = epoch_record(100.0 * top1 / n, loss_sum / n, test_acc, test_acc_top5, test_loss)
+        saved_best = test_acc >= self.best_acc  # the host saves `best` on ties too
+        self.best_acc = max(self.best_acc, test_acc)
         if self.main:
-            self.commit(epoch, lr, record)
+            self.commit(epoch, float(lr), record, saved_best)
 
     def train_iter(self, data, epoch: int, sums: Tensor) -> None:
         """One step on this rank's share of the global batch; adds (loss * n, top-1, top-5, n) to ``sums``."""
@@ -287,24 +284,18 @@ class DDPTrainer(BaseTrainer):
         return 100.0 * top1 / n, 100.0 * top5 / n, loss_sum / n
 
     # -- writing (rank 0) ------------------------------------------------------------------
-    def commit(self, epoch: int, lr: float, record: dict[str, float]) -> None:
-        """Checkpoints (atomic), tensorboard, then the epoch's worklog block: the host's files and names."""
+    def commit(self, epoch: int, lr: float, record: dict[str, float], saved_best: bool) -> None:
+        """The epoch's files (RunFolder.commit_epoch: checkpoints, then the worklog block), tensorboard, W&B."""
         state = {
             "epoch": epoch,
             "model": _state_model(self.model),
             "optimizer": self.optimizer.state_dict(),
             "best_acc": self.best_acc,
             "record": dict(record),
+            "lr": lr,
+            "saved_best": saved_best,
         }
-        student = {"model": self.model.student.state_dict()}
-        self.folder.save("latest", state)
-        self.folder.save("student_latest", student)
-        if epoch % self.cfg.LOG.SAVE_CHECKPOINT_FREQ == 0:
-            self.folder.save(f"epoch_{epoch}", state)
-            self.folder.save(f"student_{epoch}", student)
-        if record["test_acc"] >= self.best_acc:
-            self.folder.save("best", state)
-            self.folder.save("student_best", student)
+        self.folder.commit_epoch(state, {"model": self.model.student.state_dict()}, self.cfg.LOG.SAVE_CHECKPOINT_FREQ)
         for key, value in record.items():
             self.tf_writer.add_scalar(key, value, epoch)
         self.tf_writer.flush()
@@ -314,7 +305,6 @@ class DDPTrainer(BaseTrainer):
             wandb.log({"current lr": lr})
             wandb.log(dict(record))
             wandb.run.summary["best_acc"] = self.best_acc
-        self.folder.append_epoch(epoch, lr, record)
 
 
 def _stats(loss: Tensor, output: Tensor, target: Tensor, dtype: torch.dtype, mean: bool = True) -> Tensor:

@@ -23,13 +23,14 @@ import logging
 import os
 import re
 import tempfile
+from collections import OrderedDict
 from pathlib import Path
 
 from .errors import RunError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["RunFolder", "atomic_write", "serialize", "worklog_block"]
+__all__ = ["RunFolder", "atomic_write", "epoch_record", "serialize", "worklog_block"]
 
 WORKLOG = "worklog.txt"
 CONFIG = "config.yaml"
@@ -85,6 +86,13 @@ def _flat(tree: dict | None, prefix: str = "") -> dict:
         else:
             out[f"{prefix}{key}"] = value
     return out
+
+
+def epoch_record(train_acc: float, train_loss: float, test_acc: float, test_top5: float, test_loss: float) -> dict:
+    """The host's per-epoch log_dict, in its order: the values of a worklog block and tensorboard."""
+    return OrderedDict(
+        train_acc=train_acc, train_loss=train_loss, test_acc=test_acc, test_acc_top5=test_top5, test_loss=test_loss
+    )
 
 
 def worklog_block(epoch: int, lr: float, record: dict[str, float]) -> str:
@@ -254,6 +262,32 @@ class RunFolder:
         """Whether the worklog holds a complete block for ``epoch``."""
         text = _blocks_through(self.worklog_text(), epoch)
         return re.search(rf"^epoch: {epoch}\s*$", text, re.M) is not None
+
+    def commit_epoch(self, state: dict, student: dict, save_freq: int) -> None:
+        """An epoch's files in crash-safe order: ``latest`` (the commit point) holding ``state`` (epoch, lr,
+        record, saved_best, ...), the other checkpoints, then the worklog block. ``student``: {"model": ...}."""
+        blob = serialize(state)
+        self.write_bytes("latest", blob)
+        self._after_latest(state, blob, serialize(student), save_freq)
+        self.append_epoch(state["epoch"], state["lr"], state["record"])
+
+    def redo_epoch(self, state: dict, student: dict, save_freq: int) -> None:
+        """On resume from ``state``: cut the worklog back to its epoch and redo what follows ``latest``."""
+        self.cut_worklog(state["epoch"])
+        self._after_latest(state, serialize(state), serialize(student), save_freq)
+        if not self.has_epoch(state["epoch"]):
+            self.append_epoch(state["epoch"], state["lr"], state["record"])
+
+    def _after_latest(self, state: dict, blob: bytes, student: bytes, save_freq: int) -> None:
+        """student_latest; epoch_N and student_N every ``save_freq`` epochs; best and student_best when saved_best."""
+        epoch = state["epoch"]
+        self.write_bytes("student_latest", student)
+        if epoch % save_freq == 0:
+            self.write_bytes(f"epoch_{epoch}", blob)
+            self.write_bytes(f"student_{epoch}", student)
+        if state["saved_best"]:
+            self.write_bytes("best", blob)
+            self.write_bytes("student_best", student)
 
     def finish(self, best_acc: float) -> None:
         """The host's last worklog line: ``best_acc<TAB>NN.NN`` (no newline, as the host writes it)."""

@@ -278,3 +278,18 @@ def test_sigkill_at_any_moment_then_resume_is_bitwise_the_uninterrupted_run(
         assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"]), name
     assert not any(p.name.endswith(".tmp") for p in folder.iterdir())
     assert (folder / "worklog.txt").read_text().count("best_acc") == 1
+
+
+def test_redo_epoch_restores_what_follows_latest(tmp_path):
+    """A kill after `latest` of epoch 2: redo writes the worklog block, student_latest and (a best epoch) best."""
+    folder = _folder(tmp_path)
+    folder.path.mkdir()
+    (folder.path / "worklog.txt").write_text(BLOCK.format(e=1) + "-------------------------\nepoch: 2\nlr")
+    record = {"train_acc": 1.0, "train_loss": 4.5, "test_acc": 2.0, "test_acc_top5": 9.0, "test_loss": 4.4}
+    state = {"epoch": 2, "model": {"w": torch.ones(2)}, "lr": 0.05, "record": record, "saved_best": True}
+    folder.redo_epoch(state, {"model": {"w": torch.ones(2)}}, save_freq=2)
+    text = (folder.path / "worklog.txt").read_text()
+    assert text.startswith(BLOCK.format(e=1)) and text.count("epoch: 2") == 1 and "test_acc: 2.00" in text
+    assert {"best", "student_best", "student_latest", "epoch_2", "student_2"} <= {p.name for p in folder.path.iterdir()}
+    folder.redo_epoch(state, {"model": {"w": torch.ones(2)}}, save_freq=2)  # idempotent
+    assert (folder.path / "worklog.txt").read_text() == text

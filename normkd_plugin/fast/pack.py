@@ -18,7 +18,6 @@ import itertools
 import logging
 import math
 import os
-from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -29,7 +28,7 @@ from yacs.config import CfgNode as CN
 
 from ..dist import broadcast_object
 from ..errors import RunError
-from ..runs import CONFIG, RunFolder, serialize
+from ..runs import CONFIG, RunFolder, epoch_record
 from .augment import TensorCifar
 from .graph import StepGraph
 from .ranks import Ranks
@@ -172,6 +171,11 @@ def host_optimizer(cfg: CN, distiller: nn.Module) -> torch.optim.Optimizer:
 
 def _params(run: PackRun) -> list[Tensor]:
     return [p for group in run.optimizer.param_groups for p in group["params"]]
+
+
+def _student(run: PackRun) -> dict:
+    """The student-only checkpoint (tools/eval.py reads it)."""
+    return {"model": run.distiller.student.state_dict()}
 
 
 def _buffers(run: PackRun) -> list[Tensor]:
@@ -399,13 +403,7 @@ class Pack:
             if not math.isfinite(test_loss):
                 self._fail(run, f"epoch {epoch}: non-finite validation loss")
                 continue
-            record = OrderedDict(
-                train_acc=100.0 * top1 / n,
-                train_loss=loss_sum / n,
-                test_acc=test_acc,
-                test_acc_top5=test_top5,
-                test_loss=test_loss,
-            )
+            record = epoch_record(100.0 * top1 / n, loss_sum / n, test_acc, test_top5, test_loss)
             log.info("%s epoch %d: train loss %.4f, test acc %.2f", run.name, epoch, record["train_loss"], test_acc)
             self._commit(run, epoch, lr, record)
 
@@ -435,7 +433,7 @@ class Pack:
         }
 
     def _commit(self, run: PackRun, epoch: int, lr: float, record: dict) -> None:
-        """latest (the commit point), then the other checkpoints, the worklog block and tensorboard."""
+        """Rank 0 commits the epoch (RunFolder.commit_epoch), then tensorboard and W&B."""
         test_acc = record["test_acc"]
         saved_best = test_acc >= run.best_acc  # the host saves `best` on ties too
         run.best_acc = max(run.best_acc, test_acc)
@@ -443,10 +441,7 @@ class Pack:
         if not self.ranks.main:  # every rank holds the same run; rank 0 writes it
             return
         state = self._state(run, epoch, lr, record, saved_best)
-        blob = serialize(state)  # once for latest, epoch_N and best
-        run.folder.write_bytes("latest", blob)
-        self._after_latest(run, state, blob)
-        run.folder.append_epoch(epoch, lr, record)
+        run.folder.commit_epoch(state, _student(run), run.cfg.LOG.SAVE_CHECKPOINT_FREQ)
         if run.writer is not None:
             for key, value in record.items():
                 run.writer.add_scalar(key, value, epoch)
@@ -456,18 +451,6 @@ class Pack:
 
             wandb.log({"current lr": lr, **record})
             wandb.run.summary["best_acc"] = run.best_acc
-
-    def _after_latest(self, run: PackRun, state: dict, blob: bytes) -> None:
-        """The files an epoch writes after ``latest`` (``blob`` = the serialised state); idempotent."""
-        epoch, folder = state["epoch"], run.folder
-        student = serialize({"model": run.distiller.student.state_dict()})
-        folder.write_bytes("student_latest", student)
-        if epoch % run.cfg.LOG.SAVE_CHECKPOINT_FREQ == 0:
-            folder.write_bytes(f"epoch_{epoch}", blob)
-            folder.write_bytes(f"student_{epoch}", student)
-        if state["saved_best"]:
-            folder.write_bytes("best", blob)
-            folder.write_bytes("student_best", student)
 
     def _resume(self, run: PackRun) -> None:
         """Load the run's newest readable state, cut its worklog back to it and redo the epoch's other files."""
@@ -494,10 +477,7 @@ class Pack:
                 f"{source}: its data generator belongs to another device type; resume with the same --device"
             ) from None
         if self.ranks.main:
-            run.folder.cut_worklog(run.epoch)
-            self._after_latest(run, state, serialize(state))
-            if not run.folder.has_epoch(run.epoch):
-                run.folder.append_epoch(run.epoch, state["lr"], state["record"])
+            run.folder.redo_epoch(state, _student(run), run.cfg.LOG.SAVE_CHECKPOINT_FREQ)
         log.info("%s: resumed after epoch %d (best %.2f)", run.name, run.epoch, run.best_acc)
 
     # -- the whole schedule ------------------------------------------------------------------
