@@ -1,24 +1,36 @@
 #!/usr/bin/env bash
 # The GPU checks and measurements, in stages, for a GPU machine without network access.
-#   setup  : install wheels copied along, the mdistiller checkout and this package; stage the data shards
-#   checks : CUDA tests (fused loss, graph vs eager) and benchmarks/loss_speed.py
-#   stage  : only copy the data shards into $DATA
+#   setup  : install wheels copied along, the mdistiller checkout and this package; stage the data
+#   stage  : only copy the data into $DATA (layout: $DATA/cifar100/*.npz, $DATA/teachers/cifar100/*.pt)
+#   checks : the CUDA tests (fused loss, graph vs eager with mutations, packed graph vs solo eager,
+#            nvJPEG pipeline) with the staged data, then benchmarks/loss_speed.py
 #   train  : benchmarks/trainer_speed.py, then the base-vs-fast accuracy parity runs
-#   pack   : benchmarks/pack_speed.py (K = 1, 4, 12 runs per pack, fp32 and bf16)
+#   pack   : benchmarks/pack_speed.py (K = 1, 4, 12 runs per pack, fp32 and bf16, serial and branches)
+#   ddp    : one-rank NCCL epochs under torchrun (fast with its CUDA graph; ddp; DATASET.DECODE gpu)
+#            and benchmarks/imagenet_loader.py (host PIL loader vs nvJPEG pipeline)
 #   compare: one chunk of the 240-epoch KD/DKD/NormKD/NormDKD x 3 seeds comparison on resnet56 -> resnet20,
 #            resumed from results/cifar100-res56_res20/ and killed after $COMPARE_SECONDS (a kill is safe:
 #            every run resumes exactly); worklogs, configs and the unfinished runs' `latest` come back in $OUT
 # Inputs live in the ignored folder .dev/ (wheels in .dev/whl, an mdistiller checkout in
-# .dev/mdistiller, data shards in .dev/d*/). Results go to $OUT (default results/gpu).
+# .dev/mdistiller, data in .dev/d*/: npz shards and resnet56-f2eff4c8.pt). Results go to $OUT.
 set -uo pipefail
 OUT=${OUT:-results/gpu}
 DATA=${DATA:-/tmp/normkd-data}
+CIFAR=$DATA/cifar100 TEACHER=$DATA/teachers/cifar100/resnet56-f2eff4c8.pt
 EPOCHS=${PARITY_EPOCHS:-20}
 STAGES=${PARITY_STAGES:-[13,15,18]}
-mkdir -p "$OUT" "$DATA"
-export PYTHONUNBUFFERED=1
+mkdir -p "$OUT" "$CIFAR" "$(dirname "$TEACHER")"
+export PYTHONUNBUFFERED=1 NORMKD_DATA=$DATA
 
-stage_data() { for d in .dev/d*/; do [ -d "$d" ] && cp -n "$d"* "$DATA"/ 2>/dev/null; done; ls "$DATA"; }
+stage_data() {
+  for d in .dev/d*/; do
+    [ -d "$d" ] || continue
+    cp -n "$d"*.npz "$CIFAR"/ 2>/dev/null
+    cp -n "$d"*.pt "$(dirname "$TEACHER")"/ 2>/dev/null
+  done
+  ls "$CIFAR" "$(dirname "$TEACHER")"
+}
+short() { echo SOLVER.EPOCHS 1 SOLVER.LR_DECAY_STAGES "[]" EXPERIMENT.SEED 0; }
 
 for step in "$@"; do
   case "$step" in
@@ -26,21 +38,21 @@ for step in "$@"; do
     python3 -m pip install -q --no-index --no-deps --no-compile .dev/whl/*.whl || exit 1
     python3 -m pip install -q --no-index --no-deps --no-build-isolation .dev/mdistiller . 2>&1 | grep -v -i warn | tail -3
     python3 -c "import mdistiller, normkd_plugin; print('installed')" || exit 1
-    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
     python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
     stage_data ;;
   stage) stage_data ;;
   checks)
     python3 -P -m pytest -q -p no:cacheprovider tests/test_fused.py tests/test_fast_trainer.py tests/test_losses.py \
-      tests/test_pack.py tests/test_augment.py 2>&1 | tail -8
+      tests/test_pack.py tests/test_augment.py tests/test_imagenet.py 2>&1 | tail -12 | tee "$OUT/cuda_tests.txt"
     python3 benchmarks/loss_speed.py --out "$OUT/loss_speed.md" ;;
   losses) python3 benchmarks/loss_speed.py --out "$OUT/loss_speed.md" ;;
   train)
-    python3 benchmarks/trainer_speed.py --data "$DATA" --out "$OUT/trainer_speed.md" 2>&1 | grep -v '^\s*$' | tail -12
+    python3 benchmarks/trainer_speed.py --data "$CIFAR" --out "$OUT/trainer_speed.md" 2>&1 | grep -v '^\s*$' | tail -12
     for trainer in base fast; do
       timeout "${PARITY_TIMEOUT:-420}" normkd-train --cfg cifar100/normkd/res56_res20 \
         SOLVER.TRAINER $trainer SOLVER.EPOCHS "$EPOCHS" SOLVER.LR_DECAY_STAGES "$STAGES" \
-        DATASET.ROOT "$DATA" DATASET.NUM_WORKERS 6 DISTILLER.TEACHER_CKPT "$DATA/resnet56-f2eff4c8.pt" \
+        DATASET.ROOT "$CIFAR" DATASET.NUM_WORKERS 6 DISTILLER.TEACHER_CKPT "$TEACHER" \
         EXPERIMENT.SEED 0 EXPERIMENT.NAME "normkd,res56,res20,$trainer" LOG.PREFIX /tmp/parity \
         > "/tmp/parity-$trainer.log" 2>&1 &
     done
@@ -50,17 +62,34 @@ for step in "$@"; do
       run=$(ls -d /tmp/parity/cifar100/normkd,res56,res20,$trainer,* | head -1)
       cp "$run/worklog.txt" "$OUT/parity-$trainer-worklog.txt"
       cp "$run/config.yaml" "$OUT/parity-$trainer-config.yaml"
-      grep -a "ms/iter" "/tmp/parity-$trainer.log" | tail -2
       tail -c 300 "$OUT/parity-$trainer-worklog.txt"; echo
     done ;;
-  pack) python3 benchmarks/pack_speed.py --data "$DATA" --out "$OUT/pack_speed.md" 2>&1 | grep '^|' ;;
+  pack) python3 benchmarks/pack_speed.py --data "$CIFAR" --out "$OUT/pack_speed.md" 2>&1 | grep '^|' ;;
+  ddp)
+    work=/tmp/normkd-ddp && rm -rf "$work" && mkdir -p "$work"
+    # shellcheck disable=SC2046
+    for trainer in fast ddp; do
+      timeout 240 torchrun --nproc-per-node 1 --standalone -m normkd_plugin.train --cfg cifar100/normkd/res56_res20 \
+        SOLVER.TRAINER $trainer DATASET.ROOT "$CIFAR" DATASET.NUM_WORKERS 8 DISTILLER.TEACHER_CKPT "$TEACHER" \
+        LOG.PREFIX "$work/runs" EXPERIMENT.NAME "nccl-$trainer" $(short) > "$OUT/nccl_$trainer.log" 2>&1
+      echo "one-rank NCCL epoch, SOLVER.TRAINER $trainer: exit $?" | tee -a "$OUT/nccl_$trainer.log"
+    done
+    python3 benchmarks/imagenet_loader.py --images 4096 --batch-size 256 --workers 4,8,16 \
+      --keep "$work/folder" --out "$OUT/imagenet_loader.md" 2>&1 | tail -12
+    # shellcheck disable=SC2046
+    timeout 240 torchrun --nproc-per-node 1 --standalone -m normkd_plugin.train --cfg imagenet/r34_r18/kd \
+      SOLVER.TRAINER ddp DISTILLER.TYPE NONE DATASET.DECODE gpu DATASET.ROOT "$work/folder" DATASET.NUM_WORKERS 8 \
+      SOLVER.BATCH_SIZE 256 LOG.PREFIX "$work/runs" EXPERIMENT.NAME decode-gpu $(short) \
+      > "$OUT/decode_gpu_epoch.log" 2>&1
+    echo "DATASET.DECODE gpu epoch: exit $?" | tee -a "$OUT/decode_gpu_epoch.log"
+    cat "$work"/runs/*/*/worklog.txt 2>/dev/null > "$OUT/ddp_worklogs.txt" ;;
   compare)
     keep=results/cifar100-res56_res20 prefix=/tmp/compare
     mkdir -p "$prefix/cifar100" && cp -rn "$keep"/runs/* "$prefix/cifar100/" 2>/dev/null
     timeout --signal=KILL "${COMPARE_SECONDS:-480}" normkd-train --resume --seeds 0,1,2 \
       --cfg cifar100/kd/res56_res20 --cfg cifar100/dkd/res56_res20 --cfg cifar100/normkd/res56_res20 \
-      --cfg cifar100/normdkd/res56_res20 SOLVER.TRAINER fast DATASET.ROOT "$DATA" \
-      DISTILLER.TEACHER_CKPT "$DATA/resnet56-f2eff4c8.pt" LOG.PREFIX "$prefix" > /tmp/compare.log 2>&1
+      --cfg cifar100/normdkd/res56_res20 SOLVER.TRAINER fast DATASET.ROOT "$CIFAR" \
+      DISTILLER.TEACHER_CKPT "$TEACHER" LOG.PREFIX "$prefix" > /tmp/compare.log 2>&1
     echo "compare chunk exit code $? (137: stopped by the time limit; resumes next time)"
     for run in "$prefix"/cifar100/*/; do
       dst="$OUT/compare/$(basename "$run")" && mkdir -p "$dst"
