@@ -29,7 +29,15 @@ from torch.utils.data import DataLoader, Dataset
 
 from .errors import UserError
 
-__all__ = ["DataError", "CIFAR100Arrays", "load_cifar100", "get_dataset", "seed_everything", "seed_worker"]
+__all__ = [
+    "DataError",
+    "CIFAR100Arrays",
+    "load_cifar100",
+    "get_dataset",
+    "seed_everything",
+    "seed_worker",
+    "worker_options",
+]
 
 CIFAR_LAYOUTS = (
     "npz shards: <root>/train-K-of-M.npz and <root>/test-K-of-M.npz with arrays images uint8 "
@@ -153,6 +161,12 @@ def load_cifar100(root: str | Path, train: bool) -> tuple[np.ndarray, np.ndarray
         if (folder / split).is_file():
             return _load_pickle(folder / split)
     raise DataError(f"DATASET.ROOT {root} holds no CIFAR-100 {split} split; expected {CIFAR_LAYOUTS}")
+
+
+def worker_options(num_workers: int) -> dict:
+    """DataLoader options for loaders made once threads or a process group exist: workers come from a
+    forkserver (a plain fork can copy a lock another thread holds, and the worker hangs) and persist."""
+    return {"multiprocessing_context": "forkserver", "persistent_workers": True} if num_workers > 0 else {}
 
 
 def _loader(dataset, batch_size: int, shuffle: bool, num_workers: int, seed: int) -> DataLoader:

@@ -43,7 +43,7 @@ from yacs.config import CfgNode as CN
 
 from . import dist
 from .config import ConfigError
-from .data import seed_worker
+from .data import seed_worker, worker_options
 from .errors import UserError
 from .imagenet import DevicePipeline, HostAugment, check_decode, decode, jpeg_loader
 from .runs import CONFIG, RunFolder, epoch_record
@@ -187,9 +187,15 @@ class DDPTrainer(BaseTrainer):
             worker_init_fn=seed_worker,
             generator=g,
             pin_memory=pin,
+            **worker_options(workers),
         )
         self.val_loader = DataLoader(
-            val_set, batch_size=val_per_rank, sampler=val_indices, num_workers=val_workers, pin_memory=pin
+            val_set,
+            batch_size=val_per_rank,
+            sampler=val_indices,
+            num_workers=val_workers,
+            pin_memory=pin,
+            **worker_options(val_workers),
         )
 
     # -- batches ---------------------------------------------------------------------------

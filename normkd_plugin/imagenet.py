@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 
 from .config import ConfigError
-from .data import DataError
+from .data import DataError, worker_options
 
 __all__ = [
     "DECODE_CHOICES",
@@ -223,7 +223,7 @@ def jpeg_loader(
         sampler=sampler,
         num_workers=num_workers,
         collate_fn=collate_jpeg,
-        persistent_workers=False,
+        **worker_options(num_workers),
     )
 
 
