@@ -150,7 +150,7 @@ def _merge_opts(cfg: CN, opts: list[str]) -> None:
         where = f"command-line override {key} {raw}"
         old = _get(cfg, key)
         if old is _MISSING:
-            near = difflib.get_close_matches(key, list(_flat_keys(cfg)), n=3)
+            near = difflib.get_close_matches(key, list(flatten(cfg)), n=3)
             raise ConfigError(f"{where}: no such config key" + (f"; did you mean {', '.join(near)}?" if near else ""))
         if isinstance(old, CN):
             raise ConfigError(f"{where}: {key} is a group of keys; override one of its keys, e.g. {key}.<NAME>")
@@ -165,12 +165,15 @@ def _merge_opts(cfg: CN, opts: list[str]) -> None:
             raise ConfigError(f"{where}: expected {expected}, got {type(new).__name__} {new!r}{hint}") from None
 
 
-def _flat_keys(cfg: CN, prefix: str = ""):
-    for key, value in cfg.items():
-        if isinstance(value, CN):
-            yield from _flat_keys(value, f"{prefix}{key}.")
+def flatten(tree: dict, prefix: str = "") -> dict:
+    """{"SOLVER.LR": 0.05, ...}: the leaves of a nested dict (a yacs CfgNode or loaded YAML) by dotted key."""
+    out = {}
+    for key, value in (tree or {}).items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{key}."))
         else:
-            yield f"{prefix}{key}"
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 _MISSING = object()
@@ -327,18 +330,18 @@ def load_config(name_or_path: str, opts: list[str] | tuple = ()) -> CN:
     return cfg
 
 
-# Overrides that say where things are or how they are logged, not what is trained.
-_UNNAMED_PREFIXES = ("EXPERIMENT.", "LOG.", "DATASET.ROOT", "DATASET.NUM_WORKERS", "DISTILLER.TEACHER_CKPT")
+# Keys that say where things are or how they are logged, not what is trained.
+PLACE_KEYS = ("EXPERIMENT.", "LOG.", "DATASET.ROOT", "DATASET.NUM_WORKERS", "DISTILLER.TEACHER_CKPT")
 
 
 def run_name(cfg: CN, opts: list[str] | tuple = ()) -> str:
     """PROJECT/<NAME or TAG>[,KEY:VALUE per override][,seed:N], like the host's tools/train.py.
 
-    Overrides of paths, logging and EXPERIMENT keys stay out of the name (see _UNNAMED_PREFIXES).
+    Overrides of paths, logging and EXPERIMENT keys stay out of the name (see PLACE_KEYS).
     """
     name = cfg.EXPERIMENT.NAME or cfg.EXPERIMENT.TAG
     pairs = zip(opts[::2], opts[1::2])
-    tags = [f"{k}:{v}" for k, v in pairs if not k.startswith(_UNNAMED_PREFIXES)]
+    tags = [f"{k}:{v}" for k, v in pairs if not k.startswith(PLACE_KEYS)]
     if cfg.EXPERIMENT.SEED >= 0:
         tags.append(f"seed:{cfg.EXPERIMENT.SEED}")
     return os.path.join(cfg.EXPERIMENT.PROJECT, ",".join([name, *tags]))

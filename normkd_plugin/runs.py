@@ -78,16 +78,6 @@ def serialize(state: dict) -> bytes:
     return buf.getvalue()
 
 
-def _flat(tree: dict | None, prefix: str = "") -> dict:
-    out = {}
-    for key, value in (tree or {}).items():
-        if isinstance(value, dict):
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def epoch_record(train_acc: float, train_loss: float, test_acc: float, test_top5: float, test_loss: float) -> dict:
     """The host's per-epoch log_dict, in its order: the values of a worklog block and tensorboard."""
     return OrderedDict(
@@ -232,17 +222,17 @@ class RunFolder:
         EXPERIMENT keys may change); a folder without config.yaml is not checked."""
         import yaml
 
-        from .config import _UNNAMED_PREFIXES
+        from .config import PLACE_KEYS, flatten
 
         try:
             saved = yaml.safe_load((self.path / CONFIG).read_text())
         except FileNotFoundError:
             return
-        now = yaml.safe_load(cfg_text)
-        keys = sorted(set(_flat(saved)) | set(_flat(now)))
-        changed = [k for k in keys if not k.startswith(_UNNAMED_PREFIXES) and _flat(saved).get(k) != _flat(now).get(k)]
+        before, after = flatten(saved), flatten(yaml.safe_load(cfg_text))
+        keys = sorted(set(before) | set(after))
+        changed = [k for k in keys if not k.startswith(PLACE_KEYS) and before.get(k) != after.get(k)]
         if changed:
-            diffs = ", ".join(f"{k} {_flat(saved).get(k)!r} -> {_flat(now).get(k)!r}" for k in changed[:3])
+            diffs = ", ".join(f"{k} {before.get(k)!r} -> {after.get(k)!r}" for k in changed[:3])
             raise RunError(
                 f"--resume: {self.path} was started with another config ({diffs}{', ...' if len(changed) > 3 else ''}); "
                 "resume with the same config, or start a new run with another EXPERIMENT.NAME"

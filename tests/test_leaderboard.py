@@ -545,3 +545,41 @@ def test_cli_import_stays_light():
     code = "import sys, normkd_plugin.leaderboard.cli; print(sorted({'scipy', 'mdistiller'} & set(sys.modules)))"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stderr
+
+
+def _run_with(root, name, epochs, seed, acc, method="NORMKD"):
+    folder = root / "cifar100" / name
+    folder.mkdir(parents=True)
+    cfg = {
+        "DATASET": {"TYPE": "cifar100", "ROOT": f"/data/{name}"},
+        "DISTILLER": {"TYPE": method, "TEACHER": "resnet56", "STUDENT": "resnet20"},
+        "SOLVER": {"EPOCHS": epochs, "TRAINER": "fast", "LR": 0.05},
+        "EXPERIMENT": {"SEED": seed},
+        "LOG": {"PREFIX": str(root)},
+    }
+    (folder / "config.yaml").write_text(yaml.safe_dump(cfg))
+    blocks = "".join(
+        f"{'-' * 25}\nepoch: {e}\nlr: 0.05\ntest_acc: {acc:.2f}\n{'-' * 25}\n" for e in range(1, epochs + 1)
+    )
+    (folder / "worklog.txt").write_text(blocks + f"best_acc\t{acc:.2f}")
+
+
+def test_runs_of_different_settings_are_never_averaged(tmp_path):
+    """Two schedules of the same method land in two rows labelled by what differs; paths and seeds do not split."""
+    for seed, acc in ((0, 60.0), (1, 62.0)):
+        _run_with(tmp_path, f"short{seed}", 2, seed, acc)
+        _run_with(tmp_path, f"long{seed}", 3, seed, acc + 10)
+    rows = [r for r in aggregate(discover_runs([tmp_path])[0]) if r.base_method == "normkd"]
+    assert sorted((r.setting, r.runs, r.best_mean) for r in rows) == [
+        ("SOLVER.EPOCHS=2", 2, pytest.approx(61.0)),
+        ("SOLVER.EPOCHS=3", 2, pytest.approx(71.0)),
+    ]
+    md = _cli(tmp_path).stdout
+    assert "| normkd (fast) [SOLVER.EPOCHS=2] | 2 |" in md and "| normkd (fast) [SOLVER.EPOCHS=3] | 2 |" in md
+
+
+def test_published_numbers_are_shown_for_every_trainer(tmp_path):
+    _run_with(tmp_path, "kd0", 2, 0, 70.0, method="KD")
+    (row,) = aggregate(discover_runs([tmp_path])[0])
+    assert row.method == "kd (fast)" and row.published == pytest.approx(70.66)
+    assert row.diff_vs_published == pytest.approx(70.0 - 70.66)

@@ -100,9 +100,12 @@ def resolve(rows: list[Row], key: str) -> tuple[Row | None, str | None]:
         cands = [r for r in cands if r.trainer == trainer]
     if not cands:
         return None, "no runs"
-    if len(cands) > 1:
+    if len({r.trainer for r in cands}) > 1:
         names = ", ".join(f"{dataset}/{pair}/{r.base_method} ({r.trainer})" for r in cands)
         return None, f"ambiguous: rows of several trainers match ({names}); name one"
+    if len(cands) > 1:
+        settings = "; ".join(f"[{r.setting}]" for r in cands)
+        return None, f"ambiguous: runs of several settings match ({settings}); keep one setting per output folder"
     return cands[0], None
 
 

@@ -60,7 +60,7 @@ def markdown(rows: list[Row], problems=()) -> str:
     lines = [HEADER, "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(
-            f"| {r.dataset} | {r.pair} | {r.method} | {_runs(r)} | {_pm(r.best_mean, r.best_std)} | "
+            f"| {r.dataset} | {r.pair} | {r.method}{f' [{r.setting}]' if r.setting else ''} | {_runs(r)} | {_pm(r.best_mean, r.best_std)} | "
             f"{_pm(r.last_mean, r.last_std)} | {_num(r.top5_mean)} | {_diff(r.vs_kd_best)} | "
             f"{_diff(r.vs_dkd_best)} | {_num(r.published)} | {_num(r.diff_vs_published, signed=True)} |"
         )

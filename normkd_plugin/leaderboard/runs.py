@@ -15,6 +15,7 @@ from pathlib import Path
 
 import yaml
 
+from ..config import PLACE_KEYS, flatten
 from ..pairs import find_pair
 
 log = logging.getLogger(__name__)
@@ -117,6 +118,7 @@ class Run:
     epochs_planned: int | None
     log: Worklog
     trainer: str = "base"
+    settings: dict = field(default_factory=dict)  # what was trained: config keys (or folder overrides) but the seed
 
     @property
     def pair(self) -> str:
@@ -187,9 +189,11 @@ def _identity_from_name(folder: Path) -> dict:
     tokens = [t for tok in folder.name.split(",") for t in _GLUED.split(tok)]
     if len(tokens) < 3:
         raise WorklogError(f"{folder}: no config.yaml and the folder name is not method,teacher,student[,...]")
-    seed, trainer, epochs = None, "base", None
+    seed, trainer, epochs, settings = None, "base", None, {}
     for tok in tokens[3:]:
-        key, _, value = tok.partition(":")
+        key, sep, value = tok.partition(":")
+        if sep and key != "seed":  # a KEY:VALUE override of the host's run name
+            settings[key] = value
         if key == "seed":
             seed = int(value)
         elif key == "SOLVER.TRAINER":
@@ -199,7 +203,7 @@ def _identity_from_name(folder: Path) -> dict:
     dataset = "imagenet" if "imagenet" in folder.parent.name.lower() else "cifar100"
     return dict(
         dataset=dataset, method=tokens[0].lower(), teacher=tokens[1], student=tokens[2],
-        seed=seed, epochs_planned=epochs, trainer=trainer,
+        seed=seed, epochs_planned=epochs, trainer=trainer, settings=settings,
     )  # fmt: skip
 
 
@@ -214,6 +218,7 @@ def _identity_from_config(path: Path) -> dict:
         seed=seed if seed is not None and seed >= 0 else None,
         epochs_planned=cfg.get("SOLVER", {}).get("EPOCHS"),
         trainer=cfg.get("SOLVER", {}).get("TRAINER", "base"),
+        settings={k: v for k, v in flatten(cfg).items() if not k.startswith(PLACE_KEYS)},
     )
 
 

@@ -48,6 +48,7 @@ class Row:
     pair: str
     method: str  # with the trainer when it is not the host's: "normkd (fast)"
     trainer: str
+    setting: str  # the keys that set these runs apart from others of the method ("SOLVER.EPOCHS=2"), or ""
     runs: int  # usable runs (finished or not)
     finished: int
     failed: int  # failed or non-finite runs, listed apart
@@ -135,28 +136,51 @@ def compare_rows(ours: Row, base: Row, metric: str = "best") -> Diff:
 
 
 def baseline_row(rows: list[Row], row: Row, method: str) -> Row | None:
-    """The ``method`` row on row's dataset and pair: the one of row's trainer, else the host trainer's, else None."""
-    same = {r.trainer: r for r in rows if (r.dataset, r.pair, r.base_method) == (row.dataset, row.pair, method)}
-    return same.get(row.trainer) or same.get("base")
+    """The ``method`` row on row's dataset and pair: of row's trainer, else the host trainer's; of row's
+    setting, else the one without a setting label; else None."""
+    same = {
+        (r.trainer, r.setting): r for r in rows if (r.dataset, r.pair, r.base_method) == (row.dataset, row.pair, method)
+    }
+    for key in ((row.trainer, row.setting), (row.trainer, ""), ("base", row.setting), ("base", "")):
+        if key in same:
+            return same[key]
+    return None
+
+
+def _split_by_settings(group: list[Run]) -> dict[str, list[Run]]:
+    """{label: runs} of runs trained alike: the keys whose values differ inside ``group`` name each part
+    ("SOLVER.EPOCHS=2"); one part labelled "" when all runs were trained alike."""
+    keys = sorted({k for r in group for k in r.settings})
+    varying = [k for k in keys if len({repr(r.settings.get(k)) for r in group}) > 1]
+    parts: dict[str, list[Run]] = {}
+    for run in group:
+        label = ", ".join(f"{k}={run.settings.get(k)}" for k in varying)
+        parts.setdefault(label, []).append(run)
+    return parts
 
 
 def aggregate(runs: list[Run]) -> list[Row]:
     """Leaderboard rows, pairs and methods in a stable order (KD and DKD first)."""
-    groups: dict[tuple[str, str, str], list[Run]] = {}
+    cells: dict[tuple[str, str, str], list[Run]] = {}
     for run in runs:
-        groups.setdefault((run.dataset, run.pair, method_label(run)), []).append(run)
+        cells.setdefault((run.dataset, run.pair, method_label(run)), []).append(run)
+    groups: dict[tuple[str, str, str, str], list[Run]] = {}  # runs with other settings are never averaged
+    for key, cell in cells.items():
+        for setting, part in _split_by_settings(cell).items():
+            groups[(*key, setting)] = part
     pub = published()
     order = {"kd": 0, "dkd": 1, "normkd": 2, "normdkd": 3}
     rows = []
-    for key in sorted(groups, key=lambda k: (k[0], k[1], order.get(k[2].split()[0], 9), k[2])):
-        dataset, pair, method = key
+    for key in sorted(groups, key=lambda k: (k[0], k[1], order.get(k[2].split()[0], 9), k[2], k[3])):
+        dataset, pair, method, setting = key
         group = groups[key]
         counted = _counted(group)
         best_m, best_s = mean_std([r.best_acc for r in counted if r.best_acc is not None])
         last_m, last_s = mean_std([r.last_acc for r in counted if r.last_acc is not None])
         top5_m, _ = mean_std([r.last_top5 for r in counted if r.last_top5 is not None])
         ref = pub.get((dataset, pair), {})
-        ref_value = ref.get(method) if method in ("kd", "dkd") else None
+        base_method = group[0].method
+        ref_value = ref.get(base_method) if base_method in ("kd", "dkd") else None
         usable = _usable(group)
         unfinished = [r for r in usable if not r.finished]
         rows.append(
@@ -165,6 +189,7 @@ def aggregate(runs: list[Run]) -> list[Row]:
                 pair=pair,
                 method=method,
                 trainer=group[0].trainer or "base",
+                setting=setting,
                 runs=len(usable),
                 finished=len(usable) - len(unfinished),
                 failed=len(group) - len(usable),
