@@ -3,13 +3,25 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 from .errors import UserError
 
-__all__ = ["user_errors", "parse_with_overrides"]
+__all__ = ["user_errors", "parse_with_overrides", "quiet_pipe"]
+
+
+@contextmanager
+def quiet_pipe() -> Iterator[None]:
+    """End quietly when the reader of stdout goes away (``normkd-configs | head``), as Unix tools do."""
+    try:
+        yield
+        sys.stdout.flush()
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        raise SystemExit(1) from None
 
 
 @contextmanager

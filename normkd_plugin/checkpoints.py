@@ -101,9 +101,8 @@ def load_state_dict(path: str | os.PathLike, missing: str = "") -> dict[str, tor
                 f"{path}: refused to unpickle it: it holds {refused.group(1)}; only tensors, numpy scalars "
                 "and argparse.Namespace are allowed"
             ) from exc
-        raise CheckpointError(
-            f"{path}: not a readable torch checkpoint, truncated or corrupt ({_first_line(exc)})"
-        ) from exc
+        # torch's own message here advises weights_only=False, which would run code from the file
+        raise CheckpointError(f"{path}: not a readable torch checkpoint, truncated or corrupt") from exc
     except (RuntimeError, EOFError, OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
         raise CheckpointError(
             f"{path}: not a readable torch checkpoint, truncated or corrupt ({_first_line(exc)})"

@@ -335,13 +335,14 @@ PLACE_KEYS = ("EXPERIMENT.", "LOG.", "DATASET.ROOT", "DATASET.NUM_WORKERS", "DIS
 
 
 def run_name(cfg: CN, opts: list[str] | tuple = ()) -> str:
-    """PROJECT/<NAME or TAG>[,KEY:VALUE per override][,seed:N], like the host's tools/train.py.
+    """PROJECT/<NAME or TAG>[,KEY:VALUE per override][,seed:N], as the host's tools/train.py names runs.
 
-    Overrides of paths, logging and EXPERIMENT keys stay out of the name (see PLACE_KEYS).
+    Unlike the host, the overrides are sorted by key (the last value of a repeated key wins), so the
+    name does not depend on their order. Paths, logging and EXPERIMENT keys stay out (see PLACE_KEYS).
     """
     name = cfg.EXPERIMENT.NAME or cfg.EXPERIMENT.TAG
-    pairs = zip(opts[::2], opts[1::2])
-    tags = [f"{k}:{v}" for k, v in pairs if not k.startswith(PLACE_KEYS)]
+    given = {k: v for k, v in zip(opts[::2], opts[1::2]) if not k.startswith(PLACE_KEYS)}
+    tags = [f"{k}:{v}" for k, v in sorted(given.items())]
     if cfg.EXPERIMENT.SEED >= 0:
         tags.append(f"seed:{cfg.EXPERIMENT.SEED}")
     return os.path.join(cfg.EXPERIMENT.PROJECT, ",".join([name, *tags]))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ._cli import user_errors
+from ._cli import quiet_pipe, user_errors
 from .config import packaged_configs, resolve_config
 
 
@@ -29,9 +29,10 @@ def main(argv: list[str] | None = None) -> None:
     header = ("dataset", "method", "teacher", "student", "--cfg name")
     table = [header] + [(r.dataset, r.method, r.teacher, r.student, r.name) for r in rows]
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
-    for row in table:
-        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
-    print(f"{len(rows)} configs")
+    with quiet_pipe():
+        for row in table:
+            print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+        print(f"{len(rows)} configs")
 
 
 if __name__ == "__main__":

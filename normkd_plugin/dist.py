@@ -76,6 +76,8 @@ def init_from_env(device_type: str) -> torch.device:
             dist.init_process_group(backend="nccl", init_method="env://", device_id=device)
         else:
             dist.init_process_group(backend="gloo", init_method="env://")
+        if dist.get_rank() != 0:  # rank 0 tells the story; the others speak up only about problems
+            logging.getLogger("normkd_plugin").setLevel(logging.WARNING)
     return device
 
 

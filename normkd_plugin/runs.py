@@ -146,8 +146,12 @@ class RunFolder:
             stale.unlink()
 
     def unlock(self) -> None:
-        """Release the lock (the file stays; the kernel also releases it when the process dies)."""
+        """Release the lock (the kernel also releases it when the process dies); a folder in which nothing
+        else was written (a refused or failed start) is removed."""
         if self._lock_fd is not None:
+            if [p.name for p in self.path.iterdir()] == [LOCK]:
+                (self.path / LOCK).unlink()
+                self.path.rmdir()
             os.close(self._lock_fd)
             self._lock_fd = None
 

@@ -20,6 +20,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 
+from ._cli import quiet_pipe
 from .pairs import METHODS, PAIRS
 
 
@@ -151,12 +152,13 @@ def launcher(nproc: int) -> list[str]:
     return ["torchrun", "--standalone", "--nproc-per-node", str(nproc), "-m", "normkd_plugin.train"]
 
 
-def command(job: Job | PackJob, nproc: int = 1, resume: bool = False) -> list[str]:
+def command(job: Job | PackJob, nproc: int = 1, resume: bool = False, device: str = "") -> list[str]:
     """The argv that trains ``job`` (through torchrun when ``nproc`` > 1)."""
-    return [*launcher(nproc), *(["--resume"] if resume else []), *job.argv()[1:]]
+    flags = (["--resume"] if resume else []) + (["--device", device] if device else [])
+    return [*launcher(nproc), *flags, *job.argv()[1:]]
 
 
-def run_all(jobs: list[Job | PackJob], nproc: int = 1) -> list[str]:
+def run_all(jobs: list[Job | PackJob], nproc: int = 1, device: str = "") -> list[str]:
     """Run the jobs in turn (skip finished runs, resume started ones); the failures, one line each."""
     failures = []
     for i, job in enumerate(jobs, 1):
@@ -164,7 +166,7 @@ def run_all(jobs: list[Job | PackJob], nproc: int = 1) -> list[str]:
         if todo is None:
             print(f"[{i}/{len(jobs)}] skip (finished): {job.command()}", flush=True)
             continue
-        argv = command(todo, nproc, started)
+        argv = command(todo, nproc, started, device)
         print(f"[{i}/{len(jobs)}] {shlex.join(argv)}", flush=True)
         module = "torch.distributed.run" if nproc > 1 else "normkd_plugin.train"  # torchrun / normkd-train
         code = subprocess.call([sys.executable, "-m", module, *argv[1:]])  # with this interpreter
@@ -189,6 +191,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--pack", action="store_true", help="group runs of one teacher into packs (fast trainer)")
     ap.add_argument("--pack-size", type=int, default=0, metavar="N", help="with --pack: at most N runs per pack")
     ap.add_argument("--nproc-per-node", type=int, default=1, metavar="N", help="launch each command with torchrun")
+    ap.add_argument("--device", default="", help="passed to every normkd-train command (cuda or cpu)")
     ap.add_argument("--run", action="store_true", help="execute the commands one after another")
     ap.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides passed to every run")
     args = ap.parse_args(argv)
@@ -203,12 +206,14 @@ def main(argv: list[str] | None = None) -> None:
                 raise ValueError(f"--pack trains with SOLVER.TRAINER fast, not {trainer!r}")
             jobs = packs(jobs, args.pack_size)
     except ValueError as exc:
-        sys.exit(f"normkd-sweep: {exc}")
+        print(f"normkd-sweep: {exc}", file=sys.stderr)
+        sys.exit(2)
     if not args.run:
-        for job in jobs:
-            print(shlex.join(command(job, args.nproc_per_node)))
+        with quiet_pipe():
+            for job in jobs:
+                print(shlex.join(command(job, args.nproc_per_node, device=args.device)))
         return
-    failures = run_all(jobs, args.nproc_per_node)
+    failures = run_all(jobs, args.nproc_per_node, args.device)
     if failures:
         sys.exit(f"normkd-sweep: {len(failures)} of {len(jobs)} commands failed:\n  " + "\n  ".join(failures))
 

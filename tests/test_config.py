@@ -369,3 +369,23 @@ def test_normkd_configs_path_prints_the_file():
         capture_output=True, text=True, check=True,
     ).stdout.strip()  # fmt: skip
     assert out.endswith("res56_res20.yaml") and "NORMKD" in Path(out).read_text()
+
+
+def test_run_name_does_not_depend_on_the_order_of_the_overrides():
+    from normkd_plugin.config import load_config, run_name
+
+    a = ["SOLVER.TRAINER", "fast", "SOLVER.EPOCHS", "3", "SOLVER.LR_DECAY_STAGES", "[2]", "DATASET.ROOT", "/d"]
+    b = [
+        "SOLVER.EPOCHS",
+        "2",
+        "DATASET.ROOT",
+        "/e",
+        "SOLVER.LR_DECAY_STAGES",
+        "[2]",
+        "SOLVER.EPOCHS",
+        "3",
+        "SOLVER.TRAINER",
+        "fast",
+    ]
+    names = {run_name(load_config("cifar100/kd/res56_res20", o), o) for o in (a, b)}
+    assert names == {"cifar100/kd,res56,res20,SOLVER.EPOCHS:3,SOLVER.LR_DECAY_STAGES:[2],SOLVER.TRAINER:fast"}

@@ -293,3 +293,14 @@ def test_redo_epoch_restores_what_follows_latest(tmp_path):
     assert {"best", "student_best", "student_latest", "epoch_2", "student_2"} <= {p.name for p in folder.path.iterdir()}
     folder.redo_epoch(state, {"model": {"w": torch.ones(2)}}, save_freq=2)  # idempotent
     assert (folder.path / "worklog.txt").read_text() == text
+
+
+def test_a_refused_start_leaves_no_empty_folder(tmp_path):
+    folder = _folder(tmp_path)
+    folder.lock()
+    folder.unlock()
+    assert not folder.path.exists()  # nothing but the lock was there
+    folder.lock()
+    (folder.path / "config.yaml").write_text("SOLVER: {}\n")
+    folder.unlock()
+    assert (folder.path / "config.yaml").is_file()

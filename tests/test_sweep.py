@@ -90,8 +90,10 @@ def test_pack_cli_prints_full_comparison_and_refuses_other_trainers():
         "normkd-train --cfg cifar100/kd/res56_res20 --cfg cifar100/dkd/res56_res20 --cfg cifar100/normkd/res56_res20 "
         "--cfg cifar100/normdkd/res56_res20 --seeds 0,1,2 DATASET.ROOT /data SOLVER.TRAINER fast"
     ]
+    cpu = cli("--pairs", "res56_res20", "--seeds", "0", "--pack", "--device", "cpu")
+    assert cpu.returncode == 0 and cpu.stdout.startswith("normkd-train --device cpu --cfg cifar100/kd/res56_res20")
     bad = cli("--pairs", "res56_res20", "--pack", "SOLVER.TRAINER", "base")
-    assert bad.returncode != 0 and "--pack trains with SOLVER.TRAINER fast, not 'base'" in bad.stderr
+    assert bad.returncode == 2 and "--pack trains with SOLVER.TRAINER fast, not 'base'" in bad.stderr
 
 
 @needs_mdistiller
@@ -169,3 +171,11 @@ def test_run_through_torchrun(tmp_path, monkeypatch):
         "2",
     ]
     assert argv[5:8] == ["-m", "normkd_plugin.train", "--cfg"]
+
+
+def test_printing_into_a_closed_pipe_ends_quietly():
+    proc = subprocess.run(
+        f"{sys.executable} -m normkd_plugin.sweep --pairs all --seeds 0,1,2,3,4 | head -1",
+        shell=True, capture_output=True, text=True,
+    )  # fmt: skip
+    assert proc.stdout.startswith("normkd-train --cfg") and "Traceback" not in proc.stderr

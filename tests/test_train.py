@@ -83,9 +83,8 @@ def test_same_seed_same_first_iteration_losses_and_recorded(tmp_path, small_cifa
     runs = [_train_once(tmp_path, small_cifar, teacher_resnet56, 7, tmp_path / f"out{i}") for i in range(2)]
     other = _train_once(tmp_path, small_cifar, teacher_resnet56, 8, tmp_path / "out-other")
     assert (
-        runs[0].name
-        == "normdkd,res56,res20,SOLVER.TRAINER:fast,SOLVER.BATCH_SIZE:16,SOLVER.EPOCHS:1,SOLVER.LR_DECAY_STAGES:[],"
-        "SOLVER.FAST.ITERS_PER_EPOCH:1,seed:7"
+        runs[0].name == "normdkd,res56,res20,SOLVER.BATCH_SIZE:16,SOLVER.EPOCHS:1,SOLVER.FAST.ITERS_PER_EPOCH:1,"
+        "SOLVER.LR_DECAY_STAGES:[],SOLVER.TRAINER:fast,seed:7"
     )
     losses = [(r / "worklog.txt").read_text().split("train_loss: ")[1].split()[0] for r in [*runs, other]]
     assert losses[0] == losses[1]

@@ -41,6 +41,7 @@ from pathlib import Path
 
 import yaml
 
+from .._cli import quiet_pipe
 from ..errors import UserError
 from .render import markdown, plot_bars, plot_curves, to_csv, to_json
 from .runs import discover_runs
@@ -212,12 +213,13 @@ def main(argv: list[str] | None = None) -> None:
     for path, why in problems:
         log.warning("skipped %s: %s", path, why)
     rows = aggregate(runs)
-    if args.format == "md":
-        sys.stdout.write(markdown(rows, problems))
-    elif args.format == "csv":
-        sys.stdout.write(to_csv(rows))
-    else:
-        sys.stdout.write(to_json(rows, problems) + "\n")
+    with quiet_pipe():
+        if args.format == "md":
+            sys.stdout.write(markdown(rows, problems))
+        elif args.format == "csv":
+            sys.stdout.write(to_csv(rows))
+        else:
+            sys.stdout.write(to_json(rows, problems) + "\n")
     if args.plot:
         plot_bars(rows, args.plot)
     if args.curves:
