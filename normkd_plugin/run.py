@@ -13,6 +13,11 @@ import sys
 import torch
 
 
+def _stop(message: str) -> None:
+    print(f"normkd_plugin.run: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Register the plugins, then execute the host script as ``__main__``."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -21,12 +26,11 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(0 if argv else 2)
     script = os.path.abspath(argv[0])
     if not os.path.isfile(script):
-        sys.exit(f"normkd_plugin.run: no such script: {argv[0]}")
+        _stop(f"no such script: {argv[0]}")
     if not torch.cuda.is_available():
-        sys.exit(
-            f"normkd_plugin.run: {argv[0]} is an mdistiller script, and mdistiller moves its models to "
-            "CUDA (distiller.cuda()); no CUDA device is available. On a CPU-only machine use "
-            "normkd-train --device cpu ... SOLVER.TRAINER fast."
+        _stop(
+            f"{argv[0]} is an mdistiller script, and mdistiller moves its models to CUDA (distiller.cuda()); "
+            "no CUDA device is available. On a CPU-only machine use normkd-train --device cpu ... SOLVER.TRAINER fast."
         )
     from . import register
 
