@@ -332,6 +332,13 @@ def load_config(name_or_path: str, opts: list[str] | tuple = ()) -> CN:
 
 # Keys that say where things are or how they are logged, not what is trained.
 PLACE_KEYS = ("EXPERIMENT.", "LOG.", "DATASET.ROOT", "DATASET.NUM_WORKERS", "DISTILLER.TEACHER_CKPT")
+# Keys that change neither what is trained nor its result beyond rounding (how it is run or evaluated).
+UNTRAINED_KEYS = PLACE_KEYS + (
+    "DATASET.TEST.BATCH_SIZE",
+    "SOLVER.FAST.CUDA_GRAPH",
+    "SOLVER.FAST.EVAL_BATCH_SIZE",
+    "SOLVER.FAST.PACK_BRANCHES",
+)
 
 
 def run_name(cfg: CN, opts: list[str] | tuple = ()) -> str:

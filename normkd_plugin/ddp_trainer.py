@@ -46,7 +46,7 @@ from .config import ConfigError
 from .data import seed_worker, worker_options
 from .errors import UserError
 from .imagenet import DevicePipeline, HostAugment, check_decode, decode, jpeg_loader
-from .runs import CONFIG, RunFolder, epoch_record
+from .runs import RunFolder, epoch_record
 
 log = logging.getLogger(__name__)
 
@@ -339,18 +339,19 @@ def _train(cfg, experiment_name: str, device: torch.device, resume: bool) -> DDP
     main = dist.is_main()
     folder = RunFolder(os.path.join(cfg.LOG.PREFIX, experiment_name))
     try:
-        start: bool | UserError = False
+        mode: str | UserError = ""
         if main:
             try:
                 folder.lock()
-                start = folder.check_start(resume) != "skip"
+                mode = folder.begin(resume, cfg.dump())
             except UserError as exc:
-                start = exc
-        start = dist.broadcast_object(start)
-        if isinstance(start, UserError):
-            raise start
-        if not start:
+                mode = exc
+        mode = dist.broadcast_object(mode)  # rank 0 decides for every rank
+        if isinstance(mode, UserError):
+            raise mode
+        if mode == "skip":
             return None
+        resume = mode == "resume"  # a run without a checkpoint starts again
         if cfg.EXPERIMENT.SEED >= 0:
             seed_everything(cfg.EXPERIMENT.SEED)
         if device.type == "cuda":
@@ -365,8 +366,6 @@ def _train(cfg, experiment_name: str, device: torch.device, resume: bool) -> DDP
         if cfg.EXPERIMENT.SEED >= 0 and dist.world() > 1:
             seed_everything(cfg.EXPERIMENT.SEED + dist.rank())  # per-rank augmentation in the main process
         trainer = DDPTrainer(experiment_name, distiller, train_loader, val_loader, cfg)
-        if main and not resume:
-            folder.write_text(CONFIG, cfg.dump())
         with allow_release_types():  # states from the host's trainer hold numpy floats
             trainer.train(resume=resume)
         return trainer

@@ -149,9 +149,12 @@ class RunFolder:
         """Release the lock (the kernel also releases it when the process dies); a folder in which nothing
         else was written (a refused or failed start) is removed."""
         if self._lock_fd is not None:
-            if [p.name for p in self.path.iterdir()] == [LOCK]:
-                (self.path / LOCK).unlink()
-                self.path.rmdir()
+            try:
+                if [p.name for p in self.path.iterdir()] == [LOCK]:
+                    (self.path / LOCK).unlink()
+                    self.path.rmdir()
+            except OSError:  # another process came in meanwhile: its folder now
+                pass
             os.close(self._lock_fd)
             self._lock_fd = None
 
@@ -208,6 +211,17 @@ class RunFolder:
             )
         return "resume" if resume else "start"
 
+    def begin(self, resume: bool, cfg_text: str) -> str:
+        """check_start, plus: a resume must be under the same config; a run that starts (again) gets a
+        fresh worklog and this config.yaml. Returns 'start', 'resume' or 'skip'."""
+        mode = self.check_start(resume)
+        if mode == "resume":
+            self.check_config(cfg_text)
+        elif mode == "start":
+            self.cut_worklog(0)
+            self.write_text(CONFIG, cfg_text)
+        return mode
+
     # -- writing ---------------------------------------------------------------------------
     def write_text(self, name: str, text: str) -> None:
         """Atomically replace ``name`` in the folder with ``text``."""
@@ -222,19 +236,20 @@ class RunFolder:
         atomic_write(self.path / name, lambda f: f.write(data))
 
     def check_config(self, cfg_text: str) -> None:
-        """RunError unless ``cfg_text`` trains what the folder's config.yaml trained (paths, logging and
-        EXPERIMENT keys may change); a folder without config.yaml is not checked."""
+        """RunError unless ``cfg_text`` trains what the folder's config.yaml trained: keys of UNTRAINED_KEYS
+        may change, and keys the saved file does not have (added by a later version) are not compared."""
         import yaml
 
-        from .config import PLACE_KEYS, flatten
+        from .config import UNTRAINED_KEYS, flatten
 
         try:
             saved = yaml.safe_load((self.path / CONFIG).read_text())
         except FileNotFoundError:
             return
         before, after = flatten(saved), flatten(yaml.safe_load(cfg_text))
-        keys = sorted(set(before) | set(after))
-        changed = [k for k in keys if not k.startswith(PLACE_KEYS) and before.get(k) != after.get(k)]
+        changed = [
+            k for k in sorted(before) if not k.startswith(UNTRAINED_KEYS) and before[k] != after.get(k, before[k])
+        ]
         if changed:
             diffs = ", ".join(f"{k} {before.get(k)!r} -> {after.get(k)!r}" for k in changed[:3])
             raise RunError(

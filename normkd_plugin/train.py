@@ -156,13 +156,15 @@ def train(cfg, experiment_name: str, device: torch.device, resume: bool = False)
     from .build import build_distiller, build_models
     from .checkpoints import allow_release_types
     from .data import get_dataset, seed_everything
-    from .runs import CONFIG, RunFolder
+    from .runs import RunFolder
 
     folder = RunFolder(os.path.join(cfg.LOG.PREFIX, experiment_name))
     folder.lock()
     try:
-        if folder.check_start(resume) == "skip":
+        mode = folder.begin(resume, cfg.dump())
+        if mode == "skip":
             return None
+        resume = mode == "resume"  # a run without a checkpoint starts again
         if cfg.EXPERIMENT.SEED >= 0:
             seed_everything(cfg.EXPERIMENT.SEED)
         if device.type == "cuda":
@@ -173,8 +175,6 @@ def train(cfg, experiment_name: str, device: torch.device, resume: bool = False)
         student, teacher = build_models(cfg, num_classes)
         distiller = build_distiller(cfg, student, teacher, num_data)
         distiller = torch.nn.DataParallel(distiller.to(device))
-        if not resume:
-            folder.write_text(CONFIG, cfg.dump())
         trainer = trainer_dict[cfg.SOLVER.TRAINER](experiment_name, distiller, train_loader, val_loader, cfg)
         with allow_release_types():  # the host's --resume reads numpy floats from its own checkpoints
             trainer.train(resume=resume)

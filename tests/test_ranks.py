@@ -11,15 +11,15 @@ pytestmark = needs_mdistiller
 CFG = "cifar100/normkd/res56_res20"
 
 
-def _cfg(root, teacher, prefix, epochs=1):
+def _cfg(root, teacher, prefix, epochs=1, name=CFG, seed=0):
     from normkd_plugin.config import load_config, run_name
 
-    opts = fast_opts(root, teacher, prefix, 0, "SOLVER.EPOCHS", str(epochs), "SOLVER.LR_DECAY_STAGES", "[]")
-    cfg = load_config(CFG, opts)
+    opts = fast_opts(root, teacher, prefix, seed, "SOLVER.EPOCHS", str(epochs), "SOLVER.LR_DECAY_STAGES", "[]")
+    cfg = load_config(name, opts)
     return cfg, run_name(cfg, opts)
 
 
-def _worker(rank, world, root, teacher, prefix, out, epochs, stop_at, fail_rank):
+def _worker(rank, world, root, teacher, prefix, out, epochs, stop_at, fail_rank, names=(CFG,), seed=0):
     """One torchrun-like process: init gloo, build and train the pack, record what it saw and wrote."""
     import torch.distributed as dist
 
@@ -48,25 +48,36 @@ def _worker(rank, world, root, teacher, prefix, out, epochs, stop_at, fail_rank)
         real = getattr(runs.RunFolder, name)
         setattr(runs.RunFolder, name, lambda self, *a, _real=real, _name=name: (writes.append(_name), _real(self, *a)))
     try:
-        cfg, name = _cfg(root, teacher, prefix, epochs)
-        pack = build_pack([cfg], [name], [runs.RunFolder(prefix / name)], torch.device("cpu"))
+        cfgs, run_names = zip(*(_cfg(root, teacher, prefix, epochs, n, seed) for n in names))
+        folders = [runs.RunFolder(prefix / n) for n in run_names]
+        pack = build_pack(list(cfgs), list(run_names), folders, torch.device("cpu"))
         try:
-            pack.train(resume=(prefix / name / "latest").exists())
+            pack.train(resume=(prefix / run_names[0] / "latest").exists(), new_ok=len(names) > 1)
         except KeyboardInterrupt:
             pass
         student = {k: v.clone() for k, v in pack.runs[0].distiller.student.state_dict().items()}
-        torch.save({"seen": seen, "writes": writes, "student": student, "writer": pack.runs[0].writer is not None},
-                   out / f"rank{rank}.pt")  # fmt: skip
+        torch.save({"seen": seen, "writes": writes, "student": student, "writer": pack.runs[0].writer is not None,
+                    "seed": pack.runs[0].seed}, out / f"rank{rank}.pt")  # fmt: skip
     finally:
         dist.destroy_process_group()
 
 
-def _spawn(tmp_path, root, teacher, prefix, world=2, epochs=1, stop_at=0, fail_rank=-1):
+def _spawn(tmp_path, root, teacher, prefix, world=2, epochs=1, stop_at=0, fail_rank=-1, names=(CFG,), seed=0):
+    """Start ``world`` processes of _worker and wait (at most 5 minutes: a hang fails the test)."""
+    import time
+
     import torch.multiprocessing as mp
 
-    out = tmp_path / f"out-{world}-{epochs}-{stop_at}"
+    out = tmp_path / f"out-{world}-{epochs}-{stop_at}-{len(list(tmp_path.glob('out-*')))}"
     out.mkdir()
-    mp.spawn(_worker, args=(world, root, teacher, prefix, out, epochs, stop_at, fail_rank), nprocs=world)
+    args = (world, root, teacher, prefix, out, epochs, stop_at, fail_rank, names, seed)
+    ctx = mp.start_processes(_worker, args=args, nprocs=world, join=False, start_method="spawn")
+    deadline = time.monotonic() + 300
+    while not ctx.join(timeout=2):
+        if time.monotonic() > deadline:
+            for proc in ctx.processes:
+                proc.kill()
+            raise AssertionError("the processes hung")
     return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(world)]
 
 
@@ -189,3 +200,26 @@ def test_torchrun_trains_a_pack_like_the_two_process_harness(tmp_path, small_cif
         assert torch.equal(state[f"module.student.{key}"], value), key
     runs = sorted(p.name for p in (tmp_path / "torchrun" / "cifar100").iterdir())
     assert len(runs) == 2 and all((tmp_path / "torchrun" / "cifar100" / r / "worklog.txt").is_file() for r in runs)
+
+
+def test_a_run_that_refuses_to_resume_fails_alone_on_every_rank(tmp_path, small_cifar_npz, teacher_resnet56):
+    """A pack of KD and NormKD on 2 ranks, stopped after epoch 1; KD's config.yaml then says another LR. The
+    resume must not hang: KD fails on both ranks, NormKD finishes."""
+    from torch.multiprocessing import ProcessRaisedException
+
+    names, prefix = ("cifar100/kd/res56_res20", CFG), tmp_path / "o"
+    _spawn(tmp_path, small_cifar_npz, teacher_resnet56, prefix, epochs=2, stop_at=2, names=names)
+    (kd_name, nk_name) = (_cfg(small_cifar_npz, teacher_resnet56, prefix, 2, n)[1] for n in names)
+    config = prefix / kd_name / "config.yaml"
+    config.write_text(config.read_text().replace("LR: 0.05", "LR: 0.1"))
+    with pytest.raises(ProcessRaisedException, match="started with another config"):
+        _spawn(tmp_path, small_cifar_npz, teacher_resnet56, prefix, epochs=2, names=names)
+    assert (prefix / nk_name / "worklog.txt").read_text().rstrip().splitlines()[-1].startswith("best_acc\t")
+    assert load_state(prefix / kd_name)["epoch"] == 1
+
+
+def test_unseeded_runs_take_rank_0s_seed_and_initialisation(tmp_path, small_cifar_npz, teacher_resnet56):
+    """EXPERIMENT.SEED -1: each process draws its own seed and initialisation; rank 0's must win on both."""
+    ranks = _spawn(tmp_path, small_cifar_npz, teacher_resnet56, tmp_path / "o", seed=-1)
+    assert ranks[0]["seed"] == ranks[1]["seed"]
+    assert all(torch.equal(v, ranks[1]["student"][k]) for k, v in ranks[0]["student"].items())

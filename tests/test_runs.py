@@ -143,9 +143,11 @@ def test_resume_refuses_a_changed_config_but_not_moved_paths(tmp_path):
 
     folder = _folder(tmp_path)
     folder.path.mkdir()
-    saved = "SOLVER:\n  LR: 0.05\n  EPOCHS: 240\nDATASET:\n  ROOT: /data/a\nLOG:\n  PREFIX: out\n"
+    saved = "SOLVER:\n  LR: 0.05\n  EPOCHS: 240\n  FAST:\n    CUDA_GRAPH: true\nDATASET:\n  ROOT: /data/a\nLOG:\n  PREFIX: out\n"
     folder.write_text("config.yaml", saved)
     folder.check_config(saved.replace("/data/a", "/mnt/b").replace("out", "elsewhere"))
+    folder.check_config(saved + "SOLVER_NEW_KEY: 1\n")  # a key the saved file predates is not compared
+    folder.check_config(saved.replace("CUDA_GRAPH: true", "CUDA_GRAPH: false"))  # how, not what, is trained
     with pytest.raises(RunError, match=r"started with another config \(SOLVER.LR 0.05 -> 0.01\); resume with the same"):
         folder.check_config(saved.replace("0.05", "0.01"))
 

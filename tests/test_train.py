@@ -293,3 +293,22 @@ def test_run_launcher_on_host_train_script_without_cuda(tmp_path):
         cwd=tmp_path,
     )
     assert proc.returncode != 0 and "no CUDA device is available" in proc.stderr
+
+
+def test_ddp_run_without_a_checkpoint_starts_again_under_resume(tmp_path, small_cifar, teacher_resnet56):
+    from normkd_plugin import train
+    from normkd_plugin.config import load_config, run_name
+
+    opts = [
+        "SOLVER.TRAINER", "ddp", "SOLVER.BATCH_SIZE", "16", "SOLVER.EPOCHS", "1", "SOLVER.LR_DECAY_STAGES", "[]",
+        "DATASET.ROOT", str(small_cifar), "DATASET.NUM_WORKERS", "0", "DISTILLER.TEACHER_CKPT", str(teacher_resnet56),
+        "LOG.PREFIX", str(tmp_path),
+    ]  # fmt: skip
+    cfg = load_config("cifar100/normkd/res56_res20", opts)
+    folder = tmp_path / run_name(cfg, opts)
+    folder.mkdir(parents=True)
+    (folder / "worklog.txt").write_text("-" * 25 + "\nepoch: 1\nlr: 0.0")  # killed mid-append, no checkpoint
+    train.main(["--resume", "--cfg", "cifar100/normkd/res56_res20", "--device", "cpu", *opts])
+    text = (folder / "worklog.txt").read_text()
+    assert text.count("epoch: 1") == 1 and text.rstrip().splitlines()[-1].startswith("best_acc\t")
+    assert (folder / "config.yaml").is_file() and (folder / "latest").is_file()

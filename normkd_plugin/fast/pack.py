@@ -232,6 +232,14 @@ class Pack:
             from ..config import ConfigError
 
             raise ConfigError("SOLVER.FAST.PACK_BRANCHES True is not supported on several processes (torchrun)")
+        partial = 0 if int(fast.ITERS_PER_EPOCH) > 0 else len(train_data) % self.batch_size
+        if 0 < partial < self.ranks.world:
+            from ..config import ConfigError
+
+            raise ConfigError(
+                f"the last batch of an epoch ({partial} images: {len(train_data)} % SOLVER.BATCH_SIZE "
+                f"{self.batch_size}) cannot be shared by {self.ranks.world} processes; use at most {partial}"
+            )
         self._cuda_streams: list = []
         self.graph = StepGraph(
             self._step, self._zero_grad, enabled=bool(fast.CUDA_GRAPH) and self.device.type == "cuda"
@@ -454,13 +462,18 @@ class Pack:
 
     def _resume(self, run: PackRun) -> None:
         """Load the run's newest readable state, cut its worklog back to it and redo the epoch's other files."""
-        state = None
+        state: dict | RunError | None = None
         if self.ranks.main:
-            run.folder.check_config(run.cfg.dump())
-            if run.folder.status() == "failed":
-                log.warning("%s: resuming a run that failed; it restarts from its last good checkpoint", run.name)
-            state = run.folder.load_state()
-        state = broadcast_object(state)  # rank 0's file, on every rank
+            try:
+                run.folder.check_config(run.cfg.dump())
+                if run.folder.status() == "failed":
+                    log.warning("%s: resuming a run that failed; it restarts from its last good checkpoint", run.name)
+                state = run.folder.load_state()
+            except RunError as exc:
+                state = exc
+        state = broadcast_object(state)  # rank 0's file (or its refusal), on every rank
+        if isinstance(state, RunError):
+            raise state
         source = f"{run.folder.path}/latest (epoch {state['epoch']})"
         load_model_state(run.distiller, state["model"], source)
         run.optimizer.load_state_dict(state["optimizer"])
