@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from conftest import needs_mdistiller
 from normkd_plugin.leaderboard import cli
 from normkd_plugin.leaderboard.runs import WorklogError, discover_runs, parse_worklog
 from normkd_plugin.leaderboard.table import aggregate
@@ -489,7 +490,7 @@ def test_beats_with_ci_failures(runs_root, tmp_path):
         "cifar100/res56_res20/normkd>dkd: too few runs for a 95 % interval (welch n=2/1); "
         "normkd − dkd in best top-1 = +0.75",
         "cifar100/res110_res32/normkd>kd: cifar100/res110_res32/normkd: no runs",
-        "cifar100/res32x4_res8x4/normdkd>dkd: no dkd runs on cifar100/res32x4_res8x4 (trainer base)",
+        "cifar100/res32x4_res8x4/normdkd>dkd: no single dkd row on cifar100/res32x4_res8x4 trained alike (trainer base)",
     ]
     proc = _check(runs_root, tmp_path, th)
     assert (
@@ -538,7 +539,7 @@ def test_check_names_with_trainers(runs_root):
     (failure,) = cli.check(rows, {"beats_with_ci": ["cifar100/res56_res20/normkd (fast)>kd"]})
     assert failure.endswith("too few runs for a 95 % interval (welch n=1/2); normkd (fast) − kd in best top-1 = +2.50")
     (failure,) = cli.check(rows, {"beats_with_ci": ["cifar100/res56_res20/normkd (fast)>kd (fast)"]})
-    assert failure.endswith("no kd runs on cifar100/res56_res20 (trainer fast)")
+    assert failure.endswith("no single kd row on cifar100/res56_res20 trained alike (trainer fast)")
 
 
 def test_cli_import_stays_light():
@@ -583,3 +584,41 @@ def test_published_numbers_are_shown_for_every_trainer(tmp_path):
     (row,) = aggregate(discover_runs([tmp_path])[0])
     assert row.method == "kd (fast)" and row.published == pytest.approx(70.66)
     assert row.diff_vs_published == pytest.approx(70.0 - 70.66)
+
+
+def _real_run(root, cfg_name, seed, acc, *opts):
+    """A finished run folder whose config.yaml is a real normkd-train config (every node, all defaults)."""
+    from normkd_plugin.config import load_config, run_name
+
+    options = ["SOLVER.TRAINER", "fast", "SOLVER.LR_DECAY_STAGES", "[]", "EXPERIMENT.SEED", str(seed), *opts]
+    cfg = load_config(cfg_name, options)
+    folder = root / run_name(cfg, options)
+    folder.mkdir(parents=True)
+    (folder / "config.yaml").write_text(cfg.dump())
+    (folder / "worklog.txt").write_text(
+        f"{'-' * 25}\nepoch: 1\nlr: 0.05\ntest_acc: {acc:.2f}\n{'-' * 25}\nbest_acc\t{acc:.2f}"
+    )
+
+
+@needs_mdistiller
+def test_baselines_are_rows_trained_alike(tmp_path):
+    """KD at 2 and 3 epochs, NormKD only at 3: NormKD is compared with the 3-epoch KD row, never the other."""
+    for seed in (0, 1):
+        _real_run(tmp_path, "cifar100/kd/res56_res20", seed, 41.0, "SOLVER.EPOCHS", "2")
+        _real_run(tmp_path, "cifar100/kd/res56_res20", seed, 76.0 + seed, "SOLVER.EPOCHS", "3")
+        _real_run(tmp_path, "cifar100/normkd/res56_res20", seed, 75.0 + seed / 10, "SOLVER.EPOCHS", "3")
+    rows = aggregate(discover_runs([tmp_path])[0])
+    (nk,) = [r for r in rows if r.base_method == "normkd"]
+    assert nk.setting == "" and nk.gain_vs_kd == pytest.approx(75.05 - 76.5)
+    assert nk.vs_kd_best.kind == "paired" and nk.vs_kd_best.mean == pytest.approx(75.05 - 76.5)
+    (failure,) = cli.check(rows, {"beats_with_ci": ["cifar100/res56_res20/normkd (fast)>kd (fast)"]})
+    assert failure.endswith("is [-7.17, +4.27] (paired n=2), not above 0")  # mean -1.45 ± t(1)·0.45
+
+
+@needs_mdistiller
+def test_a_pack_wide_override_of_another_method_does_not_split_kd(tmp_path):
+    """--cfg kd --cfg normkd NORMKD.TEMPERATURE_NORM 1.5 beside a default pack: KD runs stay one row."""
+    for seed, extra in ((0, ["NORMKD.TEMPERATURE_NORM", "1.5"]), (1, [])):
+        _real_run(tmp_path, "cifar100/kd/res56_res20", seed, 70.0 + seed, *extra)
+    (kd,) = aggregate(discover_runs([tmp_path])[0])
+    assert (kd.setting, kd.runs) == ("", 2)

@@ -112,14 +112,11 @@ def resolve(rows: list[Row], key: str) -> tuple[Row | None, str | None]:
 
 def _baseline(rows: list[Row], row: Row, name: str) -> tuple[Row | None, str | None]:
     method, trainer = _split_trainer(name)
-    if trainer is None:
-        base = baseline_row(rows, row, method)
-        where = f"trainer {row.trainer}" + ("" if row.trainer == "base" else " or base")
-    else:
-        want = (row.dataset, row.pair, method, trainer)
-        base = next((r for r in rows if (r.dataset, r.pair, r.base_method, r.trainer) == want), None)
-        where = f"trainer {trainer}"
-    return base, None if base else f"no {method} runs on {row.dataset}/{row.pair} ({where})"
+    base = baseline_row(rows, row, method, trainer)
+    where = (
+        f"trainer {trainer}" if trainer else f"trainer {row.trainer}" + ("" if row.trainer == "base" else " or base")
+    )
+    return base, None if base else f"no single {method} row on {row.dataset}/{row.pair} trained alike ({where})"
 
 
 def _beats_with_ci(rows: list[Row], entry: str) -> str | None:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import yaml
 
-from ..config import PLACE_KEYS, flatten
+from ..config import UNTRAINED_KEYS, flatten
 from ..pairs import find_pair
 
 log = logging.getLogger(__name__)
@@ -207,6 +207,17 @@ def _identity_from_name(folder: Path) -> dict:
     )  # fmt: skip
 
 
+SHARED_SECTIONS = ("DATASET", "DISTILLER", "SOLVER")  # what every method of a comparison shares
+
+
+def trained_settings(cfg: dict) -> dict:
+    """The config keys that change what is trained: the shared sections and the method's own node
+    (``cfg[DISTILLER.TYPE]``), without the method's name, the seed, paths and how it is run (UNTRAINED_KEYS)."""
+    own = str(cfg.get("DISTILLER", {}).get("TYPE", ""))
+    sections = {k: v for k, v in cfg.items() if k in SHARED_SECTIONS or k == own}
+    return {k: v for k, v in flatten(sections).items() if not k.startswith(UNTRAINED_KEYS) and k != "DISTILLER.TYPE"}
+
+
 def _identity_from_config(path: Path) -> dict:
     cfg = yaml.safe_load(path.read_text()) or {}
     seed = cfg.get("EXPERIMENT", {}).get("SEED", -1)
@@ -218,7 +229,7 @@ def _identity_from_config(path: Path) -> dict:
         seed=seed if seed is not None and seed >= 0 else None,
         epochs_planned=cfg.get("SOLVER", {}).get("EPOCHS"),
         trainer=cfg.get("SOLVER", {}).get("TRAINER", "base"),
-        settings={k: v for k, v in flatten(cfg).items() if not k.startswith(PLACE_KEYS)},
+        settings=trained_settings(cfg),
     )
 
 

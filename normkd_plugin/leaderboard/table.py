@@ -8,7 +8,7 @@ import math
 import statistics
 from dataclasses import asdict, dataclass, field, fields, replace
 
-from .runs import Run
+from .runs import SHARED_SECTIONS, Run
 from .stats import Diff, compare
 
 __all__ = ["Row", "published", "aggregate", "mean_std", "method_label", "samples", "compare_rows", "baseline_row"]
@@ -135,26 +135,42 @@ def compare_rows(ours: Row, base: Row, metric: str = "best") -> Diff:
     return replace(compare(a, b, pairable=ours.trainer == base.trainer), baseline=base.method)
 
 
-def baseline_row(rows: list[Row], row: Row, method: str) -> Row | None:
-    """The ``method`` row on row's dataset and pair: of row's trainer, else the host trainer's; of row's
-    setting, else the one without a setting label; else None."""
-    same = {
-        (r.trainer, r.setting): r for r in rows if (r.dataset, r.pair, r.base_method) == (row.dataset, row.pair, method)
-    }
-    for key in ((row.trainer, row.setting), (row.trainer, ""), ("base", row.setting), ("base", "")):
-        if key in same:
-            return same[key]
+def shared(row: Row) -> dict:
+    """The settings of the shared sections (not the method's own node, nor the trainer) that every run of
+    the row has with one value: what a baseline row must agree with."""
+    runs = row.members
+    keys = set.intersection(*(set(r.settings) for r in runs)) if runs else set()
+    keys = {k for k in keys if k.split(".")[0] in SHARED_SECTIONS and k != "SOLVER.TRAINER"}
+    return {k: runs[0].settings[k] for k in keys if len({repr(r.settings[k]) for r in runs}) == 1}
+
+
+def compatible(a: Row, b: Row) -> bool:
+    """Whether rows a and b were trained alike in the shared settings both record."""
+    sa, sb = shared(a), shared(b)
+    return all(sa[k] == sb[k] for k in sa.keys() & sb.keys())
+
+
+def baseline_row(rows: list[Row], row: Row, method: str, trainer: str | None = None) -> Row | None:
+    """The ``method`` row on row's dataset and pair trained alike (``compatible``): of ``trainer`` when given,
+    else of row's trainer, else of the host's; None when there is none, or several, to choose from."""
+    cands = [
+        r for r in rows if (r.dataset, r.pair, r.base_method) == (row.dataset, row.pair, method) and compatible(r, row)
+    ]
+    for want in [trainer] if trainer else [row.trainer, "base"]:
+        found = [r for r in cands if r.trainer == want]
+        if found:
+            return found[0] if len(found) == 1 else None
     return None
 
 
 def _split_by_settings(group: list[Run]) -> dict[str, list[Run]]:
-    """{label: runs} of runs trained alike: the keys whose values differ inside ``group`` name each part
-    ("SOLVER.EPOCHS=2"); one part labelled "" when all runs were trained alike."""
-    keys = sorted({k for r in group for k in r.settings})
-    varying = [k for k in keys if len({repr(r.settings.get(k)) for r in group}) > 1]
+    """{label: runs} of runs trained alike: the keys that every run records and whose values differ name each
+    part ("SOLVER.EPOCHS=2"); one part labelled "" when all runs were trained alike."""
+    keys = set.intersection(*(set(r.settings) for r in group))
+    varying = sorted(k for k in keys if len({repr(r.settings[k]) for r in group}) > 1)
     parts: dict[str, list[Run]] = {}
     for run in group:
-        label = ", ".join(f"{k}={run.settings.get(k)}" for k in varying)
+        label = ", ".join(f"{k}={run.settings[k]}" for k in varying)
         parts.setdefault(label, []).append(run)
     return parts
 
