@@ -4,7 +4,9 @@ Every rank holds the whole split and draws the same global epoch from the runs' 
 trains rows [r·n/W, (r+1)·n/W) of each global batch of n. After backward, each run's gradients are
 weighted by the rank's share of the batch and summed over the ranks (the gradient of the global
 batch mean); BatchNorm buffers then follow rank 0, as they do under mdistiller's DataParallel (the
-replica on the first device keeps its updates) and under DDP's ``broadcast_buffers``. All of it is
+replica on the first device keeps its updates) and under DDP's ``broadcast_buffers``. Full batches
+split evenly (SOLVER.BATCH_SIZE is a multiple of W); where the epoch's last batch does not, this
+share weighting keeps the global mean, while DataParallel would average its unequal chunks' means. All of it is
 torch.distributed's own collectives (NCCL on CUDA, gloo on CPU), capturable in a CUDA graph.
 """
 
