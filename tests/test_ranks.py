@@ -161,11 +161,16 @@ def _count_correct(student, root):
 
 @pytest.mark.parametrize(("first", "then"), [(2, 1), (1, 2)])
 def test_resume_with_another_number_of_ranks(tmp_path, small_cifar_npz, teacher_resnet56, first, then):
+    """Epoch 1 on ``first`` processes, epoch 2 resumed on ``then``: epoch 2 trains the global batches the
+    uninterrupted run trains (the data generator is restored), and the run finishes."""
+    whole = _spawn(tmp_path, small_cifar_npz, teacher_resnet56, tmp_path / "whole", world=first, epochs=2)
     prefix = tmp_path / "o"
     _spawn(tmp_path, small_cifar_npz, teacher_resnet56, prefix, world=first, epochs=2, stop_at=2)
     cfg, name = _cfg(small_cifar_npz, teacher_resnet56, prefix, epochs=2)
     assert load_state(prefix / name)["epoch"] == 1
-    _spawn(tmp_path, small_cifar_npz, teacher_resnet56, prefix, world=then, epochs=2)
+    resumed = _spawn(tmp_path, small_cifar_npz, teacher_resnet56, prefix, world=then, epochs=2)
+    epoch2 = [sum((r["seen"][4 + s] for r in whole), []) for s in range(4)]  # 4 steps an epoch
+    assert [sum((r["seen"][s] for r in resumed), []) for s in range(4)] == epoch2
     text = (prefix / name / "worklog.txt").read_text()
     assert text.count("epoch: ") == 2 and text.rstrip().splitlines()[-1].startswith("best_acc\t")
     assert load_state(prefix / name)["epoch"] == 2
