@@ -35,6 +35,7 @@ __all__ = [
     "load_cifar100",
     "get_dataset",
     "seed_everything",
+    "seed_run",
     "seed_worker",
     "worker_options",
 ]
@@ -58,6 +59,14 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def seed_run(cfg, device: torch.device) -> None:
+    """EXPERIMENT.SEED >= 0 seeds everything and turns cuDNN autotuning off (on CUDA); < 0 lets it tune."""
+    if cfg.EXPERIMENT.SEED >= 0:
+        seed_everything(cfg.EXPERIMENT.SEED)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = cfg.EXPERIMENT.SEED < 0
 
 
 def seed_worker(worker_id: int) -> None:

@@ -44,7 +44,6 @@ from yacs.config import CfgNode as CN
 from . import dist
 from .config import ConfigError
 from .data import seed_worker, worker_options
-from .errors import UserError
 from .imagenet import DevicePipeline, HostAugment, check_decode, decode, jpeg_loader
 from .runs import RunFolder, epoch_record
 
@@ -333,29 +332,22 @@ def _train(cfg, experiment_name: str, device: torch.device, resume: bool) -> DDP
 
     from .build import build_distiller, build_models
     from .checkpoints import allow_release_types
-    from .data import get_dataset, seed_everything
+    from .data import get_dataset, seed_everything, seed_run
     from .train import _init_wandb
 
     main = dist.is_main()
     folder = RunFolder(os.path.join(cfg.LOG.PREFIX, experiment_name))
     try:
-        mode: str | UserError = ""
-        if main:
-            try:
-                folder.lock()
-                mode = folder.begin(resume, cfg.dump())
-            except UserError as exc:
-                mode = exc
-        mode = dist.broadcast_object(mode)  # rank 0 decides for every rank
-        if isinstance(mode, UserError):
-            raise mode
+
+        def decide() -> str:
+            folder.lock()
+            return folder.begin(resume, cfg.dump())
+
+        mode = dist.from_rank0(decide)  # rank 0 decides for every rank
         if mode == "skip":
             return None
         resume = mode == "resume"  # a run without a checkpoint starts again
-        if cfg.EXPERIMENT.SEED >= 0:
-            seed_everything(cfg.EXPERIMENT.SEED)
-        if device.type == "cuda":
-            torch.backends.cudnn.benchmark = cfg.EXPERIMENT.SEED < 0
+        seed_run(cfg, device)
         if main:
             _init_wandb(cfg, experiment_name)
             show_cfg(cfg)

@@ -11,12 +11,13 @@ import contextlib
 import logging
 import os
 import time
-from typing import Any, Iterator, Sequence, TypeVar
+from typing import Any, Callable, Iterator, Sequence, TypeVar
 
 import torch
 import torch.distributed as dist
 
 from .config import ConfigError
+from .errors import UserError
 
 __all__ = [
     "under_torchrun",
@@ -27,6 +28,7 @@ __all__ = [
     "world",
     "all_reduce_sum",
     "broadcast_object",
+    "from_rank0",
     "shard",
     "check_world",
     "job",
@@ -110,6 +112,21 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def from_rank0(decide: Callable[[], T]) -> T:
+    """``decide()`` run on rank 0 only, its result on every rank; a UserError it raises is raised on every rank
+    alike (the other ranks never read the run folders, and none is left waiting in a collective)."""
+    result: Any = None
+    if is_main():
+        try:
+            result = decide()
+        except UserError as exc:
+            result = exc
+    result = broadcast_object(result)
+    if isinstance(result, UserError):
+        raise result
+    return result
 
 
 def shard(indices: Sequence[T], rank: int, world: int) -> list[T]:

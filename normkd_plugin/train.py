@@ -155,7 +155,7 @@ def train(cfg, experiment_name: str, device: torch.device, resume: bool = False)
 
     from .build import build_distiller, build_models
     from .checkpoints import allow_release_types
-    from .data import get_dataset, seed_everything
+    from .data import get_dataset, seed_run
     from .runs import RunFolder
 
     folder = RunFolder(os.path.join(cfg.LOG.PREFIX, experiment_name))
@@ -165,10 +165,7 @@ def train(cfg, experiment_name: str, device: torch.device, resume: bool = False)
         if mode == "skip":
             return None
         resume = mode == "resume"  # a run without a checkpoint starts again
-        if cfg.EXPERIMENT.SEED >= 0:
-            seed_everything(cfg.EXPERIMENT.SEED)
-        if device.type == "cuda":
-            torch.backends.cudnn.benchmark = cfg.EXPERIMENT.SEED < 0
+        seed_run(cfg, device)
         _init_wandb(cfg, experiment_name)
         show_cfg(cfg)
         train_loader, val_loader, num_data, num_classes = get_dataset(cfg)

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_map
 from yacs.config import CfgNode as CN
 
-from ..dist import broadcast_object
+from ..dist import from_rank0
 from ..errors import RunError
 from ..runs import CONFIG, RunFolder, epoch_record
 from .augment import TensorCifar
@@ -462,18 +462,14 @@ class Pack:
 
     def _resume(self, run: PackRun) -> None:
         """Load the run's newest readable state, cut its worklog back to it and redo the epoch's other files."""
-        state: dict | RunError | None = None
-        if self.ranks.main:
-            try:
-                run.folder.check_config(run.cfg.dump())
-                if run.folder.status() == "failed":
-                    log.warning("%s: resuming a run that failed; it restarts from its last good checkpoint", run.name)
-                state = run.folder.load_state()
-            except RunError as exc:
-                state = exc
-        state = broadcast_object(state)  # rank 0's file (or its refusal), on every rank
-        if isinstance(state, RunError):
-            raise state
+
+        def read() -> dict:
+            run.folder.check_config(run.cfg.dump())
+            if run.folder.status() == "failed":
+                log.warning("%s: resuming a run that failed; it restarts from its last good checkpoint", run.name)
+            return run.folder.load_state()
+
+        state = from_rank0(read)  # rank 0's file (or its refusal), on every rank
         source = f"{run.folder.path}/latest (epoch {state['epoch']})"
         load_model_state(run.distiller, state["model"], source)
         run.optimizer.load_state_dict(state["optimizer"])
@@ -556,18 +552,13 @@ def decide_starts(folders: list[RunFolder], resume: bool, new_ok: bool) -> list[
 
     The other ranks never read the run folders; a refused start raises the same RunError on every rank.
     """
-    modes: list[str] | RunError = []
-    if Ranks().main:
-        try:
-            for folder in folders:
-                folder.lock()
-            modes = [folder.check_start(resume, new_ok) for folder in folders]
-        except RunError as exc:
-            modes = exc
-    modes = broadcast_object(modes)
-    if isinstance(modes, RunError):
-        raise modes
-    return modes
+
+    def decide() -> list[str]:
+        for folder in folders:
+            folder.lock()
+        return [folder.check_start(resume, new_ok) for folder in folders]
+
+    return from_rank0(decide)
 
 
 def data_seed(cfg: CN) -> int:
