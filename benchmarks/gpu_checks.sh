@@ -8,18 +8,26 @@
 #   pack   : benchmarks/pack_speed.py (K = 1, 4, 12 runs per pack, fp32 and bf16, serial and branches)
 #   ddp    : one-rank NCCL epochs under torchrun (fast with its CUDA graph; ddp; DATASET.DECODE gpu)
 #            and benchmarks/imagenet_loader.py (host PIL loader vs nvJPEG pipeline)
-#   compare: one chunk of the 240-epoch KD/DKD/NormKD/NormDKD x 3 seeds comparison on resnet56 -> resnet20,
-#            resumed from results/cifar100-res56_res20/ and killed after $COMPARE_SECONDS (a kill is safe:
-#            every run resumes exactly); worklogs, configs and the unfinished runs' `latest` come back in $OUT
+#   compare: one chunk of the 240-epoch KD/DKD/NormKD/NormDKD x 3 seeds comparison on resnet56 -> resnet20
+#            (one pack of 12 runs), resumed from results/cifar100-res56_res20/runs/. It stops at an epoch
+#            boundary within $COMPARE_SECONDS (normkd-train --time-limit; exit 3 = unfinished, run the stage
+#            again later) and keeps each run's worklog.txt and config.yaml, plus `latest` (student and
+#            optimizer, no teacher; ~2.3 MB per run) while the run is unfinished.
 # Inputs live in the ignored folder .dev/ (wheels in .dev/whl, an mdistiller checkout in
-# .dev/mdistiller, data in .dev/d*/: npz shards and resnet56-f2eff4c8.pt). Results go to $OUT.
+# .dev/mdistiller, data in .dev/d*/: npz shards and resnet56-f2eff4c8.pt, two shards per transfer).
+#
+# Results are written to $RES and, after every stage, bundled into $OUT as results.tgz.00, .01, ...
+# (parts of at most 15 MiB: few files, whatever the stages wrote). Unpack them here with
+#   bash benchmarks/gpu_unpack.sh FOLDER_OF_THE_PARTS results/gpu-CARD
+# which also replaces results/cifar100-res56_res20/runs/ with a compare chunk's runs.
 set -uo pipefail
 OUT=${OUT:-results/gpu}
+RES=${RES:-/tmp/normkd-results}
 DATA=${DATA:-/tmp/normkd-data}
 CIFAR=$DATA/cifar100 TEACHER=$DATA/teachers/cifar100/resnet56-f2eff4c8.pt
 EPOCHS=${PARITY_EPOCHS:-20}
 STAGES=${PARITY_STAGES:-[13,15,18]}
-mkdir -p "$OUT" "$CIFAR" "$(dirname "$TEACHER")"
+mkdir -p "$OUT" "$RES" "$CIFAR" "$(dirname "$TEACHER")"
 export PYTHONUNBUFFERED=1 NORMKD_DATA=$DATA
 
 stage_data() {
@@ -31,6 +39,10 @@ stage_data() {
   ls "$CIFAR" "$(dirname "$TEACHER")"
 }
 short() { echo SOLVER.EPOCHS 1 SOLVER.LR_DECAY_STAGES "[]" EXPERIMENT.SEED 0; }
+bundle() {  # everything in $RES as at most a few parts in $OUT (a transfer returns few files)
+  rm -f "$OUT"/results.tgz.*
+  tar -C "$RES" -czf - . | split -d -b 15M - "$OUT/results.tgz."
+}
 
 for step in "$@"; do
   case "$step" in
@@ -38,17 +50,17 @@ for step in "$@"; do
     python3 -m pip install -q --no-index --no-deps --no-compile .dev/whl/*.whl || exit 1
     python3 -m pip install -q --no-index --no-deps --no-build-isolation .dev/mdistiller . 2>&1 | grep -v -i warn | tail -3
     python3 -c "import mdistiller, normkd_plugin; print('installed')" || exit 1
-    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$RES/gpu.txt"
     python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
     stage_data ;;
   stage) stage_data ;;
   checks)
     python3 -P -m pytest -q -p no:cacheprovider tests/test_fused.py tests/test_fast_trainer.py tests/test_losses.py \
-      tests/test_pack.py tests/test_augment.py tests/test_imagenet.py 2>&1 | tail -12 | tee "$OUT/cuda_tests.txt"
-    python3 benchmarks/loss_speed.py --out "$OUT/loss_speed.md" ;;
-  losses) python3 benchmarks/loss_speed.py --out "$OUT/loss_speed.md" ;;
+      tests/test_pack.py tests/test_augment.py tests/test_imagenet.py 2>&1 | tail -12 | tee "$RES/cuda_tests.txt"
+    python3 benchmarks/loss_speed.py --out "$RES/loss_speed.md" ;;
+  losses) python3 benchmarks/loss_speed.py --out "$RES/loss_speed.md" ;;
   train)
-    python3 benchmarks/trainer_speed.py --data "$CIFAR" --out "$OUT/trainer_speed.md" 2>&1 | grep -v '^\s*$' | tail -12
+    python3 benchmarks/trainer_speed.py --data "$CIFAR" --out "$RES/trainer_speed.md" 2>&1 | grep -v '^\s*$' | tail -12
     for trainer in base fast; do
       timeout "${PARITY_TIMEOUT:-420}" normkd-train --cfg cifar100/normkd/res56_res20 \
         SOLVER.TRAINER $trainer SOLVER.EPOCHS "$EPOCHS" SOLVER.LR_DECAY_STAGES "$STAGES" \
@@ -60,43 +72,52 @@ for step in "$@"; do
     # Both parity runs share the GPU (they are launch-bound); their accuracy, not their speed, is compared.
     for trainer in base fast; do
       run=$(ls -d /tmp/parity/cifar100/normkd,res56,res20,$trainer,* | head -1)
-      cp "$run/worklog.txt" "$OUT/parity-$trainer-worklog.txt"
-      cp "$run/config.yaml" "$OUT/parity-$trainer-config.yaml"
-      tail -c 300 "$OUT/parity-$trainer-worklog.txt"; echo
+      cp "$run/worklog.txt" "$RES/parity-$trainer-worklog.txt"
+      cp "$run/config.yaml" "$RES/parity-$trainer-config.yaml"
+      tail -c 300 "$RES/parity-$trainer-worklog.txt"; echo
     done ;;
-  pack) python3 benchmarks/pack_speed.py --data "$CIFAR" --out "$OUT/pack_speed.md" 2>&1 | grep '^|' ;;
+  pack) python3 benchmarks/pack_speed.py --data "$CIFAR" --out "$RES/pack_speed.md" 2>&1 | grep '^|' ;;
   ddp)
     work=/tmp/normkd-ddp && rm -rf "$work" && mkdir -p "$work"
     # shellcheck disable=SC2046
     for trainer in fast ddp; do
       timeout 240 torchrun --nproc-per-node 1 --standalone -m normkd_plugin.train --cfg cifar100/normkd/res56_res20 \
         SOLVER.TRAINER $trainer DATASET.ROOT "$CIFAR" DATASET.NUM_WORKERS 8 DISTILLER.TEACHER_CKPT "$TEACHER" \
-        LOG.PREFIX "$work/runs" EXPERIMENT.NAME "nccl-$trainer" $(short) > "$OUT/nccl_$trainer.log" 2>&1
-      echo "one-rank NCCL epoch, SOLVER.TRAINER $trainer: exit $?" | tee -a "$OUT/nccl_$trainer.log"
+        LOG.PREFIX "$work/runs" EXPERIMENT.NAME "nccl-$trainer" $(short) > "$RES/nccl_$trainer.log" 2>&1
+      echo "one-rank NCCL epoch, SOLVER.TRAINER $trainer: exit $?" | tee -a "$RES/nccl_$trainer.log"
     done
     python3 benchmarks/imagenet_loader.py --images 4096 --batch-size 256 --workers 4,8,16 \
-      --keep "$work/folder" --out "$OUT/imagenet_loader.md" 2>&1 | tail -12
+      --keep "$work/folder" --out "$RES/imagenet_loader.md" 2>&1 | tail -12
     # shellcheck disable=SC2046
     timeout 240 torchrun --nproc-per-node 1 --standalone -m normkd_plugin.train --cfg imagenet/r34_r18/kd \
       SOLVER.TRAINER ddp DISTILLER.TYPE NONE DATASET.DECODE gpu DATASET.ROOT "$work/folder" DATASET.NUM_WORKERS 8 \
       SOLVER.BATCH_SIZE 256 LOG.PREFIX "$work/runs" EXPERIMENT.NAME decode-gpu $(short) \
-      > "$OUT/decode_gpu_epoch.log" 2>&1
-    echo "DATASET.DECODE gpu epoch: exit $?" | tee -a "$OUT/decode_gpu_epoch.log"
-    cat "$work"/runs/*/*/worklog.txt 2>/dev/null > "$OUT/ddp_worklogs.txt" ;;
+      > "$RES/decode_gpu_epoch.log" 2>&1
+    echo "DATASET.DECODE gpu epoch: exit $?" | tee -a "$RES/decode_gpu_epoch.log"
+    cat "$work"/runs/*/*/worklog.txt 2>/dev/null > "$RES/ddp_worklogs.txt" ;;
   compare)
-    keep=results/cifar100-res56_res20 prefix=/tmp/compare
-    mkdir -p "$prefix/cifar100" && cp -rn "$keep"/runs/* "$prefix/cifar100/" 2>/dev/null
-    timeout --signal=KILL "${COMPARE_SECONDS:-480}" normkd-train --resume --seeds 0,1,2 \
+    keep=${COMPARE_KEEP:-results/cifar100-res56_res20/runs} prefix=${COMPARE_PREFIX:-/tmp/compare}
+    limit=${COMPARE_SECONDS:-480}
+    mkdir -p "$prefix/cifar100" && rm -rf "$RES/runs"
+    [ -d "$keep" ] && cp -rn "$keep"/. "$prefix/cifar100/"
+    # The kill is only a backstop: --time-limit ends the chunk at an epoch boundary.
+    # shellcheck disable=SC2086
+    timeout --signal=KILL $((limit + 120)) normkd-train --resume --time-limit "$limit" --seeds "${COMPARE_SEEDS:-0,1,2}" \
       --cfg cifar100/kd/res56_res20 --cfg cifar100/dkd/res56_res20 --cfg cifar100/normkd/res56_res20 \
       --cfg cifar100/normdkd/res56_res20 SOLVER.TRAINER fast DATASET.ROOT "$CIFAR" \
-      DISTILLER.TEACHER_CKPT "$TEACHER" LOG.PREFIX "$prefix" > /tmp/compare.log 2>&1
-    echo "compare chunk exit code $? (137: stopped by the time limit; resumes next time)"
+      DISTILLER.TEACHER_CKPT "$TEACHER" LOG.PREFIX "$prefix" ${COMPARE_OPTS:-} > "$RES/compare.log" 2>&1
+    code=$?
+    echo "compare chunk: exit $code (0: every run finished; 3: stopped at the time limit, run this stage again)" \
+      | tee -a "$RES/compare.log"
+    [ "$code" = 0 ] || [ "$code" = 3 ] || { tail -5 "$RES/compare.log"; bundle; exit 1; }
     for run in "$prefix"/cifar100/*/; do
-      dst="$OUT/compare/$(basename "$run")" && mkdir -p "$dst"
-      cp "$run"/worklog.txt "$run"/config.yaml "$dst"/
-      grep -q "^best_acc" "$run/worklog.txt" || cp "$run/latest" "$dst"/  # compact resume state: student + optimizer
-      echo "$(basename "$run"): $(grep -c '^epoch:' "$run/worklog.txt") epochs"
+      [ -f "$run"worklog.txt ] || continue
+      dst="$RES/runs/$(basename "$run")" && mkdir -p "$dst"
+      cp "$run"worklog.txt "$run"config.yaml "$dst"/
+      grep -q "^best_acc" "$run"worklog.txt || cp "$run"latest "$dst"/ 2>/dev/null  # compact resume state
+      echo "$(basename "$run"): $(grep -c '^epoch:' "$run"worklog.txt) epochs" | tee -a "$RES/compare.log"
     done ;;
   *) echo "unknown stage $step"; exit 2 ;;
   esac
+  bundle
 done

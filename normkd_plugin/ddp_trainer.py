@@ -46,6 +46,7 @@ from .config import ConfigError
 from .data import seed_worker, worker_options
 from .imagenet import DevicePipeline, HostAugment, check_decode, decode, jpeg_loader
 from .runs import RunFolder, epoch_record
+from .timelimit import TimeLimit, Unfinished
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +121,7 @@ class DDPTrainer(BaseTrainer):
             self.distiller = DistributedDataParallel(model, device_ids=ids)
         self.optimizer = self.init_optimizer(cfg)
         self.best_acc = -1.0
+        self.time_limit: TimeLimit | None = None  # set by the caller: train() may stop early with Unfinished
         self.log_path = os.path.join(cfg.LOG.PREFIX, experiment_name)
         self.folder = RunFolder(self.log_path)
         self.tf_writer = None
@@ -224,8 +226,18 @@ class DDPTrainer(BaseTrainer):
                 self.folder.redo_epoch(state, student, self.cfg.LOG.SAVE_CHECKPOINT_FREQ)
             elif self.main:
                 self.folder.cut_worklog(epoch - 1)
+        limit = self.time_limit
         while epoch <= self.cfg.SOLVER.EPOCHS:
+            if limit is not None and not dist.from_rank0(limit.allows_epoch):
+                raise Unfinished(
+                    f"stopped at the time limit {limit.describe()}: {self.folder.path} at epoch {epoch - 1} of "
+                    f"{self.cfg.SOLVER.EPOCHS}; run the same command with --resume to continue"
+                )
+            if limit is not None:
+                limit.epoch_started()
             self.train_epoch(epoch)
+            if limit is not None:
+                limit.epoch_ended()
             epoch += 1
         if self.main:
             print(log_msg(f"Best accuracy:{self.best_acc}", "EVAL"))
@@ -320,14 +332,17 @@ def _stats(loss: Tensor, output: Tensor, target: Tensor, dtype: torch.dtype, mea
     return torch.stack([p.to(dtype) for p in parts])
 
 
-def train_ddp(cfg, experiment_name: str, device: torch.device, resume: bool = False) -> DDPTrainer | None:
-    """One run of the host's base trainer on every rank of torchrun's job (or one process without it)."""
+def train_ddp(
+    cfg, experiment_name: str, device: torch.device, resume: bool = False, time_limit: TimeLimit | None = None
+) -> DDPTrainer | None:
+    """One run of the host's base trainer on every rank of torchrun's job (or one process without it);
+    Unfinished when ``time_limit`` ends it before SOLVER.EPOCHS."""
     check_decode(cfg, device)
     with dist.job([cfg], device) as rank_device:
-        return _train(cfg, experiment_name, rank_device, resume)
+        return _train(cfg, experiment_name, rank_device, resume, time_limit)
 
 
-def _train(cfg, experiment_name: str, device: torch.device, resume: bool) -> DDPTrainer | None:
+def _train(cfg, experiment_name: str, device: torch.device, resume: bool, time_limit) -> DDPTrainer | None:
     from mdistiller.engine.cfg import show_cfg
 
     from .build import build_distiller, build_models
@@ -358,6 +373,7 @@ def _train(cfg, experiment_name: str, device: torch.device, resume: bool) -> DDP
         if cfg.EXPERIMENT.SEED >= 0 and dist.world() > 1:
             seed_everything(cfg.EXPERIMENT.SEED + dist.rank())  # per-rank augmentation in the main process
         trainer = DDPTrainer(experiment_name, distiller, train_loader, val_loader, cfg)
+        trainer.time_limit = time_limit
         with allow_release_types():  # states from the host's trainer hold numpy floats
             trainer.train(resume=resume)
         return trainer

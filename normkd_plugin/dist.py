@@ -18,6 +18,7 @@ import torch.distributed as dist
 
 from .config import ConfigError
 from .errors import UserError
+from .timelimit import Unfinished
 
 __all__ = [
     "under_torchrun",
@@ -192,6 +193,10 @@ def job(cfgs: Sequence, device: torch.device) -> Iterator[torch.device]:
         if owned:
             device = init_from_env(device.type)
         yield device
+    except Unfinished:  # a time limit ended the job on every rank alike: not a failure
+        if owned and dist.is_initialized():
+            dist.destroy_process_group()
+        raise
     except Exception as exc:
         if world() > 1 and _peer_lost(exc):
             log.error("rank %d lost a peer (%s); torchrun reports the failing rank", rank(), exc)

@@ -22,7 +22,11 @@ EPILOG = """examples:
       DISTILLER.TEACHER_CKPT ../shared/data/teachers/cifar100/resnet56-f2eff4c8.pt EXPERIMENT.SEED 0
   normkd-train --cfg my_kd.yaml SOLVER.TRAINER fast SOLVER.AMP True
   normkd-train --cfg cifar100/kd/res56_res20 --cfg cifar100/normkd/res56_res20 --seeds 0,1,2 SOLVER.TRAINER fast
+  normkd-train --cfg cifar100/normkd/res56_res20 SOLVER.TRAINER fast --time-limit 3:50:00 --resume
   normkd-train --list-distillers
+
+exit status: 0 done; 2 input error or failed run (one line on stderr); 3 stopped by --time-limit
+(every run continues exactly with --resume)
 """
 
 
@@ -51,6 +55,13 @@ def parser() -> argparse.ArgumentParser:
         help="train every --cfg once per seed (EXPERIMENT.SEED), all in one pack",
     )
     p.add_argument("--resume", action="store_true", help="continue from <run folder>/latest")
+    p.add_argument(
+        "--time-limit",
+        default=None,
+        metavar="T",
+        help="start an epoch only if it should end within T (90s, 8m, 1.5h, H:MM:SS) of the job's start; "
+        "then exit 3 and continue later with --resume (SOLVER.TRAINER fast or ddp)",
+    )
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--debug", action="store_true", help="show the traceback of an input error instead of one line")
     p.add_argument("--list-distillers", action="store_true", help="print registered plugins and exit")
@@ -105,6 +116,9 @@ def main(argv: list[str] | None = None) -> None:
         p.error("--cfg is required")
     with user_errors(p.prog, args.debug):
         from .config import ConfigError, load_config, run_name
+        from .timelimit import EXIT_UNFINISHED, TimeLimit, Unfinished, parse_duration
+
+        time_limit = TimeLimit(parse_duration(args.time_limit)) if args.time_limit else None
 
         runs = [(name, opts) for name in args.cfg for opts in _seeded(args.opts, args.seeds)]
         cfgs = [load_config(name, opts) for name, opts in runs]
@@ -124,6 +138,12 @@ def main(argv: list[str] | None = None) -> None:
         from .ddp_trainer import wants_ddp
 
         for cfg in cfgs:
+            if time_limit is not None and cfg.SOLVER.TRAINER != "fast" and not wants_ddp(cfg):
+                raise ConfigError(
+                    f"--time-limit: SOLVER.TRAINER {cfg.SOLVER.TRAINER!r} is mdistiller's trainer, whose epoch loop "
+                    "cannot stop early; use SOLVER.TRAINER fast or ddp (or end the job with a kill: --resume "
+                    "continues from the last finished epoch)"
+                )
             if cfg.SOLVER.TRAINER in HOST_CUDA_TRAINERS and device.type != "cuda" and not wants_ddp(cfg):
                 why = f"--device {device} was asked" if torch.cuda.is_available() else "no CUDA device is available"
                 raise ConfigError(
@@ -136,20 +156,29 @@ def main(argv: list[str] | None = None) -> None:
                 cfg.defrost()
                 cfg.LOG.WANDB = False
                 cfg.freeze()
-        if len(cfgs) == 1:
-            train(cfgs[0], names[0], device, args.resume)
-        else:
-            train_pack(cfgs, names, device, args.resume)
+        try:
+            if len(cfgs) == 1:
+                train(cfgs[0], names[0], device, args.resume, time_limit)
+            else:
+                train_pack(cfgs, names, device, args.resume, time_limit)
+        except Unfinished as exc:
+            print(f"{p.prog}: {exc}", file=sys.stderr)
+            raise SystemExit(EXIT_UNFINISHED) from None
 
 
-def train(cfg, experiment_name: str, device: torch.device, resume: bool = False):
-    """One run: ``fast`` as a pack of one; the host's trainers with the folder locked and guarded."""
+def train(cfg, experiment_name: str, device: torch.device, resume: bool = False, time_limit=None):
+    """One run: ``fast`` as a pack of one; the host's trainers with the folder locked and guarded.
+
+    ``time_limit`` (a ``timelimit.TimeLimit``, fast and ddp only) may end training early with ``Unfinished``.
+    """
     if cfg.SOLVER.TRAINER == "fast":
-        return train_pack([cfg], [experiment_name], device, resume)
+        return train_pack([cfg], [experiment_name], device, resume, time_limit)
     from .ddp_trainer import train_ddp, wants_ddp
 
     if wants_ddp(cfg):  # torchrun + DistributedDataParallel (also SOLVER.TRAINER ddp, DATASET.DECODE gpu|cpu)
-        return train_ddp(cfg, experiment_name, device, resume)
+        return train_ddp(cfg, experiment_name, device, resume, time_limit)
+    if time_limit is not None:
+        raise ValueError(f"time_limit needs SOLVER.TRAINER fast or ddp, not {cfg.SOLVER.TRAINER!r}")
     from mdistiller.engine import trainer_dict
     from mdistiller.engine.cfg import show_cfg
 
@@ -187,7 +216,7 @@ def _init_wandb(cfg, experiment_name: str) -> None:
         wandb.init(project=cfg.EXPERIMENT.PROJECT, name=experiment_name, tags=cfg.EXPERIMENT.TAG.split(","))
 
 
-def train_pack(cfgs: list, names: list[str], device: torch.device, resume: bool = False):
+def train_pack(cfgs: list, names: list[str], device: torch.device, resume: bool = False, time_limit=None):
     """Runs of one teacher trained together by the ``fast`` engine; each as it would train alone.
 
     Under torchrun every rank trains its share of each global batch (see ``fast/ranks.py``). The
@@ -210,7 +239,7 @@ def train_pack(cfgs: list, names: list[str], device: torch.device, resume: bool 
                 for cfg, name, _ in todo:
                     _init_wandb(cfg, name)
             pack = build_pack(*map(list, zip(*todo)), device)
-            return pack.train(resume, len(cfgs) > 1, [m for m in modes if m != "skip"])
+            return pack.train(resume, len(cfgs) > 1, [m for m in modes if m != "skip"], time_limit)
         finally:
             for folder in folders:
                 folder.unlock()

@@ -144,12 +144,14 @@ def fake_train(monkeypatch):
 
     calls = []
     monkeypatch.setattr(
-        train, "train", lambda cfg, name, device, resume: calls.append(("train", cfg, name, device, resume))
+        train,
+        "train",
+        lambda cfg, name, device, resume, limit=None: calls.append(("train", cfg, name, device, resume, limit)),
     )
     monkeypatch.setattr(
         train,
         "train_pack",
-        lambda cfgs, names, device, resume: calls.append(("pack", cfgs, names, device, resume)),
+        lambda cfgs, names, device, resume, limit=None: calls.append(("pack", cfgs, names, device, resume, limit)),
         raising=False,
     )
     return calls
@@ -169,8 +171,8 @@ def test_flags_may_follow_the_overrides(tmp_path, fake_train):
     for argv in orders:
         train.main(argv)
     assert len(fake_train) == 3
-    for kind, cfg_, name, device, resume in fake_train:
-        assert (kind, name, device.type, resume) == ("train", fake_train[0][2], "cpu", True)
+    for kind, cfg_, name, device, resume, limit in fake_train:
+        assert (kind, name, device.type, resume, limit) == ("train", fake_train[0][2], "cpu", True, None)
         assert (cfg_.SOLVER.TRAINER, cfg_.EXPERIMENT.SEED, cfg_.SOLVER.LR) == ("fast", -1, 0.1)
 
 
@@ -207,7 +209,7 @@ def test_several_configs_train_as_one_pack(tmp_path, fake_train):
 
     argv = ["--cfg", "cifar100/kd/res56_res20", "SOLVER.TRAINER", "fast", "LOG.PREFIX", str(tmp_path)]
     train.main([*argv, "--cfg", "cifar100/normkd/res56_res20", "--device", "cpu", "--resume"])
-    ((kind, cfgs, names, device, resume),) = fake_train
+    ((kind, cfgs, names, device, resume, _),) = fake_train
     assert kind == "pack" and [c.DISTILLER.TYPE for c in cfgs] == ["KD", "NORMKD"]
     assert all(c.SOLVER.TRAINER == "fast" for c in cfgs) and (device.type, resume) == ("cpu", True)
     assert names == ["cifar100/kd,res56,res20,SOLVER.TRAINER:fast", "cifar100/normkd,res56,res20,SOLVER.TRAINER:fast"]
@@ -218,7 +220,7 @@ def test_seeds_times_configs_go_to_train_pack(tmp_path, fake_train, capsys):
 
     argv = ["--cfg", "cifar100/kd/res56_res20", "--cfg", "cifar100/normkd/res56_res20", "--device", "cpu"]
     train.main([*argv, "--seeds", "0,1", "SOLVER.TRAINER", "fast", "LOG.PREFIX", str(tmp_path)])
-    ((kind, cfgs, names, _, resume),) = fake_train
+    ((kind, cfgs, names, _, resume, _),) = fake_train
     assert kind == "pack" and not resume
     assert [(c.DISTILLER.TYPE, c.EXPERIMENT.SEED) for c in cfgs] == [("KD", 0), ("KD", 1), ("NORMKD", 0), ("NORMKD", 1)]
     assert names[1] == "cifar100/kd,res56,res20,SOLVER.TRAINER:fast,seed:1"
@@ -238,6 +240,28 @@ def test_pack_members_writing_the_same_folder_are_refused(tmp_path, fake_train, 
         train.main([*argv, "SOLVER.TRAINER", "fast", "LOG.PREFIX", str(tmp_path)])
     assert info.value.code == 2 and not fake_train
     assert "would write the same run folder" in capsys.readouterr().err
+
+
+def test_time_limit_reaches_the_trainer_and_a_bad_one_is_one_line(tmp_path, fake_train, capsys):
+    from normkd_plugin import train
+
+    argv = [
+        "--cfg",
+        "cifar100/kd/res56_res20",
+        "SOLVER.TRAINER",
+        "fast",
+        "--device",
+        "cpu",
+        "LOG.PREFIX",
+        str(tmp_path),
+    ]
+    train.main([*argv, "--time-limit", "1:30:00"])
+    ((kind, *_, limit),) = fake_train
+    assert kind == "train" and limit.seconds == 5400
+    with pytest.raises(SystemExit) as info:
+        train.main([*argv, "--time-limit", "soon"])
+    assert info.value.code == 2 and len(fake_train) == 1
+    assert "--time-limit 'soon': expected seconds (90, 90s), minutes (8m)" in capsys.readouterr().err
 
 
 def test_bad_device_is_one_line(tmp_path, fake_train, capsys):

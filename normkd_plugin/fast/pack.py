@@ -29,6 +29,7 @@ from yacs.config import CfgNode as CN
 from ..dist import from_rank0
 from ..errors import RunError
 from ..runs import CONFIG, RunFolder, epoch_record
+from ..timelimit import TimeLimit, Unfinished
 from .augment import TensorCifar
 from .graph import StepGraph
 from .ranks import Ranks
@@ -518,8 +519,16 @@ class Pack:
                     run.generator.manual_seed(run.seed)
                     self.ranks.follow_rank0(list(model_state(run.distiller).values()))
 
-    def train(self, resume: bool = False, new_ok: bool = False, modes: list[str] | None = None) -> list[PackRun]:
-        """Train every run to SOLVER.EPOCHS; returns the runs. RunsFailed if any stopped on a NaN/inf or could not resume."""
+    def train(
+        self,
+        resume: bool = False,
+        new_ok: bool = False,
+        modes: list[str] | None = None,
+        time_limit: TimeLimit | None = None,
+    ) -> list[PackRun]:
+        """Train every run to SOLVER.EPOCHS; returns the runs. RunsFailed if any stopped on a NaN/inf or could
+        not resume; Unfinished if ``time_limit`` ended the job first (every run then resumes exactly)."""
+        stopped = False
         try:
             self.start(resume, new_ok, modes)
             epochs = int(self.cfg.SOLVER.EPOCHS)
@@ -527,10 +536,17 @@ class Pack:
                 active = [r for r in self.runs if r.status == "active" and r.epoch < epochs]
                 if not active:
                     break
+                if time_limit is not None and not from_rank0(time_limit.allows_epoch):
+                    stopped = True
+                    break
                 epoch = min(r.epoch for r in active) + 1  # runs left behind by a kill catch up first
+                if time_limit is not None:
+                    time_limit.epoch_started()
                 self.train_epoch([r for r in active if r.epoch + 1 == epoch], epoch)
+                if time_limit is not None:
+                    time_limit.epoch_ended()
             for run in self.runs:
-                if run.status == "active":
+                if run.status == "active" and run.epoch >= epochs:
                     if self.ranks.main:
                         run.folder.finish(run.best_acc)
                     run.status = "finished"
@@ -543,6 +559,14 @@ class Pack:
             raise RunsFailed(
                 "; ".join(f"{r.folder.path}: {r.failure}" for r in failed)
                 + f" ({len(failed)} of {len(self.runs)} runs failed)"
+            )
+        left = [r for r in self.runs if r.status == "active"]
+        if stopped and left:
+            done = sorted({r.epoch for r in left})
+            at = f"epoch {done[0]}" if len(done) == 1 else f"epochs {done[0]}-{done[-1]}"
+            raise Unfinished(
+                f"stopped at the time limit {time_limit.describe()}: {len(left)} of {len(self.runs)} run(s) "
+                f"at {at} of {epochs}; run the same command with --resume to continue"
             )
         return self.runs
 

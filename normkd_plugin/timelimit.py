@@ -1,0 +1,83 @@
+"""--time-limit: end a training job cleanly at an epoch boundary before a wall-clock limit.
+
+A job under a limit (a Slurm allocation, a short GPU lease) starts an epoch only if the previous
+epoch's duration says it will end in time; it then exits with EXIT_UNFINISHED and every run
+continues exactly with ``--resume``. A kill is safe too (the run folders are crash-safe), but it
+throws the partial epoch away and can cut off whatever the job does after training.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable
+
+from .config import ConfigError
+
+__all__ = ["EXIT_UNFINISHED", "TimeLimit", "Unfinished", "parse_duration"]
+
+EXIT_UNFINISHED = 3  # the job stopped at its time limit; run the same command with --resume to continue
+
+_UNITS = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+class Unfinished(Exception):
+    """Training stopped at the time limit with runs left to train; the message says how far they got."""
+
+
+def parse_duration(text: str, flag: str = "--time-limit") -> float:
+    """Seconds in ``text``: ``90``, ``90s``, ``8m``, ``1.5h``, ``MM:SS`` or ``H:MM:SS`` (Slurm's forms)."""
+    value = text.strip().lower()
+    match = re.fullmatch(r"(\d+(?:\.\d*)?)\s*([smh]?)", value)
+    if match:
+        seconds = float(match.group(1)) * _UNITS[match.group(2)]
+    elif re.fullmatch(r"\d+(:[0-5]?\d){1,2}", value):
+        seconds = 0.0
+        for part in value.split(":"):
+            seconds = seconds * 60 + int(part)
+    else:
+        raise ConfigError(f"{flag} {text!r}: expected seconds (90, 90s), minutes (8m), hours (1.5h) or H:MM:SS")
+    if seconds <= 0:
+        raise ConfigError(f"{flag} {text!r}: the limit must be positive")
+    return seconds
+
+
+class TimeLimit:
+    """A wall-clock budget counted from construction; an epoch starts only if it should end within it.
+
+    The estimate of the next epoch is the longest epoch measured so far in this job (the first
+    epoch after a start or resume also carries warm-up costs, so the estimate errs on the safe side).
+    """
+
+    def __init__(self, seconds: float, clock: Callable[[], float] | None = None):
+        self.seconds = float(seconds)
+        self.clock = clock or time.monotonic
+        self.start = self.clock()
+        self._epoch_start: float | None = None
+        self.longest = 0.0
+
+    def epoch_started(self) -> None:
+        """Mark the start of an epoch (for the duration estimate)."""
+        self._epoch_start = self.clock()
+
+    def epoch_ended(self) -> None:
+        """Mark the end of the epoch begun last."""
+        if self._epoch_start is not None:
+            self.longest = max(self.longest, self.clock() - self._epoch_start)
+            self._epoch_start = None
+
+    def allows_epoch(self) -> bool:
+        """Whether one more epoch (estimated as the longest so far) ends within the limit."""
+        return self.clock() - self.start + self.longest <= self.seconds
+
+    def describe(self) -> str:
+        """'after 7m58s of 8m00s (longest epoch 41.2s)'."""
+        return (
+            f"after {_clock(self.clock() - self.start)} of {_clock(self.seconds)} (longest epoch {self.longest:.1f}s)"
+        )
+
+
+def _clock(seconds: float) -> str:
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s"

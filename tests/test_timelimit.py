@@ -1,0 +1,146 @@
+"""timelimit.py and --time-limit: a job ends at an epoch boundary in time; its runs resume exactly elsewhere."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from conftest import assert_same_run, fast_opts, load_state, needs_mdistiller
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("90", 90), ("90s", 90), ("2.5", 2.5), ("8m", 480), ("1.5h", 5400), ("7:30", 450), ("1:02:03", 3723)],
+)
+def test_parse_duration(text, seconds):
+    from normkd_plugin.timelimit import parse_duration
+
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "soon", "8 minutes", "-5", "0", "1:75", "h"])
+def test_bad_duration_names_flag_and_value(text):
+    from normkd_plugin.config import ConfigError
+    from normkd_plugin.timelimit import parse_duration
+
+    with pytest.raises(ConfigError, match=rf"--time-limit '{text}'"):
+        parse_duration(text)
+
+
+class FakeClock:
+    """time.monotonic for normkd_plugin.timelimit: advanced by hand (or by an epoch) in the test."""
+
+    def __init__(self):
+        self.now = 1000.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    from normkd_plugin import timelimit
+
+    fake = FakeClock()
+    monkeypatch.setattr(timelimit, "time", fake)
+    return fake
+
+
+def test_an_epoch_starts_only_if_the_longest_epoch_so_far_still_fits(clock):
+    from normkd_plugin.timelimit import TimeLimit
+
+    limit = TimeLimit(100)
+    clock.now += 30  # building the job
+    assert limit.allows_epoch()  # nothing measured yet
+    # epochs end at 50, 60, 75 and 85 s; with the longest (20 s) the next would end at 70, 80, 95, 105 s
+    for duration, allowed in ((20, True), (10, True), (15, True), (10, False)):
+        limit.epoch_started()
+        clock.now += duration
+        limit.epoch_ended()
+        assert limit.allows_epoch() is allowed, clock.now
+    assert limit.longest == 20 and limit.describe() == "after 1m25s of 1m40s (longest epoch 20.0s)"
+
+
+def _epochs_take(monkeypatch, clock, cls, seconds: float) -> None:
+    """Every epoch of ``cls`` (Pack or DDPTrainer) advances the fake clock by ``seconds``."""
+    real = cls.train_epoch
+
+    def train_epoch(self, *args):
+        real(self, *args)
+        clock.now += seconds
+
+    monkeypatch.setattr(cls, "train_epoch", train_epoch)
+
+
+PACK = ("--cfg", "cifar100/normkd/res56_res20", "--cfg", "cifar100/normdkd/res56_res20", "--device", "cpu")
+
+
+@needs_mdistiller
+def test_pack_stops_in_time_then_resumes_from_travelled_files_bitwise(
+    tmp_path, small_cifar_npz, teacher_resnet56, clock, monkeypatch, capsys
+):
+    """A 2-epoch pack under a limit that fits one epoch exits 3 after epoch 1; only worklog.txt, config.yaml
+    and latest of each run travel to another folder, and --resume there ends bitwise as the uninterrupted pack."""
+    from normkd_plugin import train
+    from normkd_plugin.fast.pack import Pack
+
+    def argv(prefix):
+        return [*PACK, *fast_opts(small_cifar_npz, teacher_resnet56, prefix, 0)]
+
+    train.main(argv(tmp_path / "whole"))
+    _epochs_take(monkeypatch, clock, Pack, 40.0)
+    with pytest.raises(SystemExit) as stop:
+        train.main(["--time-limit", "1m", *argv(tmp_path / "chunk")])
+    assert stop.value.code == 3
+    message = capsys.readouterr().err.strip().splitlines()[-1]
+    assert message.startswith("normkd-train: stopped at the time limit after 0m40s of 1m00s (longest epoch 40.0s)")
+    assert message.endswith("2 of 2 run(s) at epoch 1 of 2; run the same command with --resume to continue")
+
+    runs = sorted(p.relative_to(tmp_path / "chunk") for p in (tmp_path / "chunk").glob("*/*"))
+    assert runs == sorted(p.relative_to(tmp_path / "whole") for p in (tmp_path / "whole").glob("*/*"))
+    assert len(runs) == 2
+    for name in runs:
+        chunk, moved = tmp_path / "chunk" / name, tmp_path / "moved" / name
+        assert load_state(chunk)["epoch"] == 1
+        text = (chunk / "worklog.txt").read_text()
+        assert text.count("epoch: ") == 1 and "best_acc" not in text and "failed" not in text
+        moved.mkdir(parents=True)
+        for kept in ("worklog.txt", "config.yaml", "latest"):  # what a chunk carries to the next machine
+            shutil.copy(chunk / kept, moved / kept)
+    train.main(["--resume", "--time-limit", "1m", *argv(tmp_path / "moved")])  # a fresh budget: epoch 2 fits
+    for name in runs:
+        assert_same_run(tmp_path / "whole" / name, tmp_path / "moved" / name)
+
+
+@needs_mdistiller
+def test_ddp_trainer_stops_in_time_and_resumes(tmp_path, small_cifar_npz, teacher_resnet56, clock, monkeypatch, capsys):
+    from normkd_plugin import train
+    from normkd_plugin.ddp_trainer import DDPTrainer
+
+    opts = [
+        "--cfg", "cifar100/normkd/res56_res20", "--device", "cpu",
+        *fast_opts(small_cifar_npz, teacher_resnet56, tmp_path, 0, "SOLVER.TRAINER", "ddp", "DATASET.NUM_WORKERS", "0"),
+    ]  # fmt: skip
+    _epochs_take(monkeypatch, clock, DDPTrainer, 25.0)
+    with pytest.raises(SystemExit) as stop:
+        train.main(["--time-limit", "45s", *opts])
+    assert stop.value.code == 3
+    assert "at epoch 1 of 2; run the same command with --resume" in capsys.readouterr().err
+    (folder,) = tmp_path.glob("*/*")
+    assert load_state(folder)["epoch"] == 1 and "best_acc" not in (folder / "worklog.txt").read_text()
+    train.main(["--resume", "--time-limit", "45s", *opts])  # a fresh budget: 25 s fits, then 50 s + 25 s does not
+    text = (folder / "worklog.txt").read_text()
+    assert [int(b.split()[0]) for b in text.split("epoch: ")[1:]] == [1, 2] and text.count("best_acc\t") == 1
+
+
+@needs_mdistiller
+def test_host_trainer_refuses_a_time_limit_before_building(tmp_path, capsys):
+    from normkd_plugin import train
+
+    with pytest.raises(SystemExit) as stop:
+        train.main(["--cfg", "cifar100/kd/res56_res20", "--time-limit", "2h", "LOG.PREFIX", str(tmp_path)])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert "--time-limit: SOLVER.TRAINER 'base' is mdistiller's trainer, whose epoch loop cannot stop early" in err
+    assert not any(tmp_path.iterdir())
