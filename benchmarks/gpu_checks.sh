@@ -16,6 +16,17 @@
 # Inputs live in the ignored folder .dev/ (wheels in .dev/whl, an mdistiller checkout in
 # .dev/mdistiller, data in .dev/d*/: npz shards and resnet56-f2eff4c8.pt, two shards per transfer).
 #
+# One lease (64 MiB carried per call, a few files back, the machine kept while warm between calls):
+#   here, once: .dev/whl (yacs, tensorboardX wheels), .dev/mdistiller (git archive of $MDISTILLER_SRC),
+#     .dev/d1 = train-0, train-1 + the teacher; .dev/d2 = train-2, train-3; .dev/d3 = train-4, test;
+#     mv results/cifar100-res56_res20/runs .dev/runs  (tracked files travel with every call: keep the
+#     ~28 MB of resume states out of the tree until the compare call; `git checkout` puts them back)
+#   call 1, carry .dev/whl .dev/mdistiller .dev/d1 : bash benchmarks/gpu_checks.sh setup
+#   call 2, carry .dev/d2                          : bash benchmarks/gpu_checks.sh stage
+#   call 3, carry .dev/d3                          : bash benchmarks/gpu_checks.sh stage checks
+#   call 4, carry .dev/runs                        : COMPARE_KEEP=.dev/runs bash benchmarks/gpu_checks.sh compare
+#   then: bash benchmarks/gpu_unpack.sh <the parts> results/gpu-CARD, commit results/cifar100-res56_res20/runs
+#
 # Results are written to $RES and, after every stage, bundled into $OUT as results.tgz.00, .01, ...
 # (parts of at most 15 MiB: few files, whatever the stages wrote). Unpack them here with
 #   bash benchmarks/gpu_unpack.sh FOLDER_OF_THE_PARTS results/gpu-CARD
@@ -102,7 +113,7 @@ for step in "$@"; do
     [ -d "$keep" ] && cp -rn "$keep"/. "$prefix/cifar100/"
     # The kill is only a backstop: --time-limit ends the chunk at an epoch boundary.
     # shellcheck disable=SC2086
-    timeout --signal=KILL $((limit + 120)) normkd-train --resume --time-limit "$limit" --seeds "${COMPARE_SEEDS:-0,1,2}" \
+    timeout --signal=KILL $((limit + 60)) normkd-train --resume --time-limit "$limit" --seeds "${COMPARE_SEEDS:-0,1,2}" \
       --cfg cifar100/kd/res56_res20 --cfg cifar100/dkd/res56_res20 --cfg cifar100/normkd/res56_res20 \
       --cfg cifar100/normdkd/res56_res20 SOLVER.TRAINER fast DATASET.ROOT "$CIFAR" \
       DISTILLER.TEACHER_CKPT "$TEACHER" LOG.PREFIX "$prefix" ${COMPARE_OPTS:-} > "$RES/compare.log" 2>&1
