@@ -158,8 +158,12 @@ def command(job: Job | PackJob, nproc: int = 1, resume: bool = False, device: st
     return [*launcher(nproc), *flags, *job.argv()[1:]]
 
 
-def run_all(jobs: list[Job | PackJob], nproc: int = 1, device: str = "") -> list[str]:
-    """Run the jobs in turn (skip finished runs, resume started ones); the failures, one line each."""
+def run_all(jobs: list[Job | PackJob], nproc: int = 1, device: str = "", time_limit=None) -> list[str]:
+    """Run the jobs in turn (skip finished runs, resume started ones); the failures, one line each.
+
+    With ``time_limit`` (a ``timelimit.TimeLimit``) each job gets what is left of it as its own
+    ``--time-limit``; when a job stops at it (exit 3) or nothing is left, the sweep raises ``Unfinished``.
+    """
     failures = []
     for i, job in enumerate(jobs, 1):
         todo, started = _remaining(job)
@@ -167,13 +171,29 @@ def run_all(jobs: list[Job | PackJob], nproc: int = 1, device: str = "") -> list
             print(f"[{i}/{len(jobs)}] skip (finished): {job.command()}", flush=True)
             continue
         argv = command(todo, nproc, started, device)
+        if time_limit is not None:
+            left = time_limit.left()
+            if left < 1:
+                raise _unfinished(i, len(jobs), time_limit)
+            argv[len(launcher(nproc)) : len(launcher(nproc))] = ["--time-limit", f"{left:.0f}"]
         print(f"[{i}/{len(jobs)}] {shlex.join(argv)}", flush=True)
         module = "torch.distributed.run" if nproc > 1 else "normkd_plugin.train"  # torchrun / normkd-train
         code = subprocess.call([sys.executable, "-m", module, *argv[1:]])  # with this interpreter
+        if code == 3 and time_limit is not None:
+            raise _unfinished(i, len(jobs), time_limit)
         if code:
             failures.append(f"exit code {code}: {todo.command()}")
             print(f"normkd-sweep: failed (exit code {code}); going on with the next", file=sys.stderr, flush=True)
     return failures
+
+
+def _unfinished(i: int, n: int, time_limit):
+    from .timelimit import Unfinished
+
+    return Unfinished(
+        f"stopped at the time limit {time_limit.describe()} in command {i} of {n}; "
+        "run the same normkd-sweep command again to continue"
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -193,6 +213,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--nproc-per-node", type=int, default=1, metavar="N", help="launch each command with torchrun")
     ap.add_argument("--device", default="", help="passed to every normkd-train command (cuda or cpu)")
     ap.add_argument("--run", action="store_true", help="execute the commands one after another")
+    ap.add_argument(
+        "--time-limit",
+        metavar="T",
+        help="with --run: a budget for the whole sweep (90s, 8m, 1.5h, H:MM:SS); each command gets what is left "
+        "as its --time-limit, and the sweep exits 3 when it is spent (run it again to continue); "
+        "without --run: passed to every command",
+    )
     ap.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides passed to every run")
     args = ap.parse_args(argv)
     try:
@@ -205,15 +232,32 @@ def main(argv: list[str] | None = None) -> None:
             if trainer != "fast":
                 raise ValueError(f"--pack trains with SOLVER.TRAINER fast, not {trainer!r}")
             jobs = packs(jobs, args.pack_size)
+        time_limit = None
+        if args.time_limit:
+            from .timelimit import TimeLimit, parse_duration
+
+            time_limit = TimeLimit(parse_duration(args.time_limit))
     except ValueError as exc:
         print(f"normkd-sweep: {exc}", file=sys.stderr)
         sys.exit(2)
     if not args.run:
+        given = ["--time-limit", args.time_limit] if args.time_limit else []
         with quiet_pipe():
             for job in jobs:
-                print(shlex.join(command(job, args.nproc_per_node, device=args.device)))
+                argv = command(job, args.nproc_per_node, device=args.device)
+                argv[len(launcher(args.nproc_per_node)) : len(launcher(args.nproc_per_node))] = given
+                print(shlex.join(argv))
         return
-    failures = run_all(jobs, args.nproc_per_node, args.device)
+    if time_limit is None:
+        failures = run_all(jobs, args.nproc_per_node, args.device)
+    else:
+        from .timelimit import EXIT_UNFINISHED, Unfinished
+
+        try:
+            failures = run_all(jobs, args.nproc_per_node, args.device, time_limit)
+        except Unfinished as exc:
+            print(f"normkd-sweep: {exc}", file=sys.stderr)
+            sys.exit(EXIT_UNFINISHED)
     if failures:
         sys.exit(f"normkd-sweep: {len(failures)} of {len(jobs)} commands failed:\n  " + "\n  ".join(failures))
 

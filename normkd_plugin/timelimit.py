@@ -66,15 +66,18 @@ class TimeLimit:
             self.longest = max(self.longest, self.clock() - self._epoch_start)
             self._epoch_start = None
 
+    def left(self) -> float:
+        """Seconds of the limit not yet used (negative once past it)."""
+        return self.seconds - (self.clock() - self.start)
+
     def allows_epoch(self) -> bool:
         """Whether one more epoch (estimated as the longest so far) ends within the limit."""
-        return self.clock() - self.start + self.longest <= self.seconds
+        return self.longest <= self.left()
 
     def describe(self) -> str:
-        """'after 7m58s of 8m00s (longest epoch 41.2s)'."""
-        return (
-            f"after {_clock(self.clock() - self.start)} of {_clock(self.seconds)} (longest epoch {self.longest:.1f}s)"
-        )
+        """'after 7m58s of 8m00s (longest epoch 41.2s)'; the epoch part once an epoch was measured."""
+        text = f"after {_clock(self.seconds - self.left())} of {_clock(self.seconds)}"
+        return text + (f" (longest epoch {self.longest:.1f}s)" if self.longest else "")
 
 
 def _clock(seconds: float) -> str:

@@ -179,3 +179,52 @@ def test_printing_into_a_closed_pipe_ends_quietly():
         shell=True, capture_output=True, text=True,
     )  # fmt: skip
     assert proc.stdout.startswith("normkd-train --cfg") and "Traceback" not in proc.stderr
+
+
+@needs_mdistiller
+def test_time_limit_is_shared_by_the_commands_and_a_stop_ends_the_sweep(tmp_path, monkeypatch, capsys):
+    """Each command gets what is left of the sweep's budget; a command that stops at it (exit 3) ends the sweep."""
+    from normkd_plugin import timelimit
+
+    class Clock:
+        now = 0.0
+
+        def monotonic(self):
+            return self.now
+
+    clock = Clock()
+    monkeypatch.setattr(timelimit, "time", clock)
+    launched = []
+
+    def call(argv):  # the first command takes 100 s and finishes, the second stops at its limit
+        launched.append(argv)
+        clock.now += 100
+        return 0 if len(launched) == 1 else 3
+
+    monkeypatch.setattr(sweep.subprocess, "call", call)
+    args = ["--methods", "kd,dkd,normkd", "--pairs", "res56_res20", "--run", "--time-limit", "5m"]
+    with pytest.raises(SystemExit) as stop:
+        sweep.main([*args, "LOG.PREFIX", str(tmp_path)])
+    assert stop.value.code == 3 and len(launched) == 2  # the third never started
+    assert [a[a.index("--time-limit") + 1] for a in launched] == ["300", "200"]
+    assert "stopped at the time limit after 3m20s of 5m00s in command 2 of 3" in capsys.readouterr().err
+    printed = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "normkd_plugin.sweep",
+            "--pairs",
+            "res56_res20",
+            "--methods",
+            "kd",
+            "--time-limit",
+            "2h",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert printed.stdout.startswith("normkd-train --time-limit 2h --cfg cifar100/kd/res56_res20")
+    bad = subprocess.run(
+        [sys.executable, "-m", "normkd_plugin.sweep", "--run", "--time-limit", "later"], capture_output=True, text=True
+    )
+    assert bad.returncode == 2 and "--time-limit 'later'" in bad.stderr
