@@ -19,7 +19,7 @@
 # One lease (64 MiB carried per call, a few files back, the machine kept while warm between calls):
 #   here, once: .dev/whl (yacs, tensorboardX wheels), .dev/mdistiller (git archive of $MDISTILLER_SRC),
 #     .dev/d1 = train-0, train-1 + the teacher; .dev/d2 = train-2, train-3; .dev/d3 = train-4, test;
-#     mv results/cifar100-res56_res20/runs .dev/runs  (tracked files travel with every call: keep the
+#     rm -rf .dev/runs && mv results/cifar100-res56_res20/runs .dev/runs  (tracked files travel with every call: keep the
 #     ~28 MB of resume states out of the tree until the compare call; `git checkout` puts them back)
 #   call 1, carry .dev/whl .dev/mdistiller .dev/d1 : bash benchmarks/gpu_checks.sh setup
 #   call 2, carry .dev/d2                          : bash benchmarks/gpu_checks.sh stage
@@ -109,25 +109,28 @@ for step in "$@"; do
   compare)
     keep=${COMPARE_KEEP:-results/cifar100-res56_res20/runs} prefix=${COMPARE_PREFIX:-/tmp/compare}
     limit=${COMPARE_SECONDS:-480}
+    [[ $limit =~ ^[0-9]+$ ]] || { echo "COMPARE_SECONDS=$limit: give whole seconds" | tee "$RES/compare.log"; bundle; exit 2; }
+    read -r -a opts <<< "${COMPARE_OPTS:-}"  # word-split, never globbed: [150,180] stays as written
     mkdir -p "$prefix/cifar100" && rm -rf "$RES/runs"
     [ -d "$keep" ] && cp -rn "$keep"/. "$prefix/cifar100/"
     # The kill is only a backstop: --time-limit ends the chunk at an epoch boundary.
-    # shellcheck disable=SC2086
     timeout --signal=KILL $((limit + 60)) normkd-train --resume --time-limit "$limit" --seeds "${COMPARE_SEEDS:-0,1,2}" \
       --cfg cifar100/kd/res56_res20 --cfg cifar100/dkd/res56_res20 --cfg cifar100/normkd/res56_res20 \
       --cfg cifar100/normdkd/res56_res20 SOLVER.TRAINER fast DATASET.ROOT "$CIFAR" \
-      DISTILLER.TEACHER_CKPT "$TEACHER" LOG.PREFIX "$prefix" ${COMPARE_OPTS:-} > "$RES/compare.log" 2>&1
+      DISTILLER.TEACHER_CKPT "$TEACHER" LOG.PREFIX "$prefix" "${opts[@]}" > "$RES/compare.log" 2>&1
     code=$?
-    echo "compare chunk: exit $code (0: every run finished; 3: stopped at the time limit, run this stage again)" \
-      | tee -a "$RES/compare.log"
-    [ "$code" = 0 ] || [ "$code" = 3 ] || { tail -5 "$RES/compare.log"; bundle; exit 1; }
+    # Every run folder is crash-safe, so whatever the exit (a run that failed, the backstop kill), the
+    # progress of the others comes back.
     for run in "$prefix"/cifar100/*/; do
       [ -f "$run"worklog.txt ] || continue
       dst="$RES/runs/$(basename "$run")" && mkdir -p "$dst"
       cp "$run"worklog.txt "$run"config.yaml "$dst"/
       grep -q "^best_acc" "$run"worklog.txt || cp "$run"latest "$dst"/ 2>/dev/null  # compact resume state
       echo "$(basename "$run"): $(grep -c '^epoch:' "$run"worklog.txt) epochs" | tee -a "$RES/compare.log"
-    done ;;
+    done
+    echo "compare chunk: exit $code (0: every run finished; 3: stopped at the time limit, run this stage again)" \
+      | tee -a "$RES/compare.log"
+    [ "$code" = 0 ] || [ "$code" = 3 ] || { grep -h "^normkd-train:" "$RES/compare.log"; bundle; exit 1; } ;;
   *) echo "unknown stage $step"; exit 2 ;;
   esac
   bundle

@@ -16,8 +16,10 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
+import shutil
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 
 from ._cli import quiet_pipe
@@ -162,7 +164,9 @@ def run_all(jobs: list[Job | PackJob], nproc: int = 1, device: str = "", time_li
     """Run the jobs in turn (skip finished runs, resume started ones); the failures, one line each.
 
     With ``time_limit`` (a ``timelimit.TimeLimit``) each job gets what is left of it as its own
-    ``--time-limit``; when a job stops at it (exit 3) or nothing is left, the sweep raises ``Unfinished``.
+    ``--time-limit``; when a job stops at it or nothing is left, the sweep raises ``timelimit.Unfinished``
+    (its message lists the failures so far). A stop is read from the file the job writes
+    ($NORMKD_UNFINISHED_FILE), since torchrun turns its workers' exit code 3 into 1.
     """
     failures = []
     for i, job in enumerate(jobs, 1):
@@ -171,28 +175,38 @@ def run_all(jobs: list[Job | PackJob], nproc: int = 1, device: str = "", time_li
             print(f"[{i}/{len(jobs)}] skip (finished): {job.command()}", flush=True)
             continue
         argv = command(todo, nproc, started, device)
+        env = None
         if time_limit is not None:
-            left = time_limit.left()
+            from .timelimit import UNFINISHED_FILE_ENV
+
+            left = int(time_limit.left())  # whole seconds, rounded down
             if left < 1:
-                raise _unfinished(i, len(jobs), time_limit)
-            argv[len(launcher(nproc)) : len(launcher(nproc))] = ["--time-limit", f"{left:.0f}"]
+                raise _unfinished(i, len(jobs), time_limit, failures)
+            at = len(launcher(nproc))
+            argv[at:at] = ["--time-limit", str(left)]
+            marker = os.path.join(tempfile.mkdtemp(prefix="normkd-sweep-"), "unfinished")
+            env = {**os.environ, UNFINISHED_FILE_ENV: marker}
         print(f"[{i}/{len(jobs)}] {shlex.join(argv)}", flush=True)
         module = "torch.distributed.run" if nproc > 1 else "normkd_plugin.train"  # torchrun / normkd-train
-        code = subprocess.call([sys.executable, "-m", module, *argv[1:]])  # with this interpreter
-        if code == 3 and time_limit is not None:
-            raise _unfinished(i, len(jobs), time_limit)
-        if code:
+        code = subprocess.call([sys.executable, "-m", module, *argv[1:]], env=env)  # with this interpreter
+        stopped = env is not None and os.path.exists(env[UNFINISHED_FILE_ENV])
+        if env is not None:
+            shutil.rmtree(os.path.dirname(env[UNFINISHED_FILE_ENV]), ignore_errors=True)
+        if code and not (stopped and code in (1, 3)):  # 1: torchrun's code for workers that exited 3
             failures.append(f"exit code {code}: {todo.command()}")
             print(f"normkd-sweep: failed (exit code {code}); going on with the next", file=sys.stderr, flush=True)
+        if stopped:
+            raise _unfinished(i, len(jobs), time_limit, failures)
     return failures
 
 
-def _unfinished(i: int, n: int, time_limit):
+def _unfinished(i: int, n: int, time_limit, failures: list[str]):
     from .timelimit import Unfinished
 
+    failed = f"; {len(failures)} command(s) failed before:\n  " + "\n  ".join(failures) if failures else ""
     return Unfinished(
         f"stopped at the time limit {time_limit.describe()} in command {i} of {n}; "
-        "run the same normkd-sweep command again to continue"
+        f"run the same normkd-sweep command again to continue{failed}"
     )
 
 
@@ -233,7 +247,7 @@ def main(argv: list[str] | None = None) -> None:
                 raise ValueError(f"--pack trains with SOLVER.TRAINER fast, not {trainer!r}")
             jobs = packs(jobs, args.pack_size)
         time_limit = None
-        if args.time_limit:
+        if args.time_limit is not None:
             from .timelimit import TimeLimit, parse_duration
 
             time_limit = TimeLimit(parse_duration(args.time_limit))
@@ -241,7 +255,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"normkd-sweep: {exc}", file=sys.stderr)
         sys.exit(2)
     if not args.run:
-        given = ["--time-limit", args.time_limit] if args.time_limit else []
+        given = ["--time-limit", args.time_limit] if args.time_limit is not None else []
         with quiet_pipe():
             for job in jobs:
                 argv = command(job, args.nproc_per_node, device=args.device)

@@ -8,15 +8,17 @@ throws the partial epoch away and can cut off whatever the job does after traini
 
 from __future__ import annotations
 
+import os
 import re
 import time
 from collections.abc import Callable
 
 from .config import ConfigError
 
-__all__ = ["EXIT_UNFINISHED", "TimeLimit", "Unfinished", "parse_duration"]
+__all__ = ["EXIT_UNFINISHED", "TimeLimit", "Unfinished", "parse_duration", "report_unfinished"]
 
 EXIT_UNFINISHED = 3  # the job stopped at its time limit; run the same command with --resume to continue
+UNFINISHED_FILE_ENV = "NORMKD_UNFINISHED_FILE"
 
 _UNITS = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0}
 
@@ -26,7 +28,10 @@ class Unfinished(Exception):
 
 
 def parse_duration(text: str, flag: str = "--time-limit") -> float:
-    """Seconds in ``text``: ``90``, ``90s``, ``8m``, ``1.5h``, ``MM:SS`` or ``H:MM:SS`` (Slurm's forms)."""
+    """Seconds in ``text``: ``90``, ``90s``, ``8m``, ``1.5h``, ``MM:SS`` or ``H:MM:SS``.
+
+    A bare number is seconds (Slurm's ``--time`` reads one as minutes: write ``240m`` or ``4:00:00``).
+    """
     value = text.strip().lower()
     match = re.fullmatch(r"(\d+(?:\.\d*)?)\s*([smh]?)", value)
     if match:
@@ -45,8 +50,10 @@ def parse_duration(text: str, flag: str = "--time-limit") -> float:
 class TimeLimit:
     """A wall-clock budget counted from construction; an epoch starts only if it should end within it.
 
-    The estimate of the next epoch is the longest epoch measured so far in this job (the first
-    epoch after a start or resume also carries warm-up costs, so the estimate errs on the safe side).
+    The next epoch is estimated from the slowest epoch so far per run trained in it, times the runs
+    it will train (a pack's catch-up epoch trains fewer runs than its full epochs). The first epoch of
+    a job has no estimate and always starts; later ones err on the safe side, since the first epoch
+    after a start or resume also carries warm-up costs.
     """
 
     def __init__(self, seconds: float, clock: Callable[[], float] | None = None):
@@ -54,30 +61,42 @@ class TimeLimit:
         self.clock = clock or time.monotonic
         self.start = self.clock()
         self._epoch_start: float | None = None
-        self.longest = 0.0
+        self.longest = 0.0  # seconds of the slowest epoch
+        self.per_run = 0.0  # seconds per run of the slowest epoch per run
 
     def epoch_started(self) -> None:
         """Mark the start of an epoch (for the duration estimate)."""
         self._epoch_start = self.clock()
 
-    def epoch_ended(self) -> None:
-        """Mark the end of the epoch begun last."""
+    def epoch_ended(self, runs: int = 1) -> None:
+        """Mark the end of the epoch begun last, which trained ``runs`` runs."""
         if self._epoch_start is not None:
-            self.longest = max(self.longest, self.clock() - self._epoch_start)
+            duration = self.clock() - self._epoch_start
+            self.longest = max(self.longest, duration)
+            self.per_run = max(self.per_run, duration / max(runs, 1))
             self._epoch_start = None
 
     def left(self) -> float:
         """Seconds of the limit not yet used (negative once past it)."""
         return self.seconds - (self.clock() - self.start)
 
-    def allows_epoch(self) -> bool:
-        """Whether one more epoch (estimated as the longest so far) ends within the limit."""
-        return self.longest <= self.left()
+    def allows_epoch(self, runs: int = 1) -> bool:
+        """Whether one more epoch of ``runs`` runs, estimated as ``runs`` x the slowest per run so far, ends in time."""
+        return self.per_run * runs <= self.left()
 
     def describe(self) -> str:
         """'after 7m58s of 8m00s (longest epoch 41.2s)'; the epoch part once an epoch was measured."""
         text = f"after {_clock(self.seconds - self.left())} of {_clock(self.seconds)}"
         return text + (f" (longest epoch {self.longest:.1f}s)" if self.longest else "")
+
+
+def report_unfinished(message: str) -> None:
+    """Write ``message`` to the file named by $NORMKD_UNFINISHED_FILE, if set (how normkd-sweep learns of a
+    stop at the limit through torchrun, which turns its workers' exit code 3 into 1)."""
+    path = os.environ.get(UNFINISHED_FILE_ENV)
+    if path:
+        with open(path, "w") as f:
+            f.write(message + "\n")
 
 
 def _clock(seconds: float) -> str:

@@ -116,9 +116,9 @@ def main(argv: list[str] | None = None) -> None:
         p.error("--cfg is required")
     with user_errors(p.prog, args.debug):
         from .config import ConfigError, load_config, run_name
-        from .timelimit import EXIT_UNFINISHED, TimeLimit, Unfinished, parse_duration
+        from .timelimit import EXIT_UNFINISHED, TimeLimit, Unfinished, parse_duration, report_unfinished
 
-        time_limit = TimeLimit(parse_duration(args.time_limit)) if args.time_limit else None
+        time_limit = TimeLimit(parse_duration(args.time_limit)) if args.time_limit is not None else None
 
         runs = [(name, opts) for name in args.cfg for opts in _seeded(args.opts, args.seeds)]
         cfgs = [load_config(name, opts) for name, opts in runs]
@@ -156,14 +156,23 @@ def main(argv: list[str] | None = None) -> None:
                 cfg.defrost()
                 cfg.LOG.WANDB = False
                 cfg.freeze()
+        from .fast.pack import RunsFailed
+
+        main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun, one line for the job
         try:
             if len(cfgs) == 1:
                 train(cfgs[0], names[0], device, args.resume, time_limit)
             else:
                 train_pack(cfgs, names, device, args.resume, time_limit)
         except Unfinished as exc:
-            print(f"{p.prog}: {exc}", file=sys.stderr)
+            if main_rank:
+                report_unfinished(str(exc))
+                print(f"{p.prog}: {exc}", file=sys.stderr)
             raise SystemExit(EXIT_UNFINISHED) from None
+        except RunsFailed as exc:
+            if exc.unfinished and main_rank:
+                report_unfinished(exc.unfinished)
+            raise
 
 
 def train(cfg, experiment_name: str, device: torch.device, resume: bool = False, time_limit=None):

@@ -23,8 +23,44 @@ pytestmark = [
 ]
 
 METHODS = ("kd", "dkd", "normkd", "normdkd")
-EPOCHS = 20  # of one 64-image step each: the first chunk (12 s) ends part-way on most machines
-TINY = f"--device cpu SOLVER.EPOCHS {EPOCHS} SOLVER.LR_DECAY_STAGES [5,10] SOLVER.FAST.ITERS_PER_EPOCH 1"
+EPOCHS = 8  # of one 64-image step each
+TINY = f"--device cpu SOLVER.EPOCHS {EPOCHS} SOLVER.LR_DECAY_STAGES [2,6] SOLVER.FAST.ITERS_PER_EPOCH 1"
+# normkd-train as the stage finds it on PATH, on a clock where each run's epoch takes 10 s: a chunk's
+# stop depends on the limit alone, not on this machine's speed.
+TIMED_TRAIN = """#!{python}
+import os
+
+import torch
+
+from normkd_plugin import timelimit
+from normkd_plugin.fast.pack import Pack
+from normkd_plugin.train import main
+
+
+class Clock:
+    now = 0.0
+
+    def monotonic(self):
+        return self.now
+
+
+timelimit.time = clock = Clock()
+real = Pack.train_epoch
+
+
+def train_epoch(self, runs, epoch):
+    kind, _, at = os.environ.get("POISON", "::").partition(":")  # TYPE:EPOCH: that run's weights turn NaN
+    for run in runs:
+        if run.cfg.DISTILLER.TYPE == kind and epoch == int(at):
+            with torch.no_grad():
+                next(run.distiller.student.parameters()).fill_(float("nan"))
+    real(self, runs, epoch)
+    clock.now += 10.0 * len(runs)
+
+
+Pack.train_epoch = train_epoch
+main()
+"""
 
 
 @pytest.fixture
@@ -38,10 +74,14 @@ def data(tmp_path, small_cifar_npz, teacher_resnet56):
 
 
 def _env(tmp_path, data, chunk: int, seconds: int) -> dict[str, str]:
-    bin_dir = str(Path(sys.executable).parent)  # normkd-train of this environment
+    timed = tmp_path / "bin"
+    if not timed.is_dir():
+        timed.mkdir()
+        (timed / "normkd-train").write_text(TIMED_TRAIN.format(python=sys.executable))
+        (timed / "normkd-train").chmod(0o755)
     return {
         **os.environ,
-        "PATH": bin_dir + os.pathsep + os.environ["PATH"],
+        "PATH": os.pathsep.join([str(timed), str(Path(sys.executable).parent), os.environ["PATH"]]),
         "OMP_NUM_THREADS": "1",
         "DATA": str(data),
         "OUT": str(tmp_path / f"out{chunk}"),
@@ -54,13 +94,13 @@ def _env(tmp_path, data, chunk: int, seconds: int) -> dict[str, str]:
     }
 
 
-def _chunk(tmp_path, data, chunk: int, seconds: int) -> int:
+def _chunk(tmp_path, data, chunk: int, seconds: int, stage_exit: int = 0, **extra: str) -> int:
     """Run the compare stage, unpack its bundle into the 'repository'; the chunk's exit code."""
-    env = _env(tmp_path, data, chunk, seconds)
+    env = {**_env(tmp_path, data, chunk, seconds), **extra}
     proc = subprocess.run(
         ["bash", "benchmarks/gpu_checks.sh", "compare"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
     )
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert proc.returncode == stage_exit, proc.stdout[-2000:] + proc.stderr[-2000:]
     code = int(re.search(r"compare chunk: exit (\d+)", proc.stdout).group(1))
     parts = sorted((tmp_path / f"out{chunk}").iterdir())
     assert parts and all(re.fullmatch(r"results\.tgz\.\d\d", p.name) for p in parts)  # few files come back
@@ -75,19 +115,18 @@ def _chunk(tmp_path, data, chunk: int, seconds: int) -> int:
 
 
 def test_chunks_travel_as_bundles_and_end_as_the_uninterrupted_pack(tmp_path, data):
-    first = _chunk(tmp_path, data, 1, seconds=12)
+    # 4 runs x 10 s per epoch within 130 s: epochs start at 0, 40 and 80 s; a fourth would end at 160 s
+    assert _chunk(tmp_path, data, 1, seconds=130) == 3
     runs = tmp_path / "repo" / "runs"
     names = sorted(p.name for p in runs.iterdir())
     assert [n.split(",")[0] for n in names] == sorted(METHODS) and all(n.endswith("seed:0") for n in names)
-    done = {(runs / n / "worklog.txt").read_text().count("epoch: ") for n in names}
-    assert len(done) == 1  # a pack moves its runs together
-    (epochs_done,) = done
-    assert first == (0 if epochs_done == EPOCHS else 3), (first, epochs_done)
     for name in names:  # only what the next machine needs: `latest` of unfinished runs, never a teacher
-        kept = {p.name for p in (runs / name).iterdir()}
-        assert kept == ({"worklog.txt", "config.yaml"} | ({"latest"} if 0 < epochs_done < EPOCHS else set()))
+        assert {p.name for p in (runs / name).iterdir()} == {"worklog.txt", "config.yaml", "latest"}
+        assert (runs / name / "worklog.txt").read_text().count("epoch: ") == 3
+    log = (tmp_path / "unpacked1" / "compare.log").read_text()
+    assert "stopped at the time limit after 2m00s of 2m10s (longest epoch 40.0s): 4 of 4 run(s) at epoch 3 of 8" in log
 
-    assert _chunk(tmp_path, data, 2, seconds=600) == 0
+    assert _chunk(tmp_path, data, 2, seconds=600) == 0  # a fresh machine: only the bundle's files
     for name in names:
         assert {p.name for p in (runs / name).iterdir()} == {"worklog.txt", "config.yaml"}  # finished: no state
         assert (runs / name / "worklog.txt").read_text().count("epoch: ") == EPOCHS
@@ -101,10 +140,25 @@ def test_chunks_travel_as_bundles_and_end_as_the_uninterrupted_pack(tmp_path, da
         capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
-    last = "machine2" if epochs_done < EPOCHS else "machine1"  # the machine that trained the last epoch
     for name in names:
-        assert_same_run(reference / "cifar100" / name, tmp_path / last / "cifar100" / name)
+        assert_same_run(reference / "cifar100" / name, tmp_path / "machine2" / "cifar100" / name)
         assert (runs / name / "worklog.txt").read_text() == (reference / "cifar100" / name / "worklog.txt").read_text()
+
+
+def test_a_run_that_fails_in_a_chunk_does_not_hold_back_the_others(tmp_path, data):
+    """NormDKD turns NaN in epoch 2: the chunk exits 2 (the stage 1), and every run's progress still comes back."""
+    assert _chunk(tmp_path, data, 1, seconds=130, stage_exit=1, POISON="NORMDKD:2") == 2
+    runs = tmp_path / "repo" / "runs"
+    log = (tmp_path / "unpacked1" / "compare.log").read_text()
+    assert "epoch 2 step 1 of 1: non-finite training loss" in log
+    assert "the others stopped at the time limit" in log and "3 of 4 run(s) at epoch 3 of 8" in log
+    for folder in runs.iterdir():
+        text = (folder / "worklog.txt").read_text()
+        assert (folder / "latest").is_file()  # unfinished (the failed run keeps its last good state)
+        if folder.name.startswith("normdkd"):
+            assert text.count("epoch: ") == 1 and "failed\tepoch 2 step 1 of 1" in text
+        else:
+            assert text.count("epoch: ") == 3 and "failed" not in text
 
 
 def test_bundle_of_a_failed_chunk_is_still_written(tmp_path, data):
@@ -115,6 +169,7 @@ def test_bundle_of_a_failed_chunk_is_still_written(tmp_path, data):
         ["bash", "benchmarks/gpu_checks.sh", "compare"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
     )
     assert proc.returncode == 1 and "compare chunk: exit 2" in proc.stdout
+    assert "normkd-train: command-line override SOLVER.EPOCHS 0" in proc.stdout  # the reason, on the console
     (part,) = (tmp_path / "out1").iterdir()
     with tarfile.open(part) as tar:
         log = tar.extractfile("./compare.log").read().decode()

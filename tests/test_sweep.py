@@ -55,7 +55,7 @@ def test_run_skips_finished_and_launches_the_rest(tmp_path, monkeypatch):
     (tmp_path / "cifar100" / "kd,res56,res20,seed:0").mkdir(parents=True)
     (tmp_path / "cifar100" / "kd,res56,res20,seed:0" / "worklog.txt").write_text("best_acc\t70.00")
     launched = []
-    monkeypatch.setattr(sweep.subprocess, "call", lambda argv: launched.append(argv) or 0)
+    monkeypatch.setattr(sweep.subprocess, "call", lambda argv, env=None: launched.append(argv) or 0)
     sweep.main(
         ["--methods", "kd,normkd", "--pairs", "res56_res20", "--seeds", "0", "--run", "LOG.PREFIX", str(tmp_path)]
     )
@@ -100,7 +100,7 @@ def test_pack_cli_prints_full_comparison_and_refuses_other_trainers():
 def test_run_reports_a_failing_command_and_goes_on(tmp_path, monkeypatch, capsys):
     launched = []
     monkeypatch.setattr(
-        sweep.subprocess, "call", lambda argv: launched.append(argv) or (3 if len(launched) == 1 else 0)
+        sweep.subprocess, "call", lambda argv, env=None: launched.append(argv) or (3 if len(launched) == 1 else 0)
     )
     with pytest.raises(SystemExit, match=r"1 of 2 commands failed:\n  exit code 3: normkd-train --cfg cifar100/kd"):
         sweep.main(["--methods", "kd,normkd", "--pairs", "res56_res20", "--run", "LOG.PREFIX", str(tmp_path)])
@@ -122,7 +122,7 @@ def test_pack_run_drops_finished_runs_and_resumes_started_ones(tmp_path, monkeyp
     os.makedirs(started)
     open(os.path.join(started, "latest"), "wb").close()
     launched = []
-    monkeypatch.setattr(sweep.subprocess, "call", lambda argv: launched.append(argv) or 0)
+    monkeypatch.setattr(sweep.subprocess, "call", lambda argv, env=None: launched.append(argv) or 0)
     sweep.run_all([pack])
     (argv,) = launched
     assert "--resume" in argv and argv.count("--cfg") == 1 and "cifar100/normkd/res56_res20" in argv
@@ -137,7 +137,7 @@ def test_pack_run_with_finished_and_new_runs_passes_resume(tmp_path, monkeypatch
     with open(os.path.join(folder, "worklog.txt"), "w") as f:
         f.write("best_acc\t70.00")
     launched = []
-    monkeypatch.setattr(sweep.subprocess, "call", lambda argv: launched.append(argv) or 0)
+    monkeypatch.setattr(sweep.subprocess, "call", lambda argv, env=None: launched.append(argv) or 0)
     sweep.run_all([pack])
     (argv,) = launched
     assert "--resume" in argv and "--seeds" in argv and "0,1" in argv  # seed 0 is skipped, seed 1 starts
@@ -158,7 +158,7 @@ def test_torchrun_commands():
 @needs_mdistiller
 def test_run_through_torchrun(tmp_path, monkeypatch):
     launched = []
-    monkeypatch.setattr(sweep.subprocess, "call", lambda argv: launched.append(argv) or 0)
+    monkeypatch.setattr(sweep.subprocess, "call", lambda argv, env=None: launched.append(argv) or 0)
     sweep.main(
         ["--methods", "kd", "--pairs", "res56_res20", "--nproc-per-node", "2", "--run", "LOG.PREFIX", str(tmp_path)]
     )
@@ -182,8 +182,10 @@ def test_printing_into_a_closed_pipe_ends_quietly():
 
 
 @needs_mdistiller
-def test_time_limit_is_shared_by_the_commands_and_a_stop_ends_the_sweep(tmp_path, monkeypatch, capsys):
-    """Each command gets what is left of the sweep's budget; a command that stops at it (exit 3) ends the sweep."""
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_time_limit_is_shared_by_the_commands_and_a_stop_ends_the_sweep(tmp_path, monkeypatch, capsys, nproc):
+    """Each command gets what is left of the sweep's budget; a command that stops at it ends the sweep (exit 3),
+    also through torchrun, which exits 1 for workers that exited 3; failures before are listed."""
     from normkd_plugin import timelimit
 
     class Clock:
@@ -196,18 +198,28 @@ def test_time_limit_is_shared_by_the_commands_and_a_stop_ends_the_sweep(tmp_path
     monkeypatch.setattr(timelimit, "time", clock)
     launched = []
 
-    def call(argv):  # the first command takes 100 s and finishes, the second stops at its limit
+    def call(argv, env=None):  # command 1 fails after 50 s, 2 finishes after 100 s, 3 stops at its limit
         launched.append(argv)
-        clock.now += 100
-        return 0 if len(launched) == 1 else 3
+        clock.now += (50, 100, 120)[len(launched) - 1]
+        if len(launched) < 3:
+            return (2, 0)[len(launched) - 1]
+        with open(env["NORMKD_UNFINISHED_FILE"], "w") as f:
+            f.write("stopped at the time limit\n")
+        return 3 if nproc == 1 else 1
 
     monkeypatch.setattr(sweep.subprocess, "call", call)
-    args = ["--methods", "kd,dkd,normkd", "--pairs", "res56_res20", "--run", "--time-limit", "5m"]
+    args = ["--methods", "kd,dkd,normkd,normdkd", "--pairs", "res56_res20", "--run", "--time-limit", "5m"]
     with pytest.raises(SystemExit) as stop:
-        sweep.main([*args, "LOG.PREFIX", str(tmp_path)])
-    assert stop.value.code == 3 and len(launched) == 2  # the third never started
-    assert [a[a.index("--time-limit") + 1] for a in launched] == ["300", "200"]
-    assert "stopped at the time limit after 3m20s of 5m00s in command 2 of 3" in capsys.readouterr().err
+        sweep.main([*args, "--nproc-per-node", str(nproc), "LOG.PREFIX", str(tmp_path)])
+    assert stop.value.code == 3 and len(launched) == 3  # the fourth never started
+    assert [a[a.index("--time-limit") + 1] for a in launched] == ["300", "250", "150"]
+    err = capsys.readouterr().err
+    assert "stopped at the time limit after 4m30s of 5m00s in command 3 of 4" in err
+    assert "1 command(s) failed before:\n  exit code 2: normkd-train --cfg cifar100/kd/res56_res20" in err
+    assert "exit code 1" not in err  # torchrun's 1 for a stop is not a failure
+
+
+def test_time_limit_passes_through_printed_commands_and_bad_values_are_refused():
     printed = subprocess.run(
         [
             sys.executable,
@@ -224,7 +236,10 @@ def test_time_limit_is_shared_by_the_commands_and_a_stop_ends_the_sweep(tmp_path
         text=True,
     )
     assert printed.stdout.startswith("normkd-train --time-limit 2h --cfg cifar100/kd/res56_res20")
-    bad = subprocess.run(
-        [sys.executable, "-m", "normkd_plugin.sweep", "--run", "--time-limit", "later"], capture_output=True, text=True
-    )
-    assert bad.returncode == 2 and "--time-limit 'later'" in bad.stderr
+    for value in ("later", ""):
+        bad = subprocess.run(
+            [sys.executable, "-m", "normkd_plugin.sweep", "--run", "--time-limit", value],
+            capture_output=True,
+            text=True,
+        )
+        assert bad.returncode == 2 and f"--time-limit {value!r}" in bad.stderr

@@ -62,6 +62,76 @@ def test_an_epoch_starts_only_if_the_longest_epoch_so_far_still_fits(clock):
     assert limit.longest == 20 and limit.describe() == "after 1m25s of 1m40s (longest epoch 20.0s)"
 
 
+def test_the_estimate_scales_with_the_runs_an_epoch_trains(clock):
+    """A catch-up epoch of one run (a pack that gained a run) must not admit a full epoch of four."""
+    from normkd_plugin.timelimit import TimeLimit
+
+    limit = TimeLimit(100)
+    limit.epoch_started()
+    clock.now += 10  # one run
+    limit.epoch_ended(runs=1)
+    assert limit.allows_epoch(runs=1) and limit.allows_epoch(runs=9) and not limit.allows_epoch(runs=10)
+    limit.epoch_started()
+    clock.now += 20  # four runs: cheaper per run (the teacher's forward is shared)
+    limit.epoch_ended(runs=4)
+    assert limit.per_run == 10 and limit.longest == 20
+    assert limit.allows_epoch(runs=7) and not limit.allows_epoch(runs=8)  # 70 s left
+
+
+def _ranked_worker(rank, out, root, teacher):
+    """One of two gloo processes training a one-run pack under a limit; rank 1's clock runs 1000 s ahead per epoch."""
+    import torch
+    import torch.distributed as dist
+
+    from normkd_plugin import timelimit
+    from normkd_plugin.build import build_pack
+    from normkd_plugin.config import load_config, run_name
+    from normkd_plugin.fast.pack import Pack
+    from normkd_plugin.runs import RunFolder
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{out}/rendezvous", rank=rank, world_size=2)
+    clock = FakeClock()
+    timelimit.time = clock
+    real = Pack.train_epoch
+
+    def train_epoch(self, runs, epoch):
+        real(self, runs, epoch)
+        clock.now += 1.0 if rank == 0 else 1000.0
+
+    Pack.train_epoch = train_epoch
+    try:
+        opts = fast_opts(root, teacher, out / "runs", 0, "SOLVER.FAST.ITERS_PER_EPOCH", "1")
+        cfg = load_config("cifar100/normkd/res56_res20", opts)
+        name = run_name(cfg, opts)
+        pack = build_pack([cfg], [name], [RunFolder(out / "runs" / name)], torch.device("cpu"))
+        pack.train(time_limit=timelimit.TimeLimit(100))
+        (out / f"rank{rank}").write_text(str(pack.runs[0].epoch))
+    finally:
+        dist.destroy_process_group()
+
+
+@needs_mdistiller
+def test_every_rank_follows_rank_0s_decision(tmp_path, small_cifar_npz, teacher_resnet56):
+    """Alone, rank 1 would stop after epoch 1 (its epochs take 1000 s); it follows rank 0 and both finish, no hang."""
+    import time
+
+    import torch.multiprocessing as mp
+
+    ctx = mp.start_processes(
+        _ranked_worker, args=(tmp_path, small_cifar_npz, teacher_resnet56), nprocs=2, join=False, start_method="spawn"
+    )
+    deadline = time.monotonic() + 300
+    while not ctx.join(timeout=2):
+        if time.monotonic() > deadline:
+            for proc in ctx.processes:
+                proc.kill()
+            raise AssertionError("the processes hung")
+    assert [(tmp_path / f"rank{r}").read_text() for r in range(2)] == ["2", "2"]
+    (folder,) = (tmp_path / "runs").glob("*/*")
+    assert (folder / "worklog.txt").read_text().count("best_acc") == 1
+
+
 def _epochs_take(monkeypatch, clock, cls, seconds: float) -> None:
     """Every epoch of ``cls`` (Pack or DDPTrainer) advances the fake clock by ``seconds``."""
     real = cls.train_epoch

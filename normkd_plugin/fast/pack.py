@@ -14,6 +14,7 @@ sync per step), marked failed in its worklog with the epoch and step, and droppe
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import logging
 import math
@@ -57,7 +58,14 @@ TEACHER_KEYS = ("DISTILLER.TEACHER", "DISTILLER.TEACHER_CKPT")
 
 
 class RunsFailed(RunError):
-    """One or more runs of a pack stopped (a non-finite loss, a state that cannot be resumed); the message says which."""
+    """One or more runs of a pack stopped (a non-finite loss, a state that cannot be resumed); the message says which.
+
+    ``unfinished``: what the time limit left of the other runs (None when they finished or there was no limit).
+    """
+
+    def __init__(self, message: str, unfinished: str | None = None):
+        super().__init__(message)
+        self.unfinished = unfinished
 
 
 def _get(cfg: CN, key: str):
@@ -536,15 +544,16 @@ class Pack:
                 active = [r for r in self.runs if r.status == "active" and r.epoch < epochs]
                 if not active:
                     break
-                if time_limit is not None and not from_rank0(time_limit.allows_epoch):
+                epoch = min(r.epoch for r in active) + 1  # runs left behind by a kill catch up first
+                behind = [r for r in active if r.epoch + 1 == epoch]
+                if time_limit is not None and not from_rank0(functools.partial(time_limit.allows_epoch, len(behind))):
                     stopped = True
                     break
-                epoch = min(r.epoch for r in active) + 1  # runs left behind by a kill catch up first
                 if time_limit is not None:
                     time_limit.epoch_started()
-                self.train_epoch([r for r in active if r.epoch + 1 == epoch], epoch)
+                self.train_epoch(behind, epoch)
                 if time_limit is not None:
-                    time_limit.epoch_ended()
+                    time_limit.epoch_ended(len(behind))
             for run in self.runs:
                 if run.status == "active" and run.epoch >= epochs:
                     if self.ranks.main:
@@ -554,20 +563,25 @@ class Pack:
         finally:
             for run in self.runs:
                 run.folder.unlock()
+        left = [r for r in self.runs if r.status == "active"]
+        unfinished = None
+        if stopped and left:
+            done = sorted({r.epoch for r in left})
+            at = f"epoch {done[0]}" if len(done) == 1 else f"epochs {done[0]}-{done[-1]}"
+            unfinished = (
+                f"stopped at the time limit {time_limit.describe()}: {len(left)} of {len(self.runs)} run(s) "
+                f"at {at} of {epochs}; run the same command with --resume to continue"
+            )
         failed = [r for r in self.runs if r.status == "failed"]
         if failed:
             raise RunsFailed(
                 "; ".join(f"{r.folder.path}: {r.failure}" for r in failed)
                 + f" ({len(failed)} of {len(self.runs)} runs failed)"
+                + (f"; the others {unfinished}" if unfinished else ""),
+                unfinished=unfinished,
             )
-        left = [r for r in self.runs if r.status == "active"]
-        if stopped and left:
-            done = sorted({r.epoch for r in left})
-            at = f"epoch {done[0]}" if len(done) == 1 else f"epochs {done[0]}-{done[-1]}"
-            raise Unfinished(
-                f"stopped at the time limit {time_limit.describe()}: {len(left)} of {len(self.runs)} run(s) "
-                f"at {at} of {epochs}; run the same command with --resume to continue"
-            )
+        if unfinished:
+            raise Unfinished(unfinished)
         return self.runs
 
 
