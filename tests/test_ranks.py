@@ -35,10 +35,12 @@ def _worker(rank, world, root, teacher, prefix, out, epochs, stop_at, fail_rank,
 
     def step(self, images, targets, epoch):
         seen.append(targets[0].tolist())
-        student = self.runs[0].distiller.student
+        if len(self.runs) > 1:
+            return real_step(self, images, targets, epoch)
+        student = self.runs[0].distiller.student  # a solo run: its state before the step and reduced gradient
         before = {k: v.clone() for k, v in student.state_dict().items()}
         real_step(self, images, targets, epoch)
-        steps.append((before, {k: p.grad.clone() for k, p in student.named_parameters()}))  # the reduced gradient
+        steps.append((before, {k: p.grad.clone() for k, p in student.named_parameters()}))
 
     def train_epoch(self, runs_, epoch):
         if epoch == stop_at:
