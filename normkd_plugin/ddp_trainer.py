@@ -15,7 +15,15 @@ schedule, loss = sum of the distiller's losses, the worklog, ``latest``/``best``
   over the ranks, so every rank sees the metrics of the whole validation split;
 * only rank 0 writes (worklog.txt, tensorboard, checkpoints), atomically, the worklog block of an
   epoch after its checkpoints; states hold no rank-specific data, so a run resumes on any number
-  of ranks. Rank 0 reads the state on resume and broadcasts it.
+  of ranks. Rank 0 reads the state on resume and broadcasts it. With ``EXPERIMENT.SEED < 0`` rank 0
+  draws the sampler seed; the state stores it and a resume uses it again (the host's states, which
+  lack it, draw a new one);
+* a training loss that turns non-finite is found after the epoch (each rank records its first bad
+  step on the device, no host sync per step; the ranks take the earliest): the epoch is neither
+  validated nor committed, rank 0 ends the worklog with ``failed<TAB>epoch E step S of N:
+  non-finite training loss; likely causes ...`` and every rank raises :class:`RunsFailed`, as the
+  ``fast`` engine does; a non-finite validation loss stops the run alike. The previous epoch's
+  checkpoints stay as they were and ``--resume`` restarts from them.
 
 It also runs on CPU (gloo) and in a single process without torchrun; with ``DATASET.DECODE
 gpu|cpu`` the ImageNet batches are decoded and augmented on the device (:mod:`.imagenet`).
@@ -44,8 +52,10 @@ from yacs.config import CfgNode as CN
 from . import dist
 from .config import ConfigError
 from .data import seed_worker, worker_options
+from .fast.pack import RunsFailed
+from .fast.ranks import Ranks
 from .imagenet import DevicePipeline, HostAugment, check_decode, decode, jpeg_loader
-from .runs import RunFolder, epoch_record
+from .runs import NONFINITE_CAUSES, RunFolder, epoch_record
 from .timelimit import TimeLimit, Unfinished
 
 log = logging.getLogger(__name__)
@@ -132,6 +142,8 @@ class DDPTrainer(BaseTrainer):
             self.tf_writer = SummaryWriter(os.path.join(self.log_path, "train.events"))
         self.seed = self._shared_seed()
         self._build_loaders(train_loader, val_loader)
+        self._step_no = torch.zeros((), dtype=torch.long, device=self.device)  # steps of this epoch so far
+        self._first_bad = torch.full((), -1, dtype=torch.long, device=self.device)  # first non-finite step, -1: none
 
     # -- set-up ----------------------------------------------------------------------------
     def init_optimizer(self, cfg):
@@ -146,6 +158,7 @@ class DDPTrainer(BaseTrainer):
         )
 
     def _shared_seed(self) -> int:
+        """EXPERIMENT.SEED, or rank 0's fresh draw when it is < 0 (the same on every rank)."""
         seed = self.cfg.EXPERIMENT.get("SEED", -1)
         if seed < 0:  # every rank must shuffle alike: rank 0 draws, the others receive
             seed = dist.broadcast_object(random.SystemRandom().randrange(2**31) if self.main else None)
@@ -169,6 +182,7 @@ class DDPTrainer(BaseTrainer):
         workers, val_workers = train_loader.num_workers, val_loader.num_workers
         self.pipeline: DevicePipeline | None = None
         g = torch.Generator().manual_seed(self.seed * 1000 + self.rank)  # per-rank augmentation streams
+        self._generator = g
         if self.decode != "host":
             for what, ds in (("train", train_set), ("val", val_set)):
                 if not hasattr(ds, "samples"):
@@ -199,6 +213,12 @@ class DDPTrainer(BaseTrainer):
             **worker_options(val_workers),
         )
 
+    def _use_seed(self, seed: int) -> None:
+        """Shuffle and augment from ``seed`` from now on (a resumed run's stored seed)."""
+        self.seed = seed
+        self.train_sampler.seed = seed
+        self._generator.manual_seed(seed * 1000 + self.rank)
+
     # -- batches ---------------------------------------------------------------------------
     def _batch(self, data, train: bool) -> tuple[Tensor, Tensor]:
         """(images, targets) on the device from a loader batch."""
@@ -221,35 +241,49 @@ class DDPTrainer(BaseTrainer):
             self.optimizer.load_state_dict(state["optimizer"])
             self.best_acc = float(state["best_acc"])
             epoch = int(state["epoch"]) + 1
+            if "seed" in state:  # this trainer's own state: the data order of the uninterrupted run
+                self._use_seed(int(state["seed"]))
+            if self.main and self.folder.status() == "failed":
+                log.warning(
+                    "%s: resuming a run that failed; it restarts from epoch %d's checkpoint", self.log_path, epoch - 1
+                )
             if self.main and "saved_best" in state:  # this trainer's own state: redo what follows `latest`
                 student = {"model": self.model.student.state_dict()}
                 self.folder.redo_epoch(state, student, self.cfg.LOG.SAVE_CHECKPOINT_FREQ)
             elif self.main:
                 self.folder.cut_worklog(epoch - 1)
         limit = self.time_limit
-        while epoch <= self.cfg.SOLVER.EPOCHS:
-            if limit is not None and not dist.from_rank0(limit.allows_epoch):
-                raise Unfinished(
-                    f"stopped at the time limit {limit.describe()}: {self.folder.path} at epoch {epoch - 1} of "
-                    f"{self.cfg.SOLVER.EPOCHS}; run the same command with --resume to continue"
-                )
-            if limit is not None:
-                limit.epoch_started()
-            self.train_epoch(epoch)
-            if limit is not None:
-                limit.epoch_ended()
-            epoch += 1
-        if self.main:
-            print(log_msg(f"Best accuracy:{self.best_acc}", "EVAL"))
-            self.folder.finish(self.best_acc)
-            self.tf_writer.close()
+        try:
+            while epoch <= self.cfg.SOLVER.EPOCHS:
+                if limit is not None and not dist.from_rank0(limit.allows_epoch):
+                    raise Unfinished(
+                        f"stopped at the time limit {limit.describe()}: {self.folder.path} at epoch {epoch - 1} of "
+                        f"{self.cfg.SOLVER.EPOCHS}; run the same command with --resume to continue"
+                    )
+                if limit is not None:
+                    limit.epoch_started()
+                self.train_epoch(epoch)
+                if limit is not None:
+                    limit.epoch_ended()
+                epoch += 1
+            if self.main:
+                print(log_msg(f"Best accuracy:{self.best_acc}", "EVAL"))
+                self.folder.finish(self.best_acc)
+        finally:
+            if self.main:
+                self.tf_writer.close()
 
     def train_epoch(self, epoch: int) -> None:
-        """Schedule, one pass over this rank's shard, validation, then (rank 0) checkpoints and the worklog."""
+        """Schedule, one pass over this rank's shard, validation, then (rank 0) checkpoints and the worklog.
+
+        RunsFailed on every rank, with nothing committed, if the training or validation loss is non-finite.
+        """
         lr = adjust_learning_rate(epoch, self.cfg, self.optimizer)
         self.train_sampler.set_epoch(epoch)
         self.distiller.train()
         sums = torch.zeros(4, dtype=torch.float64, device=self.device)  # loss * n, top-1, top-5, n
+        self._step_no.zero_()
+        self._first_bad.fill_(-1)
         pbar = tqdm(total=len(self.train_loader), disable=not self.main)
         start = time.time()
         for step, data in enumerate(self.train_loader):
@@ -262,8 +296,14 @@ class DDPTrainer(BaseTrainer):
                 pbar.set_description(log_msg(msg, "TRAIN"))
         pbar.close()
         loss_sum, top1, top5, n = dist.all_reduce_sum(sums).tolist()
+        bad = int(Ranks().first_(self._first_bad).item())  # the earliest over the ranks: all ranks agree
+        if bad >= 0 or not math.isfinite(loss_sum):
+            steps = len(self.train_loader)
+            self._fail(f"epoch {epoch} step {bad if bad >= 0 else '?'} of {steps}: non-finite training loss")
         self.sync_buffers()
         test_acc, test_acc_top5, test_loss = self.validate()
+        if not math.isfinite(test_loss):  # summed over the ranks: all ranks agree
+            self._fail(f"epoch {epoch}: non-finite validation loss")
         record = epoch_record(100.0 * top1 / n, loss_sum / n, test_acc, test_acc_top5, test_loss)
         saved_best = test_acc >= self.best_acc  # the host saves `best` on ties too
         self.best_acc = max(self.best_acc, test_acc)
@@ -280,6 +320,16 @@ class DDPTrainer(BaseTrainer):
         self.optimizer.step()
         with torch.no_grad():
             sums += _stats(loss.detach(), preds, target, sums.dtype)
+            self._step_no += 1
+            newly_bad = (self._first_bad < 0) & ~torch.isfinite(loss.detach())
+            self._first_bad.copy_(torch.where(newly_bad, self._step_no, self._first_bad))  # no host sync
+
+    def _fail(self, where: str) -> None:
+        """Stop the run on every rank: rank 0 ends the worklog with a ``failed`` line; no checkpoint is written."""
+        log.error("%s: %s; stopped (%s). Its last good checkpoint is kept.", self.log_path, where, NONFINITE_CAUSES)
+        # A collective: no rank exits (and has torchrun stop rank 0) before the line is written.
+        dist.from_rank0(lambda: self.folder.fail(f"{where}; {NONFINITE_CAUSES}"))
+        raise RunsFailed(f"{self.log_path}: {where} (1 of 1 runs failed)")
 
     def sync_buffers(self) -> None:
         """Rank 0's BatchNorm statistics on every rank (DDP broadcasts them only before a training forward)."""
@@ -311,6 +361,7 @@ class DDPTrainer(BaseTrainer):
             "record": dict(record),
             "lr": lr,
             "saved_best": saved_best,
+            "seed": self.seed,  # the sampler's seed, drawn when EXPERIMENT.SEED < 0: a resume reuses it
         }
         self.folder.commit_epoch(state, {"model": self.model.student.state_dict()}, self.cfg.LOG.SAVE_CHECKPOINT_FREQ)
         for key, value in record.items():

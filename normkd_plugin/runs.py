@@ -39,6 +39,13 @@ LOCK = ".lock"
 _STATE_FILE = re.compile(r"^(latest|best|epoch_\d+)$")
 
 
+# What a worklog's ``failed`` line suggests after a non-finite loss (both trainers).
+NONFINITE_CAUSES = (
+    "likely causes: a learning rate or loss weight too large, a temperature near 0, "
+    "or non-finite teacher weights or data"
+)
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

@@ -1,10 +1,11 @@
-"""One rank of a test job: ``torchrun ... tests/ddp_worker.py --out DIR [--fixed-augment] [--fail R:E] -- ARGS``.
+"""One rank of a test job: ``torchrun ... tests/ddp_worker.py --out DIR [--fixed-augment] [--fail R:E] [--nan R:E:S] -- ARGS``.
 
 Runs ``normkd_plugin.train.main(ARGS)`` (the normkd-train command line) with, for the tests:
 
 * ``--fixed-augment``: CIFAR training images get the host's test transform (no random crop or
   flip), so a reference in the test can rebuild every batch from the sample indices alone;
 * ``--fail R:E``: rank R raises at its first step of epoch E;
+* ``--nan R:E:S``: rank R's training loss is NaN at step S (from 1) of epoch E (see :func:`nan_loss_at`);
 * records per rank in ``DIR/rank<R>.pt``: the sample indices of every step, the metrics each rank's
   validation returned, and the distiller's final state;
 * each rank works in its own empty directory ``DIR/cwd<R>``, so relative paths show who wrote what.
@@ -18,11 +19,33 @@ import sys
 from pathlib import Path
 
 
+def nan_loss_at(epoch: int, step: int, on_step=None) -> None:
+    """Make NormKD's training losses NaN at ``step`` (from 1) of ``epoch`` in this process; ``on_step(epoch, step)``
+    is called before every training step. Later steps turn non-finite on their own (NaN gradients, NaN weights)."""
+    from normkd_plugin.distillers import NormKD
+
+    real = NormKD.forward_train
+    calls: dict[int, int] = {}
+
+    def forward_train(self, **kwargs):
+        e = kwargs["epoch"]
+        calls[e] = calls.get(e, 0) + 1
+        if on_step is not None:
+            on_step(e, calls[e])
+        preds, losses = real(self, **kwargs)
+        if (e, calls[e]) == (epoch, step):
+            losses = {k: v * float("nan") for k, v in losses.items()}
+        return preds, losses
+
+    NormKD.forward_train = forward_train
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--out", required=True)
     p.add_argument("--fixed-augment", action="store_true")
     p.add_argument("--fail", default="")
+    p.add_argument("--nan", default="")
     p.add_argument("args", nargs=argparse.REMAINDER)
     a = p.parse_args()
     argv = a.args[1:] if a.args[:1] == ["--"] else a.args
@@ -43,6 +66,10 @@ def main() -> None:
     from normkd_plugin.ddp_trainer import DDPTrainer
 
     fail = tuple(int(x) for x in a.fail.split(":")) if a.fail else None
+    if a.nan:
+        nan_rank, nan_epoch, nan_step = (int(x) for x in a.nan.split(":"))
+        if rank == nan_rank:
+            nan_loss_at(nan_epoch, nan_step)
     record: dict = {"batches": {}, "validation": {}}
     now = {"epoch": 0}
     real_iter, real_validate, real_train = DDPTrainer.train_iter, DDPTrainer.validate, DDPTrainer.train

@@ -9,6 +9,7 @@ averaged; rank 0's BatchNorm buffers win (DDP broadcasts them before every forwa
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import subprocess
@@ -367,3 +368,174 @@ def test_batch_not_divisible_by_world_fails_before_anything_is_written(npz_root,
     assert proc.returncode != 0
     assert "SOLVER.BATCH_SIZE 63 is the global batch and must be divisible by the world size 2" in proc.stderr
     assert not (tmp_path / "runs").exists()
+
+
+# -- a non-finite loss and the stored seed: normkd-train in this process (one rank) --------------------
+class _Stop(Exception):
+    """Stands for a kill between two epochs."""
+
+
+@pytest.fixture
+def here(monkeypatch):
+    """Runs of normkd-train's main in this process, as the workers run (one thread, --fixed-augment)."""
+    import mdistiller.dataset.cifar100 as host_cifar
+
+    from normkd_plugin import train
+
+    monkeypatch.setattr(host_cifar, "get_cifar100_train_transform", host_cifar.get_cifar100_test_transform)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+
+    def run(opts, *flags) -> int:
+        """The exit status of ``normkd-train *flags *opts`` (0 when main returns)."""
+        try:
+            train.main([*flags, *opts])
+        except SystemExit as exc:
+            return exc.code
+        return 0
+
+    yield run
+    torch.set_num_threads(threads)
+
+
+def _record_batches(monkeypatch) -> dict[int, list[list[int]]]:
+    """From now on, the sample indices of every training step, by epoch."""
+    from normkd_plugin.ddp_trainer import DDPTrainer
+
+    batches: dict[int, list[list[int]]] = {}
+    real = DDPTrainer.train_iter
+
+    def train_iter(self, data, epoch, sums):
+        batches.setdefault(epoch, []).append(data[2].tolist())
+        return real(self, data, epoch, sums)
+
+    monkeypatch.setattr(DDPTrainer, "train_iter", train_iter)
+    return batches
+
+
+def _global_batches(seed: int, epoch: int) -> list[list[int]]:
+    """One process's batches: a shuffled DistributedSampler permutes with ``randperm(N, seed + epoch)``."""
+    perm = torch.randperm(N_TRAIN, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+    return [perm[k : k + BATCH] for k in range(0, N_TRAIN, BATCH)]
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    """The run folder's checkpoints and config, by name."""
+    skip = {"worklog.txt", "train.events", ".lock"}
+    return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file() and p.name not in skip}
+
+
+def test_nonfinite_training_loss_stops_the_run_and_resume_restarts_from_the_last_epoch(
+    npz_root, teacher_resnet56, tmp_path, here, monkeypatch, capsys
+):
+    """NaN at epoch 2 step 2 of 4: a `failed` line naming both, exit 2 with one line, epoch 1's files untouched;
+    a start without --resume is refused; --resume ends as the uninterrupted run (bitwise, one process)."""
+    from ddp_worker import nan_loss_at
+
+    whole = tmp_path / "whole"
+    assert here(_opts(npz_root, teacher_resnet56, whole)) == 0
+    prefix = tmp_path / "runs"
+    opts = _opts(npz_root, teacher_resnet56, prefix)
+    before: dict[str, bytes] = {}
+
+    def on_step(epoch, step):
+        if (epoch, step) == (2, 1):
+            before.update(_files(_run_folder(prefix)))
+
+    from normkd_plugin.distillers import NormKD
+
+    real = NormKD.forward_train
+    monkeypatch.setattr(NormKD, "forward_train", real)  # restored after the test, whatever happens
+    nan_loss_at(2, 2, on_step)
+    capsys.readouterr()
+    assert here(opts) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    folder = _run_folder(prefix)
+    assert err[-1] == f"normkd-train: {folder}: epoch 2 step 2 of 4: non-finite training loss (1 of 1 runs failed)"
+    text = (folder / "worklog.txt").read_text()
+    assert text.count("epoch: ") == 1 and "best_acc" not in text
+    assert text.splitlines()[-1].startswith("failed\tepoch 2 step 2 of 4: non-finite training loss; likely causes: ")
+    assert sorted(before) == ["best", "config.yaml", "latest", "student_best", "student_latest"]
+    assert _files(folder) == before  # nothing of epoch 2 was written over epoch 1's files
+    assert _load(folder / "latest")["epoch"] == 1
+
+    NormKD.forward_train = real
+    assert here(opts) == 2
+    assert "already holds a failed run; add --resume" in capsys.readouterr().err
+    assert here(opts, "--resume") == 0
+    assert (folder / "worklog.txt").read_text() == (_run_folder(whole) / "worklog.txt").read_text()
+    mine, theirs = _load(folder / "latest"), _load(_run_folder(whole) / "latest")
+    assert mine["epoch"] == theirs["epoch"] == 2 and mine["seed"] == theirs["seed"] == SEED
+    assert mine["model"].keys() == theirs["model"].keys()
+    for key, value in theirs["model"].items():
+        assert torch.equal(mine["model"][key], value), key
+
+
+def test_nonfinite_validation_loss_stops_the_run_before_its_first_checkpoint(
+    npz_root, teacher_resnet56, tmp_path, here, monkeypatch, capsys
+):
+    """Weights that turn NaN after the last training step: epoch 1 is not committed, the worklog says why."""
+    from normkd_plugin.ddp_trainer import DDPTrainer
+
+    real = DDPTrainer.validate
+
+    def validate(self):
+        with torch.no_grad():
+            self.model.student.fc.bias.fill_(math.nan)
+        return real(self)
+
+    monkeypatch.setattr(DDPTrainer, "validate", validate)
+    capsys.readouterr()
+    assert here(_opts(npz_root, teacher_resnet56, tmp_path / "runs", 1)) == 2
+    folder = _run_folder(tmp_path / "runs")
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"normkd-train: {folder}: epoch 1: non-finite validation loss (1 of 1 runs failed)"
+    )
+    assert (folder / "worklog.txt").read_text().startswith("failed\tepoch 1: non-finite validation loss; likely causes")
+    assert sorted(_files(folder)) == ["config.yaml"]
+
+
+def test_drawn_seed_is_stored_and_a_resume_shuffles_with_it(npz_root, teacher_resnet56, tmp_path, here, monkeypatch):
+    """EXPERIMENT.SEED -1: the state keeps the seed the sampler used; a resume shuffles epoch 2 as the
+    uninterrupted run with that seed does (a fresh draw would give another order)."""
+    from normkd_plugin.ddp_trainer import DDPTrainer
+
+    opts = _opts(npz_root, teacher_resnet56, tmp_path / "runs", 2, "EXPERIMENT.SEED", "-1")
+    batches = _record_batches(monkeypatch)
+    real_epoch = DDPTrainer.train_epoch
+
+    def stop_at_2(self, epoch):
+        if epoch == 2:
+            raise _Stop
+        real_epoch(self, epoch)
+
+    monkeypatch.setattr(DDPTrainer, "train_epoch", stop_at_2)
+    with pytest.raises(_Stop):
+        here(opts)
+    folder = _run_folder(tmp_path / "runs")
+    seed = _load(folder / "latest")["seed"]
+    assert isinstance(seed, int) and batches == {1: _global_batches(seed, 1)}  # the seed epoch 1 used
+
+    monkeypatch.setattr(DDPTrainer, "train_epoch", real_epoch)
+    trainers = []
+    real_train = DDPTrainer.train
+    monkeypatch.setattr(
+        DDPTrainer, "train", lambda self, resume=False: (trainers.append(self), real_train(self, resume))
+    )
+    assert here(opts, "--resume") == 0
+    assert trainers[0].seed == trainers[0].train_sampler.seed == seed
+    assert batches[2] == _global_batches(seed, 2)
+    assert _load(folder / "latest")["seed"] == seed
+
+
+def test_two_ranks_agree_on_the_first_nonfinite_step(npz_root, teacher_resnet56, tmp_path):
+    """Rank 1's loss is NaN at step 2 (rank 0's turns NaN at step 3, through the averaged gradients): both ranks
+    stop with the same error, none waits in a collective, and rank 0's worklog names step 2."""
+    opts = _opts(npz_root, teacher_resnet56, tmp_path / "runs", 1)
+    proc = _job(2, tmp_path / "a", opts, "--fixed-augment", "--nan", "1:1:2")
+    assert proc.returncode != 0
+    folder = _run_folder(tmp_path / "runs")
+    line = f"normkd-train: {folder}: epoch 1 step 2 of 4: non-finite training loss (1 of 1 runs failed)"
+    assert proc.stderr.count(line) == 2, proc.stderr[-4000:]
+    assert (folder / "worklog.txt").read_text().startswith("failed\tepoch 1 step 2 of 4: non-finite training loss")
+    assert sorted(_files(folder)) == ["config.yaml"] and list((tmp_path / "a" / "cwd1").iterdir()) == []

@@ -1,4 +1,5 @@
-"""fast/ranks.py: a pack on two processes (gloo, CPU) trains what one process trains on per-rank half batches."""
+"""fast/ranks.py: a pack on two processes (gloo, CPU) trains what one process trains on per-rank half batches;
+on three, each step's gradient is the global batch mean's, however unevenly the batch splits."""
 
 from __future__ import annotations
 
@@ -29,12 +30,17 @@ def _worker(rank, world, root, teacher, prefix, out, epochs, stop_at, fail_rank,
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{out}/rendezvous", rank=rank, world_size=world)
-    seen, writes = [], []
+    seen, writes, steps = [], [], []
     real_step, real_epoch = Pack._step, Pack.train_epoch
 
     def step(self, images, targets, epoch):
         seen.append(targets[0].tolist())
+        if len(self.runs) > 1:
+            return real_step(self, images, targets, epoch)
+        student = self.runs[0].distiller.student  # a solo run: its state before the step and reduced gradient
+        before = {k: v.clone() for k, v in student.state_dict().items()}
         real_step(self, images, targets, epoch)
+        steps.append((before, {k: p.grad.clone() for k, p in student.named_parameters()}))
 
     def train_epoch(self, runs_, epoch):
         if epoch == stop_at:
@@ -57,7 +63,7 @@ def _worker(rank, world, root, teacher, prefix, out, epochs, stop_at, fail_rank,
             pass
         student = {k: v.clone() for k, v in pack.runs[0].distiller.student.state_dict().items()}
         torch.save({"seen": seen, "writes": writes, "student": student, "writer": pack.runs[0].writer is not None,
-                    "seed": pack.runs[0].seed}, out / f"rank{rank}.pt")  # fmt: skip
+                    "seed": pack.runs[0].seed, "steps": steps}, out / f"rank{rank}.pt")  # fmt: skip
     finally:
         dist.destroy_process_group()
 
@@ -143,6 +149,81 @@ def test_two_ranks_equal_the_half_batch_reference(tmp_path, small_cifar_npz, tea
     record = load_state(tmp_path / "o" / name)["record"]
     correct, n = _count_correct(student, small_cifar_npz)
     assert record["test_acc"] == pytest.approx(100.0 * correct / n, abs=1e-9) and n == 100
+
+
+def _step_gradients(root, teacher, cfg, states, world, weighting):
+    """Written here, independently: from each recorded state, the gradient of the global batch mean with the batch
+    split in ``world`` contiguous parts (per-part BatchNorm): each part's mean loss weighted by its share of the
+    batch (``weighting`` "share"), or each by 1/world ("equal": the mean of the parts' means)."""
+    from mdistiller.dataset.cifar100 import get_cifar100_train_transform
+    from mdistiller.models import cifar_model_dict
+
+    from normkd_plugin.data import load_cifar100
+    from normkd_plugin.distillers import NormKD
+    from normkd_plugin.fast.augment import TensorCifar, host_pipeline
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the workers: the same float32 rounding
+    try:
+        net = cifar_model_dict["resnet56"][0](num_classes=100)
+        net.load_state_dict(torch.load(teacher, weights_only=True))
+        student = cifar_model_dict["resnet20"][0](num_classes=100)
+        distiller = NormKD(student, net, cfg)
+        distiller.train()
+        pipeline = host_pipeline(get_cifar100_train_transform())
+        data = TensorCifar(*load_cifar100(root, True), pipeline, torch.device("cpu"))
+        images, targets = data.epoch(torch.Generator().manual_seed(0))  # the run's seed: its epoch 1
+        x, grads = data.normalize(images), []
+        for i, state in zip(range(0, 208, 64), states):
+            j = min(i + 64, 208)
+            student.load_state_dict(state)
+            student.zero_grad(set_to_none=True)
+            cuts = [i + (j - i) * r // world for r in range(world + 1)]
+            for a, b in zip(cuts[:-1], cuts[1:]):
+                _, losses = distiller(image=x[a:b], target=targets[a:b], epoch=1)
+                weight = (b - a) / (j - i) if weighting == "share" else 1.0 / world
+                (sum(v.mean() for v in losses.values()) * weight).backward()
+            grads.append({k: p.grad.clone() for k, p in student.named_parameters()})
+        return grads
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_three_ranks_weight_uneven_shares_by_their_size(tmp_path, small_cifar_npz, teacher_resnet56):
+    """3 processes, batches of 64 then 16: shares of 21/21/22 and 5/5/6 images. Each step's summed gradient is the
+    gradient of the global batch mean (each share weighted by its size), not the mean of the shares' means.
+
+    Gradients are compared step by step from the state each step started in: this training amplifies rounding
+    (a 2**-22 relative change of one step's gradient moves conv1 by ~1e-2 three steps later), so only two ranks,
+    whose halves sum exactly, can be compared over a whole epoch. Under torchrun, dist.check_world refuses a
+    SOLVER.BATCH_SIZE the world size does not divide, so there only an epoch's last batch splits unevenly; this
+    harness drives the pack directly, so all four steps do here. (The ``ddp`` trainer never splits unevenly: its
+    DistributedSampler pads the epoch to a multiple of the world size and every rank takes BATCH_SIZE / world.)
+    """
+    ranks = _spawn(tmp_path, small_cifar_npz, teacher_resnet56, tmp_path / "o", world=3)
+    cfg, _ = _cfg(small_cifar_npz, teacher_resnet56, tmp_path / "o")
+    assert [[len(t) for t in r["seen"]] for r in ranks] == [[21, 21, 21, 5], [21, 21, 21, 5], [22, 22, 22, 6]]
+    states, reduced = zip(*ranks[0]["steps"])
+    for r in ranks[1:]:  # every rank started each step alike and stepped with the same gradient
+        for (state, grad), (state0, grad0) in zip(r["steps"], ranks[0]["steps"]):
+            assert all(torch.equal(v, state0[k]) for k, v in state.items())
+            assert all(torch.equal(v, grad0[k]) for k, v in grad.items())
+    want = _step_gradients(small_cifar_npz, teacher_resnet56, cfg, states, 3, "share")
+    equal = _step_gradients(small_cifar_npz, teacher_resnet56, cfg, states, 3, "equal")
+    assert len(reduced) == len(want) == 4
+    for step, (got, share, mean_of_means) in enumerate(zip(reduced, want, equal), 1):
+        assert got.keys() == share.keys()
+        for key in share:  # rounding: ~1e-5 at most; this training's gradients are ill-conditioned
+            assert _relative_gap(got[key], share[key]) < 1e-4, (step, key, _relative_gap(got[key], share[key]))
+        # the check tells the weightings apart: equal weighting is ~2e-2 to 8e-2 away
+        flat = [torch.cat([g[k].reshape(-1) for k in share]) for g in (got, mean_of_means)]
+        assert _relative_gap(*flat) > 1e-3, step
+
+
+def _relative_gap(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||a - b|| / ||b|| in float64."""
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm()).item()
 
 
 def _count_correct(student, root):

@@ -29,7 +29,7 @@ from yacs.config import CfgNode as CN
 
 from ..dist import from_rank0
 from ..errors import RunError
-from ..runs import CONFIG, RunFolder, epoch_record
+from ..runs import CONFIG, NONFINITE_CAUSES, RunFolder, epoch_record
 from ..timelimit import TimeLimit, Unfinished
 from .augment import TensorCifar
 from .graph import StepGraph
@@ -425,13 +425,9 @@ class Pack:
             self._commit(run, epoch, lr, record)
 
     def _fail(self, run: PackRun, where: str) -> None:
-        cause = (
-            "likely causes: a learning rate or loss weight too large, a temperature near 0, "
-            "or non-finite teacher weights or data"
-        )
-        log.error("%s: %s; stopped (%s). Its last good checkpoint is kept.", run.name, where, cause)
+        log.error("%s: %s; stopped (%s). Its last good checkpoint is kept.", run.name, where, NONFINITE_CAUSES)
         if self.ranks.main:
-            run.folder.fail(f"{where}; {cause}")
+            run.folder.fail(f"{where}; {NONFINITE_CAUSES}")
         run.status, run.failure = "failed", where
 
     # -- run folder I/O ----------------------------------------------------------------------
