@@ -579,11 +579,14 @@ def test_runs_of_different_settings_are_never_averaged(tmp_path):
     assert "| normkd (fast) [SOLVER.EPOCHS=2] | 2 |" in md and "| normkd (fast) [SOLVER.EPOCHS=3] | 2 |" in md
 
 
-def test_published_numbers_are_shown_for_every_trainer(tmp_path):
-    _run_with(tmp_path, "kd0", 2, 0, 70.0, method="KD")
-    (row,) = aggregate(discover_runs([tmp_path])[0])
-    assert row.method == "kd (fast)" and row.published == pytest.approx(70.66)
-    assert row.diff_vs_published == pytest.approx(70.0 - 70.66)
+def test_published_numbers_are_shown_for_every_trainer_and_compared_on_their_schedule(tmp_path):
+    _run_with(tmp_path, "kd0", 240, 0, 70.0, method="KD")
+    _run_with(tmp_path, "kd1", 2, 0, 60.0, method="KD")  # a short run is never compared with the published 240
+    rows = {r.setting: r for r in aggregate(discover_runs([tmp_path])[0])}
+    full, short = rows["SOLVER.EPOCHS=240"], rows["SOLVER.EPOCHS=2"]
+    assert full.method == short.method == "kd (fast)"
+    assert full.published == short.published == pytest.approx(70.66)
+    assert full.diff_vs_published == pytest.approx(70.0 - 70.66) and short.diff_vs_published is None
 
 
 def _real_run(root, cfg_name, seed, acc, *opts):

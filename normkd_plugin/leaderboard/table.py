@@ -24,12 +24,13 @@ def mean_std(values: list[float]) -> tuple[float | None, float | None]:
 
 
 def published() -> dict[tuple[str, str], dict]:
-    """{(dataset, pair): row} from the packaged published.csv (teacher, student, KD, DKD, source)."""
+    """{(dataset, pair): row} from the packaged published.csv (teacher, student, KD, DKD, the schedule's epochs, source)."""
     text = importlib.resources.files("normkd_plugin.leaderboard").joinpath("published.csv").read_text()
     out = {}
     for row in csv.DictReader(text.splitlines()):
         for key in ("teacher_acc", "student_acc", "kd", "dkd"):
             row[key] = float(row[key])
+        row["epochs"] = int(row["epochs"])
         out[(row["dataset"], row["pair"])] = row
     return out
 
@@ -66,7 +67,7 @@ class Row:
     vs_dkd_last: Diff | None
     published: float | None
     published_source: str
-    diff_vs_published: float | None
+    diff_vs_published: float | None  # best_mean − published, only for runs of the published schedule
     members: list[Run] = field(default_factory=list, repr=False, compare=False)  # every run of the cell
 
     @property
@@ -100,6 +101,11 @@ class Row:
 
 def _plain(value):
     return asdict(value) if isinstance(value, Diff) else value
+
+
+def _published_schedule(runs: list[Run], epochs: int) -> bool:
+    """Whether no run is known to differ from the published schedule (its epochs, whole epochs of data)."""
+    return all(r.epochs_planned in (None, epochs) and not r.settings.get("SOLVER.FAST.ITERS_PER_EPOCH") for r in runs)
 
 
 def _usable(group: list[Run]) -> list[Run]:
@@ -223,7 +229,11 @@ def aggregate(runs: list[Run]) -> list[Row]:
                 vs_dkd_last=None,
                 published=ref_value,
                 published_source=ref.get("source", "") if ref_value is not None else "",
-                diff_vs_published=None if ref_value is None or best_m is None else best_m - ref_value,
+                diff_vs_published=(
+                    best_m - ref_value
+                    if ref_value is not None and best_m is not None and _published_schedule(counted, ref["epochs"])
+                    else None
+                ),
                 members=group,
             )
         )
