@@ -135,3 +135,18 @@ def interrupted_at_epoch(epoch: int):
         yield
     finally:
         Pack.train_epoch = real
+
+
+def spawn_and_wait(worker, args: tuple, nprocs: int, deadline_s: float = 300) -> None:
+    """Run ``worker(rank, *args)`` in ``nprocs`` spawned processes; a hang past ``deadline_s`` fails the test."""
+    import time
+
+    import torch.multiprocessing as mp
+
+    ctx = mp.start_processes(worker, args=args, nprocs=nprocs, join=False, start_method="spawn")
+    deadline = time.monotonic() + deadline_s
+    while not ctx.join(timeout=2):
+        if time.monotonic() > deadline:
+            for proc in ctx.processes:
+                proc.kill()
+            raise AssertionError("the processes hung")

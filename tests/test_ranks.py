@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import fast_opts, load_state, needs_mdistiller
+from conftest import fast_opts, load_state, needs_mdistiller, spawn_and_wait
 
 pytestmark = needs_mdistiller
 CFG = "cifar100/normkd/res56_res20"
@@ -70,20 +70,9 @@ def _worker(rank, world, root, teacher, prefix, out, epochs, stop_at, fail_rank,
 
 def _spawn(tmp_path, root, teacher, prefix, world=2, epochs=1, stop_at=0, fail_rank=-1, names=(CFG,), seed=0):
     """Start ``world`` processes of _worker and wait (at most 5 minutes: a hang fails the test)."""
-    import time
-
-    import torch.multiprocessing as mp
-
     out = tmp_path / f"out-{world}-{epochs}-{stop_at}-{len(list(tmp_path.glob('out-*')))}"
     out.mkdir()
-    args = (world, root, teacher, prefix, out, epochs, stop_at, fail_rank, names, seed)
-    ctx = mp.start_processes(_worker, args=args, nprocs=world, join=False, start_method="spawn")
-    deadline = time.monotonic() + 300
-    while not ctx.join(timeout=2):
-        if time.monotonic() > deadline:
-            for proc in ctx.processes:
-                proc.kill()
-            raise AssertionError("the processes hung")
+    spawn_and_wait(_worker, (world, root, teacher, prefix, out, epochs, stop_at, fail_rank, names, seed), world)
     return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(world)]
 
 

@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from conftest import assert_same_run, fast_opts, load_state, needs_mdistiller
+from conftest import assert_same_run, fast_opts, load_state, needs_mdistiller, spawn_and_wait
 
 
 @pytest.mark.parametrize(
@@ -114,19 +114,7 @@ def _ranked_worker(rank, out, root, teacher):
 @needs_mdistiller
 def test_every_rank_follows_rank_0s_decision(tmp_path, small_cifar_npz, teacher_resnet56):
     """Alone, rank 1 would stop after epoch 1 (its epochs take 1000 s); it follows rank 0 and both finish, no hang."""
-    import time
-
-    import torch.multiprocessing as mp
-
-    ctx = mp.start_processes(
-        _ranked_worker, args=(tmp_path, small_cifar_npz, teacher_resnet56), nprocs=2, join=False, start_method="spawn"
-    )
-    deadline = time.monotonic() + 300
-    while not ctx.join(timeout=2):
-        if time.monotonic() > deadline:
-            for proc in ctx.processes:
-                proc.kill()
-            raise AssertionError("the processes hung")
+    spawn_and_wait(_ranked_worker, (tmp_path, small_cifar_npz, teacher_resnet56), 2)
     assert [(tmp_path / f"rank{r}").read_text() for r in range(2)] == ["2", "2"]
     (folder,) = (tmp_path / "runs").glob("*/*")
     assert (folder / "worklog.txt").read_text().count("best_acc") == 1
