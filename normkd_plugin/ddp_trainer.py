@@ -52,7 +52,7 @@ from yacs.config import CfgNode as CN
 from . import dist
 from .config import ConfigError
 from .data import seed_worker, worker_options
-from .fast.pack import RunsFailed
+from .errors import RunsFailed
 from .fast.ranks import Ranks
 from .imagenet import DevicePipeline, HostAugment, check_decode, decode, jpeg_loader
 from .runs import NONFINITE_CAUSES, RunFolder, epoch_record

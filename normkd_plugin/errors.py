@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["UserError", "RunError"]
+__all__ = ["UserError", "RunError", "RunsFailed"]
 
 
 class UserError(Exception):
@@ -11,3 +11,14 @@ class UserError(Exception):
 
 class RunError(UserError, RuntimeError):
     """A run folder that cannot be used as asked (locked, already started or finished, unreadable state)."""
+
+
+class RunsFailed(RunError):
+    """One or more runs stopped (a non-finite loss, a state that cannot be resumed); the message says which.
+
+    ``unfinished``: what a time limit left of the other runs of a pack (None when they finished or there was no limit).
+    """
+
+    def __init__(self, message: str, unfinished: str | None = None):
+        super().__init__(message)
+        self.unfinished = unfinished

@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> None:
                 cfg.defrost()
                 cfg.LOG.WANDB = False
                 cfg.freeze()
-        from .fast.pack import RunsFailed
+        from .errors import RunsFailed
 
         main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun, one line for the job
         try:

@@ -28,7 +28,7 @@ from torch.utils._pytree import tree_map
 from yacs.config import CfgNode as CN
 
 from ..dist import from_rank0
-from ..errors import RunError
+from ..errors import RunError, RunsFailed
 from ..runs import CONFIG, NONFINITE_CAUSES, RunFolder, epoch_record
 from ..timelimit import TimeLimit, Unfinished
 from .augment import TensorCifar
@@ -55,17 +55,6 @@ PACK_KEYS = (
     "SOLVER.FAST.PACK_BRANCHES",
 )
 TEACHER_KEYS = ("DISTILLER.TEACHER", "DISTILLER.TEACHER_CKPT")
-
-
-class RunsFailed(RunError):
-    """One or more runs of a pack stopped (a non-finite loss, a state that cannot be resumed); the message says which.
-
-    ``unfinished``: what the time limit left of the other runs (None when they finished or there was no limit).
-    """
-
-    def __init__(self, message: str, unfinished: str | None = None):
-        super().__init__(message)
-        self.unfinished = unfinished
 
 
 def _get(cfg: CN, key: str):
