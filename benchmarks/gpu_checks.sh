@@ -17,16 +17,18 @@
 # Inputs live in the ignored folder .dev/ (wheels in .dev/whl, an mdistiller checkout in
 # .dev/mdistiller, data in .dev/d*/: npz shards and resnet56-f2eff4c8.pt, two shards per transfer).
 #
-# One lease (64 MiB carried per call, a few files back, the machine kept while warm between calls):
-#   here, once: .dev/whl (yacs, tensorboardX wheels), .dev/mdistiller (git archive of $MDISTILLER_SRC),
+# On a remote GPU machine whose commands each receive at most 64 MiB of files (the repository plus
+# the folders sent along) and return a few files, with the machine kept between commands:
+#   first, here: .dev/whl (yacs, tensorboardX wheels), .dev/mdistiller (git archive of $MDISTILLER_SRC),
 #     .dev/d1 = train-0, train-1 + the teacher; .dev/d2 = train-2, train-3; .dev/d3 = train-4, test;
-#     rm -rf .dev/runs && mv results/cifar100-res56_res20/runs .dev/runs  (tracked files travel with every call: keep the
-#     ~28 MB of resume states out of the tree until the compare call; `git checkout` puts them back)
-#   call 1, carry .dev/whl .dev/mdistiller .dev/d1 : bash benchmarks/gpu_checks.sh setup
-#   call 2, carry .dev/d2                          : bash benchmarks/gpu_checks.sh stage
-#   call 3, carry .dev/d3                          : bash benchmarks/gpu_checks.sh stage checks
-#   call 4, carry .dev/runs                        : COMPARE_KEEP=.dev/runs bash benchmarks/gpu_checks.sh compare
-#   then: bash benchmarks/gpu_unpack.sh <the parts> results/gpu-CARD, commit results/cifar100-res56_res20/runs
+#     rm -rf .dev/runs; [ -d results/cifar100-res56_res20/runs ] && mv results/cifar100-res56_res20/runs .dev/runs
+#     (the repository's files go with every command: keep the ~28 MB of resume states out of it until
+#     the compare command; `git checkout` puts them back)
+#   command 1, sending .dev/whl .dev/mdistiller .dev/d1 : bash benchmarks/gpu_checks.sh setup
+#   command 2, sending .dev/d2                          : bash benchmarks/gpu_checks.sh stage
+#   command 3, sending .dev/d3                          : bash benchmarks/gpu_checks.sh stage checks
+#   command 4, sending .dev/runs                        : COMPARE_KEEP=.dev/runs bash benchmarks/gpu_checks.sh compare
+#   then: bash benchmarks/gpu_unpack.sh <the returned parts> results/gpu-CARD, commit results/cifar100-res56_res20/runs
 #
 # Results are written to $RES and, after every stage, bundled into $OUT as results.tgz.00, .01, ...
 # (parts of at most 15 MiB: few files, whatever the stages wrote). Unpack them here with

@@ -233,7 +233,14 @@ def get_dataset(cfg):
     if not cfg.DATASET.ROOT:
         from mdistiller.dataset import get_dataset as host_get_dataset
 
-        return host_get_dataset(cfg)
+        try:
+            return host_get_dataset(cfg)
+        except (OSError, RuntimeError) as exc:  # no network (URLError is an OSError), a damaged download
+            raise DataError(
+                f"DATASET.ROOT is empty, so mdistiller's own loader read (or tried to download) "
+                f"{cfg.DATASET.TYPE} into its data folder and failed: {exc}. Offline, set DATASET.ROOT to a folder "
+                f"holding the data ({CIFAR_LAYOUTS} for cifar100)"
+            ) from None
     if cfg.DISTILLER.TYPE == "CRD":
         raise DataError("DATASET.ROOT is not supported with DISTILLER.TYPE CRD (its sampler reads the host's ./data)")
     if cfg.DATASET.TYPE == "cifar100":

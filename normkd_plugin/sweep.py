@@ -181,7 +181,7 @@ def run_all(jobs: list[Job | PackJob], nproc: int = 1, device: str = "", time_li
 
             left = int(time_limit.left())  # whole seconds, rounded down
             if left < 1:
-                raise _unfinished(i, len(jobs), time_limit, failures)
+                raise _unfinished(f"before command {i} of {len(jobs)}", time_limit, failures)
             at = len(launcher(nproc))
             argv[at:at] = ["--time-limit", str(left)]
             marker = os.path.join(tempfile.mkdtemp(prefix="normkd-sweep-"), "unfinished")
@@ -193,19 +193,19 @@ def run_all(jobs: list[Job | PackJob], nproc: int = 1, device: str = "", time_li
         if env is not None:
             shutil.rmtree(os.path.dirname(env[UNFINISHED_FILE_ENV]), ignore_errors=True)
         if code and not (stopped and code in (1, 3)):  # 1: torchrun's code for workers that exited 3
-            failures.append(f"exit code {code}: {todo.command()}")
+            failures.append(f"exit code {code}: {shlex.join(argv)}")
             print(f"normkd-sweep: failed (exit code {code}); going on with the next", file=sys.stderr, flush=True)
         if stopped:
-            raise _unfinished(i, len(jobs), time_limit, failures)
+            raise _unfinished(f"in command {i} of {len(jobs)}", time_limit, failures)
     return failures
 
 
-def _unfinished(i: int, n: int, time_limit, failures: list[str]):
+def _unfinished(where: str, time_limit, failures: list[str]):
     from .timelimit import Unfinished
 
     failed = f"; {len(failures)} command(s) failed before:\n  " + "\n  ".join(failures) if failures else ""
     return Unfinished(
-        f"stopped at the time limit {time_limit.describe()} in command {i} of {n}; "
+        f"stopped at the time limit {time_limit.describe()} {where}; "
         f"run the same normkd-sweep command again to continue{failed}"
     )
 
@@ -251,6 +251,12 @@ def main(argv: list[str] | None = None) -> None:
             from .timelimit import TimeLimit, parse_duration
 
             time_limit = TimeLimit(parse_duration(args.time_limit))
+            trainer = dict(zip(args.opts[::2], args.opts[1::2])).get("SOLVER.TRAINER", "fast" if args.pack else "base")
+            if trainer not in ("fast", "ddp"):
+                raise ValueError(
+                    f"--time-limit: SOLVER.TRAINER {trainer!r} is mdistiller's trainer, whose epoch loop cannot stop "
+                    "early; add SOLVER.TRAINER fast (or ddp)"
+                )
     except ValueError as exc:
         print(f"normkd-sweep: {exc}", file=sys.stderr)
         sys.exit(2)

@@ -1,7 +1,7 @@
 """--time-limit: end a training job cleanly at an epoch boundary before a wall-clock limit.
 
-A job under a limit (a Slurm allocation, a short GPU lease) starts an epoch only if the previous
-epoch's duration says it will end in time; it then exits with EXIT_UNFINISHED and every run
+A job under a limit (a Slurm allocation, a short GPU reservation) starts an epoch only if the
+epochs measured so far say it will end in time; it then exits with EXIT_UNFINISHED and every run
 continues exactly with ``--resume``. A kill is safe too (the run folders are crash-safe), but it
 throws the partial epoch away and can cut off whatever the job does after training.
 """

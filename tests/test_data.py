@@ -184,3 +184,23 @@ def test_imagenet_folder_root(tmp_path, cifar_test_arrays):
     shutil.rmtree(tmp_path / "val")
     with pytest.raises(DataError, match=r"has no val/ folder"):
         get_dataset(load_config("imagenet/r34_r18/normkd", opts))
+
+
+def test_empty_root_offline_is_one_error_naming_the_key(monkeypatch):
+    """Without DATASET.ROOT the host's loader downloads; its network error becomes one line naming DATASET.ROOT."""
+    import urllib.error
+
+    import mdistiller.dataset
+
+    from normkd_plugin.config import load_config
+    from normkd_plugin.data import DataError, get_dataset
+
+    def offline(cfg):
+        raise urllib.error.URLError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(mdistiller.dataset, "get_dataset", offline)
+    cfg = load_config("cifar100/kd/res56_res20", [])
+    with pytest.raises(
+        DataError, match=r"DATASET.ROOT is empty, so mdistiller's own loader .* Name or service not known"
+    ):
+        get_dataset(cfg)

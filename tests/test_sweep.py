@@ -209,14 +209,24 @@ def test_time_limit_is_shared_by_the_commands_and_a_stop_ends_the_sweep(tmp_path
 
     monkeypatch.setattr(sweep.subprocess, "call", call)
     args = ["--methods", "kd,dkd,normkd,normdkd", "--pairs", "res56_res20", "--run", "--time-limit", "5m"]
+    opts = ["SOLVER.TRAINER", "fast", "LOG.PREFIX", str(tmp_path)]
     with pytest.raises(SystemExit) as stop:
-        sweep.main([*args, "--nproc-per-node", str(nproc), "LOG.PREFIX", str(tmp_path)])
+        sweep.main([*args, "--nproc-per-node", str(nproc), *opts])
     assert stop.value.code == 3 and len(launched) == 3  # the fourth never started
     assert [a[a.index("--time-limit") + 1] for a in launched] == ["300", "250", "150"]
     err = capsys.readouterr().err
     assert "stopped at the time limit after 4m30s of 5m00s in command 3 of 4" in err
-    assert "1 command(s) failed before:\n  exit code 2: normkd-train --cfg cifar100/kd/res56_res20" in err
+    first = "torchrun --standalone --nproc-per-node 2 -m normkd_plugin.train" if nproc == 2 else "normkd-train"
+    assert f"1 command(s) failed before:\n  exit code 2: {first} --time-limit 300 --cfg cifar100/kd/res56_res20" in err
     assert "exit code 1" not in err  # torchrun's 1 for a stop is not a failure
+
+    clock.now, launched[:] = 0.0, []
+    monkeypatch.setattr(sweep.subprocess, "call", lambda argv, env=None: (launched.append(argv), 0)[1])
+    monkeypatch.setattr(sweep, "_remaining", lambda job: (clock.__setattr__("now", clock.now + 200), (job, False))[1])
+    with pytest.raises(SystemExit) as stop:  # each command takes 200 s to start: the second finds nothing left
+        sweep.main([*args, *opts])
+    assert stop.value.code == 3 and len(launched) == 1
+    assert "after 6m40s of 5m00s before command 2 of 4" in capsys.readouterr().err
 
 
 def test_time_limit_passes_through_printed_commands_and_bad_values_are_refused():
@@ -231,11 +241,19 @@ def test_time_limit_passes_through_printed_commands_and_bad_values_are_refused()
             "kd",
             "--time-limit",
             "2h",
+            "SOLVER.TRAINER",
+            "fast",
         ],
         capture_output=True,
         text=True,
     )
     assert printed.stdout.startswith("normkd-train --time-limit 2h --cfg cifar100/kd/res56_res20")
+    base = subprocess.run(
+        [sys.executable, "-m", "normkd_plugin.sweep", "--pairs", "res56_res20", "--time-limit", "2h"],
+        capture_output=True,
+        text=True,
+    )
+    assert base.returncode == 2 and "--time-limit: SOLVER.TRAINER 'base' is mdistiller's trainer" in base.stderr
     for value in ("later", ""):
         bad = subprocess.run(
             [sys.executable, "-m", "normkd_plugin.sweep", "--run", "--time-limit", value],
