@@ -21,6 +21,15 @@ def build_student(cfg, num_classes: int) -> nn.Module:
     return cifar_model_dict[cfg.DISTILLER.STUDENT][0](num_classes=num_classes)
 
 
+def _teacher_architecture(cfg, num_classes: int) -> nn.Module:
+    """DISTILLER.TEACHER freshly initialised from the global RNG, no weights loaded."""
+    from mdistiller.models import cifar_model_dict, imagenet_model_dict
+
+    if cfg.DATASET.TYPE == "imagenet":
+        return imagenet_model_dict[cfg.DISTILLER.TEACHER](pretrained=False)
+    return cifar_model_dict[cfg.DISTILLER.TEACHER][0](num_classes=num_classes)
+
+
 def build_teacher(cfg, num_classes: int) -> nn.Module | None:
     """DISTILLER.TEACHER with its weights loaded, or None for DISTILLER.TYPE NONE."""
     from mdistiller.models import cifar_model_dict, imagenet_model_dict
@@ -81,6 +90,10 @@ def build_pack(cfgs: list, names: list[str], folders: list, device):
         if cfg.EXPERIMENT.SEED >= 0:
             seed_everything(cfg.EXPERIMENT.SEED)
         student = build_student(cfg, num_classes)
+        if teacher is not None and cfg.DISTILLER.TYPE != "NONE":
+            # The host initialises its teacher here, between student and distiller: draw as much from the
+            # global RNG, so a distiller's own modules (connectors) start as on the host's path.
+            _teacher_architecture(cfg, num_classes)
         distillers.append(build_distiller(cfg, student, teacher if cfg.DISTILLER.TYPE != "NONE" else None, num_data))
     shared = None if teacher is None else SharedTeacher(teacher).to(device)
     runs = []

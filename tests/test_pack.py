@@ -291,3 +291,23 @@ def test_resumed_pack_restarts_a_run_that_failed_before_its_first_checkpoint(
     (solo,) = _train(small_cifar_npz, teacher_resnet56, tmp_path / "solo", runs[1:], extra)
     assert_same_run(kd, solo)
     assert (normkd / "worklog.txt").read_text().count("epoch: ") == 3
+
+
+def test_a_distillers_own_modules_start_as_on_the_hosts_path(tmp_path, small_cifar_npz, teacher_resnet56):
+    """FitNet's connector (and the student) in a pack equal what the host's order (seed, student, teacher,
+    distiller: tools/train.py, normkd-train's base path) initialises."""
+    from normkd_plugin.build import build_distiller, build_models, build_pack
+    from normkd_plugin.config import load_config, run_name
+    from normkd_plugin.data import seed_run
+    from normkd_plugin.runs import RunFolder
+
+    opts = fast_opts(small_cifar_npz, teacher_resnet56, tmp_path, 3, "DISTILLER.TYPE", "FITNET")
+    cfg = load_config("cifar100/kd/res56_res20", opts)
+    pack = build_pack([cfg], [run_name(cfg, opts)], [RunFolder(tmp_path / "r")], torch.device("cpu"))
+    packed = {k: v for k, v in pack.runs[0].distiller.state_dict().items() if not k.startswith("teacher.")}
+    seed_run(cfg, torch.device("cpu"))
+    student, teacher = build_models(cfg, 100)
+    host = {k: v for k, v in build_distiller(cfg, student, teacher, 208).state_dict().items() if "teacher" not in k}
+    assert any(k.startswith("conv_reg") for k in host) and packed.keys() == host.keys()
+    for key in host:
+        assert torch.equal(packed[key], host[key]), key
