@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import os
 import struct
 import subprocess
@@ -16,8 +17,9 @@ import yaml
 
 from conftest import needs_mdistiller
 from normkd_plugin.leaderboard import cli
+from normkd_plugin.leaderboard.render import curves_figure, plot_curves
 from normkd_plugin.leaderboard.runs import WorklogError, discover_runs, parse_worklog
-from normkd_plugin.leaderboard.table import aggregate
+from normkd_plugin.leaderboard.table import aggregate, split_duplicates
 
 
 def host_worklog(accs, finished=True, lr=0.05):
@@ -241,6 +243,44 @@ def test_t_quantile_is_two_sided_95():
 
     for dof, t in T975.items():
         assert t975(dof) == pytest.approx(t, rel=1e-9)
+    for dof in (0, -1.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="degrees of freedom must be positive and finite"):
+            t975(dof)
+
+
+@pytest.mark.parametrize("x", [0.0, 1e-6, 0.01, 0.3, 0.5, 0.77, 0.999, 1 - 1e-9])
+def test_incomplete_beta_closed_forms(x):
+    from normkd_plugin.leaderboard.stats import betainc
+
+    assert (betainc(2.0, 0.5, 0.0), betainc(2.0, 0.5, 1.0)) == (0.0, 1.0)
+    assert betainc(1.0, 1.0, x) == pytest.approx(x, rel=1e-12, abs=1e-300)
+    assert betainc(3.0, 1.0, x) == pytest.approx(x**3, rel=1e-12, abs=1e-300)
+    assert betainc(1.0, 2.5, x) == pytest.approx(-math.expm1(2.5 * math.log1p(-x)), rel=1e-12, abs=1e-300)
+    assert betainc(0.5, 0.5, x) == pytest.approx(
+        2 / math.pi * math.atan2(math.sqrt(x), math.sqrt(1 - x)), rel=1e-12, abs=1e-300
+    )
+
+
+@pytest.mark.parametrize("dof", [0.5, 1, 1.5, 2, 2.635, 3, 4, 5, 7.3, 10, 29, 100, 1000, 1e5])
+def test_t_quantile_matches_scipy(dof):
+    stats = pytest.importorskip("scipy.stats")
+    special = pytest.importorskip("scipy.special")
+    from normkd_plugin.leaderboard.stats import betainc, t975
+
+    assert t975(dof) == pytest.approx(float(stats.t.ppf(0.975, dof)), rel=1e-9)
+    for x in (0.001, 0.05, 0.5, 0.9, 0.99999):
+        assert betainc(dof / 2, 0.5, x) == pytest.approx(float(special.betainc(dof / 2, 0.5, x)), rel=1e-10)
+
+
+def test_intervals_are_computed_without_scipy(paired_root):
+    """The table's intervals (what made start-up slow) need no scipy import."""
+    code = (
+        "import sys; from normkd_plugin.leaderboard import cli; cli.main([sys.argv[1]]); "
+        "print(sorted({'scipy', 'numpy'} & set(sys.modules)), file=sys.stderr)"
+    )
+    proc = subprocess.run([sys.executable, "-c", code, str(paired_root)], capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stderr.strip() == "[]", proc.stderr
+    assert "paired n=3" in proc.stdout
 
 
 def test_paired_difference_over_shared_seeds(paired_root):
@@ -625,3 +665,158 @@ def test_a_pack_wide_override_of_another_method_does_not_split_kd(tmp_path):
         _real_run(tmp_path, "cifar100/kd/res56_res20", seed, 70.0 + seed, *extra)
     (kd,) = aggregate(discover_runs([tmp_path])[0])
     assert (kd.setting, kd.runs) == ("", 2)
+
+
+# --- duplicate runs ------------------------------------------------------------------------------
+
+
+def _copy_run(src: Path, dst: Path) -> Path:
+    dst.mkdir(parents=True)
+    for name in ("worklog.txt", "config.yaml"):
+        if (src / name).is_file():
+            (dst / name).write_text((src / name).read_text())
+    return dst
+
+
+@pytest.fixture
+def duplicated_root(tmp_path):
+    """NormKD seeds 0 and 1 trained into runs/pack and copied, worklogs and all, to output/sweep; KD once."""
+    for seed, kd, ours in ((0, 70.0, 71.5), (1, 71.0, 71.8)):
+        _run_with(tmp_path, f"kd{seed}", 2, seed, kd, method="KD")
+        _run_with(tmp_path, f"runs/pack/normkd{seed}", 2, seed, ours)
+        _copy_run(
+            tmp_path / "cifar100" / f"runs/pack/normkd{seed}", tmp_path / "cifar100" / f"output/sweep/normkd{seed}"
+        )
+    return tmp_path
+
+
+def test_identical_runs_of_a_seed_are_one_run(duplicated_root):
+    base = duplicated_root / "cifar100"
+    paths = [base / "runs", base / "output", base / "kd0", base / "kd1"]  # the copies found before the originals
+    rows = {r.method: r for r in aggregate(discover_runs(paths)[0])}
+    nk = rows["normkd (fast)"]
+    assert (nk.runs, nk.duplicates, nk.best_mean) == (2, 2, pytest.approx((71.5 + 71.8) / 2))
+    # the first by path is counted, wherever the search found it
+    assert sorted((c.path, r.path) for c, r in nk.copies) == [
+        (base / f"runs/pack/normkd{s}", base / f"output/sweep/normkd{s}") for s in (0, 1)
+    ]
+    assert sorted(r.path for r in nk.members) == [base / f"output/sweep/normkd{s}" for s in (0, 1)]
+    d = nk.vs_kd_best
+    assert (d.kind, d.n, d.note) == ("paired", 2, "")
+    assert (d.mean, d.low, d.high) == pytest.approx(t_interval([71.5 - 70.0, 71.8 - 71.0], T975[1]))
+    # the same as leaderboarding one copy
+    (one,) = [
+        r for r in aggregate(discover_runs([base / "runs", base / "kd0", base / "kd1"])[0]) if r.base_method == "normkd"
+    ]
+    assert (one.runs, one.duplicates, one.vs_kd_best) == (2, 0, d)
+
+
+def test_duplicates_are_listed_in_every_format(duplicated_root):
+    base = duplicated_root / "cifar100"
+    md = _cli(duplicated_root)
+    assert md.returncode == 0, md.stderr
+    assert "| normkd (fast) | 2 (2 duplicates) | 71.65 ± 0.21 |" in md.stdout and "paired n=2" in md.stdout
+    listed = md.stdout.split("Duplicate runs (the same worklog as a counted run; counted once):")[1]
+    for s in (0, 1):
+        assert (
+            f"- `{base / f'runs/pack/normkd{s}'}` (cifar100/res56_res20/normkd (fast), seed {s}): "
+            f"duplicate of `{base / f'output/sweep/normkd{s}'}`" in listed
+        )
+    rows = {r["method"]: r for r in csv.DictReader(io.StringIO(_cli(duplicated_root, "--format", "csv").stdout))}
+    assert (rows["normkd (fast)"]["runs"], rows["normkd (fast)"]["duplicates"]) == ("2", "2")
+    assert rows["normkd (fast)"]["duplicate_runs"] == "; ".join(
+        f"{base / f'runs/pack/normkd{s}'}: duplicate of {base / f'output/sweep/normkd{s}'}" for s in (0, 1)
+    )
+    assert rows["kd (fast)"]["duplicate_runs"] == "" and rows["kd (fast)"]["duplicates"] == "0"
+    data = json.loads(_cli(duplicated_root, "--format", "json").stdout)
+    assert data["duplicates"] == [
+        {
+            "path": str(base / f"runs/pack/normkd{s}"),
+            "dataset": "cifar100",
+            "pair": "res56_res20",
+            "method": "normkd (fast)",
+            "seed": s,
+            "duplicate_of": str(base / f"output/sweep/normkd{s}"),
+        }
+        for s in (0, 1)
+    ]
+    assert data["failed"] == [] and "copies" not in data["rows"][0]
+
+
+def test_genuine_repeats_of_a_seed_stay_repeats(duplicated_root):
+    """Another result for seed 0, or the same accuracies with another training loss, is a second run."""
+    base = duplicated_root / "cifar100"
+    _run_with(duplicated_root, "output/rerun/normkd0", 2, 0, 72.4)
+    again = _copy_run(base / "runs/pack/normkd1", base / "output/rerun/normkd1")
+    text = (again / "worklog.txt").read_text()
+    (again / "worklog.txt").write_text(text.replace("lr: 0.05", "lr: 0.05\ntrain_loss: 1.25", 1))
+    (nk,) = [r for r in aggregate(discover_runs([duplicated_root])[0]) if r.base_method == "normkd"]
+    assert (nk.runs, nk.duplicates) == (4, 2)
+    d = nk.vs_kd_best
+    assert (d.kind, d.n, d.n_baseline, d.note) == ("welch", 4, 2, "seed 0, 1 repeated, not paired")
+    assert d.mean == pytest.approx((71.5 + 72.4 + 71.8 + 71.8) / 4 - 70.5)
+
+
+def test_unseeded_failed_and_other_cell_runs_are_never_duplicates(tmp_path):
+    first = make_run(tmp_path, "kd,res56,res20", [60.0, 70.0])  # no seed: cannot tell a copy from a rerun
+    _copy_run(first, tmp_path / "cifar100" / "kd,res56,res20,again")
+    failed = make_run(tmp_path, "kd,res56,res20,seed:0", [60.0], finished=False)
+    (failed / "worklog.txt").write_text(host_worklog([60.0], finished=False) + "failed\tout of memory\n")
+    _copy_run(failed, tmp_path / "cifar100" / "kd,res56,res20,seed:0,again")
+    runs = discover_runs([tmp_path])[0]
+    assert len(runs) == 4
+    kept, copies = split_duplicates(runs)
+    assert (kept, copies) == (runs, [])
+    (row,) = aggregate(runs)
+    assert (row.runs, row.failed, row.duplicates) == (2, 2, 0)
+    # one seed, one worklog, but the fast trainer: another cell, so both are counted
+    make_run(tmp_path, "kd,res56,res20,seed:3", [60.0, 70.0])
+    make_run(tmp_path, "kd,res56,res20,seed:3,SOLVER.TRAINER:fast", [60.0, 70.0])
+    assert sorted((r.method, r.runs, r.duplicates) for r in aggregate(discover_runs([tmp_path])[0])) == [
+        ("kd", 3, 0),
+        ("kd (fast)", 1, 0),
+    ]
+
+
+# --- curves --------------------------------------------------------------------------------------
+
+
+def test_curves_legend_names_settings_when_they_differ(duplicated_root):
+    pytest.importorskip("matplotlib")
+    _run_with(duplicated_root, "long/normkd0", 3, 0, 73.0)
+    runs = [r for r in discover_runs([duplicated_root])[0] if r.method == "normkd"]
+    fig = curves_figure(runs)
+    (ax,) = fig.axes
+    labels = sorted(t.get_text() for t in ax.get_legend().get_texts())
+    assert labels == [
+        "res56_res20 normkd (fast) [SOLVER.EPOCHS=2] seed 0",  # the copies of runs/pack are drawn once
+        "res56_res20 normkd (fast) [SOLVER.EPOCHS=2] seed 1",
+        "res56_res20 normkd (fast) [SOLVER.EPOCHS=3] seed 0",
+    ]
+    fig.canvas.draw()
+    ticks = [t for t in ax.get_xticks() if 1 <= t <= 3]
+    assert ticks and all(t == int(t) for t in ticks), ticks  # 1..3 epochs: without it, ticks every 0.25
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+
+
+def test_curves_legend_without_settings_when_runs_are_alike(paired_root, tmp_path):
+    pytest.importorskip("matplotlib")
+    runs = [r for r in discover_runs([paired_root])[0] if r.method == "normkd"]
+    out = tmp_path / "curves.png"
+    assert sorted(plot_curves(runs, str(out))) == [f"res56_res20 normkd (base) seed {s}" for s in (0, 1, 2)]
+    assert _png_size(out)[0] > 0
+
+
+def test_select_matching_no_run_is_an_error(runs_root, tmp_path):
+    curves, bars = tmp_path / "curves.png", tmp_path / "bars.png"
+    proc = _cli(runs_root, "--curves", curves, "--plot", bars, "--select", "nope")
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.strip() == "normkd-leaderboard: --select 'nope' matches no run (of 7 found)"
+    assert not curves.exists() and not bars.exists()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    proc = _cli(empty, "--curves", curves)
+    assert proc.returncode == 2 and proc.stdout == "" and not curves.exists()
+    assert proc.stderr.strip() == "normkd-leaderboard: --curves: no run to draw (of 0 found)"

@@ -3,9 +3,12 @@
     normkd-leaderboard output/ [--format md|csv|json] [--plot bars.png] [--curves curves.png]
     normkd-leaderboard output/ --check thresholds.yaml     # exit 1 on a regression
 
-A PATH that does not exist, or a malformed thresholds file, is an error (exit 2); a PATH that
-holds no run is reported on stderr. Failed runs (a final "failed<TAB>reason" worklog line) and
-runs with a nan/inf accuracy are listed apart and never averaged.
+A PATH that does not exist, a malformed thresholds file, or --curves with no run to draw (a
+--select that matches none) is an error (exit 2, nothing written); a PATH that holds no run is
+reported on stderr. Failed runs (a final "failed<TAB>reason" worklog line) and runs with a
+nan/inf accuracy are listed apart and never averaged. Runs of one method, settings and seed
+whose worklogs hold the same records (a run copied to a second folder) are counted once, the
+first by path; the others are listed apart as duplicates.
 
 Check names: a row is named dataset/pair/method, as in the table's first three columns, e.g.
 cifar100/res56_res20/normkd. Without a trainer the name matches that method's row whatever its
@@ -204,6 +207,11 @@ def main(argv: list[str] | None = None) -> None:
         print(f"normkd-leaderboard: {exc}", file=sys.stderr)
         sys.exit(2)
     runs, problems = discover_runs(args.paths)
+    selected = [r for r in runs if args.select in str(r.path)]
+    if args.curves and not selected:
+        what = f"--select {args.select!r} matches no run" if args.select else "--curves: no run to draw"
+        print(f"normkd-leaderboard: {what} (of {len(runs)} found)", file=sys.stderr)
+        sys.exit(2)
     for root in args.paths:
         if not any(_under(path, root) for path in [r.path for r in runs] + [p for p, _ in problems]):
             print(f"normkd-leaderboard: no run (folder with a worklog.txt) under {root}", file=sys.stderr)
@@ -220,7 +228,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.plot:
         plot_bars(rows, args.plot)
     if args.curves:
-        plot_curves([r for r in runs if args.select in str(r.path)], args.curves)
+        plot_curves(selected, args.curves)
     if args.check:
         failures = check(rows, thresholds)
         if failures:

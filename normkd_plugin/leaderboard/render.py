@@ -8,9 +8,18 @@ import json
 
 from .runs import Run
 from .stats import Diff
-from .table import Row, method_label, published
+from .table import Row, groups, method_label, published, split_duplicates
 
-__all__ = ["markdown", "to_csv", "to_json", "failed_runs", "plot_bars", "plot_curves"]
+__all__ = [
+    "markdown",
+    "to_csv",
+    "to_json",
+    "failed_runs",
+    "duplicate_runs",
+    "plot_bars",
+    "curves_figure",
+    "plot_curves",
+]
 
 
 def _num(value: float | None, digits: int = 2, signed: bool = False) -> str:
@@ -33,6 +42,8 @@ def _runs(r: Row) -> str:
         notes.append(f"{r.runs - r.finished} unfinished: {r.progress}")
     if r.failed:
         notes.append(f"{r.failed} failed")
+    if r.duplicates:
+        notes.append(f"{r.duplicates} duplicate{'s' if r.duplicates > 1 else ''}")
     return f"{r.runs}" + (f" ({'; '.join(notes)})" if notes else "")
 
 
@@ -54,9 +65,14 @@ def failed_runs(rows: list[Row]) -> list[Run]:
     return [run for r in rows for run in r.failed_runs]
 
 
+def duplicate_runs(rows: list[Row]) -> list[tuple[Run, Run]]:
+    """(copy, the run it repeats) of every duplicate run of the rows, in row order."""
+    return [pair for r in rows for pair in r.copies]
+
+
 def markdown(rows: list[Row], problems=()) -> str:
     """A Markdown table (best and last-epoch top-1, differences to KD and DKD with 95 % intervals),
-    published baselines, then failed runs and unreadable folders."""
+    published baselines, then failed runs, duplicate runs and unreadable folders."""
     lines = [HEADER, "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(
@@ -86,6 +102,10 @@ def markdown(rows: list[Row], problems=()) -> str:
     if failed:
         lines += ["", "Failed runs (not in any mean or difference):", ""]
         lines += [f"- `{run.path}` ({_identity(run)}): {run.problem}" for run in failed]
+    copies = duplicate_runs(rows)
+    if copies:
+        lines += ["", "Duplicate runs (the same worklog as a counted run; counted once):", ""]
+        lines += [f"- `{copy.path}` ({_identity(copy)}): duplicate of `{run.path}`" for copy, run in copies]
     if problems:
         lines += ["", "Skipped (unreadable):", ""] + [f"- `{path}`: {why}" for path, why in problems]
     return "\n".join(lines) + "\n"
@@ -111,15 +131,16 @@ def to_csv(rows: list[Row]) -> str:
 def _flat_fields() -> list[str]:
     out = []
     for name in Row.__dataclass_fields__:
-        if name == "members":
+        if name in ("members", "copies"):
             continue
         out += [f"{name}_{sub}" for sub in Diff.__dataclass_fields__] if name.startswith("vs_") else [name]
-    return out + ["failed_runs"]
+    return out + ["failed_runs", "duplicate_runs"]
 
 
 def to_json(rows: list[Row], problems=()) -> str:
     """{"rows": [...], "failed": [{"path", "dataset", "pair", "method", "seed", "status", "reason"}],
-    "skipped": [{"path", "error"}]}; a row's vs_* differences are nested objects."""
+    "duplicates": [{"path", "dataset", "pair", "method", "seed", "duplicate_of"}], "skipped": [{"path", "error"}]};
+    a row's vs_* differences are nested objects."""
     failed = [
         {
             "path": str(run.path),
@@ -132,10 +153,22 @@ def to_json(rows: list[Row], problems=()) -> str:
         }
         for run in failed_runs(rows)
     ]
+    duplicates = [
+        {
+            "path": str(copy.path),
+            "dataset": copy.dataset,
+            "pair": copy.pair,
+            "method": method_label(copy),
+            "seed": copy.seed,
+            "duplicate_of": str(run.path),
+        }
+        for copy, run in duplicate_runs(rows)
+    ]
     return json.dumps(
         {
             "rows": [r.as_dict() for r in rows],
             "failed": failed,
+            "duplicates": duplicates,
             "skipped": [{"path": str(p), "error": w} for p, w in problems],
         },
         indent=2,
@@ -183,19 +216,36 @@ def plot_bars(rows: list[Row], path: str) -> None:
     plt.close(fig)
 
 
-def plot_curves(runs: list[Run], path: str) -> None:
-    """Test top-1 per epoch, one line per run."""
+def curves_figure(runs: list[Run]):
+    """A figure of test top-1 per epoch (whole-epoch ticks), one line per run but duplicates, each labelled
+    "pair method (trainer) seed N", with the table's settings label ("[SOLVER.EPOCHS=2]") when runs of the
+    method differ in settings."""
     plt = _pyplot()
+    from matplotlib.ticker import MaxNLocator
+
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for run in runs:
-        curve = run.curve()
-        if curve:
-            label = f"{run.pair} {run.method} ({run.trainer})" + (f" seed {run.seed}" if run.seed is not None else "")
-            ax.plot(*zip(*curve), label=label)
+    for (_, _, _, setting), group in groups(runs).items():
+        for run in split_duplicates(group)[0]:
+            curve = run.curve()
+            if curve:
+                label = f"{run.pair} {run.method} ({run.trainer})" + (f" [{setting}]" if setting else "")
+                ax.plot(*zip(*curve), label=label + (f" seed {run.seed}" if run.seed is not None else ""))
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("epoch")
     ax.set_ylabel("test top-1 (%)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    if ax.lines:
+        ax.legend(fontsize=8)
     fig.tight_layout()
+    return fig
+
+
+def plot_curves(runs: list[Run], path: str) -> list[str]:
+    """Save curves_figure(runs) to path; returns its legend's labels."""
+    plt = _pyplot()
+    fig = curves_figure(runs)
+    legend = fig.axes[0].get_legend()
+    labels = [text.get_text() for text in legend.get_texts()] if legend else []
     fig.savefig(path, dpi=120)
     plt.close(fig)
+    return labels

@@ -11,7 +11,10 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from .runs import SHARED_SECTIONS, Run
 from .stats import Diff, compare
 
-__all__ = ["Row", "published", "aggregate", "mean_std", "method_label", "samples", "compare_rows", "baseline_row"]
+__all__ = [
+    "Row", "published", "aggregate", "mean_std", "method_label", "samples", "compare_rows", "baseline_row",
+    "groups", "split_duplicates",
+]  # fmt: skip
 
 
 def mean_std(values: list[float]) -> tuple[float | None, float | None]:
@@ -40,7 +43,8 @@ class Row:
     """One (dataset, pair, method, trainer) cell of the leaderboard.
 
     Means and stds are over the finished usable runs (all usable runs while none has finished);
-    failed and non-finite runs are counted in ``failed`` and never averaged. ``vs_kd_best`` and the
+    failed and non-finite runs are counted in ``failed`` and never averaged; a duplicate (see
+    ``split_duplicates``) is counted once, the others in ``duplicates``. ``vs_kd_best`` and the
     like are the difference of this method to KD / DKD (same trainer when it has runs, else the host's)
     in best or last-epoch top-1, paired over shared seeds or else Welch (see stats.compare).
     """
@@ -53,6 +57,7 @@ class Row:
     runs: int  # usable runs (finished or not)
     finished: int
     failed: int  # failed or non-finite runs, listed apart
+    duplicates: int  # copies of a counted run (identical worklog), listed apart
     progress: str  # epochs done / planned per unfinished run, "" when all finished
     best_mean: float | None
     best_std: float | None
@@ -68,7 +73,8 @@ class Row:
     published: float | None
     published_source: str
     diff_vs_published: float | None  # best_mean − published, only for runs of the published schedule
-    members: list[Run] = field(default_factory=list, repr=False, compare=False)  # every run of the cell
+    members: list[Run] = field(default_factory=list, repr=False, compare=False)  # every run of the cell but copies
+    copies: list[tuple[Run, Run]] = field(default_factory=list, repr=False, compare=False)  # (copy, run it repeats)
 
     @property
     def base_method(self) -> str:
@@ -82,12 +88,13 @@ class Row:
         return [r for r in self.members if r.problem is not None]
 
     def as_dict(self) -> dict:
-        """Every field but ``members``; the vs_* differences as nested dicts (None when absent)."""
-        return {f.name: _plain(getattr(self, f.name)) for f in fields(self) if f.name != "members"}
+        """Every field but ``members`` and ``copies``; the vs_* differences as nested dicts (None when absent)."""
+        return {f.name: _plain(getattr(self, f.name)) for f in fields(self) if f.name not in ("members", "copies")}
 
     def flat(self) -> dict:
         """as_dict with the vs_* differences spread into ``vs_kd_best_mean``-style keys, plus
-        ``failed_runs``: "path: reason" of each failed run, joined by "; " (for CSV)."""
+        ``failed_runs``: "path: reason" of each failed run and ``duplicate_runs``: "path: duplicate of path" of
+        each copy, joined by "; " (for CSV)."""
         out = {}
         for key, value in self.as_dict().items():
             if key.startswith("vs_"):
@@ -96,6 +103,7 @@ class Row:
             else:
                 out[key] = value
         out["failed_runs"] = "; ".join(f"{r.path}: {r.problem}" for r in self.failed_runs)
+        out["duplicate_runs"] = "; ".join(f"{copy.path}: duplicate of {run.path}" for copy, run in self.copies)
         return out
 
 
@@ -181,21 +189,46 @@ def _split_by_settings(group: list[Run]) -> dict[str, list[Run]]:
     return parts
 
 
-def aggregate(runs: list[Run]) -> list[Row]:
-    """Leaderboard rows, pairs and methods in a stable order (KD and DKD first)."""
+def split_duplicates(group: list[Run]) -> tuple[list[Run], list[tuple[Run, Run]]]:
+    """(runs, copies) of runs of one cell and settings: usable runs of one seed whose worklogs hold the same
+    epoch records and best_acc are one run, the first by path counted (in ``runs``, in the group's order)
+    and each other listed as (copy, the counted run). Unseeded, failed and non-finite runs are never copies."""
+    first: dict[tuple, Run] = {}
+    copies = []
+    for run in sorted(group, key=lambda r: r.path.parts):
+        if run.seed is None or run.problem is not None:
+            continue
+        key = (run.seed, repr(run.log.epochs), repr(run.log.best_acc))
+        if key in first:
+            copies.append((run, first[key]))
+        else:
+            first[key] = run
+    copied = {id(copy) for copy, _ in copies}
+    return [r for r in group if id(r) not in copied], copies
+
+
+def groups(runs: list[Run]) -> dict[tuple[str, str, str, str], list[Run]]:
+    """{(dataset, pair, method label, settings label): runs}: the runs each leaderboard row is made of,
+    the settings label naming what sets them apart from other runs of the method ("" when nothing does)."""
     cells: dict[tuple[str, str, str], list[Run]] = {}
     for run in runs:
         cells.setdefault((run.dataset, run.pair, method_label(run)), []).append(run)
-    groups: dict[tuple[str, str, str, str], list[Run]] = {}  # runs with other settings are never averaged
+    out: dict[tuple[str, str, str, str], list[Run]] = {}  # runs with other settings are never averaged
     for key, cell in cells.items():
         for setting, part in _split_by_settings(cell).items():
-            groups[(*key, setting)] = part
+            out[(*key, setting)] = part
+    return out
+
+
+def aggregate(runs: list[Run]) -> list[Row]:
+    """Leaderboard rows, pairs and methods in a stable order (KD and DKD first)."""
+    parts = groups(runs)
     pub = published()
     order = {"kd": 0, "dkd": 1, "normkd": 2, "normdkd": 3}
     rows = []
-    for key in sorted(groups, key=lambda k: (k[0], k[1], order.get(k[2].split()[0], 9), k[2], k[3])):
+    for key in sorted(parts, key=lambda k: (k[0], k[1], order.get(k[2].split()[0], 9), k[2], k[3])):
         dataset, pair, method, setting = key
-        group = groups[key]
+        group, copies = split_duplicates(parts[key])
         counted = _counted(group)
         best_m, best_s = mean_std([r.best_acc for r in counted if r.best_acc is not None])
         last_m, last_s = mean_std([r.last_acc for r in counted if r.last_acc is not None])
@@ -215,6 +248,7 @@ def aggregate(runs: list[Run]) -> list[Row]:
                 runs=len(usable),
                 finished=len(usable) - len(unfinished),
                 failed=len(group) - len(usable),
+                duplicates=len(copies),
                 progress=", ".join(f"{r.epochs_done}/{r.epochs_planned or '?'}" for r in unfinished),
                 best_mean=best_m,
                 best_std=best_s,
@@ -235,6 +269,7 @@ def aggregate(runs: list[Run]) -> list[Row]:
                     else None
                 ),
                 members=group,
+                copies=copies,
             )
         )
     for row in rows:
