@@ -14,6 +14,7 @@ npz-shard layout (one folder)::
 
 from __future__ import annotations
 
+import hashlib
 import pickle
 import random
 import re
@@ -25,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from .errors import UserError
 
@@ -38,6 +39,9 @@ __all__ = [
     "seed_run",
     "seed_worker",
     "worker_options",
+    "position_seed",
+    "SampleKeys",
+    "SeededSamples",
 ]
 
 CIFAR_LAYOUTS = (
@@ -74,6 +78,55 @@ def seed_worker(worker_id: int) -> None:
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)
     random.seed(seed)
+
+
+def position_seed(*position: int) -> int:
+    """A seed in [0, 2**63) that is a fixed hash of the integers ``position`` (any process, any platform)."""
+    digest = hashlib.blake2b(repr(tuple(int(p) for p in position)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+class SampleKeys(Sampler):
+    """``(index, seed, epoch)`` for each index of a DistributedSampler, with its seed and epoch when iteration starts."""
+
+    def __init__(self, sampler: DistributedSampler):
+        self.sampler = sampler
+
+    def __iter__(self):
+        seed, epoch = self.sampler.seed, self.sampler.epoch
+        return ((index, seed, epoch) for index in self.sampler)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+
+class SeededSamples(Dataset):
+    """``dataset[index]`` for a key ``(index, seed, epoch)``, with Python's, NumPy's and torch's global RNGs seeded
+    from ``position_seed(seed, epoch, index)`` while it is made; the caller's RNG states are left as they were.
+
+    A sample's random augmentation is then a function of its key alone: the same for any number of
+    loader workers or ranks, and after a resume.
+    """
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int, int]):
+        index, seed, epoch = key
+        s = position_seed(seed, epoch, index)
+        saved = random.getstate(), np.random.get_state(), torch.get_rng_state()
+        try:
+            random.seed(s)
+            np.random.seed([s & 0xFFFFFFFF, s >> 32])  # all 63 bits (a single seed takes 32)
+            torch.default_generator.manual_seed(s)  # the CPU's only: CUDA streams are not the caller's to lose
+            return self.dataset[index]
+        finally:
+            random.setstate(saved[0])
+            np.random.set_state(saved[1])
+            torch.set_rng_state(saved[2])
 
 
 class CIFAR100Arrays(Dataset):

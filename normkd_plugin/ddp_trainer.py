@@ -8,6 +8,10 @@ schedule, loss = sum of the distiller's losses, the worklog, ``latest``/``best``
   every global batch through a ``DistributedSampler`` seeded from EXPERIMENT.SEED (``set_epoch``
   each epoch), so the global batches are the same for any number of ranks. When the training set
   size is not a multiple of the world size, the sampler repeats up to ``world - 1`` samples;
+* a training sample's random augmentation is drawn from a seed hashed from (seed, epoch, sample
+  index) (:class:`~.data.SeededSamples`), and the tensor pipeline's (``DATASET.DECODE gpu|cpu``)
+  from one hashed per batch from (seed, epoch, step, rank): it does not depend on the loader's
+  workers, and a resumed run draws what the uninterrupted run draws;
 * the distiller is wrapped in ``DistributedDataParallel`` (gradients averaged over the ranks,
   buffers broadcast from rank 0 before each forward); the teacher is frozen so DDP ignores it;
   ``SOLVER.SYNC_BN True`` converts the student's BatchNorm to SyncBatchNorm (CUDA only);
@@ -16,8 +20,8 @@ schedule, loss = sum of the distiller's losses, the worklog, ``latest``/``best``
 * only rank 0 writes (worklog.txt, tensorboard, checkpoints), atomically, the worklog block of an
   epoch after its checkpoints; states hold no rank-specific data, so a run resumes on any number
   of ranks. Rank 0 reads the state on resume and broadcasts it. With ``EXPERIMENT.SEED < 0`` rank 0
-  draws the sampler seed; the state stores it and a resume uses it again (the host's states, which
-  lack it, draw a new one);
+  draws the seed; the state stores it and a resume uses it again (the host's states, which lack it,
+  draw a new one), so on a CPU a resumed run ends bitwise equal to the uninterrupted one;
 * a training loss that turns non-finite is found after the epoch (each rank records its first bad
   step on the device, no host sync per step; the ranks take the earliest): the epoch is neither
   validated nor committed, rank 0 ends the worklog with ``failed<TAB>epoch E step S of N:
@@ -51,7 +55,7 @@ from yacs.config import CfgNode as CN
 
 from . import dist
 from .config import ConfigError
-from .data import seed_worker, worker_options
+from .data import SampleKeys, SeededSamples, position_seed, seed_worker, worker_options
 from .errors import RunsFailed
 from .fast.ranks import Ranks
 from .imagenet import DevicePipeline, HostAugment, check_decode, decode, jpeg_loader
@@ -142,6 +146,7 @@ class DDPTrainer(BaseTrainer):
             self.tf_writer = SummaryWriter(os.path.join(self.log_path, "train.events"))
         self.seed = self._shared_seed()
         self._build_loaders(train_loader, val_loader)
+        self._position = (0, 0)  # (epoch, step) of the training batch in hand: the tensor pipeline seeds from it
         self._step_no = torch.zeros((), dtype=torch.long, device=self.device)  # steps of this epoch so far
         self._first_bad = torch.full((), -1, dtype=torch.long, device=self.device)  # first non-finite step, -1: none
 
@@ -181,7 +186,8 @@ class DDPTrainer(BaseTrainer):
         val_indices = dist.shard(range(len(val_set)), self.rank, self.world)
         workers, val_workers = train_loader.num_workers, val_loader.num_workers
         self.pipeline: DevicePipeline | None = None
-        g = torch.Generator().manual_seed(self.seed * 1000 + self.rank)  # per-rank augmentation streams
+        # The tensor pipeline's draws (reseeded per batch); for the host's loader, its workers' base seeds.
+        g = torch.Generator().manual_seed(self.seed * 1000 + self.rank)
         self._generator = g
         if self.decode != "host":
             for what, ds in (("train", train_set), ("val", val_set)):
@@ -195,9 +201,9 @@ class DDPTrainer(BaseTrainer):
             return
         pin = self.device.type == "cuda"
         self.train_loader = DataLoader(
-            train_set,
+            SeededSamples(train_set),
             batch_size=per_rank,
-            sampler=self.train_sampler,
+            sampler=SampleKeys(self.train_sampler),
             num_workers=workers,
             worker_init_fn=seed_worker,
             generator=g,
@@ -216,8 +222,7 @@ class DDPTrainer(BaseTrainer):
     def _use_seed(self, seed: int) -> None:
         """Shuffle and augment from ``seed`` from now on (a resumed run's stored seed)."""
         self.seed = seed
-        self.train_sampler.seed = seed
-        self._generator.manual_seed(seed * 1000 + self.rank)
+        self.train_sampler.seed = seed  # SampleKeys passes it on to the augmentation
 
     # -- batches ---------------------------------------------------------------------------
     def _batch(self, data, train: bool) -> tuple[Tensor, Tensor]:
@@ -228,6 +233,8 @@ class DDPTrainer(BaseTrainer):
         encoded, target, index = data
         names = [self._names[0 if train else 1][i] for i in index.tolist()]
         images = decode(encoded, self.pipeline.device, names)
+        if train:
+            self._generator.manual_seed(position_seed(self.seed, *self._position, self.rank))
         image = self.pipeline.train(images)[0] if train else self.pipeline.val(images)
         return image.to(self.device, non_blocking=True), target.to(self.device, non_blocking=True)
 
@@ -287,6 +294,7 @@ class DDPTrainer(BaseTrainer):
         pbar = tqdm(total=len(self.train_loader), disable=not self.main)
         start = time.time()
         for step, data in enumerate(self.train_loader):
+            self._position = (epoch, step)
             self.train_iter(data, epoch, sums)
             pbar.update()
             if self.main and (step % 20 == 0 or step + 1 == len(self.train_loader)):
@@ -361,7 +369,7 @@ class DDPTrainer(BaseTrainer):
             "record": dict(record),
             "lr": lr,
             "saved_best": saved_best,
-            "seed": self.seed,  # the sampler's seed, drawn when EXPERIMENT.SEED < 0: a resume reuses it
+            "seed": self.seed,  # shuffle and augmentation seed, drawn when EXPERIMENT.SEED < 0: a resume reuses it
         }
         self.folder.commit_epoch(state, {"model": self.model.student.state_dict()}, self.cfg.LOG.SAVE_CHECKPOINT_FREQ)
         for key, value in record.items():
@@ -422,7 +430,7 @@ def _train(cfg, experiment_name: str, device: torch.device, resume: bool, time_l
         student, teacher = build_models(cfg, num_classes)
         distiller = build_distiller(cfg, student, teacher, num_data).to(device)
         if cfg.EXPERIMENT.SEED >= 0 and dist.world() > 1:
-            seed_everything(cfg.EXPERIMENT.SEED + dist.rank())  # per-rank augmentation in the main process
+            seed_everything(cfg.EXPERIMENT.SEED + dist.rank())  # per-rank streams for any draws in a training step
         trainer = DDPTrainer(experiment_name, distiller, train_loader, val_loader, cfg)
         trainer.time_limit = time_limit
         with allow_release_types():  # states from the host's trainer hold numpy floats

@@ -204,3 +204,60 @@ def test_empty_root_offline_is_one_error_naming_the_key(monkeypatch):
         DataError, match=r"DATASET.ROOT is empty, so mdistiller's own loader .* Name or service not known"
     ):
         get_dataset(cfg)
+
+
+def test_position_seed_is_a_fixed_hash_of_the_position():
+    """Pinned values: a run resumed by another version of the plugin must draw what it drew before."""
+    from normkd_plugin.data import position_seed
+
+    assert position_seed(3, 1, 0) == 7204337006902755625
+    assert position_seed(3, 2, 0) == 4848192325418067472
+    seeds = {position_seed(s, e, i) for s in (0, 1) for e in range(1, 30) for i in range(300)}
+    assert len(seeds) == 2 * 29 * 300 and all(0 <= s < 2**63 for s in seeds)
+    assert len({position_seed(1, 2, 3), position_seed(1, 3, 2), position_seed(1, 2, 3, 0)}) == 3
+
+
+def test_sample_keys_follow_the_distributed_sampler_and_its_epoch():
+    from torch.utils.data import DistributedSampler
+
+    from normkd_plugin.data import SampleKeys
+
+    sampler = DistributedSampler(range(11), num_replicas=2, rank=1, shuffle=True, seed=7)
+    keys = SampleKeys(sampler)
+    for epoch, seed in ((1, 7), (2, 7), (2, 9)):
+        sampler.seed = seed
+        sampler.set_epoch(epoch)
+        order = list(sampler)
+        assert list(keys) == [(i, seed, epoch) for i in order] and len(keys) == len(order) == 6
+
+
+def test_seeded_samples_draw_the_hosts_augmentation_from_the_key_alone(cifar_test_arrays):
+    """The host's random crop and flip, drawn from torch's generator seeded with position_seed(seed, epoch, index),
+    whatever the global RNGs held before; those are left as they were."""
+    import random
+
+    from mdistiller.dataset.cifar100 import get_cifar100_train_transform
+    from PIL import Image
+
+    from normkd_plugin.data import CIFAR100Arrays, SeededSamples, position_seed
+
+    images, labels = cifar_test_arrays
+    transform = get_cifar100_train_transform()
+    samples = SeededSamples(CIFAR100Arrays(images[:8], labels[:8], transform=transform))
+    assert len(samples) == 8
+    for epoch in (1, 2):
+        for index in range(8):
+            torch.manual_seed(index)
+            random.seed(index)
+            np.random.seed(index)
+            before = torch.get_rng_state(), random.getstate(), np.random.get_state()[1].copy()
+            image, target, got_index = samples[(index, 5, epoch)]
+            assert torch.equal(torch.get_rng_state(), before[0]) and random.getstate() == before[1]
+            assert np.array_equal(np.random.get_state()[1], before[2])
+            torch.manual_seed(position_seed(5, epoch, index))
+            assert torch.equal(image, transform(Image.fromarray(images[index])))
+            assert (target, got_index) == (int(labels[index]), index)
+    # the key decides: another epoch or seed crops and flips some of the 8 images differently
+    first = torch.stack([samples[(i, 5, 1)][0] for i in range(8)])
+    for seed, epoch in ((5, 2), (6, 1)):
+        assert not torch.equal(first, torch.stack([samples[(i, seed, epoch)][0] for i in range(8)]))

@@ -130,8 +130,8 @@ def _ok(proc):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
 
 
-def _run_folder(prefix: Path) -> Path:
-    (folder,) = list((prefix / "cifar100").iterdir())
+def _run_folder(prefix: Path, dataset: str = "cifar100") -> Path:
+    (folder,) = list((prefix / dataset).iterdir())
     return folder
 
 
@@ -539,3 +539,128 @@ def test_two_ranks_agree_on_the_first_nonfinite_step(npz_root, teacher_resnet56,
     assert proc.stderr.count(line) == 2, proc.stderr[-4000:]
     assert (folder / "worklog.txt").read_text().startswith("failed\tepoch 1 step 2 of 4: non-finite training loss")
     assert sorted(_files(folder)) == ["config.yaml"] and list((tmp_path / "a" / "cwd1").iterdir()) == []
+
+
+# -- random augmentation: a pure function of (seed, epoch, sample), so resumes are bitwise ------------
+def _main(opts, *flags) -> None:
+    """normkd-train's main in this process on one thread (as the workers), with the host's random training transform."""
+    from normkd_plugin import train
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train.main([*flags, *opts])
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _augmenting_opts(root, teacher, prefix, workers: int) -> list[str]:
+    return _opts(root, teacher, prefix, 2, "DATASET.NUM_WORKERS", str(workers))
+
+
+@pytest.fixture(scope="module")
+def augmented_runs(npz_root, teacher_resnet56, tmp_path_factory):
+    """Run folders of uninterrupted 2-epoch runs with random augmentation, by DATASET.NUM_WORKERS (0 and 2)."""
+    folders = {}
+    for workers in (0, 2):
+        prefix = tmp_path_factory.mktemp(f"augmented{workers}")
+        _main(_augmenting_opts(npz_root, teacher_resnet56, prefix, workers))
+        folders[workers] = _run_folder(prefix)
+    return folders
+
+
+def _assert_same_run(folder: Path, reference: Path) -> None:
+    """The same worklog and, bitwise, the same final model tensors and optimizer state (momentum buffers)."""
+    assert (folder / "worklog.txt").read_text() == (reference / "worklog.txt").read_text()
+    mine, theirs = _load(folder / "latest"), _load(reference / "latest")
+    assert mine["epoch"] == theirs["epoch"] == 2 and mine["record"] == theirs["record"]
+    assert mine["model"].keys() == theirs["model"].keys()
+    for key, value in theirs["model"].items():
+        assert torch.equal(mine["model"][key], value), key
+    momentum = [s["momentum_buffer"] for s in theirs["optimizer"]["state"].values()]
+    assert len(momentum) == len(mine["optimizer"]["state"]) > 0
+    for buf, s in zip(momentum, mine["optimizer"]["state"].values()):
+        assert torch.equal(s["momentum_buffer"], buf)
+    assert mine["optimizer"]["param_groups"] == theirs["optimizer"]["param_groups"]
+
+
+def test_random_augmentation_does_not_depend_on_the_loader_workers(augmented_runs):
+    """In the main process (0 workers) or in 2 persistent workers: the same images, bitwise the same run."""
+    _assert_same_run(augmented_runs[2], augmented_runs[0])
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_random_augmentation_resumes_bitwise(
+    npz_root, teacher_resnet56, tmp_path, monkeypatch, augmented_runs, workers
+):
+    """Killed at the first step of epoch 2, then resumed: bitwise the uninterrupted run with the same workers.
+
+    Before each sample was seeded from its position, this failed: the resumed epoch 2 drew its crops
+    and flips from restarted streams (the main process's global RNG, re-seeded workers) instead of
+    the streams the uninterrupted run had advanced through epoch 1.
+    """
+    from normkd_plugin.ddp_trainer import DDPTrainer
+
+    opts = _augmenting_opts(npz_root, teacher_resnet56, tmp_path / "runs", workers)
+    real = DDPTrainer.train_iter
+
+    def stop_in_epoch_2(self, data, epoch, sums):
+        if epoch == 2:
+            raise _Stop
+        return real(self, data, epoch, sums)
+
+    monkeypatch.setattr(DDPTrainer, "train_iter", stop_in_epoch_2)
+    with pytest.raises(_Stop):
+        _main(opts)
+    folder = _run_folder(tmp_path / "runs")
+    assert _load(folder / "latest")["epoch"] == 1
+    monkeypatch.setattr(DDPTrainer, "train_iter", real)
+    _main(opts, "--resume")
+    _assert_same_run(folder, augmented_runs[workers])
+
+
+@pytest.fixture(scope="module")
+def jpeg_root(tmp_path_factory, cifar_test_arrays):
+    """An ImageFolder DATASET.ROOT of real CIFAR-100 images upscaled to 64-96 px: 2 classes x 3 train, x 1 val."""
+    from PIL import Image
+
+    images, _ = cifar_test_arrays
+    root = tmp_path_factory.mktemp("jpeg")
+    k = 0
+    for split, per_class in (("train", 3), ("val", 1)):
+        for c in "ab":
+            (root / split / c).mkdir(parents=True)
+            for i in range(per_class):
+                image = Image.fromarray(images[k]).resize((64 + 8 * k, 96 - 4 * k), Image.NEAREST)
+                image.save(root / split / c / f"{i}.JPEG", "JPEG", quality=90)
+                k += 1
+    return root
+
+
+def test_tensor_pipeline_augmentation_resumes_bitwise(jpeg_root, tmp_path, monkeypatch):
+    """DATASET.DECODE cpu draws each batch's crops and flips from (seed, epoch, step, rank): killed in epoch 2 and
+    resumed, a run ends bitwise as the uninterrupted one (before, the resumed epoch 2 repeated epoch 1's draws)."""
+    from normkd_plugin.ddp_trainer import DDPTrainer
+
+    def opts(prefix):
+        return [
+            "--cfg", "imagenet/r34_r18/kd", "--device", "cpu", "SOLVER.TRAINER", "ddp", "DISTILLER.TYPE", "NONE",
+            "DATASET.DECODE", "cpu", "DATASET.ROOT", str(jpeg_root), "DATASET.NUM_WORKERS", "0",
+            "DATASET.TEST.BATCH_SIZE", "2", "SOLVER.BATCH_SIZE", "3", "SOLVER.EPOCHS", "2",
+            "SOLVER.LR_DECAY_STAGES", "[1]", "LOG.PREFIX", str(prefix), "EXPERIMENT.NAME", "r", "EXPERIMENT.SEED", "0",
+        ]  # fmt: skip
+
+    _main(opts(tmp_path / "whole"))
+    real = DDPTrainer.train_iter
+
+    def stop_in_epoch_2(self, data, epoch, sums):
+        if epoch == 2:
+            raise _Stop
+        return real(self, data, epoch, sums)
+
+    monkeypatch.setattr(DDPTrainer, "train_iter", stop_in_epoch_2)
+    with pytest.raises(_Stop):
+        _main(opts(tmp_path / "runs"))
+    monkeypatch.setattr(DDPTrainer, "train_iter", real)
+    _main(opts(tmp_path / "runs"), "--resume")
+    _assert_same_run(_run_folder(tmp_path / "runs", "imagenet"), _run_folder(tmp_path / "whole", "imagenet"))
