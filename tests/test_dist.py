@@ -599,9 +599,15 @@ def test_random_augmentation_resumes_bitwise(
     and flips from restarted streams (the main process's global RNG, re-seeded workers) instead of
     the streams the uninterrupted run had advanced through epoch 1.
     """
+    opts = _augmenting_opts(npz_root, teacher_resnet56, tmp_path / "runs", workers)
+    _stopped_in_epoch_2_then_resumed(monkeypatch, opts, lambda: _run_folder(tmp_path / "runs"))
+    _assert_same_run(_run_folder(tmp_path / "runs"), augmented_runs[workers])
+
+
+def _stopped_in_epoch_2_then_resumed(monkeypatch, opts: list[str], folder) -> None:
+    """Train ``opts`` until the first step of epoch 2 (an exception), check ``folder()`` holds epoch 1, resume."""
     from normkd_plugin.ddp_trainer import DDPTrainer
 
-    opts = _augmenting_opts(npz_root, teacher_resnet56, tmp_path / "runs", workers)
     real = DDPTrainer.train_iter
 
     def stop_in_epoch_2(self, data, epoch, sums):
@@ -612,11 +618,9 @@ def test_random_augmentation_resumes_bitwise(
     monkeypatch.setattr(DDPTrainer, "train_iter", stop_in_epoch_2)
     with pytest.raises(_Stop):
         _main(opts)
-    folder = _run_folder(tmp_path / "runs")
-    assert _load(folder / "latest")["epoch"] == 1
+    assert _load(folder() / "latest")["epoch"] == 1
     monkeypatch.setattr(DDPTrainer, "train_iter", real)
     _main(opts, "--resume")
-    _assert_same_run(folder, augmented_runs[workers])
 
 
 @pytest.fixture(scope="module")
@@ -640,7 +644,6 @@ def jpeg_root(tmp_path_factory, cifar_test_arrays):
 def test_tensor_pipeline_augmentation_resumes_bitwise(jpeg_root, tmp_path, monkeypatch):
     """DATASET.DECODE cpu draws each batch's crops and flips from (seed, epoch, step, rank): killed in epoch 2 and
     resumed, a run ends bitwise as the uninterrupted one (before, the resumed epoch 2 repeated epoch 1's draws)."""
-    from normkd_plugin.ddp_trainer import DDPTrainer
 
     def opts(prefix):
         return [
@@ -651,16 +654,7 @@ def test_tensor_pipeline_augmentation_resumes_bitwise(jpeg_root, tmp_path, monke
         ]  # fmt: skip
 
     _main(opts(tmp_path / "whole"))
-    real = DDPTrainer.train_iter
-
-    def stop_in_epoch_2(self, data, epoch, sums):
-        if epoch == 2:
-            raise _Stop
-        return real(self, data, epoch, sums)
-
-    monkeypatch.setattr(DDPTrainer, "train_iter", stop_in_epoch_2)
-    with pytest.raises(_Stop):
-        _main(opts(tmp_path / "runs"))
-    monkeypatch.setattr(DDPTrainer, "train_iter", real)
-    _main(opts(tmp_path / "runs"), "--resume")
+    _stopped_in_epoch_2_then_resumed(
+        monkeypatch, opts(tmp_path / "runs"), lambda: _run_folder(tmp_path / "runs", "imagenet")
+    )
     _assert_same_run(_run_folder(tmp_path / "runs", "imagenet"), _run_folder(tmp_path / "whole", "imagenet"))
