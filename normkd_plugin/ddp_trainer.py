@@ -201,7 +201,7 @@ class DDPTrainer(BaseTrainer):
             return
         pin = self.device.type == "cuda"
         self.train_loader = DataLoader(
-            SeededSamples(train_set),
+            SeededSamples(train_set, restore=workers == 0),  # the main process's RNGs stay as they were
             batch_size=per_rank,
             sampler=SampleKeys(self.train_sampler),
             num_workers=workers,

@@ -261,3 +261,8 @@ def test_seeded_samples_draw_the_hosts_augmentation_from_the_key_alone(cifar_tes
     first = torch.stack([samples[(i, 5, 1)][0] for i in range(8)])
     for seed, epoch in ((5, 2), (6, 1)):
         assert not torch.equal(first, torch.stack([samples[(i, seed, epoch)][0] for i in range(8)]))
+    # in a loader worker (restore=False) the same images, the global RNG left as the sample seeded it
+    unrestored = SeededSamples(samples.dataset, restore=False)
+    torch.manual_seed(123)
+    assert torch.equal(first, torch.stack([unrestored[(i, 5, 1)][0] for i in range(8)]))
+    assert not torch.equal(torch.get_rng_state(), torch.manual_seed(123).get_state())
