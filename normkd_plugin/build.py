@@ -48,7 +48,7 @@ def build_teacher(cfg, num_classes: int) -> nn.Module | None:
 
 
 def build_models(cfg, num_classes: int) -> tuple[nn.Module, nn.Module | None]:
-    """(student, teacher or None), the student built first as the host's tools/train.py does."""
+    """(student, teacher or None), the student built first (normkd-train's order for the host's trainers)."""
     student = build_student(cfg, num_classes)
     return student, build_teacher(cfg, num_classes)
 
@@ -91,8 +91,8 @@ def build_pack(cfgs: list, names: list[str], folders: list, device):
             seed_everything(cfg.EXPERIMENT.SEED)
         student = build_student(cfg, num_classes)
         if teacher is not None and cfg.DISTILLER.TYPE != "NONE":
-            # The host initialises its teacher here, between student and distiller: draw as much from the
-            # global RNG, so a distiller's own modules (connectors) start as on the host's path.
+            # normkd-train's path for the host's trainers initialises the teacher here, between student and
+            # distiller: draw as much from the global RNG, so a distiller's own modules (connectors) start alike.
             _teacher_architecture(cfg, num_classes)
         distillers.append(build_distiller(cfg, student, teacher if cfg.DISTILLER.TYPE != "NONE" else None, num_data))
     shared = None if teacher is None else SharedTeacher(teacher).to(device)

@@ -189,15 +189,25 @@ def run_all(jobs: list[Job | PackJob], nproc: int = 1, device: str = "", time_li
         print(f"[{i}/{len(jobs)}] {shlex.join(argv)}", flush=True)
         module = "torch.distributed.run" if nproc > 1 else "normkd_plugin.train"  # torchrun / normkd-train
         code = subprocess.call([sys.executable, "-m", module, *argv[1:]], env=env)  # with this interpreter
-        stopped = env is not None and os.path.exists(env[UNFINISHED_FILE_ENV])
-        if env is not None:
-            shutil.rmtree(os.path.dirname(env[UNFINISHED_FILE_ENV]), ignore_errors=True)
-        if code and not (stopped and code in (1, 3)):  # 1: torchrun's code for workers that exited 3
+        report = _read_report(env[UNFINISHED_FILE_ENV]) if env is not None else None
+        stopped, also_failed = report is not None, report is not None and report.startswith("failed\n")
+        if code and (also_failed or not (stopped and code in (1, 3))):  # 1: torchrun's code for workers that exited 3
             failures.append(f"exit code {code}: {shlex.join(argv)}")
             print(f"normkd-sweep: failed (exit code {code}); going on with the next", file=sys.stderr, flush=True)
         if stopped:
             raise _unfinished(f"in command {i} of {len(jobs)}", time_limit, failures)
     return failures
+
+
+def _read_report(path: str) -> str | None:
+    """The stop report a command left at ``path`` (its folder is removed), or None."""
+    try:
+        with open(path) as f:
+            return f.read()
+    except FileNotFoundError:
+        return None
+    finally:
+        shutil.rmtree(os.path.dirname(path), ignore_errors=True)
 
 
 def _unfinished(where: str, time_limit, failures: list[str]):
@@ -252,7 +262,7 @@ def main(argv: list[str] | None = None) -> None:
 
             time_limit = TimeLimit(parse_duration(args.time_limit))
             trainer = dict(zip(args.opts[::2], args.opts[1::2])).get("SOLVER.TRAINER", "fast" if args.pack else "base")
-            if trainer not in ("fast", "ddp"):
+            if trainer not in ("fast", "ddp") and not (trainer == "base" and args.nproc_per_node > 1):  # ddp there
                 raise ValueError(
                     f"--time-limit: SOLVER.TRAINER {trainer!r} is mdistiller's trainer, whose epoch loop cannot stop "
                     "early; add SOLVER.TRAINER fast (or ddp)"

@@ -81,8 +81,9 @@ class TimeLimit:
         return self.seconds - (self.clock() - self.start)
 
     def allows_epoch(self, runs: int = 1) -> bool:
-        """Whether one more epoch of ``runs`` runs, estimated as ``runs`` x the slowest per run so far, ends in time."""
-        return self.per_run * runs <= self.left()
+        """Whether one more epoch of ``runs`` runs, estimated as ``runs`` x the slowest per run so far, ends in time;
+        True before any epoch was measured (a job's first epoch always starts, so its runs can resume)."""
+        return self.per_run == 0 or self.per_run * runs <= self.left()
 
     def describe(self) -> str:
         """'after 7m58s of 8m00s (longest epoch 41.2s)'; the epoch part once an epoch was measured."""
@@ -90,13 +91,14 @@ class TimeLimit:
         return text + (f" (longest epoch {self.longest:.1f}s)" if self.longest else "")
 
 
-def report_unfinished(message: str) -> None:
+def report_unfinished(message: str, failed: bool = False) -> None:
     """Write ``message`` to the file named by $NORMKD_UNFINISHED_FILE, if set (how normkd-sweep learns of a
-    stop at the limit through torchrun, which turns its workers' exit code 3 into 1)."""
+    stop at the limit through torchrun, which turns its workers' exit codes 3 and 2 into 1); ``failed``:
+    some runs also failed, and the first line says ``failed``."""
     path = os.environ.get(UNFINISHED_FILE_ENV)
     if path:
         with open(path, "w") as f:
-            f.write(message + "\n")
+            f.write(("failed\n" if failed else "") + message + "\n")
 
 
 def _clock(seconds: float) -> str:

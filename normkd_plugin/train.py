@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(EXIT_UNFINISHED) from None
         except RunsFailed as exc:
             if exc.unfinished and main_rank:
-                report_unfinished(exc.unfinished)
+                report_unfinished(exc.unfinished, failed=True)
             raise
 
 

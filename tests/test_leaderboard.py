@@ -778,6 +778,14 @@ def test_unseeded_failed_and_other_cell_runs_are_never_duplicates(tmp_path):
     ]
 
 
+def test_runs_with_no_epoch_yet_are_never_duplicates(tmp_path):
+    """Two runs of one seed just started (empty worklogs) look alike but are not copies."""
+    make_run(tmp_path, "kd-a", [], finished=False, config=cfg("kd", seed=4))
+    make_run(tmp_path, "kd-b", [], finished=False, config=cfg("kd", seed=4))
+    runs = discover_runs([tmp_path])[0]
+    assert len(runs) == 2 and split_duplicates(runs) == (runs, [])
+
+
 # --- curves --------------------------------------------------------------------------------------
 
 

@@ -293,9 +293,9 @@ def test_resumed_pack_restarts_a_run_that_failed_before_its_first_checkpoint(
     assert (normkd / "worklog.txt").read_text().count("epoch: ") == 3
 
 
-def test_a_distillers_own_modules_start_as_on_the_hosts_path(tmp_path, small_cifar_npz, teacher_resnet56):
-    """FitNet's connector (and the student) in a pack equal what the host's order (seed, student, teacher,
-    distiller: tools/train.py, normkd-train's base path) initialises."""
+def test_a_distillers_own_modules_start_as_on_the_base_path(tmp_path, small_cifar_npz, teacher_resnet56):
+    """FitNet's connector (and the student) in a pack equal what normkd-train's path for the host's trainers
+    (seed, student, teacher, distiller) initialises."""
     from normkd_plugin.build import build_distiller, build_models, build_pack
     from normkd_plugin.config import load_config, run_name
     from normkd_plugin.data import seed_run

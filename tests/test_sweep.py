@@ -261,3 +261,24 @@ def test_time_limit_passes_through_printed_commands_and_bad_values_are_refused()
             text=True,
         )
         assert bad.returncode == 2 and f"--time-limit {value!r}" in bad.stderr
+
+
+@needs_mdistiller
+def test_a_pack_that_failed_and_stopped_through_torchrun_is_a_failure_and_a_stop(tmp_path, monkeypatch, capsys):
+    """One run of the pack failed, the others stopped at the limit: torchrun exits 1 either way; the report's
+    first line ``failed`` makes the sweep list the command as failed before it stops."""
+    launched = []
+
+    def call(argv, env=None):
+        launched.append(argv)
+        with open(env["NORMKD_UNFINISHED_FILE"], "w") as f:
+            f.write("failed\nstopped at the time limit\n")
+        return 1
+
+    monkeypatch.setattr(sweep.subprocess, "call", call)
+    args = ["--pairs", "res56_res20", "--methods", "kd,normkd", "--pack", "--run", "--nproc-per-node", "2"]
+    with pytest.raises(SystemExit) as stop:
+        sweep.main([*args, "--time-limit", "1h", "LOG.PREFIX", str(tmp_path)])
+    assert stop.value.code == 3 and len(launched) == 1
+    err = capsys.readouterr().err
+    assert "in command 1 of 1" in err and "1 command(s) failed before:\n  exit code 1: torchrun" in err

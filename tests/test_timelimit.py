@@ -60,6 +60,9 @@ def test_an_epoch_starts_only_if_the_longest_epoch_so_far_still_fits(clock):
         limit.epoch_ended()
         assert limit.allows_epoch() is allowed, clock.now
     assert limit.longest == 20 and limit.describe() == "after 1m25s of 1m40s (longest epoch 20.0s)"
+    late = TimeLimit(10)
+    clock.now += 60  # building the job took longer than the whole limit
+    assert late.allows_epoch()  # still the first epoch starts: its runs must hold something to resume
 
 
 def test_the_estimate_scales_with_the_runs_an_epoch_trains(clock):
@@ -169,6 +172,33 @@ def test_pack_stops_in_time_then_resumes_from_travelled_files_bitwise(
     train.main(["--resume", "--time-limit", "1m", *argv(tmp_path / "moved")])  # a fresh budget: epoch 2 fits
     for name in runs:
         assert_same_run(tmp_path / "whole" / name, tmp_path / "moved" / name)
+
+
+@needs_mdistiller
+def test_a_limit_spent_before_training_still_trains_one_epoch(
+    tmp_path, small_cifar_npz, teacher_resnet56, clock, monkeypatch, capsys
+):
+    """Building took longer than the limit: the first epoch runs anyway (nothing to estimate it by), so the
+    stopped run holds a checkpoint and the suggested --resume continues it."""
+    from normkd_plugin import train
+    from normkd_plugin.fast.pack import Pack
+
+    real_start = Pack.start
+
+    def slow_start(self, *args):
+        real_start(self, *args)
+        clock.now += 100
+
+    monkeypatch.setattr(Pack, "start", slow_start)
+    _epochs_take(monkeypatch, clock, Pack, 5.0)
+    argv = [PACK[0], PACK[1], "--device", "cpu", *fast_opts(small_cifar_npz, teacher_resnet56, tmp_path, 0)]
+    with pytest.raises(SystemExit) as stop:
+        train.main(["--time-limit", "30s", *argv])
+    assert stop.value.code == 3 and "1 of 1 run(s) at epoch 1 of 2" in capsys.readouterr().err
+    (folder,) = tmp_path.glob("*/*")
+    assert load_state(folder)["epoch"] == 1
+    train.main(["--resume", *argv])
+    assert (folder / "worklog.txt").read_text().count("best_acc") == 1
 
 
 @needs_mdistiller

@@ -192,11 +192,12 @@ def _split_by_settings(group: list[Run]) -> dict[str, list[Run]]:
 def split_duplicates(group: list[Run]) -> tuple[list[Run], list[tuple[Run, Run]]]:
     """(runs, copies) of runs of one cell and settings: usable runs of one seed whose worklogs hold the same
     epoch records and best_acc are one run, the first by path counted (in ``runs``, in the group's order)
-    and each other listed as (copy, the counted run). Unseeded, failed and non-finite runs are never copies."""
+    and each other listed as (copy, the counted run). Unseeded, failed and non-finite runs, and runs with no
+    epoch yet, are never copies."""
     first: dict[tuple, Run] = {}
     copies = []
     for run in sorted(group, key=lambda r: r.path.parts):
-        if run.seed is None or run.problem is not None:
+        if run.seed is None or run.problem is not None or not run.log.epochs:
             continue
         key = (run.seed, repr(run.log.epochs), repr(run.log.best_acc))
         if key in first:
