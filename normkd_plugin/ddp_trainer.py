@@ -55,7 +55,7 @@ from yacs.config import CfgNode as CN
 
 from . import dist
 from .config import ConfigError
-from .data import SampleKeys, SeededSamples, position_seed, seed_worker, worker_options
+from .data import SampleKeys, SeededSamples, position_seed, worker_options
 from .errors import RunsFailed
 from .fast.ranks import Ranks
 from .imagenet import DevicePipeline, HostAugment, check_decode, decode, jpeg_loader
@@ -186,7 +186,8 @@ class DDPTrainer(BaseTrainer):
         val_indices = dist.shard(range(len(val_set)), self.rank, self.world)
         workers, val_workers = train_loader.num_workers, val_loader.num_workers
         self.pipeline: DevicePipeline | None = None
-        # The tensor pipeline's draws (reseeded per batch); for the host's loader, its workers' base seeds.
+        # The tensor pipeline's draws (reseeded per batch); the host's loader takes its workers' base seeds from
+        # it rather than from the global RNG (SeededSamples then seeds every sample itself).
         g = torch.Generator().manual_seed(self.seed * 1000 + self.rank)
         self._generator = g
         if self.decode != "host":
@@ -205,7 +206,6 @@ class DDPTrainer(BaseTrainer):
             batch_size=per_rank,
             sampler=SampleKeys(self.train_sampler),
             num_workers=workers,
-            worker_init_fn=seed_worker,
             generator=g,
             pin_memory=pin,
             **worker_options(workers),
@@ -264,8 +264,7 @@ class DDPTrainer(BaseTrainer):
             while epoch <= self.cfg.SOLVER.EPOCHS:
                 if limit is not None and not dist.from_rank0(limit.allows_epoch):
                     raise Unfinished(
-                        f"stopped at the time limit {limit.describe()}: {self.folder.path} at epoch {epoch - 1} of "
-                        f"{self.cfg.SOLVER.EPOCHS}; run the same command with --resume to continue"
+                        limit.stopped(f"{self.folder.path} at epoch {epoch - 1} of {self.cfg.SOLVER.EPOCHS}")
                     )
                 if limit is not None:
                     limit.epoch_started()

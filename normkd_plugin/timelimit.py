@@ -85,6 +85,10 @@ class TimeLimit:
         True before any epoch was measured (a job's first epoch always starts, so its runs can resume)."""
         return self.per_run == 0 or self.per_run * runs <= self.left()
 
+    def stopped(self, where: str) -> str:
+        """The line a trainer ends with at the limit: what stopped ``where`` (runs and their epochs), how to go on."""
+        return f"stopped at the time limit {self.describe()}: {where}; run the same command with --resume to continue"
+
     def describe(self) -> str:
         """'after 7m58s of 8m00s (longest epoch 41.2s)'; the epoch part once an epoch was measured."""
         text = f"after {_clock(self.seconds - self.left())} of {_clock(self.seconds)}"

@@ -553,10 +553,7 @@ class Pack:
         if stopped and left:
             done = sorted({r.epoch for r in left})
             at = f"epoch {done[0]}" if len(done) == 1 else f"epochs {done[0]}-{done[-1]}"
-            unfinished = (
-                f"stopped at the time limit {time_limit.describe()}: {len(left)} of {len(self.runs)} run(s) "
-                f"at {at} of {epochs}; run the same command with --resume to continue"
-            )
+            unfinished = time_limit.stopped(f"{len(left)} of {len(self.runs)} run(s) at {at} of {epochs}")
         failed = [r for r in self.runs if r.status == "failed"]
         if failed:
             raise RunsFailed(

@@ -16,6 +16,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from .. import dist as job
+
 __all__ = ["Ranks"]
 
 
@@ -34,8 +36,7 @@ class Ranks:
     """The rank and world size of this process, and the few collectives a pack needs."""
 
     def __init__(self) -> None:
-        on = dist.is_available() and dist.is_initialized()
-        self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if on else (0, 1)
+        self.rank, self.world = job.rank(), job.world()
         self.main = self.rank == 0
 
     def share(self, start: int, stop: int) -> tuple[int, int]:
@@ -56,9 +57,7 @@ class Ranks:
 
     def sum_(self, tensor: Tensor) -> Tensor:
         """In-place sum over the ranks (no-op on one rank)."""
-        if self.world > 1:
-            dist.all_reduce(tensor)
-        return tensor
+        return job.all_reduce_sum(tensor)
 
     def first_(self, steps: Tensor) -> Tensor:
         """In-place minimum over the ranks of step numbers where -1 means none."""
