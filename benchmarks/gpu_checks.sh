@@ -2,15 +2,16 @@
 # The GPU checks and measurements, in stages, for a GPU machine without network access.
 #   setup  : install wheels copied along, the mdistiller checkout and this package; stage the data
 #   stage  : only copy the data into $DATA (layout: $DATA/cifar100/*.npz, $DATA/teachers/cifar100/*.pt)
-#   checks : the 10 CUDA tests (fused loss, graph vs eager with mutations, packed graph vs solo eager,
-#            nvJPEG pipeline) with the staged data
+#   checks : the 12 CUDA tests (fused loss, graph vs eager with mutations, packed graph vs solo eager,
+#            fused students in the graph, nvJPEG pipeline) with the staged data
 #   losses : benchmarks/loss_speed.py
 #   train  : benchmarks/trainer_speed.py, then the base-vs-fast accuracy parity runs
-#   pack   : benchmarks/pack_speed.py (K = 1, 4, 12 runs per pack, fp32 and bf16, serial and branches)
+#   fused  : the short fused-pack benchmark (resnet56 -> resnet20, fp32, K = 1, 12, 15, serial vs fused; ~2 min)
+#   pack   : benchmarks/pack_speed.py in full (K = 1, 4, 12, 15, both pairs, fp32 and bf16, serial/branches/fused)
 #   ddp    : one-rank NCCL epochs under torchrun (fast with its CUDA graph; ddp; DATASET.DECODE gpu)
 #            and benchmarks/imagenet_loader.py (host PIL loader vs nvJPEG pipeline)
-#   compare: one chunk of the 240-epoch KD/DKD/NormKD/NormDKD x 3 seeds comparison on resnet56 -> resnet20
-#            (one pack of 12 runs), resumed from results/cifar100-res56_res20/runs/. It stops at an epoch
+#   compare: one chunk of the 240-epoch vanilla/KD/DKD/NormKD/NormDKD x 3 seeds comparison on resnet56 ->
+#            resnet20 (one pack of 15 runs, fused on CUDA), resumed from results/cifar100-res56_res20/runs/. It stops at an epoch
 #            boundary within $COMPARE_SECONDS (normkd-train --time-limit; exit 3 = unfinished, run the stage
 #            again later) and keeps each run's worklog.txt and config.yaml, plus `latest` (student and
 #            optimizer, no teacher; ~2.3 MB per run) while the run is unfinished.
@@ -26,9 +27,14 @@
 #     the compare command; `git checkout` puts them back)
 #   command 1, sending .dev/whl .dev/mdistiller .dev/d1 : bash benchmarks/gpu_checks.sh setup
 #   command 2, sending .dev/d2                          : bash benchmarks/gpu_checks.sh stage
-#   command 3, sending .dev/d3                          : bash benchmarks/gpu_checks.sh stage checks
+#   command 3, sending .dev/d3                          : bash benchmarks/gpu_checks.sh stage checks fused
 #   command 4, sending .dev/runs                        : COMPARE_KEEP=.dev/runs bash benchmarks/gpu_checks.sh compare
 #   then: bash benchmarks/gpu_unpack.sh <the returned parts> results/gpu-CARD, commit results/cifar100-res56_res20/runs
+#
+# Durations (replace with the measured ones after each GPU run): none measured yet for this sequence.
+# Plan for a 15-minute slot: machine start 1-2 min; command 1 (setup) ~1 min; command 2 ~0.5 min;
+# command 3 (12 CUDA tests + fused benchmark) ~4 min; command 4 with COMPARE_SECONDS = what is left
+# less 2 min for the transfers back (about 360).
 #
 # Results are written to $RES and, after every stage, bundled into $OUT as results.tgz.00, .01, ...
 # (parts of at most 15 MiB: few files, whatever the stages wrote). Unpack them here with
@@ -70,9 +76,9 @@ for step in "$@"; do
   stage) stage_data ;;
   checks)  # only the CUDA tests (the rest run in CI); they skip, and so fail here, without a GPU
     python3 -P -m pytest -q -p no:cacheprovider -rA -k "cuda or gpu" tests/test_fused.py tests/test_fast_trainer.py \
-      tests/test_pack.py tests/test_imagenet.py 2>&1 | grep -E "^(PASSED|FAILED|ERROR|SKIPPED)| (passed|failed|skipped|error)" \
+      tests/test_pack.py tests/test_layout.py tests/test_imagenet.py 2>&1 | grep -E "^(PASSED|FAILED|ERROR|SKIPPED)| (passed|failed|skipped|error)" \
       | tee "$RES/cuda_tests.txt"
-    grep -q "10 passed" "$RES/cuda_tests.txt" || echo "CUDA tests: not all 10 passed" | tee -a "$RES/cuda_tests.txt" ;;
+    grep -q "12 passed" "$RES/cuda_tests.txt" || echo "CUDA tests: not all 12 passed" | tee -a "$RES/cuda_tests.txt" ;;
   losses) python3 benchmarks/loss_speed.py --out "$RES/loss_speed.md" ;;
   train)
     python3 benchmarks/trainer_speed.py --data "$CIFAR" --out "$RES/trainer_speed.md" 2>&1 | grep -v '^\s*$' | tail -12
@@ -91,6 +97,9 @@ for step in "$@"; do
       cp "$run/config.yaml" "$RES/parity-$trainer-config.yaml"
       tail -c 300 "$RES/parity-$trainer-worklog.txt"; echo
     done ;;
+  fused)
+    python3 benchmarks/pack_speed.py --data "$CIFAR" --pairs res56_res20 --precisions fp32 --sizes 1,12,15 \
+      --layouts serial,fused --iters 100 --out "$RES/pack_speed_fused.md" 2>&1 | grep '^|' ;;
   pack) python3 benchmarks/pack_speed.py --data "$CIFAR" --out "$RES/pack_speed.md" 2>&1 | grep '^|' ;;
   ddp)
     work=/tmp/normkd-ddp && rm -rf "$work" && mkdir -p "$work"
@@ -119,8 +128,8 @@ for step in "$@"; do
     [ -d "$keep" ] && cp -rn "$keep"/. "$prefix/cifar100/"
     # The kill is only a backstop: --time-limit ends the chunk at an epoch boundary.
     timeout --signal=KILL $((limit + 60)) normkd-train --resume --time-limit "$limit" --seeds "${COMPARE_SEEDS:-0,1,2}" \
-      --cfg cifar100/kd/res56_res20 --cfg cifar100/dkd/res56_res20 --cfg cifar100/normkd/res56_res20 \
-      --cfg cifar100/normdkd/res56_res20 SOLVER.TRAINER fast DATASET.ROOT "$CIFAR" \
+      --cfg cifar100/vanilla/res56_res20 --cfg cifar100/kd/res56_res20 --cfg cifar100/dkd/res56_res20 \
+      --cfg cifar100/normkd/res56_res20 --cfg cifar100/normdkd/res56_res20 SOLVER.TRAINER fast DATASET.ROOT "$CIFAR" \
       DISTILLER.TEACHER_CKPT "$TEACHER" LOG.PREFIX "$prefix" "${opts[@]}" > "$RES/compare.log" 2>&1
     code=$?
     # Every run folder is crash-safe, so whatever the exit (a run that failed, the backstop kill), the

@@ -4,12 +4,15 @@
 
 For resnet56 -> resnet20 and resnet32x4 -> resnet8x4 (batch 64, real CIFAR-100 from a local
 folder), in float32 and bf16 (+ channels_last): ms per packed step for K = 1, 4 (KD, DKD, NormKD,
-NormDKD; one seed) and 12 (the 4 methods x 3 seeds, so 3 distinct batches a step); each run's cost
-(ms per step / K) relative to a solo ``fast`` run of the same precision and to mdistiller's stock
-``base`` trainer measured in the same process; peak GPU memory. Teachers keep a random
-initialisation (their weights do not change the work). Timed after a warm-up that includes the
-graph capture. Packs of K > 1 are timed twice: students one after another in the step ("serial")
-and each on its own forked CUDA stream ("branches", SOLVER.FAST.PACK_BRANCHES). Runs on a CPU too (``--device cpu``, eager), for checking the script only. Not a test.
+NormDKD; one seed), 12 (the 4 methods x 3 seeds, so 3 distinct batches a step) and 15 (the
+comparison: the vanilla student and the 4 methods x 3 seeds); each run's cost (ms per step / K)
+relative to a solo ``fast`` run of the same precision and to mdistiller's stock ``base`` trainer
+measured in the same process; peak GPU memory. Teachers keep a random initialisation (their
+weights do not change the work). Timed after a warm-up that includes the graph capture. Packs of
+K > 1 are timed in three layouts: students one after another in the step ("serial", FUSE off), each
+on its own forked CUDA stream ("branches", SOLVER.FAST.PACK_BRANCHES) and all students as one
+network ("fused", SOLVER.FAST.FUSE on). Runs on a CPU too (``--device cpu``, eager: serial and
+fused), for checking the script and comparing layouts there. Not a test.
 """
 
 from __future__ import annotations
@@ -34,7 +37,11 @@ from normkd_plugin.runs import RunFolder  # noqa: E402
 METHODS = ("kd", "dkd", "normkd", "normdkd")
 PAIRS = {"res56_res20": ("resnet56", "resnet20"), "res32x4_res8x4": ("resnet32x4", "resnet8x4")}
 PRECISIONS = {"fp32": [], "bf16": ["SOLVER.AMP", "True", "SOLVER.FAST.CHANNELS_LAST", "True"]}
-BRANCHES = ["SOLVER.FAST.PACK_BRANCHES", "True"]  # students on forked streams (parallel graph branches)
+LAYOUTS = {
+    "serial": ["SOLVER.FAST.FUSE", "off"],
+    "branches": ["SOLVER.FAST.FUSE", "off", "SOLVER.FAST.PACK_BRANCHES", "True"],  # forked streams
+    "fused": ["SOLVER.FAST.FUSE", "on"],  # one network for all students
+}
 
 
 def _sync(device: torch.device) -> None:
@@ -44,13 +51,15 @@ def _sync(device: torch.device) -> None:
 
 def bench_pack(stem, k, extra, common, device, iters, warmup) -> tuple[float, float]:
     """(seconds per packed step, peak memory in GiB) for a pack of ``k`` runs."""
-    seeds = (0, 1, 2) if k == 12 else (0,)
-    methods = ("normkd",) if k == 1 else METHODS
+    seeds = (0, 1, 2) if k >= 12 else (0,)
+    methods = ("normkd",) if k == 1 else ("vanilla", *METHODS) if k == 15 else METHODS
     cfgs, names = [], []
     for method in methods:
         for seed in seeds:
             opts = [*common, *extra, "SOLVER.TRAINER", "fast", "EXPERIMENT.SEED", str(seed)]
-            cfg = load_config(f"cifar100/{method}/{stem}", opts)
+            if method == "vanilla":  # the student alone, as the comparison trains it
+                opts += ["DISTILLER.TYPE", "NONE"]
+            cfg = load_config(f"cifar100/{'kd' if method == 'vanilla' else method}/{stem}", opts)
             cfgs.append(cfg)
             names.append(run_name(cfg, opts))
     assert len(cfgs) == k
@@ -86,7 +95,9 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=200)
     ap.add_argument("--warmup", type=int, default=20)
     ap.add_argument("--workers", type=int, default=8)
-    ap.add_argument("--sizes", default="1,4,12")
+    ap.add_argument("--sizes", default="1,4,12,15")
+    ap.add_argument("--layouts", default=",".join(LAYOUTS), help="of K > 1 packs (branches: CUDA only)")
+    ap.add_argument("--precisions", default=",".join(PRECISIONS))
     ap.add_argument("--pairs", default=",".join(PAIRS))
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", default=None)
@@ -114,10 +125,11 @@ def main() -> None:
 
             init = (cifar_model_dict[student][0](num_classes=100), cifar_model_dict[teacher][0](num_classes=100))
             base = bench_base(cfg, init, get_dataset(cfg)[:2], args.iters, args.warmup, on_gpu=False)
-        for precision, extra in PRECISIONS.items():
-            solo = None
-            cases = [(k, "serial", extra) for k in sizes]
-            cases += [(k, "branches", extra + BRANCHES) for k in sizes if k > 1 and device.type == "cuda"]
+        layouts = [lay for lay in args.layouts.split(",") if lay != "branches" or device.type == "cuda"]
+        for precision in args.precisions.split(","):
+            extra, solo = PRECISIONS[precision], None
+            cases = [(1, "solo", extra + LAYOUTS["serial"])] if 1 in sizes else []
+            cases += [(k, lay, extra + LAYOUTS[lay]) for k in sizes if k > 1 for lay in layouts]
             for k, layout, opts in cases:
                 sec, mem = bench_pack(stem, k, opts, common, device, args.iters, args.warmup)
                 per_run = sec / k

@@ -218,6 +218,7 @@ COMMON_RULES: dict[str, Rule] = {
     "SOLVER.LR": LEARNING_RATE,
     "SOLVER.FAST.EVAL_BATCH_SIZE": AT_LEAST_ONE,  # only where the fast trainer is registered
     "SOLVER.FAST.ITERS_PER_EPOCH": ITERATIONS,
+    "SOLVER.FAST.FUSE": Rule(lambda v: v in ("auto", "on", "off"), "auto, on or off"),
 }
 """Keys every run reads; a key missing from the config is skipped."""
 
@@ -338,6 +339,7 @@ UNTRAINED_KEYS = PLACE_KEYS + (
     "SOLVER.FAST.CUDA_GRAPH",
     "SOLVER.FAST.EVAL_BATCH_SIZE",
     "SOLVER.FAST.PACK_BRANCHES",
+    "SOLVER.FAST.FUSE",
 )
 
 
@@ -345,10 +347,11 @@ def run_name(cfg: CN, opts: list[str] | tuple = ()) -> str:
     """PROJECT/<NAME or TAG>[,KEY:VALUE per override][,seed:N], as the host's tools/train.py names runs.
 
     Unlike the host, the overrides are sorted by key (the last value of a repeated key wins), so the
-    name does not depend on their order. Paths, logging and EXPERIMENT keys stay out (see PLACE_KEYS).
+    name does not depend on their order. Paths, logging, EXPERIMENT keys and how a run is executed
+    stay out (UNTRAINED_KEYS: a run resumes in its folder under another SOLVER.FAST.FUSE, say).
     """
     name = cfg.EXPERIMENT.NAME or cfg.EXPERIMENT.TAG
-    given = {k: v for k, v in zip(opts[::2], opts[1::2]) if not k.startswith(PLACE_KEYS)}
+    given = {k: v for k, v in zip(opts[::2], opts[1::2]) if not k.startswith(UNTRAINED_KEYS)}
     tags = [f"{k}:{v}" for k, v in sorted(given.items())]
     if cfg.EXPERIMENT.SEED >= 0:
         tags.append(f"seed:{cfg.EXPERIMENT.SEED}")

@@ -29,12 +29,12 @@ CIFAR = {
     "wrn40_2_shuv1": (0.01, 8, 4, 5),
 }
 METHODS = ("kd", "dkd", "normkd", "normdkd")
-ALL = [f"cifar100/{m}/{s}" for s in CIFAR for m in METHODS] + [
+ALL = [f"cifar100/{m}/{s}" for s in CIFAR for m in (*METHODS, "vanilla")] + [
     f"imagenet/{p}/{m}" for p in ("r34_r18", "r50_mv1") for m in METHODS
 ]
 
 
-def test_52_packaged_configs():
+def test_63_packaged_configs():
     from normkd_plugin.config import packaged_configs
 
     names = sorted(c.name for c in packaged_configs())
@@ -355,11 +355,12 @@ def test_release_config_runs_unchanged(tmp_path):
     assert (d.alpha, d.beta, d.t_norm) == (4.0, 5.0, 2.0)
 
 
-def test_normkd_configs_lists_52():
+def test_normkd_configs_lists_63():
     out = subprocess.run(
         [sys.executable, "-m", "normkd_plugin.configs_cli"], capture_output=True, text=True, check=True
     ).stdout
-    assert out.strip().endswith("52 configs")
+    assert out.strip().endswith("63 configs")
+    assert "cifar100  NONE     resnet56    resnet20     cifar100/vanilla/res56_res20" in out
     assert "cifar100  NORMDKD  resnet32x4  ShuffleV1    cifar100/normdkd/res32x4_shuv1" in out
 
 

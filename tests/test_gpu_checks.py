@@ -22,7 +22,7 @@ pytestmark = [
     ),
 ]
 
-METHODS = ("kd", "dkd", "normkd", "normdkd")
+METHODS = ("vanilla", "kd", "dkd", "normkd", "normdkd")  # the comparison's 5 rows
 EPOCHS = 8  # of one 64-image step each
 TINY = f"--device cpu SOLVER.EPOCHS {EPOCHS} SOLVER.LR_DECAY_STAGES [2,6] SOLVER.FAST.ITERS_PER_EPOCH 1"
 # normkd-train as the stage finds it on PATH, on a clock where each run's epoch takes 10 s: a chunk's
@@ -115,8 +115,8 @@ def _chunk(tmp_path, data, chunk: int, seconds: int, stage_exit: int = 0, **extr
 
 
 def test_chunks_travel_as_bundles_and_end_as_the_uninterrupted_pack(tmp_path, data):
-    # 4 runs x 10 s per epoch within 130 s: epochs start at 0, 40 and 80 s; a fourth would end at 160 s
-    assert _chunk(tmp_path, data, 1, seconds=130) == 3
+    # 5 runs x 10 s per epoch within 160 s: epochs start at 0, 50 and 100 s; a fourth would end at 200 s
+    assert _chunk(tmp_path, data, 1, seconds=160) == 3
     runs = tmp_path / "repo" / "runs"
     names = sorted(p.name for p in runs.iterdir())
     assert [n.split(",")[0] for n in names] == sorted(METHODS) and all(n.endswith("seed:0") for n in names)
@@ -124,7 +124,7 @@ def test_chunks_travel_as_bundles_and_end_as_the_uninterrupted_pack(tmp_path, da
         assert {p.name for p in (runs / name).iterdir()} == {"worklog.txt", "config.yaml", "latest"}
         assert (runs / name / "worklog.txt").read_text().count("epoch: ") == 3
     log = (tmp_path / "unpacked1" / "compare.log").read_text()
-    assert "stopped at the time limit after 2m00s of 2m10s (longest epoch 40.0s): 4 of 4 run(s) at epoch 3 of 8" in log
+    assert "stopped at the time limit after 2m30s of 2m40s (longest epoch 50.0s): 5 of 5 run(s) at epoch 3 of 8" in log
 
     assert _chunk(tmp_path, data, 2, seconds=600) == 0  # a fresh machine: only the bundle's files
     for name in names:
@@ -147,11 +147,12 @@ def test_chunks_travel_as_bundles_and_end_as_the_uninterrupted_pack(tmp_path, da
 
 def test_a_run_that_fails_in_a_chunk_does_not_hold_back_the_others(tmp_path, data):
     """NormDKD turns NaN in epoch 2: the chunk exits 2 (the stage 1), and every run's progress still comes back."""
-    assert _chunk(tmp_path, data, 1, seconds=130, stage_exit=1, POISON="NORMDKD:2") == 2
+    # epochs of 50, 50 (NormDKD fails in it) and 40 s end at 140 s; a fourth would end at 180 s
+    assert _chunk(tmp_path, data, 1, seconds=150, stage_exit=1, POISON="NORMDKD:2") == 2
     runs = tmp_path / "repo" / "runs"
     log = (tmp_path / "unpacked1" / "compare.log").read_text()
     assert "epoch 2 step 1 of 1: non-finite training loss" in log
-    assert "the others stopped at the time limit" in log and "3 of 4 run(s) at epoch 3 of 8" in log
+    assert "the others stopped at the time limit" in log and "4 of 5 run(s) at epoch 3 of 8" in log
     for folder in runs.iterdir():
         text = (folder / "worklog.txt").read_text()
         assert (folder / "latest").is_file()  # unfinished (the failed run keeps its last good state)

@@ -235,7 +235,10 @@ def test_packed_graph_equals_solo_eager_runs_on_cuda(tmp_path, small_cifar_npz, 
     try:
         dev = torch.device("cuda")
         cfgs, names = _configs(
-            small_cifar_npz, teacher_resnet56, tmp_path / "pack", extra=("SOLVER.FAST.PACK_BRANCHES", str(branches))
+            small_cifar_npz,
+            teacher_resnet56,
+            tmp_path / "pack",
+            extra=("SOLVER.FAST.PACK_BRANCHES", str(branches), "SOLVER.FAST.FUSE", "off"),  # fused: test_layout.py
         )
         with caplog.at_level(logging.WARNING):
             train_pack(cfgs, names, dev)

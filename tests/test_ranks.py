@@ -12,15 +12,15 @@ pytestmark = needs_mdistiller
 CFG = "cifar100/normkd/res56_res20"
 
 
-def _cfg(root, teacher, prefix, epochs=1, name=CFG, seed=0):
+def _cfg(root, teacher, prefix, epochs=1, name=CFG, seed=0, extra=()):
     from normkd_plugin.config import load_config, run_name
 
-    opts = fast_opts(root, teacher, prefix, seed, "SOLVER.EPOCHS", str(epochs), "SOLVER.LR_DECAY_STAGES", "[]")
+    opts = fast_opts(root, teacher, prefix, seed, "SOLVER.EPOCHS", str(epochs), "SOLVER.LR_DECAY_STAGES", "[]", *extra)
     cfg = load_config(name, opts)
     return cfg, run_name(cfg, opts)
 
 
-def _worker(rank, world, root, teacher, prefix, out, epochs, stop_at, fail_rank, names=(CFG,), seed=0):
+def _worker(rank, world, root, teacher, prefix, out, epochs, stop_at, fail_rank, names=(CFG,), seed=0, extra=()):
     """One torchrun-like process: init gloo, build and train the pack, record what it saw and wrote."""
     import torch.distributed as dist
 
@@ -54,7 +54,7 @@ def _worker(rank, world, root, teacher, prefix, out, epochs, stop_at, fail_rank,
         real = getattr(runs.RunFolder, name)
         setattr(runs.RunFolder, name, lambda self, *a, _real=real, _name=name: (writes.append(_name), _real(self, *a)))
     try:
-        cfgs, run_names = zip(*(_cfg(root, teacher, prefix, epochs, n, seed) for n in names))
+        cfgs, run_names = zip(*(_cfg(root, teacher, prefix, epochs, n, seed, extra) for n in names))
         folders = [runs.RunFolder(prefix / n) for n in run_names]
         pack = build_pack(list(cfgs), list(run_names), folders, torch.device("cpu"))
         try:
@@ -68,11 +68,11 @@ def _worker(rank, world, root, teacher, prefix, out, epochs, stop_at, fail_rank,
         dist.destroy_process_group()
 
 
-def _spawn(tmp_path, root, teacher, prefix, world=2, epochs=1, stop_at=0, fail_rank=-1, names=(CFG,), seed=0):
+def _spawn(tmp_path, root, teacher, prefix, world=2, epochs=1, stop_at=0, fail_rank=-1, names=(CFG,), seed=0, extra=()):
     """Start ``world`` processes of _worker and wait (at most 5 minutes: a hang fails the test)."""
     out = tmp_path / f"out-{world}-{epochs}-{stop_at}-{len(list(tmp_path.glob('out-*')))}"
     out.mkdir()
-    spawn_and_wait(_worker, (world, root, teacher, prefix, out, epochs, stop_at, fail_rank, names, seed), world)
+    spawn_and_wait(_worker, (world, root, teacher, prefix, out, epochs, stop_at, fail_rank, names, seed, extra), world)
     return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(world)]
 
 
@@ -298,3 +298,17 @@ def test_unseeded_runs_take_rank_0s_seed_and_initialisation(tmp_path, small_cifa
     ranks = _spawn(tmp_path, small_cifar_npz, teacher_resnet56, tmp_path / "o", seed=-1)
     assert ranks[0]["seed"] == ranks[1]["seed"]
     assert all(torch.equal(v, ranks[1]["student"][k]) for k, v in ranks[0]["student"].items())
+
+
+def test_two_ranks_train_a_fused_pack_as_the_unfused_pack(tmp_path, small_cifar_npz, teacher_resnet56):
+    """NormKD and KD fused (SOLVER.FAST.FUSE on) on two processes against the same two-process pack unfused."""
+    from test_layout import SMALL, assert_close_runs
+
+    names = (CFG, "cifar100/kd/res56_res20")
+    for fuse in ("on", "off"):
+        extra = (*SMALL, "SOLVER.FAST.FUSE", fuse)
+        ranks = _spawn(tmp_path, small_cifar_npz, teacher_resnet56, tmp_path / fuse, epochs=2, names=names, extra=extra)
+        assert all(torch.equal(v, ranks[1]["student"][k]) for k, v in ranks[0]["student"].items())  # ranks agree
+    for name in names:
+        _, folder = _cfg(small_cifar_npz, teacher_resnet56, tmp_path, 2, name, 0, (*SMALL, "SOLVER.FAST.FUSE", "on"))
+        assert_close_runs(tmp_path / "on" / folder, tmp_path / "off" / folder)

@@ -33,6 +33,7 @@ from ..runs import CONFIG, NONFINITE_CAUSES, RunFolder, epoch_record
 from ..timelimit import TimeLimit, Unfinished
 from .augment import TensorCifar
 from .graph import StepGraph
+from .layout import FusedStudents, fuse_on, fusion_key, student_output
 from .ranks import Ranks
 
 log = logging.getLogger(__name__)
@@ -53,7 +54,9 @@ PACK_KEYS = (
     "SOLVER.FAST.EVAL_BATCH_SIZE",
     "SOLVER.FAST.ITERS_PER_EPOCH",
     "SOLVER.FAST.PACK_BRANCHES",
+    "SOLVER.FAST.FUSE",
 )
+_NOTHING = contextlib.nullcontext()
 TEACHER_KEYS = ("DISTILLER.TEACHER", "DISTILLER.TEACHER_CKPT")
 
 
@@ -173,7 +176,18 @@ def _params(run: PackRun) -> list[Tensor]:
 
 def _student(run: PackRun) -> dict:
     """The student-only checkpoint (tools/eval.py reads it)."""
-    return {"model": run.distiller.student.state_dict()}
+    return own_storage({"model": run.distiller.student.state_dict()})
+
+
+def own_storage(tree):
+    """``tree`` with every tensor that views a larger storage (a fused slice) copied: torch.save writes whole storages."""
+
+    def own(t):
+        if isinstance(t, Tensor) and t.untyped_storage().nbytes() > t.numel() * t.element_size():
+            return t.clone()
+        return t
+
+    return tree_map(own, tree)
 
 
 def _buffers(run: PackRun) -> list[Tensor]:
@@ -181,10 +195,13 @@ def _buffers(run: PackRun) -> list[Tensor]:
     return [b for name, b in run.distiller.named_buffers() if not name.startswith("teacher.")]
 
 
-def _topk_correct(logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
-    top5 = logits.topk(5, dim=1).indices
-    hit = top5.eq(target.unsqueeze(1))
-    return hit[:, 0].sum(), hit.any(dim=1).sum()
+def _scores(logits: Tensor, target: Tensor) -> Tensor:
+    """Per model (rows of ``logits``: models x batch x classes): top-1 hits, top-5 hits, summed cross-entropy."""
+    hit = logits.topk(5, dim=2).indices.eq(target.view(1, -1, 1))
+    ce = F.cross_entropy(logits.float().flatten(0, 1), target.repeat(logits.shape[0]), reduction="none")
+    return torch.stack(
+        [hit[..., 0].sum(1), hit.any(dim=2).sum(1), ce.view(logits.shape[:2]).double().sum(1)], 1
+    ).double()
 
 
 def model_state(distiller: nn.Module) -> dict[str, Tensor]:
@@ -239,6 +256,9 @@ class Pack:
                 f"{self.batch_size}) cannot be shared by {self.ranks.world} processes; use at most {partial}"
             )
         self._cuda_streams: list = []
+        self.fuse = fuse_on(self.cfg, self.device)
+        self._units: list[tuple[list[int], FusedStudents | None]] = []
+        self._units_key = None
         self.graph = StepGraph(
             self._step, self._zero_grad, enabled=bool(fast.CUDA_GRAPH) and self.device.type == "cuda"
         )
@@ -263,27 +283,31 @@ class Pack:
         if self.teacher is not None:
             with self._autocast():
                 self.teacher.precompute([xs[g] for g in self._taught])
-        losses, top1s = [], []
-        for run, s, branch in zip(self._active, self._group_of, self._branches()):
-            with branch, self._autocast():
-                preds, terms = run.distiller(image=xs[s], target=targets[s], epoch=epoch)
+        losses: list = [None] * len(self._active)
+        top1s: list = [None] * len(self._active)
+        for (indices, fused), branch in zip(self._units, self._branches()):
             with branch:
-                loss = sum(value.mean() for value in terms.values())
-                if self.branches:  # each student's backward and step on its own branch
-                    loss.backward()
-                    run.optimizer.step()
-                losses.append(loss)
-                top1s.append(preds.detach().argmax(dim=1).eq(targets[s]).sum())
+                logits = self._fused_logits(indices, fused, xs) if fused is not None else None
+                for j, i in enumerate(indices):
+                    run, s = self._active[i], self._group_of[i]
+                    with student_output(run.distiller.student, logits[j]) if fused is not None else _NOTHING:
+                        with self._autocast():
+                            preds, terms = run.distiller(image=xs[s], target=targets[s], epoch=epoch)
+                    losses[i] = sum(value.mean() for value in terms.values())
+                    top1s[i] = preds.detach().argmax(dim=1).eq(targets[s]).sum()
+                if self.branches:  # each unit's backward and step on its own branch
+                    sum(losses[i] for i in indices).backward()
+                    self._optimize(indices, fused)
         if self.branches:
             self._join()
         else:
             sum(losses).backward()
-            for run in self._active:
-                if self.ranks.world > 1:
-                    self.ranks.reduce_grads(_params(run), self._weight)
-                run.optimizer.step()
-                if self.ranks.world > 1:
-                    self.ranks.follow_rank0(_buffers(run))
+            if self.ranks.world > 1:  # one flat all-reduce of every run's gradients
+                self.ranks.reduce_grads([p for unit in self._units for p in self._unit_params(*unit)], self._weight)
+            for unit in self._units:
+                self._optimize(*unit)
+            if self.ranks.world > 1:
+                self.ranks.follow_rank0([b for unit in self._units for b in self._unit_buffers(*unit)])
         loss = torch.stack([v.detach() for v in losses])
         n = targets[0].shape[0]
         count = torch.full_like(loss, n)  # a fill kernel: capturable, unlike a host-to-device copy
@@ -295,25 +319,72 @@ class Pack:
         if self.teacher is not None:
             self.teacher.precompute([])  # drop this step's batches and outputs
 
+    def _fused_logits(self, indices: list[int], fused: FusedStudents, xs: list[Tensor]) -> Tensor:
+        """The fused group's logits (K, B, classes), each slice on its own seed group's batch."""
+        seeds = [self._group_of[i] for i in indices]
+        x = xs[seeds[0]] if len(set(seeds)) == 1 else torch.stack([xs[s] for s in seeds])
+        with self._autocast():
+            return fused(x, batched=len(set(seeds)) > 1)
+
+    def _unit_params(self, indices: list[int], fused: FusedStudents | None) -> list[Tensor]:
+        return fused.parameters() if fused is not None else _params(self._active[indices[0]])
+
+    def _unit_buffers(self, indices: list[int], fused: FusedStudents | None) -> list[Tensor]:
+        return fused.buffer_list() if fused is not None else _buffers(self._active[indices[0]])
+
+    def _optimize(self, indices: list[int], fused: FusedStudents | None) -> None:
+        if fused is not None:
+            fused.step()
+        else:
+            self._active[indices[0]].optimizer.step()
+
+    def _lay_out(self, runs: list[PackRun]) -> None:
+        """Units of the step: runs of one fusable architecture as one fused group (SOLVER.FAST.FUSE), others alone."""
+        key = tuple(id(r) for r in runs)
+        if self._units_key == key:
+            return
+        self._unfuse()
+        groups: dict[object, list[int]] = {}
+        for i, run in enumerate(runs):
+            arch = fusion_key(run) if self.fuse else None
+            groups.setdefault(arch if arch is not None else ("alone", i), []).append(i)
+        units = []
+        for indices in groups.values():
+            fused = FusedStudents([runs[i] for i in indices]) if len(indices) > 1 else None
+            units.append((indices, fused))
+        self._units, self._units_key = sorted(units, key=lambda unit: unit[0][0]), key
+        for indices, fused in self._units:
+            if fused is not None:
+                log.info("fused %d students: %s", len(indices), ", ".join(runs[i].name for i in indices))
+
+    def _unfuse(self) -> None:
+        for _, fused in self._units:
+            if fused is not None:
+                fused.unfuse()
+        self._units, self._units_key = [], None
+
     def _branches(self) -> list:
-        """A context per active run: its own CUDA stream forked from the current one, or nothing."""
+        """A context per unit of the step: its own CUDA stream forked from the current one, or nothing."""
         if not self.branches:
-            return [contextlib.nullcontext()] * len(self._active)
-        while len(self._cuda_streams) < len(self._active):
+            return [contextlib.nullcontext()] * len(self._units)
+        while len(self._cuda_streams) < len(self._units):
             self._cuda_streams.append(torch.cuda.Stream(self.device))
         main = torch.cuda.current_stream(self.device)
-        for stream in self._cuda_streams[: len(self._active)]:
+        for stream in self._cuda_streams[: len(self._units)]:
             stream.wait_stream(main)  # the batches and the teacher's outputs are ready
-        return [torch.cuda.stream(stream) for stream in self._cuda_streams[: len(self._active)]]
+        return [torch.cuda.stream(stream) for stream in self._cuda_streams[: len(self._units)]]
 
     def _join(self) -> None:
         main = torch.cuda.current_stream(self.device)
-        for stream in self._cuda_streams[: len(self._active)]:
+        for stream in self._cuda_streams[: len(self._units)]:
             main.wait_stream(stream)
 
     def _zero_grad(self) -> None:
-        for run in self._active:
-            run.optimizer.zero_grad(set_to_none=True)
+        for indices, fused in self._units:
+            if fused is not None:
+                fused.zero_grad()
+            else:
+                self._active[indices[0]].optimizer.zero_grad(set_to_none=True)
 
     def _eager_step(self, images: list[Tensor], targets: list[Tensor], epoch: int) -> None:
         self._zero_grad()
@@ -330,6 +401,7 @@ class Pack:
     def train_iterations(self, runs: list[PackRun], epoch: int, count: int | None = None) -> int:
         """Train ``runs`` on ``count`` images (default: all) of a fresh epoch per seed; returns steps run."""
         self._active = runs
+        self._lay_out(runs)
         groups = self._seed_groups(runs)
         self._group_of = [next(i for i, g in enumerate(groups) if run in g) for run in runs]
         distilled = {g for g, run in zip(self._group_of, runs) if run.cfg.DISTILLER.TYPE != "NONE"}
@@ -367,25 +439,35 @@ class Pack:
         return steps
 
     @torch.no_grad()
-    def evaluate(self, run: PackRun) -> tuple[float, float, float]:
-        """(top-1 %, top-5 %, mean CE) of the run's student on the validation split."""
-        run.distiller.eval()
+    def validate(self, runs: list[PackRun]) -> list[tuple[float, float, float]]:
+        """(top-1 %, top-5 %, mean CE) of each run's student on the validation split; a fused group at once.
+
+        ``runs``: runs of the epoch just trained (a part of the step's units; the others are skipped).
+        """
         if self._eval_set is None:
             self._eval_set = self.val_data.eval_set()  # normalised once, reused by every run and epoch
         images, targets = self._eval_set
+        wanted = {id(run) for run in runs}
+        units = [(idx, fused) for idx, fused in self._units if any(id(self._active[i]) in wanted for i in idx)]
+        sums = [torch.zeros(len(idx), 3, device=self.device, dtype=torch.float64) for idx, _ in units]
+        for idx, fused in units:
+            if fused is None:
+                self._active[idx[0]].distiller.eval()
         step = int(self.cfg.SOLVER.FAST.EVAL_BATCH_SIZE)
-        sums = torch.zeros(3, device=self.device, dtype=torch.float64)
         lo, hi = self.ranks.share(0, targets.shape[0])  # each rank its part; the sums cover the whole split
         for i in range(lo, hi, step):
             x, y = self._layout(images[i : min(i + step, hi)]), targets[i : min(i + step, hi)]
-            logits = run.distiller(image=x)  # float32 even under SOLVER.AMP, as the host validates
-            top1, top5 = _topk_correct(logits, y)
-            ce = F.cross_entropy(logits.float(), y, reduction="sum")
-            sums += torch.stack([top1.double(), top5.double(), ce.double()])
-        self.ranks.sum_(sums)
+            for (idx, fused), total in zip(units, sums):
+                # float32 even under SOLVER.AMP, as the host validates
+                logits = fused.evaluate(x) if fused is not None else [self._active[idx[0]].distiller(image=x)]
+                for row in range(len(idx)):
+                    total[row] += _scores(logits[row], y)
+        scores = {}
+        for (idx, _), total in zip(units, sums):
+            self.ranks.sum_(total)
+            scores.update({id(self._active[i]): row for i, row in zip(idx, total.tolist())})
         n = targets.shape[0]
-        top1, top5, ce = sums.tolist()
-        return 100.0 * top1 / n, 100.0 * top5 / n, ce / n
+        return [(100.0 * top1 / n, 100.0 * top5 / n, ce / n) for top1, top5, ce in (scores[id(r)] for r in runs)]
 
     def train_epoch(self, runs: list[PackRun], epoch: int) -> None:
         """Set each run's LR for ``epoch``, train the epoch, then validate and commit (or fail) each run."""
@@ -401,11 +483,13 @@ class Pack:
         iters = int(self.cfg.SOLVER.FAST.ITERS_PER_EPOCH)
         steps = self.train_iterations(runs, epoch, iters * self.batch_size if iters > 0 else None)
         sums, first_bad = self._sums.tolist(), self._first_bad.tolist()
-        for run, lr, (loss_sum, top1, n), bad in zip(runs, lrs, sums, first_bad):
-            if bad >= 0 or not math.isfinite(loss_sum):
+        trained = [math.isfinite(loss_sum) and bad < 0 for (loss_sum, _, _), bad in zip(sums, first_bad)]
+        scores = iter(self.validate([run for run, ok in zip(runs, trained) if ok]))
+        for run, lr, (loss_sum, top1, n), bad, ok in zip(runs, lrs, sums, first_bad, trained):
+            if not ok:
                 self._fail(run, f"epoch {epoch} step {bad if bad >= 0 else '?'} of {steps}: non-finite training loss")
                 continue
-            test_acc, test_top5, test_loss = self.evaluate(run)
+            test_acc, test_top5, test_loss = next(scores)
             if not math.isfinite(test_loss):
                 self._fail(run, f"epoch {epoch}: non-finite validation loss")
                 continue
@@ -423,8 +507,8 @@ class Pack:
     def _state(self, run: PackRun, epoch: int, lr: float, record: dict, saved_best: bool) -> dict:
         return {
             "epoch": epoch,
-            "model": model_state(run.distiller),
-            "optimizer": run.optimizer.state_dict(),
+            "model": own_storage(model_state(run.distiller)),
+            "optimizer": own_storage(run.optimizer.state_dict()),
             "best_acc": run.best_acc,
             "format": STATE_FORMAT,
             "lr": lr,
@@ -546,6 +630,7 @@ class Pack:
                     run.status = "finished"
                     log.info("%s: best accuracy %.2f", run.name, run.best_acc)
         finally:
+            self._unfuse()
             for run in self.runs:
                 run.folder.unlock()
         left = [r for r in self.runs if r.status == "active"]

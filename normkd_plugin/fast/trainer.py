@@ -56,7 +56,7 @@ class FastTrainer(BaseTrainer):
 
     @classmethod
     def cfg_defaults(cls) -> CN:
-        """SOLVER.AMP and SOLVER.FAST.{CUDA_GRAPH, CHANNELS_LAST, EVAL_BATCH_SIZE, ITERS_PER_EPOCH, PACK_BRANCHES}."""
+        """SOLVER.AMP and SOLVER.FAST.{CUDA_GRAPH, CHANNELS_LAST, EVAL_BATCH_SIZE, ITERS_PER_EPOCH, PACK_BRANCHES, FUSE}."""
         cfg = CN()
         cfg.SOLVER = CN()
         cfg.SOLVER.AMP = False  # bfloat16 autocast for forward passes
@@ -66,6 +66,7 @@ class FastTrainer(BaseTrainer):
         cfg.SOLVER.FAST.EVAL_BATCH_SIZE = 1000
         cfg.SOLVER.FAST.ITERS_PER_EPOCH = 0  # > 0: a short epoch of that many steps (smoke runs only)
         cfg.SOLVER.FAST.PACK_BRANCHES = False  # CUDA: each student of a pack on its own stream (graph branch)
+        cfg.SOLVER.FAST.FUSE = "auto"  # packs: students of one architecture as one network (auto: on CUDA)
         return cfg
 
     def __init__(self, experiment_name, distiller, train_loader, val_loader, cfg):

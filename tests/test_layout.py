@@ -1,0 +1,292 @@
+"""fast/layout.py: a fused pack trains what the same pack trains unfused, to float32 rounding (CPU, real data).
+
+Fused students run as grouped convolutions, which sum in another order than K separate ones, so
+runs agree to rounding, not bitwise. How far rounding carries is measured, not guessed: BatchNorm's
+backward subtracts nearly equal terms, so the first layers' gradients move ~1e4x more than the
+forward's rounding (a 1e-7 relative change of the weights changes conv1's gradient by 2.5e-3), and
+from a random init at LR 0.05 one step amplifies such a difference ~2000x. The tests therefore run
+at LR 1e-5 and, after 2 epochs of 4 steps (the LR decay crossed, NormDKD inside its warm-up, the
+16-image last batch), ask per tensor (norms): metric records within 1e-6 relative (seen: 1e-8), BN
+running statistics within 1e-5 (seen: 1e-6), momentum buffers within 5e-2 (seen: 1.3e-2, the
+first BatchNorm's bias), weights within 0.1 of epoch 2's movement plus 1e-6 of their size (seen:
+0.04); generators, counters and the LR exactly. A plausible wrong fusion (another batch, a shared
+momentum, pooled BN statistics) misses these by orders of magnitude. Runs that do not fuse (a
+feature distiller, another architecture) stay bitwise equal to the unfused pack.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import pytest
+import torch
+
+from conftest import assert_same_run, fast_opts, interrupted_at_epoch, load_state, needs_cuda, needs_mdistiller
+
+pytestmark = needs_mdistiller
+
+PARAM_TOL, MOMENTUM_TOL, STAT_TOL, REL = 0.1, 5e-2, 1e-5, 1e-6
+# A small LR keeps the comparison about rounding (see the module's docstring).
+SMALL = ("SOLVER.LR", "1e-5", "LOG.SAVE_CHECKPOINT_FREQ", "1")
+KD, NORMKD, NORMDKD = "cifar100/kd/res56_res20", "cifar100/normkd/res56_res20", "cifar100/normdkd/res56_res20"
+# KD and NormKD share seed 0; NormDKD and the vanilla student seed 1: one fused group, two seed groups.
+FOUR = ((KD, 0, ()), (NORMKD, 0, ()), (NORMDKD, 1, ()), (KD, 1, ("DISTILLER.TYPE", "NONE")))
+
+
+def _train(root, teacher, prefix, runs, fuse, extra=(), resume=False, caplog=None, device="cpu"):
+    """Train ``runs`` ((config, seed, overrides) each) as one pack; returns the run folders."""
+    from normkd_plugin.config import load_config, run_name
+    from normkd_plugin.train import train_pack
+
+    cfgs, names = [], []
+    for name, seed, own in runs:
+        opts = fast_opts(root, teacher, prefix, seed, *SMALL, *own, *extra, "SOLVER.FAST.FUSE", fuse)
+        cfgs.append(load_config(name, opts))
+        names.append(run_name(cfgs[-1], opts))
+    if caplog is not None:
+        with caplog.at_level(logging.INFO, logger="normkd_plugin.fast.pack"):
+            train_pack(cfgs, names, torch.device(device), resume)
+    else:
+        train_pack(cfgs, names, torch.device(device), resume)
+    return [prefix / n for n in names]
+
+
+def _rel(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor) -> float:
+    return ((x.double() - y.double()).norm() / max(scale.double().norm().item(), 1e-30)).item()
+
+
+def _close_weights(x: torch.Tensor, y: torch.Tensor, moved: torch.Tensor) -> bool:
+    """Within PARAM_TOL of what the weights moved in an epoch plus 1e-6 of their size (p + update is rounded)."""
+    tol = PARAM_TOL * (moved.double().norm() + 1e-6 * x.double().norm())
+    return bool((x.double() - y.double()).norm() <= tol)
+
+
+def assert_close_runs(a, b):
+    """Two run folders hold the same run to float32 rounding (generators, counters and schedule exactly).
+
+    The tolerances and why are in the module's docstring.
+    """
+    a1, a2, b1, b2 = load_state(a, "epoch_1"), load_state(a), load_state(b, "epoch_1"), load_state(b)
+    assert a2["epoch"] == b2["epoch"] and a2["model"].keys() == b2["model"].keys()
+    for key, x in a2["model"].items():
+        y, moved = b2["model"][key], x - a1["model"][key]
+        assert x.dtype == y.dtype and x.shape == y.shape, key
+        if not x.is_floating_point():
+            assert torch.equal(x, y) and torch.equal(a1["model"][key], b1["model"][key]), f"{a.name}: {key}"
+        elif "running_" in key:
+            assert _rel(x, y, x) < STAT_TOL and _rel(a1["model"][key], b1["model"][key], x) < STAT_TOL, key
+        else:
+            assert _close_weights(x, y, moved) and _close_weights(a1["model"][key], b1["model"][key], moved), key
+    assert any(k.endswith("running_var") for k in a2["model"])
+    for sa, sb in ((a1, b1), (a2, b2)):
+        moms = [[s["momentum_buffer"] for s in st["optimizer"]["state"].values()] for st in (sa, sb)]
+        assert len(moms[0]) == len(moms[1]) > 0
+        assert all(_rel(x, y, x) < MOMENTUM_TOL for x, y in zip(*moms)), f"{a.name}: momentum"
+        assert sa["optimizer"]["param_groups"][0]["lr"] == sb["optimizer"]["param_groups"][0]["lr"]
+        assert torch.equal(sa["generator"], sb["generator"]) and sa["seed"] == sb["seed"]
+        for key in sa["record"]:
+            assert math.isclose(sa["record"][key], sb["record"][key], rel_tol=REL, abs_tol=1e-9), f"{a.name}: {key}"
+    for name in ("epoch_1", "student_latest"):
+        assert (a / name).stat().st_size < 1.5 * (b / name).stat().st_size  # one slice saved, not the stack
+
+
+def test_fused_pack_equals_the_unfused_pack(tmp_path, small_cifar_npz, teacher_resnet56, caplog):
+    """KD s0, NormKD s0, NormDKD s1, vanilla s1: one fused group of 4 (two batches), against the same pack unfused."""
+    fused = _train(small_cifar_npz, teacher_resnet56, tmp_path / "fused", FOUR, "on", caplog=caplog)
+    assert "fused 4 students" in caplog.text
+    unfused = _train(small_cifar_npz, teacher_resnet56, tmp_path / "unfused", FOUR, "off")
+    for a, b in zip(fused, unfused):
+        assert a.name == b.name  # FUSE does not enter the run name
+        assert_close_runs(a, b)
+    state = load_state(fused[2])
+    assert state["epoch"] == 2 and state["lr"] == pytest.approx(1e-6)  # the decay was crossed
+    assert "lr: 0.00" in (fused[0] / "worklog.txt").read_text()
+    # the slices really differ (their own inits, batches and losses): no slice copied another
+    weights = [load_state(f)["model"]["module.student.fc.weight"] for f in fused]
+    assert all(not torch.allclose(weights[i], weights[j]) for i in range(4) for j in range(i))
+
+
+def test_runs_with_their_own_learning_rates_follow_their_own_schedules(tmp_path, small_cifar_npz, teacher_resnet56):
+    runs = ((KD, 0, ("SOLVER.LR", "1e-5")), (KD, 0, ("SOLVER.LR", "4e-5")), (NORMKD, 0, ("SOLVER.LR", "1e-5")))
+    fused = _train(small_cifar_npz, teacher_resnet56, tmp_path / "fused", runs, "on")
+    unfused = _train(small_cifar_npz, teacher_resnet56, tmp_path / "unfused", runs, "off")
+    for a, b in zip(fused, unfused):
+        assert_close_runs(a, b)
+    assert [load_state(f)["lr"] for f in fused] == pytest.approx([1e-6, 4e-6, 1e-6])
+
+
+def test_mixed_pack_fuses_what_it_can_and_trains_the_rest_as_before(
+    tmp_path, small_cifar_npz, teacher_resnet56, caplog
+):
+    """KD + NormKD (resnet20) fuse; OFD (features) and a vanilla resnet8 beside them stay bitwise as unfused."""
+    runs = (
+        (KD, 0, ()),
+        (KD, 0, ("DISTILLER.TYPE", "OFD")),
+        (NORMKD, 1, ()),
+        (KD, 1, ("DISTILLER.TYPE", "NONE", "DISTILLER.STUDENT", "resnet8")),
+    )
+    fused = _train(small_cifar_npz, teacher_resnet56, tmp_path / "fused", runs, "on", caplog=caplog)
+    assert "fused 2 students" in caplog.text and "fused 3" not in caplog.text
+    unfused = _train(small_cifar_npz, teacher_resnet56, tmp_path / "unfused", runs, "off")
+    assert_close_runs(fused[0], unfused[0])
+    assert_close_runs(fused[2], unfused[2])
+    assert_same_run(fused[1], unfused[1])
+    assert_same_run(fused[3], unfused[3])
+
+
+def test_a_nan_run_in_a_fused_group_fails_alone(tmp_path, small_cifar_npz, teacher_resnet56, monkeypatch):
+    """NormKD's slice turns NaN at epoch 2; it fails at step 1 of 4, the other slices equal the unfused pack's."""
+    from normkd_plugin.fast.pack import Pack, RunsFailed
+
+    real = Pack.train_epoch
+
+    def poison(self, runs, epoch):
+        if epoch == 2:
+            with torch.no_grad():
+                next(r for r in runs if r.cfg.DISTILLER.TYPE == "NORMKD").distiller.student.fc.weight.fill_(math.nan)
+        real(self, runs, epoch)
+
+    monkeypatch.setattr(Pack, "train_epoch", poison)
+    runs = FOUR[:3]
+    with pytest.raises(RunsFailed, match="epoch 2 step 1 of 4"):
+        _train(small_cifar_npz, teacher_resnet56, tmp_path / "fused", runs, "on")
+    with pytest.raises(RunsFailed, match="epoch 2 step 1 of 4"):
+        unfused = _train(small_cifar_npz, teacher_resnet56, tmp_path / "unfused", runs, "off")
+    unfused = sorted((tmp_path / "unfused").glob("*/*"))
+    fused = sorted((tmp_path / "fused").glob("*/*"))
+    for a, b in zip(fused, unfused):
+        if "normkd" in a.name and "normdkd" not in a.name:
+            assert load_state(a)["epoch"] == 1 and "failed\tepoch 2 step 1 of 4" in (a / "worklog.txt").read_text()
+        else:
+            assert_close_runs(a, b)
+            assert all(torch.isfinite(t).all() for t in load_state(a)["model"].values())
+
+
+def test_resume_fused_then_unfused_then_fused_equals_the_uninterrupted_run(tmp_path, small_cifar_npz, teacher_resnet56):
+    runs, three = FOUR[1:3], ("SOLVER.EPOCHS", "3", "SOLVER.LR_DECAY_STAGES", "[2]")
+    whole = _train(small_cifar_npz, teacher_resnet56, tmp_path / "whole", runs, "off", three)
+    cut = tmp_path / "cut"
+    with interrupted_at_epoch(2), pytest.raises(KeyboardInterrupt):
+        _train(small_cifar_npz, teacher_resnet56, cut, runs, "on", three)
+    with interrupted_at_epoch(3), pytest.raises(KeyboardInterrupt):
+        _train(small_cifar_npz, teacher_resnet56, cut, runs, "off", three, resume=True)
+    assert load_state(cut / whole[0].relative_to(tmp_path / "whole"))["epoch"] == 2
+    resumed = _train(small_cifar_npz, teacher_resnet56, cut, runs, "on", three, resume=True)
+    for a, b in zip(resumed, whole):
+        assert_close_runs(a, b)
+        assert (a / "worklog.txt").read_text().count("epoch: ") == 3
+
+
+def test_fusion_key_accepts_logit_distillers_and_sgd_only(small_cifar_npz, teacher_resnet56, tmp_path):
+    """Which runs fuse: logit-only distillers over plain SGD of exactly the student's parameters."""
+    from types import SimpleNamespace
+
+    from mdistiller.models.cifar import resnet8, resnet20
+
+    from normkd_plugin.fast.layout import fusion_key
+
+    def run(kind, student, optimizer=None, dropout=False):
+        net = student(num_classes=100)
+        if dropout:
+            net.drop = torch.nn.Dropout(0.5)
+        distiller = SimpleNamespace(student=net, named_parameters=net.named_parameters)
+        opt = optimizer(net) if optimizer else torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+        cfg = SimpleNamespace(DISTILLER=SimpleNamespace(TYPE=kind))
+        return SimpleNamespace(cfg=cfg, distiller=distiller, optimizer=opt)
+
+    assert fusion_key(run("KD", resnet20)) == fusion_key(run("NORMDKD", resnet20)) is not None
+    assert fusion_key(run("NONE", resnet8)) not in (None, fusion_key(run("KD", resnet20)))
+    assert fusion_key(run("OFD", resnet20)) is None
+    assert fusion_key(run("KD", resnet20, lambda m: torch.optim.Adam(m.parameters()))) is None
+    assert (
+        fusion_key(run("KD", resnet20, lambda m: torch.optim.SGD(m.parameters(), lr=0.1, nesterov=True, momentum=0.9)))
+        is None
+    )
+    assert fusion_key(run("KD", resnet20, lambda m: torch.optim.SGD(list(m.parameters())[1:], lr=0.1))) is None
+    assert fusion_key(run("KD", resnet20, dropout=True)) is None
+
+
+def test_fuse_key_is_checked_and_is_an_execution_setting():
+    from normkd_plugin.config import ConfigError, load_config, run_name
+
+    with pytest.raises(ConfigError, match=r"SOLVER\.FAST\.FUSE.*'sometimes'.*auto, on or off"):
+        load_config(KD, ["SOLVER.FAST.FUSE", "sometimes"])
+    on, off = (["SOLVER.FAST.FUSE", v, "EXPERIMENT.SEED", "0"] for v in ("on", "off"))
+    assert run_name(load_config(KD, on), on) == run_name(load_config(KD, off), off)
+    assert "FUSE" not in run_name(load_config(KD, on), on)
+    assert load_config(KD).SOLVER.FAST.FUSE == "auto"  # the resume check ignores it (see the resume test)
+
+
+@needs_cuda
+@pytest.mark.parametrize("branches", [False, True])
+def test_fused_graph_pack_equals_the_unfused_eager_pack_on_cuda(
+    tmp_path, small_cifar_npz, teacher_resnet56, branches, caplog
+):
+    """The fused step captured in the CUDA graph (on a forked branch or not) against the unfused eager pack."""
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    extra = ("SOLVER.FAST.PACK_BRANCHES", str(branches))
+    fused = _train(small_cifar_npz, teacher_resnet56, tmp_path / "f", FOUR, "on", extra, caplog=caplog, device="cuda")
+    assert "fused 4 students" in caplog.text and "capture failed" not in caplog.text
+    eager = ("SOLVER.FAST.CUDA_GRAPH", "False")
+    unfused = _train(small_cifar_npz, teacher_resnet56, tmp_path / "u", FOUR, "off", eager, device="cuda")
+    for a, b in zip(fused, unfused):
+        assert_close_runs(a, b)
+
+
+@needs_cuda
+def test_fused_bf16_channels_last_pack_trains_in_the_graph(tmp_path, small_cifar_npz, teacher_resnet56, caplog):
+    amp = ("SOLVER.AMP", "True", "SOLVER.FAST.CHANNELS_LAST", "True")
+    fused = _train(small_cifar_npz, teacher_resnet56, tmp_path, FOUR, "on", amp, caplog=caplog, device="cuda")
+    assert "fused 4 students" in caplog.text and "capture failed" not in caplog.text
+    for folder in fused:
+        state = load_state(folder)
+        assert state["epoch"] == 2 and all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+def test_fused_students_step_as_their_own_sgd_optimizers(cifar_batch):
+    """Three resnet20 slices (two share LR and weight decay, one has its own; each its own images) over
+    three SGD steps against three modules with torch's SGD: the same weights, momentum and BN buffers."""
+    import copy
+    from types import SimpleNamespace
+
+    import torch.nn.functional as F
+    from mdistiller.models.cifar import resnet20
+
+    from normkd_plugin.fast.layout import FusedStudents
+
+    x, y = cifar_batch  # 32 real images: slice k trains on its own 16 (slices 0 and 2 share theirs)
+    batches = [(x[:16], y[:16]), (x[16:], y[16:]), (x[:16], y[:16])]
+    hyper = [(1e-5, 5e-4), (1e-5, 5e-4), (3e-5, 1e-4)]
+    nets = [resnet20(num_classes=100).train() for _ in hyper]
+    refs = [copy.deepcopy(n) for n in nets]
+    init = [{k: v.detach().clone() for k, v in n.named_parameters()} for n in nets]
+
+    def optimizer(net, lr, wd):
+        return torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9, weight_decay=wd)
+
+    runs = [
+        SimpleNamespace(distiller=SimpleNamespace(student=n), optimizer=optimizer(n, *h)) for n, h in zip(nets, hyper)
+    ]
+    ref_opts = [optimizer(n, *h) for n, h in zip(refs, hyper)]
+    fused = FusedStudents(runs)
+    for _ in range(3):
+        fused.zero_grad()
+        logits = fused(torch.stack([b for b, _ in batches]), batched=True)
+        sum(F.cross_entropy(logits[k], t) for k, (_, t) in enumerate(batches)).backward()
+        fused.step()
+        for net, opt, (b, t) in zip(refs, ref_opts, batches):
+            opt.zero_grad()
+            F.cross_entropy(net(b)[0], t).backward()
+            opt.step()
+    for run, net, opt, start in zip(runs, refs, ref_opts, init):
+        mine = dict(run.distiller.student.named_parameters())
+        for name, p in net.named_parameters():
+            assert _close_weights(mine[name], p, p - start[name]), name  # the weights (views of the stack) moved alike
+            m = run.optimizer.state[mine[name]]["momentum_buffer"]
+            assert _rel(m, opt.state[p]["momentum_buffer"], opt.state[p]["momentum_buffer"]) < MOMENTUM_TOL, name
+        theirs = dict(net.named_buffers())
+        for name, b in run.distiller.student.named_buffers():
+            assert torch.equal(b, theirs[name]) if "num_batches" in name else _rel(b, theirs[name], b) < STAT_TOL, name
+    fused.unfuse()
+    assert all(p.untyped_storage().nbytes() == p.numel() * 4 for p in nets[0].parameters())  # own storage again
