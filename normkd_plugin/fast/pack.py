@@ -196,12 +196,10 @@ def _buffers(run: PackRun) -> list[Tensor]:
 
 
 def _scores(logits: Tensor, target: Tensor) -> Tensor:
-    """Per model (rows of ``logits``: models x batch x classes): top-1 hits, top-5 hits, summed cross-entropy."""
-    hit = logits.topk(5, dim=2).indices.eq(target.view(1, -1, 1))
-    ce = F.cross_entropy(logits.float().flatten(0, 1), target.repeat(logits.shape[0]), reduction="none")
-    return torch.stack(
-        [hit[..., 0].sum(1), hit.any(dim=2).sum(1), ce.view(logits.shape[:2]).double().sum(1)], 1
-    ).double()
+    """(top-1 hits, top-5 hits, summed cross-entropy) of one model's logits on a batch, as float64."""
+    hit = logits.topk(5, dim=1).indices.eq(target.unsqueeze(1))
+    ce = F.cross_entropy(logits.float(), target, reduction="sum")
+    return torch.stack([hit[:, 0].sum().double(), hit.any(dim=1).sum().double(), ce.double()])
 
 
 def model_state(distiller: nn.Module) -> dict[str, Tensor]:
