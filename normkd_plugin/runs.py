@@ -190,11 +190,14 @@ class RunFolder:
     def _files(self) -> list[Path]:
         return [p for p in self.path.iterdir() if p.is_file()] if self.path.is_dir() else []
 
-    def check_start(self, resume: bool, new_ok: bool = False) -> str:
+    def check_start(self, resume: bool, new_ok: bool = True) -> str:
         """'start', 'resume' or 'skip' (a finished run under --resume); RunError for a start that would clobber.
 
-        ``new_ok``: under --resume, a folder with no run yet starts fresh (a pack that gained a run).
-        Under --resume a run that never completed an epoch (no checkpoint) starts again from scratch.
+        --resume is "resume or start" (detectron2's ``resume_or_load``): a folder with no run yet starts
+        fresh, a run that never completed an epoch (no checkpoint) starts again from scratch, a finished
+        run is skipped. So one command starts a job, continues it after a kill and is a no-op once it is
+        done (the one command of a requeued scheduler job). ``new_ok=False`` keeps the old refusal of a
+        --resume with nothing to resume.
         """
         status = self.status()
         if resume and status in ("started", "failed") and not self.has_state():
@@ -202,6 +205,7 @@ class RunFolder:
             return "start"
         if resume and status == "new":
             if new_ok:
+                log.info("%s: no run to resume yet; starting it", self.path)
                 return "start"
             raise RunError(f"--resume: {self.path} holds no run to resume; run the same command without --resume")
         if resume and status == "finished":

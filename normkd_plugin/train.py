@@ -26,7 +26,7 @@ EPILOG = """examples:
   normkd-train --list-distillers
 
 exit status: 0 done; 2 input error or failed run (one line on stderr); 3 stopped by --time-limit
-(every run continues exactly with --resume)
+(every run continues exactly with --resume; the same command with --resume also starts the job)
 """
 
 
@@ -54,7 +54,13 @@ def parser() -> argparse.ArgumentParser:
         metavar="S1,S2,...",
         help="train every --cfg once per seed (EXPERIMENT.SEED), all in one pack",
     )
-    p.add_argument("--resume", action="store_true", help="continue from <run folder>/latest")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="resume or start: continue each run from <run folder>/latest, start a run that has nothing to "
+        "resume, leave a finished one as it is (so the same command starts a job, continues it after a kill "
+        "or a --time-limit stop, and does nothing once it is done)",
+    )
     p.add_argument(
         "--time-limit",
         default=None,
@@ -240,7 +246,7 @@ def train_pack(cfgs: list, names: list[str], device: torch.device, resume: bool 
     folders = [RunFolder(os.path.join(cfg.LOG.PREFIX, name)) for cfg, name in zip(cfgs, names)]
     with dist.job(cfgs, device) as device:
         try:
-            modes = decide_starts(folders, resume, new_ok=len(cfgs) > 1)  # before anything is built
+            modes = decide_starts(folders, resume)  # before anything is built; --resume also starts new runs
             todo = [(c, n, f) for c, n, f, m in zip(cfgs, names, folders, modes) if m != "skip"]
             if not todo:
                 return None
@@ -248,7 +254,7 @@ def train_pack(cfgs: list, names: list[str], device: torch.device, resume: bool 
                 for cfg, name, _ in todo:
                     _init_wandb(cfg, name)
             pack = build_pack(*map(list, zip(*todo)), device)
-            return pack.train(resume, len(cfgs) > 1, [m for m in modes if m != "skip"], time_limit)
+            return pack.train(resume, True, [m for m in modes if m != "skip"], time_limit)
         finally:
             for folder in folders:
                 folder.unlock()

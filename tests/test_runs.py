@@ -95,9 +95,9 @@ def test_status_and_start_guards(tmp_path, files, status):
     assert folder.status() == status
     if status == "new":
         assert folder.check_start(resume=False) == "start"
-        assert folder.check_start(resume=True, new_ok=True) == "start"  # a run added to a resumed pack
+        assert folder.check_start(resume=True) == "start"  # --resume is resume-or-start
         with pytest.raises(RunError, match="holds no run to resume; run the same command without --resume"):
-            folder.check_start(resume=True)
+            folder.check_start(resume=True, new_ok=False)
     else:
         advice = "set EXPERIMENT.NAME" if status == "finished" else "add --resume .* EXPERIMENT.NAME"
         with pytest.raises(RunError, match=f"already holds a {status} run; {advice}"):

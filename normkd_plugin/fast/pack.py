@@ -484,10 +484,10 @@ class Pack:
         log.info("%s: resumed after epoch %d (best %.2f)", run.name, run.epoch, run.best_acc)
 
     # -- the whole schedule ------------------------------------------------------------------
-    def start(self, resume: bool, new_ok: bool = False, modes: list[str] | None = None) -> None:
+    def start(self, resume: bool, new_ok: bool = True, modes: list[str] | None = None) -> None:
         """Lock every run folder, refuse clobbering starts, load resume states, write config.yaml.
 
-        ``new_ok``: under --resume, runs with an empty folder start fresh (a pack that gained runs).
+        ``new_ok``: under --resume, runs with an empty folder start fresh (``RunFolder.check_start``).
         ``modes``: the caller's decisions per run (``RunFolder.check_start``), when already taken.
         """
         if modes is None:
@@ -515,7 +515,7 @@ class Pack:
     def train(
         self,
         resume: bool = False,
-        new_ok: bool = False,
+        new_ok: bool = True,
         modes: list[str] | None = None,
         time_limit: TimeLimit | None = None,
     ) -> list[PackRun]:
@@ -567,7 +567,7 @@ class Pack:
         return self.runs
 
 
-def decide_starts(folders: list[RunFolder], resume: bool, new_ok: bool) -> list[str]:
+def decide_starts(folders: list[RunFolder], resume: bool, new_ok: bool = True) -> list[str]:
     """Rank 0 locks the folders and decides each run's start ('start', 'resume', 'skip') for every rank.
 
     The other ranks never read the run folders; a refused start raises the same RunError on every rank.
