@@ -39,6 +39,7 @@ setup(
             "normkd-configs = normkd_plugin.configs_cli:main",
             "normkd-sweep = normkd_plugin.sweep:main",
             "normkd-leaderboard = normkd_plugin.leaderboard.cli:main",
+            "normkd-teachers = normkd_plugin.teachers:main",
         ],
     },
 )
