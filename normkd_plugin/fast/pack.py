@@ -29,6 +29,7 @@ from yacs.config import CfgNode as CN
 
 from ..dist import from_rank0
 from ..errors import RunError, RunsFailed
+from ..progress import QUIET, JobProgress
 from ..runs import CONFIG, NONFINITE_CAUSES, RunFolder, epoch_record
 from ..timelimit import TimeLimit, Unfinished
 from .augment import TensorCifar
@@ -207,6 +208,8 @@ def load_model_state(distiller: nn.Module, state: dict[str, Tensor], source: str
 class Pack:
     """Train the runs of a pack together; each writes its own run folder as a solo run does."""
 
+    progress: JobProgress = QUIET  # Pack.train's bar (per step, from the host) and per-epoch line
+
     def __init__(
         self, runs: list[PackRun], train_data: TensorCifar, val_data: TensorCifar, teacher: SharedTeacher | None
     ):
@@ -354,6 +357,7 @@ class Pack:
         def batch(i: int, j: int):
             lo, hi = self.ranks.share(i, j)  # the whole batch on one process
             self._weight = (hi - lo) / (j - i)  # this rank's share of the batch mean
+            self.progress.step()  # once per step, from the host: no device sync
             return [x[lo:hi] for x, _ in data], [y[lo:hi] for _, y in data]
 
         steps = self.graph.run(self._eager_step, batch, n // bs, bs, epoch, key=(epoch, tuple(id(r) for r in runs)))
@@ -525,6 +529,7 @@ class Pack:
         try:
             self.start(resume, new_ok, modes)
             epochs = int(self.cfg.SOLVER.EPOCHS)
+            self.progress = self._job_progress(epochs)
             while True:
                 active = [r for r in self.runs if r.status == "active" and r.epoch < epochs]
                 if not active:
@@ -536,7 +541,9 @@ class Pack:
                     break
                 if time_limit is not None:
                     time_limit.epoch_started()
+                self.progress.start_epoch(epoch)
                 self.train_epoch(behind, epoch)
+                self.progress.end_epoch()
                 if time_limit is not None:
                     time_limit.epoch_ended(len(behind))
             for run in self.runs:
@@ -546,6 +553,8 @@ class Pack:
                     run.status = "finished"
                     log.info("%s: best accuracy %.2f", run.name, run.best_acc)
         finally:
+            self.progress.close()
+            self.progress = QUIET
             for run in self.runs:
                 run.folder.unlock()
         left = [r for r in self.runs if r.status == "active"]
@@ -565,6 +574,14 @@ class Pack:
         if unfinished:
             raise Unfinished(unfinished)
         return self.runs
+
+    def _job_progress(self, epochs: int) -> JobProgress:
+        """The progress of what is left of the job: epochs after the furthest-behind active run."""
+        active = [r.epoch for r in self.runs if r.status == "active"]
+        iters = int(self.cfg.SOLVER.FAST.ITERS_PER_EPOCH)
+        n = min(iters * self.batch_size, len(self.train_data)) if iters > 0 else len(self.train_data)
+        steps = -(-n // self.batch_size)
+        return JobProgress(epochs, min(active, default=epochs), steps, show=self.ranks.main, device=self.device)
 
 
 def decide_starts(folders: list[RunFolder], resume: bool, new_ok: bool = True) -> list[str]:
