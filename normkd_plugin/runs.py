@@ -125,6 +125,7 @@ class RunFolder:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self._lock_fd: int | None = None
+        self._made: list[Path] = []  # the folders lock() created (this one and missing parents)
 
     def __repr__(self) -> str:
         return f"RunFolder({str(self.path)!r})"
@@ -134,6 +135,7 @@ class RunFolder:
         """Take the folder's lock (idempotent); RunError naming the holder's PID if another process has it."""
         if self._lock_fd is not None:
             return
+        self._made = [p for p in [self.path, *self.path.parents] if not p.exists()]  # removed again if left empty
         self.path.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -160,7 +162,9 @@ class RunFolder:
                 if [p.name for p in self.path.iterdir()] == [LOCK]:
                     (self.path / LOCK).unlink()
                     self.path.rmdir()
-            except OSError:  # another process came in meanwhile: its folder now
+                    for parent in self._made[1:]:  # LOG.PREFIX/<dataset>/ made for it, if empty
+                        parent.rmdir()
+            except OSError:  # another process came in meanwhile, or a parent holds other runs: kept
                 pass
             os.close(self._lock_fd)
             self._lock_fd = None

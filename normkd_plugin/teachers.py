@@ -301,6 +301,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--debug", action="store_true", help="show the traceback of an error instead of one line")
     args = ap.parse_args(argv)
     with user_errors(ap.prog, args.debug):
+        if args.source is not None and not Path(args.source).is_file():
+            raise TeacherError(f"--from {args.source}: no such file")
         dest = Path(args.dest) if args.dest else default_dest()
         done = installed(dest) if args.source is None else None
         if done is not None:
@@ -308,8 +310,6 @@ def main(argv: list[str] | None = None) -> None:
             return
         if args.source is not None:
             tar_path = Path(args.source)
-            if not tar_path.is_file():
-                raise TeacherError(f"--from {tar_path}: no such file")
         else:
             tar_path = dest / TAR
             if not tar_path.is_file():

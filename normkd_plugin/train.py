@@ -9,8 +9,11 @@ import argparse
 import logging
 import os
 import sys
+import warnings
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger("normkd_plugin.train")
 
@@ -121,12 +124,22 @@ def main(argv: list[str] | None = None) -> None:
     if not args.cfg:
         p.error("--cfg is required")
     with user_errors(p.prog, args.debug):
-        from .config import ConfigError, load_config, run_name
+        from .config import ConfigError, resolve_config
         from .timelimit import EXIT_UNFINISHED, TimeLimit, Unfinished, parse_duration, report_unfinished
 
+        # What needs neither torch nor mdistiller is checked first: a typo is refused at once.
         time_limit = TimeLimit(parse_duration(args.time_limit)) if args.time_limit is not None else None
-
         runs = [(name, opts) for name in args.cfg for opts in _seeded(args.opts, args.seeds)]
+        for name in args.cfg:
+            resolve_config(name)
+        if len(args.opts) % 2:
+            raise ConfigError(f"command-line override {args.opts[-1]} has no VALUE; overrides are KEY VALUE pairs")
+
+        import torch
+
+        from .config import load_config, run_name
+
+        quiet_host_warnings()
         cfgs = [load_config(name, opts) for name, opts in runs]
         names = [run_name(cfg, opts) for cfg, (_, opts) in zip(cfgs, runs)]
         folders = {}
@@ -181,6 +194,11 @@ def main(argv: list[str] | None = None) -> None:
             raise
 
 
+def quiet_host_warnings() -> None:
+    """Hide the deprecation warning mdistiller's own DKD loss (``size_average=``) prints in every run using it."""
+    warnings.filterwarnings("ignore", message="size_average and reduce args will be deprecated", category=UserWarning)
+
+
 def train(cfg, experiment_name: str, device: torch.device, resume: bool = False, time_limit=None):
     """One run: ``fast`` as a pack of one; the host's trainers with the folder locked and guarded.
 
@@ -194,6 +212,7 @@ def train(cfg, experiment_name: str, device: torch.device, resume: bool = False,
         return train_ddp(cfg, experiment_name, device, resume, time_limit)
     if time_limit is not None:
         raise ValueError(f"time_limit needs SOLVER.TRAINER fast or ddp, not {cfg.SOLVER.TRAINER!r}")
+    import torch
     from mdistiller.engine import trainer_dict
     from mdistiller.engine.cfg import show_cfg
 

@@ -155,7 +155,12 @@ def test_unknown_key_in_file_names_file_and_key(tmp_path):
 
     bad = tmp_path / "bad.yaml"
     bad.write_text("DISTILLER:\n  TYPE: NORMKD\nNORMKD:\n  TEMPERATURE_NROM: 2.0\n")
-    with pytest.raises(ConfigError, match=r"bad\.yaml.*NORMKD\.TEMPERATURE_NROM"):
+    with pytest.raises(
+        ConfigError, match=r"bad\.yaml.*NORMKD\.TEMPERATURE_NROM \(did you mean NORMKD\.TEMPERATURE_NORM"
+    ):
+        load_config(str(bad))  # the suggestion a command-line override gets too
+    bad.write_text("DISTILLER:\n  TYPE: NORMKD\nZZZZ:\n  QQQ: 2.0\n")
+    with pytest.raises(ConfigError, match=r"key: ZZZZ \(is the plugin that defines it installed\?\)"):
         load_config(str(bad))
 
 
@@ -361,6 +366,21 @@ def test_normkd_configs_lists_52():
     ).stdout
     assert out.strip().endswith("52 configs")
     assert "cifar100  NORMDKD  resnet32x4  ShuffleV1    cifar100/normdkd/res32x4_shuv1" in out
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--method", "nrmkd"], "normkd-configs: --method 'nrmkd': no packaged config has it; did you mean NORMKD"),
+        (
+            ["--dataset", "cifar10"],
+            "normkd-configs: --dataset 'cifar10': no packaged config has it; did you mean cifar100?",
+        ),
+    ],
+)
+def test_normkd_configs_filter_that_matches_nothing_is_an_error(argv, message):
+    proc = subprocess.run([sys.executable, "-m", "normkd_plugin.configs_cli", *argv], capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stdout == "" and proc.stderr.startswith(message)
 
 
 def test_normkd_configs_path_prints_the_file():

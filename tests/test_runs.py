@@ -306,3 +306,20 @@ def test_a_refused_start_leaves_no_empty_folder(tmp_path):
     (folder.path / "config.yaml").write_text("SOLVER: {}\n")
     folder.unlock()
     assert (folder.path / "config.yaml").is_file()
+
+
+def test_a_refused_start_leaves_no_empty_dataset_folder(tmp_path):
+    from normkd_plugin.runs import RunFolder
+
+    prefix = tmp_path / "output"
+    folder = RunFolder(prefix / "cifar100" / "normkd,res56,res20")
+    folder.lock()
+    folder.unlock()
+    assert list(tmp_path.iterdir()) == []  # LOG.PREFIX/<dataset>/ made for the run: removed with it
+    other = RunFolder(prefix / "cifar100" / "kd,res56,res20")
+    other.lock()
+    (other.path / "worklog.txt").write_text("")
+    folder.lock()
+    folder.unlock()
+    other.unlock()
+    assert [p.name for p in (prefix / "cifar100").iterdir()] == ["kd,res56,res20"]  # a parent in use stays

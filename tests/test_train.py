@@ -279,7 +279,7 @@ def test_normkd_configs_unknown_name_is_one_line_exit_2():
         capture_output=True, text=True,
     )  # fmt: skip
     assert proc.returncode == 2
-    assert proc.stderr.startswith("normkd-configs: --cfg 'cifar100/normkd/res56_res2' is neither a file")
+    assert proc.stderr.startswith("normkd-configs: --path 'cifar100/normkd/res56_res2' is neither a file")
     assert len(proc.stderr.strip().splitlines()) == 1
 
 
@@ -336,3 +336,22 @@ def test_ddp_run_without_a_checkpoint_starts_again_under_resume(tmp_path, small_
     text = (folder / "worklog.txt").read_text()
     assert text.count("epoch: 1") == 1 and text.rstrip().splitlines()[-1].startswith("best_acc\t")
     assert (folder / "config.yaml").is_file() and (folder / "latest").is_file()
+
+
+def test_mdistillers_size_average_warning_is_hidden_in_runs():
+    import warnings
+
+    import torch
+    from mdistiller.distillers.DKD import dkd_loss
+
+    from normkd_plugin.train import quiet_host_warnings
+
+    args = (torch.randn(4, 10), torch.randn(4, 10), torch.tensor([0, 1, 2, 3]), 1.0, 8.0, 4.0)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        dkd_loss(*args)
+        assert any("size_average" in str(w.message) for w in seen)  # the host's loss does warn
+        seen.clear()
+        quiet_host_warnings()  # what normkd-train does before training
+        dkd_loss(*args)
+    assert not [w for w in seen if "size_average" in str(w.message)]
