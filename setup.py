@@ -19,7 +19,7 @@ setup(
     },
     install_requires=["torch", "torchvision", "yacs", "tensorboardX", "tqdm", "scipy", "numpy", "pyyaml"],
     extras_require={
-        "test": ["pytest", "matplotlib", "ruff"],
+        "test": ["pytest", "pytest-xdist", "matplotlib", "ruff"],
         "plot": ["matplotlib"],
         "mdistiller": [MDISTILLER],
     },
