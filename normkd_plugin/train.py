@@ -21,8 +21,7 @@ HOST_CUDA_TRAINERS = ("base", "crd", "dot", "crd_dot")
 
 EPILOG = """examples:
   normkd-train --cfg cifar100/normkd/res32x4_res8x4
-  normkd-train --cfg cifar100/normdkd/res56_res20 DATASET.ROOT ../shared/data/cifar100 \\
-      DISTILLER.TEACHER_CKPT ../shared/data/teachers/cifar100/resnet56-f2eff4c8.pt EXPERIMENT.SEED 0
+  normkd-train --cfg cifar100/normdkd/res56_res20 DATASET.ROOT DIR DISTILLER.TEACHER_CKPT FILE EXPERIMENT.SEED 0
   normkd-train --cfg my_kd.yaml SOLVER.TRAINER fast SOLVER.AMP True
   normkd-train --cfg cifar100/kd/res56_res20 --cfg cifar100/normkd/res56_res20 --seeds 0,1,2 SOLVER.TRAINER fast
   normkd-train --cfg cifar100/normkd/res56_res20 SOLVER.TRAINER fast --time-limit 3:50:00 --resume

@@ -41,3 +41,11 @@ def test_a_folder_that_is_no_checkout_is_refused(tmp_path):
 def test_the_pinned_commit_is_the_one_setup_py_names():
     assert COMMIT in (REPO / "setup.py").read_text() and COMMIT in (REPO / "install.py").read_text()
 
+
+def test_ci_runs_the_two_set_up_commands_the_readme_shows_first():
+    readme = (REPO / "README.md").read_text()
+    first_block = readme.split("```bash\n", 1)[1].split("```", 1)[0]
+    commands = [line.split("#")[0].strip() for line in first_block.splitlines() if line.strip()]
+    assert commands == ["python install.py", "python -m pytest -n auto"]
+    ci = (REPO / ".ci" / "run").read_text()
+    assert all(command in ci.splitlines() or f"  {command}" in ci.splitlines() for command in commands)
