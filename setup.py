@@ -19,7 +19,7 @@ setup(
     },
     install_requires=["torch", "torchvision", "yacs", "tensorboardX", "tqdm", "scipy", "numpy", "pyyaml"],
     extras_require={
-        "test": ["pytest", "matplotlib", "ruff"],
+        "test": ["pytest", "pytest-xdist", "matplotlib", "ruff"],
         "plot": ["matplotlib"],
         "mdistiller": [MDISTILLER],
     },
@@ -39,6 +39,7 @@ setup(
             "normkd-configs = normkd_plugin.configs_cli:main",
             "normkd-sweep = normkd_plugin.sweep:main",
             "normkd-leaderboard = normkd_plugin.leaderboard.cli:main",
+            "normkd-teachers = normkd_plugin.teachers:main",
         ],
     },
 )

@@ -96,8 +96,8 @@ def packaged_configs() -> list[PackagedConfig]:
     return rows
 
 
-def resolve_config(name_or_path: str) -> Path:
-    """A file path if it exists, else a packaged config name (".yaml" optional)."""
+def resolve_config(name_or_path: str, flag: str = "--cfg") -> Path:
+    """A file path if it exists, else a packaged config name (".yaml" optional); ``flag`` names it in errors."""
     path = Path(name_or_path).expanduser()
     if path.is_file():
         return path
@@ -108,7 +108,7 @@ def resolve_config(name_or_path: str) -> Path:
             return Path(real)
     near = difflib.get_close_matches(stem, list(names), n=5, cutoff=0.5)
     hint = f" Close packaged names: {', '.join(near)}." if near else " List them with normkd-configs."
-    raise ConfigError(f"--cfg {name_or_path!r} is neither a file nor a packaged config.{hint}")
+    raise ConfigError(f"{flag} {name_or_path!r} is neither a file nor a packaged config.{hint}")
 
 
 def _merge_file(cfg: CN, path: Path) -> None:
@@ -122,7 +122,11 @@ def _merge_file(cfg: CN, path: Path) -> None:
     try:
         cfg.merge_from_other_cfg(other)
     except KeyError as exc:
-        raise ConfigError(f"{path}: {exc.args[0]} (is the plugin that defines it installed?)") from exc
+        message = str(exc.args[0])
+        key = message.rsplit(":", 1)[-1].strip() if message.startswith("Non-existent config key") else ""
+        near = difflib.get_close_matches(key, list(flatten(cfg)), n=3) if key else []
+        hint = f"did you mean {', '.join(near)}?" if near else "is the plugin that defines it installed?"
+        raise ConfigError(f"{path}: {message} ({hint})") from exc
     except ValueError as exc:
         raise ConfigError(f"{path}: {exc}") from exc
 

@@ -3,9 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 
 from ._cli import quiet_pipe, user_errors
-from .config import packaged_configs, resolve_config
+from .config import ConfigError, packaged_configs, resolve_config
+
+
+def _check_choice(flag: str, value: str | None, choices: list[str], norm=str) -> None:
+    """A filter that matches no packaged config is an error (not an empty table), with near names."""
+    if value is None or norm(value) in choices:
+        return
+    near = difflib.get_close_matches(norm(value), choices, n=3, cutoff=0.4)
+    hint = f"did you mean {', '.join(near)}?" if near else f"choose from {', '.join(choices)}"
+    raise ConfigError(f"{flag} {value!r}: no packaged config has it; {hint}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -18,11 +28,15 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     if args.path:
         with user_errors(ap.prog, args.debug):
-            print(resolve_config(args.path))
+            print(resolve_config(args.path, "--path"))
         return
+    every = packaged_configs()
+    with user_errors(ap.prog, args.debug):
+        _check_choice("--dataset", args.dataset, sorted({r.dataset for r in every}))
+        _check_choice("--method", args.method, sorted({r.method.upper() for r in every}), str.upper)
     rows = [
         r
-        for r in packaged_configs()
+        for r in every
         if (not args.dataset or r.dataset == args.dataset)
         and (not args.method or r.method.upper() == args.method.upper())
     ]

@@ -15,9 +15,11 @@ npz-shard layout (one folder)::
 from __future__ import annotations
 
 import hashlib
+import os
 import pickle
 import random
 import re
+import shutil
 import tokenize
 import zipfile
 import zlib
@@ -280,6 +282,13 @@ def _imagenet_loaders(cfg):
     return train_loader, val_loader, len(train), 1000
 
 
+def host_data_folder() -> str:
+    """The host's data folder (``<checkout>/data``), where its loaders download CIFAR-100; not created here."""
+    import mdistiller.dataset.cifar100 as host
+
+    return os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(host.__file__)), "../../data"))
+
+
 def get_dataset(cfg):
     """(train_loader, val_loader, num_data, num_classes) like the host's ``get_dataset``.
 
@@ -289,9 +298,13 @@ def get_dataset(cfg):
     if not cfg.DATASET.ROOT:
         from mdistiller.dataset import get_dataset as host_get_dataset
 
+        folder = host_data_folder()
+        existed = os.path.isdir(folder)
         try:
             return host_get_dataset(cfg)
         except (OSError, RuntimeError) as exc:  # no network (URLError is an OSError), a damaged download
+            if not existed:  # the host made it for this download: nothing of it is left in the checkout
+                shutil.rmtree(folder, ignore_errors=True)
             raise DataError(
                 f"DATASET.ROOT is empty, so mdistiller's own loader read (or tried to download) "
                 f"{cfg.DATASET.TYPE} into its data folder and failed: {exc}. Offline, set DATASET.ROOT to a folder "

@@ -59,6 +59,7 @@ from .data import SampleKeys, SeededSamples, position_seed, worker_options
 from .errors import RunsFailed
 from .fast.ranks import Ranks
 from .imagenet import DevicePipeline, HostAugment, check_decode, decode, jpeg_loader
+from .progress import JobProgress
 from .runs import NONFINITE_CAUSES, RunFolder, epoch_record
 from .timelimit import TimeLimit, Unfinished
 
@@ -149,6 +150,8 @@ class DDPTrainer(BaseTrainer):
         self._position = (0, 0)  # (epoch, step) of the training batch in hand: the tensor pipeline seeds from it
         self._step_no = torch.zeros((), dtype=torch.long, device=self.device)  # steps of this epoch so far
         self._first_bad = torch.full((), -1, dtype=torch.long, device=self.device)  # first non-finite step, -1: none
+        epochs, steps = cfg.SOLVER.EPOCHS, len(self.train_loader)
+        self.progress = JobProgress(epochs, 0, steps, show=self.main, device=self.device)  # train() sets the job's
 
     # -- set-up ----------------------------------------------------------------------------
     def init_optimizer(self, cfg):
@@ -260,6 +263,9 @@ class DDPTrainer(BaseTrainer):
             elif self.main:
                 self.folder.cut_worklog(epoch - 1)
         limit = self.time_limit
+        self.progress = JobProgress(
+            self.cfg.SOLVER.EPOCHS, epoch - 1, len(self.train_loader), show=self.main, device=self.device
+        )
         try:
             while epoch <= self.cfg.SOLVER.EPOCHS:
                 if limit is not None and not dist.from_rank0(limit.allows_epoch):
@@ -276,6 +282,7 @@ class DDPTrainer(BaseTrainer):
                 print(log_msg(f"Best accuracy:{self.best_acc}", "EVAL"))
                 self.folder.finish(self.best_acc)
         finally:
+            self.progress.close()
             if self.main:
                 self.tf_writer.close()
 
@@ -290,18 +297,18 @@ class DDPTrainer(BaseTrainer):
         sums = torch.zeros(4, dtype=torch.float64, device=self.device)  # loss * n, top-1, top-5, n
         self._step_no.zero_()
         self._first_bad.fill_(-1)
-        pbar = tqdm(total=len(self.train_loader), disable=not self.main)
+        progress = self.progress
+        progress.start_epoch(epoch, len(self.train_loader))
         start = time.time()
         for step, data in enumerate(self.train_loader):
             self._position = (epoch, step)
             self.train_iter(data, epoch, sums)
-            pbar.update()
-            if self.main and (step % 20 == 0 or step + 1 == len(self.train_loader)):
+            progress.step()
+            if progress.bar is not None and (step % 20 == 0 or step + 1 == len(self.train_loader)):  # a bar only
                 s = sums.tolist()
                 rate = s[3] * self.world / max(time.time() - start, 1e-9)
                 msg = f"Epoch:{epoch}| Loss:{s[0] / s[3]:.4f}| Top-1:{100 * s[1] / s[3]:.3f}| img/s:{rate:.0f}"
-                pbar.set_description(log_msg(msg, "TRAIN"))
-        pbar.close()
+                progress.set_description(log_msg(msg, "TRAIN"))
         loss_sum, top1, top5, n = dist.all_reduce_sum(sums).tolist()
         bad = int(Ranks().first_(self._first_bad).item())  # the earliest over the ranks: all ranks agree
         if bad >= 0 or not math.isfinite(loss_sum):
@@ -316,6 +323,7 @@ class DDPTrainer(BaseTrainer):
         self.best_acc = max(self.best_acc, test_acc)
         if self.main:
             self.commit(epoch, float(lr), record, saved_best)
+        progress.end_epoch()
 
     def train_iter(self, data, epoch: int, sums: Tensor) -> None:
         """One step on this rank's share of the global batch; adds (loss * n, top-1, top-5, n) to ``sums``."""
@@ -349,7 +357,8 @@ class DDPTrainer(BaseTrainer):
         """(top-1 %, top-5 %, mean loss) of the whole validation split; each rank evaluates its share."""
         self.model.eval()
         sums = torch.zeros(4, dtype=torch.float64, device=self.device)
-        for data in tqdm(self.val_loader, disable=not self.main, desc=log_msg("validation", "EVAL")):
+        shown = self.main and self.progress.interactive  # a bar on a terminal only
+        for data in tqdm(self.val_loader, disable=not shown, desc=log_msg("validation", "EVAL")):
             image, target = self._batch(data, train=False)
             output = self.model(image=image)
             loss_sum = F.cross_entropy(output, target, reduction="sum")

@@ -125,6 +125,7 @@ class RunFolder:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self._lock_fd: int | None = None
+        self._made: list[Path] = []  # the folders lock() created (this one and missing parents)
 
     def __repr__(self) -> str:
         return f"RunFolder({str(self.path)!r})"
@@ -134,6 +135,7 @@ class RunFolder:
         """Take the folder's lock (idempotent); RunError naming the holder's PID if another process has it."""
         if self._lock_fd is not None:
             return
+        self._made = [p for p in [self.path, *self.path.parents] if not p.exists()]  # removed again if left empty
         self.path.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -160,7 +162,9 @@ class RunFolder:
                 if [p.name for p in self.path.iterdir()] == [LOCK]:
                     (self.path / LOCK).unlink()
                     self.path.rmdir()
-            except OSError:  # another process came in meanwhile: its folder now
+                    for parent in self._made[1:]:  # LOG.PREFIX/<dataset>/ made for it, if empty
+                        parent.rmdir()
+            except OSError:  # another process came in meanwhile, or a parent holds other runs: kept
                 pass
             os.close(self._lock_fd)
             self._lock_fd = None
@@ -190,11 +194,14 @@ class RunFolder:
     def _files(self) -> list[Path]:
         return [p for p in self.path.iterdir() if p.is_file()] if self.path.is_dir() else []
 
-    def check_start(self, resume: bool, new_ok: bool = False) -> str:
+    def check_start(self, resume: bool, new_ok: bool = True) -> str:
         """'start', 'resume' or 'skip' (a finished run under --resume); RunError for a start that would clobber.
 
-        ``new_ok``: under --resume, a folder with no run yet starts fresh (a pack that gained a run).
-        Under --resume a run that never completed an epoch (no checkpoint) starts again from scratch.
+        --resume is "resume or start" (detectron2's ``resume_or_load``): a folder with no run yet starts
+        fresh, a run that never completed an epoch (no checkpoint) starts again from scratch, a finished
+        run is skipped. So one command starts a job, continues it after a kill and is a no-op once it is
+        done (the one command of a requeued scheduler job). ``new_ok=False`` keeps the old refusal of a
+        --resume with nothing to resume.
         """
         status = self.status()
         if resume and status in ("started", "failed") and not self.has_state():
@@ -202,6 +209,7 @@ class RunFolder:
             return "start"
         if resume and status == "new":
             if new_ok:
+                log.info("%s: no run to resume yet; starting it", self.path)
                 return "start"
             raise RunError(f"--resume: {self.path} holds no run to resume; run the same command without --resume")
         if resume and status == "finished":

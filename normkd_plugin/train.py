@@ -9,8 +9,11 @@ import argparse
 import logging
 import os
 import sys
+import warnings
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger("normkd_plugin.train")
 
@@ -18,15 +21,14 @@ HOST_CUDA_TRAINERS = ("base", "crd", "dot", "crd_dot")
 
 EPILOG = """examples:
   normkd-train --cfg cifar100/normkd/res32x4_res8x4
-  normkd-train --cfg cifar100/normdkd/res56_res20 DATASET.ROOT ../shared/data/cifar100 \\
-      DISTILLER.TEACHER_CKPT ../shared/data/teachers/cifar100/resnet56-f2eff4c8.pt EXPERIMENT.SEED 0
+  normkd-train --cfg cifar100/normdkd/res56_res20 DATASET.ROOT DIR DISTILLER.TEACHER_CKPT FILE EXPERIMENT.SEED 0
   normkd-train --cfg my_kd.yaml SOLVER.TRAINER fast SOLVER.AMP True
   normkd-train --cfg cifar100/kd/res56_res20 --cfg cifar100/normkd/res56_res20 --seeds 0,1,2 SOLVER.TRAINER fast
   normkd-train --cfg cifar100/normkd/res56_res20 SOLVER.TRAINER fast --time-limit 3:50:00 --resume
   normkd-train --list-distillers
 
 exit status: 0 done; 2 input error or failed run (one line on stderr); 3 stopped by --time-limit
-(every run continues exactly with --resume)
+(every run continues exactly with --resume; the same command with --resume also starts the job)
 """
 
 
@@ -54,7 +56,13 @@ def parser() -> argparse.ArgumentParser:
         metavar="S1,S2,...",
         help="train every --cfg once per seed (EXPERIMENT.SEED), all in one pack",
     )
-    p.add_argument("--resume", action="store_true", help="continue from <run folder>/latest")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="resume or start: continue each run from <run folder>/latest, start a run that has nothing to "
+        "resume, leave a finished one as it is (so the same command starts a job, continues it after a kill "
+        "or a --time-limit stop, and does nothing once it is done)",
+    )
     p.add_argument(
         "--time-limit",
         default=None,
@@ -115,12 +123,22 @@ def main(argv: list[str] | None = None) -> None:
     if not args.cfg:
         p.error("--cfg is required")
     with user_errors(p.prog, args.debug):
-        from .config import ConfigError, load_config, run_name
+        from .config import ConfigError, resolve_config
         from .timelimit import EXIT_UNFINISHED, TimeLimit, Unfinished, parse_duration, report_unfinished
 
+        # What needs neither torch nor mdistiller is checked first: a typo is refused at once.
         time_limit = TimeLimit(parse_duration(args.time_limit)) if args.time_limit is not None else None
-
         runs = [(name, opts) for name in args.cfg for opts in _seeded(args.opts, args.seeds)]
+        for name in args.cfg:
+            resolve_config(name)
+        if len(args.opts) % 2:
+            raise ConfigError(f"command-line override {args.opts[-1]} has no VALUE; overrides are KEY VALUE pairs")
+
+        import torch
+
+        from .config import load_config, run_name
+
+        quiet_host_warnings()
         cfgs = [load_config(name, opts) for name, opts in runs]
         names = [run_name(cfg, opts) for cfg, (_, opts) in zip(cfgs, runs)]
         folders = {}
@@ -175,6 +193,11 @@ def main(argv: list[str] | None = None) -> None:
             raise
 
 
+def quiet_host_warnings() -> None:
+    """Hide the deprecation warning mdistiller's own DKD loss (``size_average=``) prints in every run using it."""
+    warnings.filterwarnings("ignore", message="size_average and reduce args will be deprecated", category=UserWarning)
+
+
 def train(cfg, experiment_name: str, device: torch.device, resume: bool = False, time_limit=None):
     """One run: ``fast`` as a pack of one; the host's trainers with the folder locked and guarded.
 
@@ -188,6 +211,7 @@ def train(cfg, experiment_name: str, device: torch.device, resume: bool = False,
         return train_ddp(cfg, experiment_name, device, resume, time_limit)
     if time_limit is not None:
         raise ValueError(f"time_limit needs SOLVER.TRAINER fast or ddp, not {cfg.SOLVER.TRAINER!r}")
+    import torch
     from mdistiller.engine import trainer_dict
     from mdistiller.engine.cfg import show_cfg
 
@@ -240,7 +264,7 @@ def train_pack(cfgs: list, names: list[str], device: torch.device, resume: bool 
     folders = [RunFolder(os.path.join(cfg.LOG.PREFIX, name)) for cfg, name in zip(cfgs, names)]
     with dist.job(cfgs, device) as device:
         try:
-            modes = decide_starts(folders, resume, new_ok=len(cfgs) > 1)  # before anything is built
+            modes = decide_starts(folders, resume)  # before anything is built; --resume also starts new runs
             todo = [(c, n, f) for c, n, f, m in zip(cfgs, names, folders, modes) if m != "skip"]
             if not todo:
                 return None
@@ -248,7 +272,7 @@ def train_pack(cfgs: list, names: list[str], device: torch.device, resume: bool 
                 for cfg, name, _ in todo:
                     _init_wandb(cfg, name)
             pack = build_pack(*map(list, zip(*todo)), device)
-            return pack.train(resume, len(cfgs) > 1, [m for m in modes if m != "skip"], time_limit)
+            return pack.train(resume, True, [m for m in modes if m != "skip"], time_limit)
         finally:
             for folder in folders:
                 folder.unlock()

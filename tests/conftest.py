@@ -13,6 +13,13 @@ import torch
 # cuBLAS reads this when its first handle is made; deterministic GPU tests need it.
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
+# Under pytest-xdist (-n N) each worker gets its share of the cores, and so do the processes its tests
+# start (they inherit OMP_NUM_THREADS): N workers x all cores each would only fight over the cores.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    _share = max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+    os.environ.setdefault("OMP_NUM_THREADS", str(_share))
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
 REPO = Path(__file__).resolve().parents[1]
 DATA_DIR = Path(os.environ.get("NORMKD_DATA", REPO.parent / "shared" / "data"))
 CIFAR_DIR = DATA_DIR / "cifar100"

@@ -36,6 +36,8 @@ PROBE = textwrap.dedent(
         ["normkd-sweep", "--help"],
         ["normkd-sweep", "--methods", "kd,normkd", "--seeds", "0,1"],  # prints the commands, runs nothing
         ["normkd-leaderboard", "--help"],
+        ["normkd-train", "--help"],
+        ["normkd-teachers", "--help"],
     ],
     ids=" ".join,
 )
@@ -46,10 +48,28 @@ def test_light_command_lines_do_not_import_torch(argv):
     assert proc.stdout.strip()  # the command did its job (help text, table or commands)
 
 
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["normkd-train", "--cfg", "cifar100/normkd/res56_res2"], "--cfg 'cifar100/normkd/res56_res2' is neither"),
+        (["normkd-train", "--cfg", "cifar100/kd/res56_res20", "--seeds", "0,x"], "--seeds '0,x': expected"),
+        (["normkd-train", "--cfg", "cifar100/kd/res56_res20", "--time-limit", "soon"], "--time-limit"),
+        (["normkd-train", "--cfg", "cifar100/kd/res56_res20", "SOLVER.LR"], "SOLVER.LR has no VALUE"),
+        (["normkd-teachers", "--from", "/nonexistent/cifar_teachers.tar"], "--from /nonexistent/cifar_teachers.tar"),
+    ],
+    ids=lambda x: " ".join(x) if isinstance(x, list) else None,
+)
+def test_bad_input_is_refused_before_torch_is_imported(argv, message):
+    proc = subprocess.run([sys.executable, "-c", PROBE, *argv], capture_output=True, text=True, timeout=120)
+    lines = proc.stderr.strip().splitlines()
+    assert lines[-1] == "EXIT 2 TORCH False", proc.stderr[-3000:]
+    assert message in lines[-2] and lines[-2].startswith(f"{argv[0]}: ")
+
+
 def test_the_probe_sees_torch_when_it_is_imported():
-    """The probe itself can fail: normkd-train imports torch, and the probe reports it."""
+    """The probe itself can fail: normkd-train --list-distillers imports torch, and the probe reports it."""
     proc = subprocess.run(
-        [sys.executable, "-c", PROBE, "normkd-train", "--help"], capture_output=True, text=True, timeout=300
+        [sys.executable, "-c", PROBE, "normkd-train", "--list-distillers"], capture_output=True, text=True, timeout=300
     )
     assert proc.stderr.strip().splitlines()[-1] == "EXIT 0 TORCH True", proc.stderr[-3000:]
 

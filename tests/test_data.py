@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import pickle
 import re
 import shutil
@@ -186,24 +187,45 @@ def test_imagenet_folder_root(tmp_path, cifar_test_arrays):
         get_dataset(load_config("imagenet/r34_r18/normkd", opts))
 
 
-def test_empty_root_offline_is_one_error_naming_the_key(monkeypatch):
-    """Without DATASET.ROOT the host's loader downloads; its network error becomes one line naming DATASET.ROOT."""
+def test_empty_root_offline_is_one_error_naming_the_key(monkeypatch, tmp_path):
+    """Without DATASET.ROOT the host's loader downloads; its network error becomes one line naming DATASET.ROOT,
+    and the data folder the host made for the download is not left in its checkout."""
     import urllib.error
 
     import mdistiller.dataset
 
+    from normkd_plugin import data
     from normkd_plugin.config import load_config
     from normkd_plugin.data import DataError, get_dataset
 
+    folder = tmp_path / "checkout" / "data"
+
     def offline(cfg):
+        folder.mkdir(parents=True)  # as the host's get_data_folder does, then a partial download
+        (folder / "cifar-100-python.tar.gz").write_bytes(b"partial")
         raise urllib.error.URLError("[Errno -2] Name or service not known")
 
     monkeypatch.setattr(mdistiller.dataset, "get_dataset", offline)
+    monkeypatch.setattr(data, "host_data_folder", lambda: str(folder))
     cfg = load_config("cifar100/kd/res56_res20", [])
     with pytest.raises(
         DataError, match=r"DATASET.ROOT is empty, so mdistiller's own loader .* Name or service not known"
     ):
         get_dataset(cfg)
+    assert not folder.exists()
+    folder.mkdir(parents=True)  # a data folder that was there before is the user's: kept
+    monkeypatch.setattr(mdistiller.dataset, "get_dataset", lambda cfg: (_ for _ in ()).throw(OSError("disk")))
+    with pytest.raises(DataError):
+        get_dataset(cfg)
+    assert folder.is_dir()
+
+
+def test_the_host_data_folder_is_in_its_checkout():
+    import mdistiller
+
+    from normkd_plugin.data import host_data_folder
+
+    assert host_data_folder() == os.path.join(os.path.dirname(os.path.dirname(mdistiller.__file__)), "data")
 
 
 def test_position_seed_is_a_fixed_hash_of_the_position():

@@ -828,3 +828,25 @@ def test_select_matching_no_run_is_an_error(runs_root, tmp_path):
     proc = _cli(empty, "--curves", curves)
     assert proc.returncode == 2 and proc.stdout == "" and not curves.exists()
     assert proc.stderr.strip() == "normkd-leaderboard: --curves: no run to draw (of 0 found)"
+
+
+def test_bars_split_by_settings_and_published_markers_only_beside_the_published_schedule(tmp_path):
+    pytest.importorskip("matplotlib")
+    from normkd_plugin.leaderboard.render import bars_figure
+
+    for seed, acc in ((0, 60.0), (1, 62.0)):
+        _run_with(tmp_path / "short", f"short{seed}", 2, seed, acc)
+        _run_with(tmp_path / "short", f"long{seed}", 3, seed, acc + 10)
+    rows = aggregate(discover_runs([tmp_path / "short"])[0])
+    ax = bars_figure(rows).axes[0]
+    xs = sorted(round(p.get_x() + p.get_width() / 2, 6) for p in ax.patches)
+    assert len(xs) == len(set(xs)) == 2  # the two settings side by side, neither hiding the other
+    labels = ax.get_legend_handles_labels()[1]
+    assert labels == ["normkd (fast) [SOLVER.EPOCHS=2]", "normkd (fast) [SOLVER.EPOCHS=3]"]
+    assert "not of the published schedule" in ax.get_title()  # no 240-epoch markers, and the title says why
+    assert ax.get_ylim()[1] <= 72.0 + 5 + 1e-9  # the scale is the runs', not flattened by a marker at 70+
+
+    _run_with(tmp_path / "full", "full0", 240, 0, 70.0, method="KD")
+    ax = bars_figure(aggregate(discover_runs([tmp_path / "full"])[0])).axes[0]
+    assert sorted(ax.get_legend_handles_labels()[1]) == ["kd (fast)", "published DKD", "published KD"]
+    assert ax.get_title() == ""

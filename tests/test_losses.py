@@ -15,6 +15,8 @@ from normkd_plugin.losses import (
     per_sample_temperature,
 )
 
+pytestmark = pytest.mark.quick
+
 
 def ref_normkd(zs, zt, t_norm):
     """Direct formula, float64, row by row: (1/N) sum_n T_t^2 KL(p_t || p_s)."""

@@ -95,9 +95,9 @@ def test_status_and_start_guards(tmp_path, files, status):
     assert folder.status() == status
     if status == "new":
         assert folder.check_start(resume=False) == "start"
-        assert folder.check_start(resume=True, new_ok=True) == "start"  # a run added to a resumed pack
+        assert folder.check_start(resume=True) == "start"  # --resume is resume-or-start
         with pytest.raises(RunError, match="holds no run to resume; run the same command without --resume"):
-            folder.check_start(resume=True)
+            folder.check_start(resume=True, new_ok=False)
     else:
         advice = "set EXPERIMENT.NAME" if status == "finished" else "add --resume .* EXPERIMENT.NAME"
         with pytest.raises(RunError, match=f"already holds a {status} run; {advice}"):
@@ -306,3 +306,20 @@ def test_a_refused_start_leaves_no_empty_folder(tmp_path):
     (folder.path / "config.yaml").write_text("SOLVER: {}\n")
     folder.unlock()
     assert (folder.path / "config.yaml").is_file()
+
+
+def test_a_refused_start_leaves_no_empty_dataset_folder(tmp_path):
+    from normkd_plugin.runs import RunFolder
+
+    prefix = tmp_path / "output"
+    folder = RunFolder(prefix / "cifar100" / "normkd,res56,res20")
+    folder.lock()
+    folder.unlock()
+    assert list(tmp_path.iterdir()) == []  # LOG.PREFIX/<dataset>/ made for the run: removed with it
+    other = RunFolder(prefix / "cifar100" / "kd,res56,res20")
+    other.lock()
+    (other.path / "worklog.txt").write_text("")
+    folder.lock()
+    folder.unlock()
+    other.unlock()
+    assert [p.name for p in (prefix / "cifar100").iterdir()] == ["kd,res56,res20"]  # a parent in use stays

@@ -103,20 +103,20 @@ def test_interrupted_run_resumes_through_the_cli(tmp_path, small_cifar, teacher_
         "DATASET.ROOT", str(small_cifar), "DISTILLER.TEACHER_CKPT", str(teacher_resnet56),
         "LOG.PREFIX", str(tmp_path / "o"), "EXPERIMENT.NAME", "r",
     ]  # fmt: skip
-    with pytest.raises(SystemExit) as info:
-        train.main(["--resume", *argv])
-    assert info.value.code == 2 and "holds no run to resume" in capsys.readouterr().err
-    with interrupted_at_epoch(3):
+    with interrupted_at_epoch(3):  # one command, --resume included, starts the job (nothing to resume yet)
         with pytest.raises(KeyboardInterrupt):
-            train.main(argv)
+            train.main(["--resume", *argv])
         with pytest.raises(SystemExit):
             train.main(argv)
         assert "already holds a started run; add --resume" in capsys.readouterr().err
-    train.main(["--resume", *argv])
+    train.main(["--resume", *argv])  # the same command continues it
     (folder,) = list((tmp_path / "o" / "cifar100").iterdir())
     text = (folder / "worklog.txt").read_text()
     assert [int(x.split()[0]) for x in text.split("epoch: ")[1:]] == [1, 2, 3]
     assert text.count("best_acc") == 1
+    stamp = (folder / "latest").stat().st_mtime_ns
+    train.main(["--resume", *argv])  # and does nothing once the run is finished
+    assert (folder / "worklog.txt").read_text() == text and (folder / "latest").stat().st_mtime_ns == stamp
 
 
 def test_missing_teacher_checkpoint_is_one_line_naming_the_path(tmp_path, small_cifar, capsys):
@@ -279,7 +279,7 @@ def test_normkd_configs_unknown_name_is_one_line_exit_2():
         capture_output=True, text=True,
     )  # fmt: skip
     assert proc.returncode == 2
-    assert proc.stderr.startswith("normkd-configs: --cfg 'cifar100/normkd/res56_res2' is neither a file")
+    assert proc.stderr.startswith("normkd-configs: --path 'cifar100/normkd/res56_res2' is neither a file")
     assert len(proc.stderr.strip().splitlines()) == 1
 
 
@@ -336,3 +336,22 @@ def test_ddp_run_without_a_checkpoint_starts_again_under_resume(tmp_path, small_
     text = (folder / "worklog.txt").read_text()
     assert text.count("epoch: 1") == 1 and text.rstrip().splitlines()[-1].startswith("best_acc\t")
     assert (folder / "config.yaml").is_file() and (folder / "latest").is_file()
+
+
+def test_mdistillers_size_average_warning_is_hidden_in_runs():
+    import warnings
+
+    import torch
+    from mdistiller.distillers.DKD import dkd_loss
+
+    from normkd_plugin.train import quiet_host_warnings
+
+    args = (torch.randn(4, 10), torch.randn(4, 10), torch.tensor([0, 1, 2, 3]), 1.0, 8.0, 4.0)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        dkd_loss(*args)
+        assert any("size_average" in str(w.message) for w in seen)  # the host's loss does warn
+        seen.clear()
+        quiet_host_warnings()  # what normkd-train does before training
+        dkd_loss(*args)
+    assert not [w for w in seen if "size_average" in str(w.message)]

@@ -29,6 +29,7 @@ from yacs.config import CfgNode as CN
 
 from ..dist import from_rank0
 from ..errors import RunError, RunsFailed
+from ..progress import QUIET, JobProgress
 from ..runs import CONFIG, NONFINITE_CAUSES, RunFolder, epoch_record
 from ..timelimit import TimeLimit, Unfinished
 from .augment import TensorCifar
@@ -221,6 +222,8 @@ def load_model_state(distiller: nn.Module, state: dict[str, Tensor], source: str
 
 class Pack:
     """Train the runs of a pack together; each writes its own run folder as a solo run does."""
+
+    progress: JobProgress = QUIET  # Pack.train's bar (per step, from the host) and per-epoch line
 
     def __init__(
         self, runs: list[PackRun], train_data: TensorCifar, val_data: TensorCifar, teacher: SharedTeacher | None
@@ -424,6 +427,7 @@ class Pack:
         def batch(i: int, j: int):
             lo, hi = self.ranks.share(i, j)  # the whole batch on one process
             self._weight = (hi - lo) / (j - i)  # this rank's share of the batch mean
+            self.progress.step()  # once per step, from the host: no device sync
             return [x[lo:hi] for x, _ in data], [y[lo:hi] for _, y in data]
 
         steps = self.graph.run(self._eager_step, batch, n // bs, bs, epoch, key=(epoch, tuple(id(r) for r in runs)))
@@ -566,10 +570,10 @@ class Pack:
         log.info("%s: resumed after epoch %d (best %.2f)", run.name, run.epoch, run.best_acc)
 
     # -- the whole schedule ------------------------------------------------------------------
-    def start(self, resume: bool, new_ok: bool = False, modes: list[str] | None = None) -> None:
+    def start(self, resume: bool, new_ok: bool = True, modes: list[str] | None = None) -> None:
         """Lock every run folder, refuse clobbering starts, load resume states, write config.yaml.
 
-        ``new_ok``: under --resume, runs with an empty folder start fresh (a pack that gained runs).
+        ``new_ok``: under --resume, runs with an empty folder start fresh (``RunFolder.check_start``).
         ``modes``: the caller's decisions per run (``RunFolder.check_start``), when already taken.
         """
         if modes is None:
@@ -597,7 +601,7 @@ class Pack:
     def train(
         self,
         resume: bool = False,
-        new_ok: bool = False,
+        new_ok: bool = True,
         modes: list[str] | None = None,
         time_limit: TimeLimit | None = None,
     ) -> list[PackRun]:
@@ -607,6 +611,7 @@ class Pack:
         try:
             self.start(resume, new_ok, modes)
             epochs = int(self.cfg.SOLVER.EPOCHS)
+            self.progress = self._job_progress(epochs)
             while True:
                 active = [r for r in self.runs if r.status == "active" and r.epoch < epochs]
                 if not active:
@@ -618,7 +623,9 @@ class Pack:
                     break
                 if time_limit is not None:
                     time_limit.epoch_started()
+                self.progress.start_epoch(epoch)
                 self.train_epoch(behind, epoch)
+                self.progress.end_epoch()
                 if time_limit is not None:
                     time_limit.epoch_ended(len(behind))
             for run in self.runs:
@@ -629,6 +636,8 @@ class Pack:
                     log.info("%s: best accuracy %.2f", run.name, run.best_acc)
         finally:
             self._unfuse()
+            self.progress.close()
+            self.progress = QUIET
             for run in self.runs:
                 run.folder.unlock()
         left = [r for r in self.runs if r.status == "active"]
@@ -649,8 +658,16 @@ class Pack:
             raise Unfinished(unfinished)
         return self.runs
 
+    def _job_progress(self, epochs: int) -> JobProgress:
+        """The progress of what is left of the job: epochs after the furthest-behind active run."""
+        active = [r.epoch for r in self.runs if r.status == "active"]
+        iters = int(self.cfg.SOLVER.FAST.ITERS_PER_EPOCH)
+        n = min(iters * self.batch_size, len(self.train_data)) if iters > 0 else len(self.train_data)
+        steps = -(-n // self.batch_size)
+        return JobProgress(epochs, min(active, default=epochs), steps, show=self.ranks.main, device=self.device)
 
-def decide_starts(folders: list[RunFolder], resume: bool, new_ok: bool) -> list[str]:
+
+def decide_starts(folders: list[RunFolder], resume: bool, new_ok: bool = True) -> list[str]:
     """Rank 0 locks the folders and decides each run's start ('start', 'resume', 'skip') for every rank.
 
     The other ranks never read the run folders; a refused start raises the same RunError on every rank.
