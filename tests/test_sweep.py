@@ -55,7 +55,7 @@ def test_run_skips_finished_and_launches_the_rest(tmp_path, monkeypatch):
     (tmp_path / "cifar100" / "kd,res56,res20,seed:0").mkdir(parents=True)
     (tmp_path / "cifar100" / "kd,res56,res20,seed:0" / "worklog.txt").write_text("best_acc\t70.00")
     launched = []
-    monkeypatch.setattr(sweep.subprocess, "call", lambda argv, env=None: launched.append(argv) or 0)
+    monkeypatch.setattr(sweep, "launch", lambda argv, env=None: launched.append(argv) or 0)
     sweep.main(
         ["--methods", "kd,normkd", "--pairs", "res56_res20", "--seeds", "0", "--run", "LOG.PREFIX", str(tmp_path)]
     )
@@ -100,7 +100,7 @@ def test_pack_cli_prints_full_comparison_and_refuses_other_trainers():
 def test_run_reports_a_failing_command_and_goes_on(tmp_path, monkeypatch, capsys):
     launched = []
     monkeypatch.setattr(
-        sweep.subprocess, "call", lambda argv, env=None: launched.append(argv) or (3 if len(launched) == 1 else 0)
+        sweep, "launch", lambda argv, env=None: launched.append(argv) or (3 if len(launched) == 1 else 0)
     )
     with pytest.raises(SystemExit, match=r"1 of 2 commands failed:\n  exit code 3: normkd-train --cfg cifar100/kd"):
         sweep.main(["--methods", "kd,normkd", "--pairs", "res56_res20", "--run", "LOG.PREFIX", str(tmp_path)])
@@ -122,7 +122,7 @@ def test_pack_run_drops_finished_runs_and_resumes_started_ones(tmp_path, monkeyp
     os.makedirs(started)
     open(os.path.join(started, "latest"), "wb").close()
     launched = []
-    monkeypatch.setattr(sweep.subprocess, "call", lambda argv, env=None: launched.append(argv) or 0)
+    monkeypatch.setattr(sweep, "launch", lambda argv, env=None: launched.append(argv) or 0)
     sweep.run_all([pack])
     (argv,) = launched
     assert "--resume" in argv and argv.count("--cfg") == 1 and "cifar100/normkd/res56_res20" in argv
@@ -137,7 +137,7 @@ def test_pack_run_with_finished_and_new_runs_passes_resume(tmp_path, monkeypatch
     with open(os.path.join(folder, "worklog.txt"), "w") as f:
         f.write("best_acc\t70.00")
     launched = []
-    monkeypatch.setattr(sweep.subprocess, "call", lambda argv, env=None: launched.append(argv) or 0)
+    monkeypatch.setattr(sweep, "launch", lambda argv, env=None: launched.append(argv) or 0)
     sweep.run_all([pack])
     (argv,) = launched
     assert "--resume" in argv and "--seeds" in argv and "0,1" in argv  # seed 0 is skipped, seed 1 starts
@@ -158,7 +158,7 @@ def test_torchrun_commands():
 @needs_mdistiller
 def test_run_through_torchrun(tmp_path, monkeypatch):
     launched = []
-    monkeypatch.setattr(sweep.subprocess, "call", lambda argv, env=None: launched.append(argv) or 0)
+    monkeypatch.setattr(sweep, "launch", lambda argv, env=None: launched.append(argv) or 0)
     sweep.main(
         ["--methods", "kd", "--pairs", "res56_res20", "--nproc-per-node", "2", "--run", "LOG.PREFIX", str(tmp_path)]
     )
@@ -207,7 +207,7 @@ def test_time_limit_is_shared_by_the_commands_and_a_stop_ends_the_sweep(tmp_path
             f.write("stopped at the time limit\n")
         return 3 if nproc == 1 else 1
 
-    monkeypatch.setattr(sweep.subprocess, "call", call)
+    monkeypatch.setattr(sweep, "launch", call)
     args = ["--methods", "kd,dkd,normkd,normdkd", "--pairs", "res56_res20", "--run", "--time-limit", "5m"]
     opts = ["SOLVER.TRAINER", "fast", "LOG.PREFIX", str(tmp_path)]
     with pytest.raises(SystemExit) as stop:
@@ -221,7 +221,7 @@ def test_time_limit_is_shared_by_the_commands_and_a_stop_ends_the_sweep(tmp_path
     assert "exit code 1" not in err  # torchrun's 1 for a stop is not a failure
 
     clock.now, launched[:] = 0.0, []
-    monkeypatch.setattr(sweep.subprocess, "call", lambda argv, env=None: (launched.append(argv), 0)[1])
+    monkeypatch.setattr(sweep, "launch", lambda argv, env=None: (launched.append(argv), 0)[1])
     monkeypatch.setattr(sweep, "_remaining", lambda job: (clock.__setattr__("now", clock.now + 200), (job, False))[1])
     with pytest.raises(SystemExit) as stop:  # each command takes 200 s to start: the second finds nothing left
         sweep.main([*args, *opts])
@@ -275,7 +275,7 @@ def test_a_pack_that_failed_and_stopped_through_torchrun_is_a_failure_and_a_stop
             f.write("failed\nstopped at the time limit\n")
         return 1
 
-    monkeypatch.setattr(sweep.subprocess, "call", call)
+    monkeypatch.setattr(sweep, "launch", call)
     args = ["--pairs", "res56_res20", "--methods", "kd,normkd", "--pack", "--run", "--nproc-per-node", "2"]
     with pytest.raises(SystemExit) as stop:
         sweep.main([*args, "--time-limit", "1h", "LOG.PREFIX", str(tmp_path)])
