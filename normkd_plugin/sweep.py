@@ -384,7 +384,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides passed to every run")
     args = ap.parse_args(argv)
     try:
-        seeds = [int(s) for s in _split(args.seeds)]
+        try:
+            seeds = [int(s) for s in _split(args.seeds)]
+        except ValueError:
+            raise ValueError(f"--seeds {args.seeds!r}: expected comma-separated integers such as 0,1,2") from None
+        if not seeds:
+            raise ValueError(f"--seeds {args.seeds!r}: no seed given; expected comma-separated integers such as 0,1,2")
         jobs = grid(args.dataset, _split(args.methods), _split(args.pairs), seeds, list(args.opts))
         if args.pack:
             if args.dataset != "cifar100":

@@ -398,3 +398,11 @@ def test_a_sweep_whose_first_commands_fail_with_one_input_error_stops(tmp_path, 
             f"same normkd-sweep again): normkd-train: DATASET.ROOT {missing} is not a directory"
         )
     )
+
+
+@pytest.mark.parametrize(("seeds", "expected"), [(" ", "no seed given"), ("0,x", "expected comma-separated")])
+def test_bad_seeds_are_one_line(seeds, expected):
+    proc = subprocess.run(
+        [sys.executable, "-m", "normkd_plugin.sweep", "--seeds", seeds], capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and expected in proc.stderr
