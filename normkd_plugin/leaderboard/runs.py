@@ -37,6 +37,11 @@ class Worklog:
     best_acc: float | None = None
     failed: str | None = None
 
+    @functools.cached_property
+    def key(self) -> str:
+        """The epoch records and best_acc as one string (runs that hold the same are copies); computed once."""
+        return f"{self.epochs!r}|{self.best_acc!r}"
+
 
 _NUMBER = r"[-+]?(?:(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?|nan|inf)"
 _BEST = re.compile(rf"best_acc\t({_NUMBER})(.*)")
@@ -133,7 +138,7 @@ def parse_worklog(text: str) -> Worklog:
         try:
             block[key] = int(value) if key == "epoch" else float(value)
         except ValueError as exc:
-            raise WorklogError(f"line {lineno}: {_quote(key)} has non-numeric value {_quote(value)}") from exc
+            raise WorklogError(f"line {lineno}: {key[:QUOTE_MAX]} has non-numeric value {_quote(value)}") from exc
         if key == "epoch":
             epoch_line = lineno
     if block:  # a block cut off mid-write by an interrupted run
@@ -170,7 +175,7 @@ class Run:
         """True once the best_acc line is written."""
         return self.log.best_acc is not None
 
-    @property
+    @functools.cached_property
     def problem(self) -> str | None:
         """Why the run must not be counted: its ``failed`` reason or its first non-finite accuracy; else None."""
         if self.log.failed is not None:
