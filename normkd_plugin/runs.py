@@ -69,9 +69,13 @@ NONFINITE_CAUSES = (
 _COMMITTED: dict[str, int] = {}
 
 
-def committed_epochs() -> dict[str, int]:
-    """{run folder: last epoch committed or resumed from} for the folders this process trained."""
-    return dict(_COMMITTED)
+def committed_epochs(clear: bool = False) -> dict[str, int]:
+    """{run folder: last epoch committed or resumed from} for the folders this process trained; ``clear``
+    forgets them (a command line starting)."""
+    out = dict(_COMMITTED)
+    if clear:
+        _COMMITTED.clear()
+    return out
 
 
 class FolderError(RunError, OSError):

@@ -133,6 +133,9 @@ def main(argv: list[str] | None = None) -> None:
         from .timelimit import EXIT_UNFINISHED, TimeLimit, Unfinished, parse_duration, report_unfinished
 
         time_limit = TimeLimit(parse_duration(args.time_limit)) if args.time_limit is not None else None
+        from .runs import committed_epochs
+
+        committed_epochs(clear=True)  # the stop line speaks of this command's runs only
 
         runs = [(name, opts) for name in args.cfg for opts in _seeded(args.opts, args.seeds)]
         cfgs = [load_config(name, opts) for name, opts in runs]
