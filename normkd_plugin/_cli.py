@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-from .errors import UserError
+from .errors import Interrupted, UserError
 
-__all__ = ["user_errors", "parse_with_overrides", "quiet_pipe"]
+__all__ = ["user_errors", "parse_with_overrides", "quiet_pipe", "stop_signals"]
 
 
 @contextmanager
@@ -26,15 +27,51 @@ def quiet_pipe() -> Iterator[None]:
 
 @contextmanager
 def user_errors(prog: str, debug: bool = False) -> Iterator[None]:
-    """Print a UserError raised inside as one line ``prog: message`` on stderr and exit 2; with debug, re-raise it."""
+    """Print a UserError raised inside as one line ``prog: message`` on stderr and exit 2; with debug, re-raise it.
+
+    An OSError that reaches here (a file the program read or wrote) prints as ``prog: PATH: CAUSE``.
+    """
     try:
         yield
-    except UserError as exc:
-        if debug:
+    except (UserError, OSError) as exc:
+        if debug or isinstance(exc, BrokenPipeError):
             raise
-        message = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+        if isinstance(exc, UserError):
+            text = str(exc)
+        else:
+            text = (
+                f"{exc.filename}: {exc.strerror}" if exc.filename and exc.strerror else f"{type(exc).__name__}: {exc}"
+            )
+        message = " ".join(line.strip() for line in text.splitlines() if line.strip())
         print(f"{prog}: {message}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+@contextmanager
+def stop_signals(prog: str, where: Callable[[], str], debug: bool = False) -> Iterator[None]:
+    """SIGTERM stops like Ctrl-C; either ends with one line ``prog: interrupted WHERE`` and exit 128 + signal.
+
+    ``where()`` says how far the work got (and how to continue); a second signal while ending is ignored.
+    """
+
+    def on_term(signum, frame):
+        raise Interrupted(signum)
+
+    old = signal.signal(signal.SIGTERM, on_term)
+    old_int = signal.signal(signal.SIGINT, signal.default_int_handler)  # also where a shell started us ignoring it
+    try:
+        yield
+    except KeyboardInterrupt as exc:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        if debug:
+            raise
+        signum = getattr(exc, "signum", signal.SIGINT)
+        print(f"{prog}: interrupted {where()}", file=sys.stderr, flush=True)
+        raise SystemExit(128 + signum) from None
+    finally:
+        signal.signal(signal.SIGTERM, old)
+        signal.signal(signal.SIGINT, old_int)
 
 
 def parse_with_overrides(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:

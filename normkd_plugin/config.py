@@ -32,6 +32,7 @@ __all__ = [
     "load_config",
     "validate",
     "run_name",
+    "run_folder",
     "Rule",
     "COMMON_RULES",
     "DISTILLER_RULES",
@@ -111,12 +112,56 @@ def resolve_config(name_or_path: str, flag: str = "--cfg") -> Path:
     raise ConfigError(f"{flag} {name_or_path!r} is neither a file nor a packaged config.{hint}")
 
 
-def _merge_file(cfg: CN, path: Path) -> None:
+class _DuplicateKey(Exception):
+    def __init__(self, key, line: int, first: int):
+        super().__init__(key, line, first)
+        self.key, self.line, self.first = key, line, first
+
+
+class _UniqueKeyLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):
+    """yaml's safe loader (the C one when built), refusing a key given twice in one mapping."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            try:
+                key = self.construct_object(key_node, deep=True)
+                first = seen.setdefault(key, key_node.start_mark.line + 1)
+            except TypeError:  # an unhashable key: the base constructor says so
+                continue
+            if first != key_node.start_mark.line + 1:
+                raise _DuplicateKey(key, key_node.start_mark.line + 1, first)
+        return super().construct_mapping(node, deep)
+
+
+def read_yaml_config(path: Path) -> dict:
+    """The mapping in the YAML file ``path``; ConfigError for a file that is not text, not YAML, empty,
+    not a mapping, or gives a key twice (naming the key and both lines)."""
     try:
-        with open(path) as f:
-            other = cfg.load_cfg(f)
+        text = Path(path).read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not a text file (byte {exc.start} is not UTF-8); expected a YAML config") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read it: {exc.strerror or exc}") from None
+    try:
+        data = yaml.load(text, Loader=_UniqueKeyLoader)
+    except _DuplicateKey as dup:
+        raise ConfigError(
+            f"{path}: line {dup.line}: duplicate key {dup.key!r} (first given on line {dup.first}); keep one"
+        ) from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+        message = " ".join(str(exc).split())
+        raise ConfigError(f"{path}: not valid YAML: {message[:300]}") from None
+    if data is None:
+        raise ConfigError(f"{path}: empty config file; expected keys such as DISTILLER: {{TYPE: NORMKD}}")
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of config keys, got a {type(data).__name__}")
+    return data
+
+
+def _merge_file(cfg: CN, path: Path) -> None:
+    data = read_yaml_config(path)
+    other = type(cfg)(data)
     if "_BASE_" in other:
         raise ConfigError(f"{path}: _BASE_ inheritance is not supported by mdistiller's yacs; inline the keys")
     try:
@@ -214,6 +259,7 @@ WARMUP = Rule(lambda v: _is_number(v) and v > 0, "a warm-up > 0 (epochs)")
 AT_LEAST_ONE = Rule(lambda v: _is_int(v) and v >= 1, "an integer >= 1")
 LEARNING_RATE = Rule(lambda v: _is_number(v) and v > 0, "a finite learning rate > 0")
 ITERATIONS = Rule(lambda v: _is_int(v) and v >= 0, "an integer >= 0 (0: full epochs)")
+SEED = Rule(lambda v: _is_int(v) and v < 2**63, "an integer below 2**63 (< 0: a random seed)")
 
 COMMON_RULES: dict[str, Rule] = {
     "SOLVER.BATCH_SIZE": AT_LEAST_ONE,
@@ -223,6 +269,7 @@ COMMON_RULES: dict[str, Rule] = {
     "SOLVER.FAST.EVAL_BATCH_SIZE": AT_LEAST_ONE,  # only where the fast trainer is registered
     "SOLVER.FAST.ITERS_PER_EPOCH": ITERATIONS,
     "SOLVER.FAST.FUSE": Rule(lambda v: v in ("auto", "on", "off"), "auto, on or off"),
+    "EXPERIMENT.SEED": SEED,
 }
 """Keys every run reads; a key missing from the config is skipped."""
 
@@ -347,16 +394,61 @@ UNTRAINED_KEYS = PLACE_KEYS + (
 )
 
 
+NAME_MAX = 255  # bytes of one file name on Linux file systems (ext4, xfs, btrfs, tmpfs)
+
+
+def _shorten(part: str, limit: int = NAME_MAX) -> str:
+    """``part`` if it fits in ``limit`` bytes, else its first bytes, '~' and 16 hex digits of its SHA-256."""
+    raw = part.encode()
+    if len(raw) <= limit:
+        return part
+    import hashlib
+
+    head = raw[: limit - 17].decode(errors="ignore")  # whole UTF-8 characters only
+    return f"{head}~{hashlib.sha256(raw).hexdigest()[:16]}"
+
+
 def run_name(cfg: CN, opts: list[str] | tuple = ()) -> str:
     """PROJECT/<NAME or TAG>[,KEY:VALUE per override][,seed:N], as the host's tools/train.py names runs.
 
     Unlike the host, the overrides are sorted by key (the last value of a repeated key wins), so the
     name does not depend on their order. Paths, logging, EXPERIMENT keys and how a run is executed
     stay out (UNTRAINED_KEYS: a run resumes in its folder under another SOLVER.FAST.FUSE, say).
+    A part longer than a file name may be (255 bytes) keeps its first 238 bytes, then '~' and 16 hex
+    digits of the whole part's SHA-256: distinct names stay distinct.
     """
     name = cfg.EXPERIMENT.NAME or cfg.EXPERIMENT.TAG
     given = {k: v for k, v in zip(opts[::2], opts[1::2]) if not k.startswith(UNTRAINED_KEYS)}
     tags = [f"{k}:{v}" for k, v in sorted(given.items())]
     if cfg.EXPERIMENT.SEED >= 0:
         tags.append(f"seed:{cfg.EXPERIMENT.SEED}")
-    return os.path.join(cfg.EXPERIMENT.PROJECT, ",".join([name, *tags]))
+    parts = os.path.join(cfg.EXPERIMENT.PROJECT, ",".join([name, *tags])).split(os.sep)
+    return os.sep.join(_shorten(p) if p not in ("", ".", "..") else p for p in parts)
+
+
+def run_folder(cfg: CN, name: str) -> str:
+    """LOG.PREFIX/``name``, normalised; ConfigError if ``name`` would place the run outside LOG.PREFIX
+    (an absolute path, a '..' part) or a part is longer than the file system there allows."""
+    prefix = os.path.normpath(cfg.LOG.PREFIX)
+    folder = os.path.normpath(os.path.join(prefix, name))
+    parts = name.split(os.sep)
+    if os.path.isabs(name) or ".." in parts or os.path.commonpath([prefix, folder]) != prefix or folder == prefix:
+        raise ConfigError(
+            f"EXPERIMENT.NAME {cfg.EXPERIMENT.NAME!r} (EXPERIMENT.PROJECT {cfg.EXPERIMENT.PROJECT!r}): the run name "
+            f"{name!r} must stay inside LOG.PREFIX {prefix} (it would write {folder}); use a name without '..' parts "
+            "or a leading '/'"
+        )
+    base = Path(prefix).absolute()
+    while not base.exists() and base != base.parent:
+        base = base.parent
+    try:
+        limit = os.pathconf(base, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        limit = NAME_MAX
+    for part in parts:
+        if len(part.encode()) > limit:
+            raise ConfigError(
+                f"run name part {part[:60]!r}... is {len(part.encode())} bytes; the file system under {base} allows "
+                f"{limit}: set a shorter EXPERIMENT.NAME or PROJECT"
+            )
+    return folder

@@ -168,6 +168,15 @@ def _check_arrays(images: np.ndarray, labels: np.ndarray, source: Path) -> None:
         raise DataError(f"{source}: labels must be fine labels 0-99, found {labels.min()}..{labels.max()}")
 
 
+def _integer_labels(labels: np.ndarray, source: Path) -> np.ndarray:
+    """``labels`` as int64; DataError for labels that are not integers (floats are never silently cut)."""
+    if labels.size and (labels.dtype == np.bool_ or not np.issubdtype(labels.dtype, np.integer)):
+        raise DataError(
+            f"{source}: labels must be integers 0-99, got dtype {labels.dtype} (e.g. {labels.flat[0].item()!r})"
+        )
+    return labels.astype(np.int64)
+
+
 def _load_shards(files: list[Path]) -> tuple[np.ndarray, np.ndarray]:
     images, labels = [], []
     for f in files:
@@ -176,7 +185,7 @@ def _load_shards(files: list[Path]) -> tuple[np.ndarray, np.ndarray]:
                 missing = [k for k in ("images", "labels") if k not in z.files]
                 if missing:
                     raise DataError(f"{f}: missing array(s) {missing}; expected 'images' and 'labels'")
-                img, lab = z["images"], z["labels"].astype(np.int64)
+                img, lab = z["images"], _integer_labels(z["labels"], f)
         except _UNREADABLE as exc:
             lines = str(exc).strip().splitlines()
             why = f"{type(exc).__name__}: {lines[0][:200] if lines else ''}"
@@ -205,7 +214,7 @@ def _load_pickle(path: Path) -> tuple[np.ndarray, np.ndarray]:
         with open(path, "rb") as f:
             entry = pickle.load(f, encoding="latin1")
         data = np.asarray(entry["data"], dtype=np.uint8)
-        labels = np.asarray(entry["fine_labels"], dtype=np.int64)
+        labels = _integer_labels(np.asarray(entry["fine_labels"]), path)
     except (OSError, pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError) as exc:
         raise DataError(f"{path}: not a cifar-100-python pickle with 'data' and 'fine_labels' ({exc})") from exc
     if data.ndim != 2 or data.shape[1] != 3072:
@@ -222,11 +231,18 @@ def load_cifar100(root: str | Path, train: bool) -> tuple[np.ndarray, np.ndarray
     if not root.is_dir():
         raise DataError(f"DATASET.ROOT {root} is not a directory; expected {CIFAR_LAYOUTS}")
     shards = _npz_split(root, split)
+    found = None
     if shards:
-        return _load_shards(shards)
-    for folder in (root / "cifar-100-python", root):
-        if (folder / split).is_file():
-            return _load_pickle(folder / split)
+        found, source = _load_shards(shards), f"{root}/{split}-*-of-{len(shards)}.npz"
+    else:
+        for folder in (root / "cifar-100-python", root):
+            if (folder / split).is_file():
+                found, source = _load_pickle(folder / split), folder / split
+                break
+    if found is not None:
+        if found[1].shape[0] == 0:
+            raise DataError(f"{source}: the {split} split is empty (0 images); expected {CIFAR_LAYOUTS}")
+        return found
     raise DataError(f"DATASET.ROOT {root} holds no CIFAR-100 {split} split; expected {CIFAR_LAYOUTS}")
 
 

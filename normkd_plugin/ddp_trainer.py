@@ -138,7 +138,7 @@ class DDPTrainer(BaseTrainer):
         self.best_acc = -1.0
         self.time_limit: TimeLimit | None = None  # set by the caller: train() may stop early with Unfinished
         self.log_path = os.path.join(cfg.LOG.PREFIX, experiment_name)
-        self.folder = RunFolder(self.log_path)
+        self.folder = RunFolder(self.log_path, experiment_name, cfg.dump())
         self.tf_writer = None
         if self.main:
             from tensorboardX import SummaryWriter
@@ -246,6 +246,8 @@ class DDPTrainer(BaseTrainer):
         """Train to SOLVER.EPOCHS; with ``resume``, continue from the run folder's state (read by rank 0)."""
         epoch = 1
         if resume:
+            if self.main:
+                self.folder.check_config(self.cfg.dump())  # a missing config.yaml is rewritten from the state
             state = dist.broadcast_object(self.folder.load_state() if self.main else None)
             _load_model(self.model, state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
@@ -418,7 +420,7 @@ def _train(cfg, experiment_name: str, device: torch.device, resume: bool, time_l
     from .train import _init_wandb
 
     main = dist.is_main()
-    folder = RunFolder(os.path.join(cfg.LOG.PREFIX, experiment_name))
+    folder = RunFolder(os.path.join(cfg.LOG.PREFIX, experiment_name), experiment_name, cfg.dump())
     try:
 
         def decide() -> str:

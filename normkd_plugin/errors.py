@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["UserError", "RunError", "RunsFailed"]
+__all__ = ["UserError", "RunError", "RunsFailed", "Interrupted"]
 
 
 class UserError(Exception):
@@ -22,3 +22,11 @@ class RunsFailed(RunError):
     def __init__(self, message: str, unfinished: str | None = None):
         super().__init__(message)
         self.unfinished = unfinished
+
+
+class Interrupted(KeyboardInterrupt):
+    """A stop signal (SIGTERM) raised as Ctrl-C's KeyboardInterrupt is; ``signum`` is the signal."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"signal {signum}")
+        self.signum = signum

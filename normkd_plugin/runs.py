@@ -9,7 +9,12 @@ any moment leaves a folder that resumes exactly:
   record), the other checkpoints, then the worklog block. Resume loads ``latest`` and redoes
   what follows it, so files and worklog end as an uninterrupted run leaves them; worklog lines
   past the checkpoint's epoch are cut;
-* ``fcntl.flock`` on ``.lock`` (holder's PID inside) keeps a second process out of the folder.
+* ``fcntl.flock`` on ``.lock`` (holder's PID inside) keeps a second process out of the folder;
+* every state knows whose it is: the run's name, seed and config (``identity``) and the records
+  of all its epochs (``records``). ``--resume`` refuses a state of another run or config, rewrites
+  a missing ``config.yaml`` from it and rebuilds a cut, damaged or deleted worklog from the records;
+* an OS error while reading or writing the folder is a :class:`FolderError` naming the path and
+  the cause; SIGINT/SIGTERM are held back while an epoch commits, so a stop never half-writes one.
 
 The worklog keeps the host's format (dashed ``key: value`` blocks, a last ``best_acc<TAB>NN.NN``
 line); a run that stops on a non-finite loss ends with ``failed<TAB><reason>`` instead.
@@ -19,18 +24,32 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import hashlib
+import json
 import logging
 import os
 import re
+import signal
 import tempfile
 from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import RunError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["RunFolder", "atomic_write", "epoch_record", "serialize", "worklog_block"]
+__all__ = [
+    "RunFolder",
+    "FolderError",
+    "atomic_write",
+    "epoch_record",
+    "serialize",
+    "worklog_block",
+    "committed_epochs",
+    "config_digest",
+]
 
 WORKLOG = "worklog.txt"
 CONFIG = "config.yaml"
@@ -46,6 +65,82 @@ NONFINITE_CAUSES = (
 )
 
 
+# The last epoch each run folder of this process committed (or resumed from), for the line a stop prints.
+_COMMITTED: dict[str, int] = {}
+
+
+def committed_epochs(clear: bool = False) -> dict[str, int]:
+    """{run folder: last epoch committed or resumed from} for the folders this process trained; ``clear``
+    forgets them (a command line starting)."""
+    out = dict(_COMMITTED)
+    if clear:
+        _COMMITTED.clear()
+    return out
+
+
+class FolderError(RunError, OSError):
+    """An OS error (disk full, read-only, permissions, a dangling link, a name too long) on a run folder's file."""
+
+
+def _reason(exc: OSError) -> str:
+    name = errno.errorcode.get(exc.errno or 0)
+    return f"{exc.strerror or exc}" + (f" ({name})" if name else "")
+
+
+@contextmanager
+def os_errors(path: str | os.PathLike, doing: str) -> Iterator[None]:
+    """Turn an OSError inside into a FolderError ``PATH: cannot DOING: CAUSE (ERRNO)``."""
+    try:
+        yield
+    except FolderError:
+        raise
+    except OSError as exc:
+        where = Path(path)
+        if exc.errno == errno.EEXIST and where.is_symlink() and not where.exists():
+            cause = f"a dangling symbolic link to {os.readlink(where)} stands there"
+        else:
+            cause = _reason(exc)
+        raise FolderError(f"{where}: cannot {doing}: {cause}") from None
+
+
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+@contextmanager
+def held_signals() -> Iterator[None]:
+    """SIGINT and SIGTERM wait until the block ends (an epoch's commit is never cut in two by a stop)."""
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def trained_config(cfg_text: str | None) -> dict:
+    """The flattened config without the keys that do not change what is trained (UNTRAINED_KEYS)."""
+    import yaml
+
+    from .config import UNTRAINED_KEYS, flatten
+
+    tree = yaml.load(cfg_text or "", Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+    return {
+        k: v for k, v in flatten(tree if isinstance(tree, dict) else {}).items() if not k.startswith(UNTRAINED_KEYS)
+    }
+
+
+def config_digest(cfg_text: str) -> str:
+    """A short digest of what ``cfg_text`` trains (the keys of ``trained_config``)."""
+    blob = json.dumps(sorted(trained_config(cfg_text).items()), default=repr).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _config_changes(before: dict, after: dict) -> str:
+    """'KEY old -> new, ...' of the trained keys that differ (keys one side lacks are not compared), or ''."""
+    changed = [k for k in sorted(before) if k in after and before[k] != after[k]]
+    diffs = ", ".join(f"{k} {before[k]!r} -> {after[k]!r}" for k in changed[:3])
+    return diffs + (", ..." if len(changed) > 3 else "")
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
@@ -55,23 +150,24 @@ def _umask() -> int:
 def atomic_write(path: str | os.PathLike, write) -> None:
     """Write ``path`` by calling ``write(file_object)`` on a temporary sibling, fsync, then os.replace."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; the files are as readable as the host's
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    with os_errors(path, "write it"):
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; the files are as readable as the host's
+        try:
+            with os.fdopen(fd, "wb") as f:
+                write(f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
 
 
 def serialize(state: dict) -> bytes:
@@ -105,13 +201,13 @@ def _blocks_through(text: str, epoch: int) -> str:
     kept, block = [], None
     for line in text.splitlines(keepends=True):
         stripped = line.strip()
-        if stripped and set(stripped) == {"-"}:
+        if stripped and set(stripped) == {"-"} and (block is None or line.endswith("\n")):
             if block is None:
                 block = [line]
                 continue
             block.append(line)
             number = next((b.split(":", 1)[1] for b in block if b.startswith("epoch:")), None)
-            if number is not None and int(number) <= epoch:
+            if number is not None and number.strip().isdigit() and int(number) <= epoch:
                 kept.extend(block)
             block = None
         elif block is not None:
@@ -119,11 +215,29 @@ def _blocks_through(text: str, epoch: int) -> str:
     return "".join(kept)
 
 
+def _records_of(text: str) -> list[dict]:
+    """The epoch records of a worklog's complete blocks (values as written, two decimals)."""
+    records = []
+    for block in re.findall(r"^-+\n(epoch: \d+\n.*?)^-+\n", _blocks_through(text, 1 << 62), re.M | re.S):
+        pairs = [line.split(": ", 1) for line in block.splitlines() if ": " in line]
+        try:
+            values = OrderedDict((k, float(v)) for k, v in pairs if k not in ("epoch", "lr"))
+            head = dict(pairs[:2])
+            records.append({"epoch": int(head["epoch"]), "lr": float(head["lr"]), "record": values})
+        except (KeyError, ValueError):  # a damaged block: not a record
+            continue
+    return records
+
+
 class RunFolder:
     """The folder ``LOG.PREFIX/<run name>`` of one run."""
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, name: str | None = None, config: str | None = None):
+        """``name``: the run's name under LOG.PREFIX; ``config``: its config dump. Both go into every state."""
         self.path = Path(path)
+        self.name = name or self.path.name
+        self.config = config
+        self.records: list[dict] = []  # {"epoch", "lr", "record"} of every committed epoch, the worklog's source
         self._lock_fd: int | None = None
         self._made: list[Path] = []  # the folders lock() created (this one and missing parents)
 
@@ -136,8 +250,10 @@ class RunFolder:
         if self._lock_fd is not None:
             return
         self._made = [p for p in [self.path, *self.path.parents] if not p.exists()]  # removed again if left empty
-        self.path.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        with os_errors(self.path, "create the run folder"):
+            self.path.mkdir(parents=True, exist_ok=True)
+        with os_errors(self.path / LOCK, "open the run folder's lock"):
+            fd = os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
@@ -147,12 +263,13 @@ class RunFolder:
                 raise RunError(
                     f"{self.path} is in use by another run (PID {holder}); wait for it or pick another EXPERIMENT.NAME"
                 ) from None
-            raise
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            raise FolderError(f"{self.path / LOCK}: cannot lock: {_reason(exc)}") from None
         self._lock_fd = fd
-        for stale in self.path.glob(".*.tmp"):  # left by a write that a kill interrupted; ours now
-            stale.unlink()
+        with os_errors(self.path, "write in the run folder"):
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            for stale in self.path.glob(".*.tmp"):  # left by a write that a kill interrupted; ours now
+                stale.unlink()
 
     def unlock(self) -> None:
         """Release the lock (the kernel also releases it when the process dies); a folder in which nothing
@@ -171,10 +288,17 @@ class RunFolder:
 
     # -- state of the folder ---------------------------------------------------------------
     def worklog_text(self) -> str:
+        """worklog.txt ('' when there is none); bytes that are not UTF-8 (a damaged file) read as U+FFFD."""
+        return self._read_text(WORKLOG) or ""
+
+    def _read_text(self, name: str) -> str | None:
+        """The file ``name`` as text (undecodable bytes replaced), None when absent; FolderError if unreadable."""
         try:
-            return (self.path / WORKLOG).read_text()
+            return (self.path / name).read_bytes().decode("utf-8", errors="replace")
         except FileNotFoundError:
-            return ""
+            return None
+        except OSError as exc:
+            raise FolderError(f"{self.path / name}: cannot read it: {_reason(exc)}") from None
 
     def status(self) -> str:
         """'new', 'started', 'finished' (a best_acc line) or 'failed' (a failed line)."""
@@ -192,7 +316,8 @@ class RunFolder:
         return any(_STATE_FILE.match(p.name) for p in self._files())
 
     def _files(self) -> list[Path]:
-        return [p for p in self.path.iterdir() if p.is_file()] if self.path.is_dir() else []
+        with os_errors(self.path, "list the run folder"):
+            return [p for p in self.path.iterdir() if p.is_file()] if self.path.is_dir() else []
 
     def check_start(self, resume: bool, new_ok: bool = True) -> str:
         """'start', 'resume' or 'skip' (a finished run under --resume); RunError for a start that would clobber.
@@ -233,9 +358,14 @@ class RunFolder:
         if mode == "resume":
             self.check_config(cfg_text)
         elif mode == "start":
-            self.cut_worklog(0)
-            self.write_text(CONFIG, cfg_text)
+            self.start_fresh(cfg_text)
         return mode
+
+    def start_fresh(self, cfg_text: str) -> None:
+        """A run that starts (again): an empty worklog, no records, this config.yaml."""
+        self.records = []
+        self.cut_worklog(0)
+        self.write_text(CONFIG, cfg_text)
 
     # -- writing ---------------------------------------------------------------------------
     def write_text(self, name: str, text: str) -> None:
@@ -252,28 +382,85 @@ class RunFolder:
 
     def check_config(self, cfg_text: str) -> None:
         """RunError unless ``cfg_text`` trains what the folder's config.yaml trained: keys of UNTRAINED_KEYS
-        may change, and keys the saved file does not have (added by a later version) are not compared."""
+        may change, and keys the saved file does not have (added by a later version) are not compared.
+
+        A missing, empty or damaged config.yaml is not an error here: the state's own config is then
+        checked (``load_state``) and config.yaml rewritten from it.
+        """
         import yaml
 
-        from .config import UNTRAINED_KEYS, flatten
-
+        text = self._read_text(CONFIG)
         try:
-            saved = yaml.safe_load((self.path / CONFIG).read_text())
-        except FileNotFoundError:
+            saved = yaml.load(text or "", Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+        except yaml.YAMLError:
+            saved = None
+        if not isinstance(saved, dict) or not saved:
+            self._config_gone = "missing" if text is None else "empty" if not text.strip() else "damaged"
             return
-        before, after = flatten(saved), flatten(yaml.safe_load(cfg_text))
-        changed = [
-            k for k in sorted(before) if not k.startswith(UNTRAINED_KEYS) and before[k] != after.get(k, before[k])
-        ]
-        if changed:
-            diffs = ", ".join(f"{k} {before.get(k)!r} -> {after.get(k)!r}" for k in changed[:3])
+        self._config_gone = None
+        diffs = _config_changes(trained_config(text), trained_config(cfg_text))
+        if diffs:
             raise RunError(
-                f"--resume: {self.path} was started with another config ({diffs}{', ...' if len(changed) > 3 else ''}); "
+                f"--resume: {self.path} was started with another config ({diffs}); "
                 "resume with the same config, or start a new run with another EXPERIMENT.NAME"
             )
 
+    _config_gone: str | None = None
+
+    def identity(self, seed: int) -> dict:
+        """Whose a state is: the run's name under LOG.PREFIX, its data seed, its config and that config's digest."""
+        config = self.config or ""
+        return {"run": self.name, "seed": int(seed), "config": config, "digest": config_digest(config)}
+
+    def _check_identity(self, state: dict, source: Path) -> None:
+        """RunError unless ``state`` is this folder's run under this config (a state without identity: a warning)."""
+        theirs = state.get("identity")
+        if not isinstance(theirs, dict):
+            log.warning(
+                "%s: a state from before identities (no run name, seed or config inside): resuming it unchecked; "
+                "its next epoch writes them",
+                source,
+            )
+            if self._config_gone and self.config is not None:
+                log.warning(
+                    "%s: config.yaml was %s; rewritten from this command's config", self.path, self._config_gone
+                )
+                self.write_text(CONFIG, self.config)
+            return
+        seed = self._cfg_seed()
+        if theirs.get("run") != self.name or (seed is not None and seed >= 0 and int(theirs.get("seed", -1)) != seed):
+            mine = f"seed {seed}" if seed is not None and seed >= 0 else "any seed"
+            raise RunError(
+                f"--resume: {source} is a state of run {theirs.get('run')!r} (seed {theirs.get('seed')}), not of this "
+                f"folder's run {self.name!r} ({mine}); put back this run's own checkpoint, or resume that run "
+                "in its own folder"
+            )
+        if self.config is not None and theirs.get("digest") != config_digest(self.config):
+            diffs = _config_changes(trained_config(theirs.get("config")), trained_config(self.config))
+            if diffs:  # (digests of configs that differ only in keys one side lacks: a later version's keys)
+                raise RunError(
+                    f"--resume: {source} was trained with another config than this command's ({diffs}); "
+                    "resume with the same config, or start a new run with another EXPERIMENT.NAME"
+                )
+        if self._config_gone and theirs.get("config"):
+            log.warning("%s: config.yaml was %s; rewritten from %s", self.path, self._config_gone, source.name)
+            self.write_text(CONFIG, theirs["config"])
+            self._config_gone = None
+
+    def _cfg_seed(self) -> int | None:
+        from .config import flatten
+
+        if self.config is None:
+            return None
+        import yaml
+
+        seed = flatten(yaml.load(self.config, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))).get(
+            "EXPERIMENT.SEED"
+        )
+        return int(seed) if isinstance(seed, int) else None
+
     def _append(self, text: str) -> None:
-        with open(self.path / WORKLOG, "a") as f:
+        with os_errors(self.path / WORKLOG, "append to it"), open(self.path / WORKLOG, "a") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
@@ -289,18 +476,57 @@ class RunFolder:
 
     def commit_epoch(self, state: dict, student: dict, save_freq: int) -> None:
         """An epoch's files in crash-safe order: ``latest`` (the commit point) holding ``state`` (epoch, lr,
-        record, saved_best, ...), the other checkpoints, then the worklog block. ``student``: {"model": ...}."""
-        blob = serialize(state)
-        self.write_bytes("latest", blob)
-        self._after_latest(state, blob, serialize(student), save_freq)
-        self.append_epoch(state["epoch"], state["lr"], state["record"])
+        record, saved_best, seed, ...) plus the run's identity and all epoch records, the other checkpoints,
+        then the worklog block. ``student``: {"model": ...}. SIGINT/SIGTERM wait until it is done."""
+        entry = {"epoch": int(state["epoch"]), "lr": float(state["lr"]), "record": dict(state["record"])}
+        records = [r for r in self.records if r["epoch"] < entry["epoch"]] + [entry]
+        state = {**state, "identity": self.identity(state.get("seed", -1)), "records": records}
+        with held_signals():
+            blob = serialize(state)
+            self.write_bytes("latest", blob)
+            self.records = records
+            _COMMITTED[str(self.path)] = entry["epoch"]
+            self._after_latest(state, blob, serialize(student), save_freq)
+            self.append_epoch(state["epoch"], state["lr"], state["record"])
 
     def redo_epoch(self, state: dict, student: dict, save_freq: int) -> None:
-        """On resume from ``state``: cut the worklog back to its epoch and redo what follows ``latest``."""
-        self.cut_worklog(state["epoch"])
-        self._after_latest(state, serialize(state), serialize(student), save_freq)
-        if not self.has_epoch(state["epoch"]):
-            self.append_epoch(state["epoch"], state["lr"], state["record"])
+        """On resume from ``state``: bring the worklog back to its epoch (rebuilt from the state's records when
+        it disagrees with them) and redo what follows ``latest``."""
+        with held_signals():
+            _COMMITTED[str(self.path)] = int(state["epoch"])
+            records = state.get("records")
+            if isinstance(records, list) and [r.get("epoch") for r in records] == list(range(1, state["epoch"] + 1)):
+                self._rebuild_worklog(records)
+            else:  # a state from before records: keep the complete blocks up to it; they seed the records
+                self.cut_worklog(state["epoch"])
+                self.records = _records_of(self.worklog_text())
+            self._after_latest(state, serialize(state), serialize(student), save_freq)
+            if not self.has_epoch(state["epoch"]):
+                self.append_epoch(state["epoch"], state["lr"], state["record"])
+
+    def _rebuild_worklog(self, records: list[dict]) -> None:
+        """Make worklog.txt the blocks of ``records``: later lines are cut, a block lost between ``latest`` and
+        the worklog is appended, anything else that disagrees (cut, damaged, deleted) is rebuilt with a warning."""
+        self.records = list(records)
+        expected = "".join(worklog_block(r["epoch"], r["lr"], r["record"]) for r in records)
+        text = self.worklog_text()
+        if text == expected:
+            return
+        last = worklog_block(records[-1]["epoch"], records[-1]["lr"], records[-1]["record"])
+        if text.startswith(expected):
+            self.cut_worklog(records[-1]["epoch"])
+        elif text == expected[: len(expected) - len(last)]:  # stopped between latest and the worklog block
+            self.write_text(WORKLOG, expected)
+        else:
+            what = "missing" if not (self.path / WORKLOG).exists() else "cut or damaged"
+            log.warning(
+                "%s: worklog.txt was %s (it disagreed with the checkpoint); rebuilt from the checkpoint's records "
+                "of epochs 1-%d",
+                self.path,
+                what,
+                records[-1]["epoch"],
+            )
+            self.write_text(WORKLOG, expected)
 
     def _after_latest(self, state: dict, blob: bytes, student: bytes, save_freq: int) -> None:
         """student_latest; epoch_N and student_N every ``save_freq`` epochs; best and student_best when saved_best."""
@@ -315,7 +541,8 @@ class RunFolder:
 
     def finish(self, best_acc: float) -> None:
         """The host's last worklog line: ``best_acc<TAB>NN.NN`` (no newline, as the host writes it)."""
-        self._append(f"best_acc\t{float(best_acc):.2f}")
+        with held_signals():
+            self._append(f"best_acc\t{float(best_acc):.2f}")
 
     def fail(self, reason: str) -> None:
         """End the worklog with ``failed<TAB>reason``; no checkpoint is touched."""
@@ -354,10 +581,12 @@ class RunFolder:
                 log.warning("%s: unreadable checkpoint %s: %s", self.path, path.name, exc)
                 continue
             if path.name == "latest":
+                self._check_identity(state, path)
                 return state
-            states.append(state)
+            states.append((state, path))
         if states:
-            best = max(states, key=lambda s: s["epoch"])
+            best, path = max(states, key=lambda s: s[0]["epoch"])
+            self._check_identity(best, path)
             log.warning("%s: resuming from epoch %d, the newest readable checkpoint", self.path, best["epoch"])
             return best
         found = "; ".join(problems) or "no latest, best or epoch_N file"

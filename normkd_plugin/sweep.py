@@ -6,6 +6,11 @@
 Without --run it prints one command per line (for a cluster scheduler). With --run it executes
 them one after another, skips runs whose folder already holds a finished worklog.txt (a
 ``best_acc`` line), resumes started ones, and reports a run that fails without stopping the rest.
+Several sweeps over one grid share the work: a run locked by another process is skipped as
+"running elsewhere", and waited for at the end (exit 0 when every run ended finished somewhere).
+SIGINT and SIGTERM are passed on to the command running, which stops after its last committed
+epoch; the sweep then exits 130 / 143. When the first commands all fail with the same input
+error, the sweep stops there.
 With --pack the grid is grouped into packs, one per dataset and teacher (at most N runs each with
 --pack-size N): each pack is one ``normkd-train --cfg A --cfg B ... --seeds S`` trained in one process
 by the ``fast`` trainer (implied).
@@ -14,15 +19,20 @@ by the ``fast`` trainer (implied).
 from __future__ import annotations
 
 import argparse
+import errno
+import fcntl
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 from dataclasses import dataclass
 
-from ._cli import quiet_pipe
+from ._cli import quiet_pipe, user_errors
+from .errors import Interrupted, UserError
 from .pairs import METHODS, PAIRS
 
 
@@ -114,10 +124,11 @@ def grid(dataset: str, methods: list[str], pairs: list[str], seeds: list[int], o
 def run_folder(cfg_name: str, seed: int, opts: tuple[str, ...]) -> str:
     """The folder normkd-train will write for the run of ``cfg_name`` with ``seed``."""
     from .config import load_config, run_name
+    from .config import run_folder as folder_of
 
     opts = [*opts, "EXPERIMENT.SEED", str(seed)]
     cfg = load_config(cfg_name, opts)
-    return os.path.join(cfg.LOG.PREFIX, run_name(cfg, opts))
+    return folder_of(cfg, run_name(cfg, opts))
 
 
 def is_finished(folder: str) -> bool:
@@ -127,6 +138,97 @@ def is_finished(folder: str) -> bool:
             return any(line.startswith("best_acc") for line in f)
     except OSError:
         return False
+
+
+def lock_holder(folder: str) -> str | None:
+    """The PID (as written) of the process holding ``folder``'s run lock, or None when it is free or absent."""
+    try:
+        fd = os.open(os.path.join(folder, ".lock"), os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError as exc:
+        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            return os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+        return None
+    finally:
+        os.close(fd)  # (releases our shared lock, if taken)
+    return None
+
+
+def _wait_for_lock(folder: str) -> None:
+    """Block until no process holds ``folder``'s run lock."""
+    try:
+        fd = os.open(os.path.join(folder, ".lock"), os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)
+    finally:
+        os.close(fd)
+
+
+def _folders(job: Job | PackJob) -> list[str]:
+    return [run_folder(cfg, seed, job.opts) for cfg, seed in job.runs()]
+
+
+class _Child:
+    """The command running now: stop signals are passed on to it; its stderr is shown and its last line kept."""
+
+    active: _Child | None = None
+
+    def __init__(self):
+        self.proc: subprocess.Popen | None = None
+        self.signal: int | None = None
+        self.last = ""  # the last stderr line of the latest command
+
+    def __enter__(self):
+        self._old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        _Child.active = self
+        return self
+
+    def __exit__(self, *exc):
+        _Child.active = None
+        for s, handler in self._old.items():
+            signal.signal(s, handler)
+
+    def _on_signal(self, signum, frame):
+        self.signal = self.signal or signum
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signum)  # it stops after its last committed epoch; we wait for it
+        else:
+            raise Interrupted(signum)
+
+    def run(self, argv: list[str], env) -> int:
+        """The exit code of ``argv``, run in its own session (a terminal's Ctrl-C reaches it through us)."""
+        last = [""]
+        self.proc = subprocess.Popen(argv, env=env, stderr=subprocess.PIPE, start_new_session=True)
+
+        def relay():
+            for raw in self.proc.stderr:
+                sys.stderr.buffer.write(raw)
+                sys.stderr.flush()
+                if raw.strip():
+                    last[0] = raw.decode(errors="replace").strip()
+
+        reader = threading.Thread(target=relay, daemon=True)
+        reader.start()
+        code = self.proc.wait()
+        reader.join()
+        self.proc.stderr.close()
+        self.proc, self.last = None, last[0]
+        if self.signal is not None:
+            raise Interrupted(self.signal)
+        return code
+
+
+def launch(argv: list[str], env: dict | None = None) -> int:
+    """Run one command of the sweep (stop signals passed on, stderr shown); its exit code."""
+    return _Child.active.run(argv, env)
+
+
+SAME_ERROR_STOP = 2  # the first this many commands failing with one input error (exit 2) stop the sweep
 
 
 def _remaining(job: Job | PackJob) -> tuple[Job | PackJob | None, bool]:
@@ -168,11 +270,23 @@ def run_all(jobs: list[Job | PackJob], nproc: int = 1, device: str = "", time_li
     (its message lists the failures so far). A stop is read from the file the job writes
     ($NORMKD_UNFINISHED_FILE), since torchrun turns its workers' exit code 3 into 1.
     """
-    failures = []
+    with _Child() as child:
+        return _run_all(jobs, nproc, device, time_limit, child)
+
+
+def _run_all(jobs, nproc: int, device: str, time_limit, child: _Child) -> list[str]:
+    failures: list[str] = []
+    elsewhere: list[tuple[Job | PackJob, str]] = []
+    errors: list[tuple[int, str]] = []  # (exit code, last stderr line) of each command run
     for i, job in enumerate(jobs, 1):
         todo, started = _remaining(job)
         if todo is None:
             print(f"[{i}/{len(jobs)}] skip (finished): {job.command()}", flush=True)
+            continue
+        held = [(f, pid) for f in _folders(todo) if (pid := lock_holder(f)) is not None]
+        if held:
+            print(f"[{i}/{len(jobs)}] skip (running elsewhere, PID {held[0][1]}): {job.command()}", flush=True)
+            elsewhere.append((job, job.command()))
             continue
         argv = command(todo, nproc, started, device)
         env = None
@@ -188,14 +302,37 @@ def run_all(jobs: list[Job | PackJob], nproc: int = 1, device: str = "", time_li
             env = {**os.environ, UNFINISHED_FILE_ENV: marker}
         print(f"[{i}/{len(jobs)}] {shlex.join(argv)}", flush=True)
         module = "torch.distributed.run" if nproc > 1 else "normkd_plugin.train"  # torchrun / normkd-train
-        code = subprocess.call([sys.executable, "-m", module, *argv[1:]], env=env)  # with this interpreter
-        report = _read_report(env[UNFINISHED_FILE_ENV]) if env is not None else None
+        child.last = ""
+        try:
+            code = launch([sys.executable, "-m", module, *argv[1:]], env)  # with this interpreter
+            last = child.last
+        finally:
+            report = _read_report(env[UNFINISHED_FILE_ENV]) if env is not None else None
         stopped, also_failed = report is not None, report is not None and report.startswith("failed\n")
+        if code == 2 and any(lock_holder(f) is not None for f in _folders(todo)):  # another sweep came first
+            print(f"[{i}/{len(jobs)}] running elsewhere: {job.command()}", flush=True)
+            elsewhere.append((job, job.command()))
+            continue
         if code and (also_failed or not (stopped and code in (1, 3))):  # 1: torchrun's code for workers that exited 3
             failures.append(f"exit code {code}: {shlex.join(argv)}")
+            errors.append((code, last))
+            if len(errors) == SAME_ERROR_STOP == len(failures) and len(set(errors)) == 1 and code == 2 and last:
+                raise UserError(
+                    f"the first {SAME_ERROR_STOP} commands failed with the same input error; stopping here "
+                    f"(fix it and run the same normkd-sweep again): {last}"
+                )
             print(f"normkd-sweep: failed (exit code {code}); going on with the next", file=sys.stderr, flush=True)
+        else:
+            errors.append((code, last))
         if stopped:
             raise _unfinished(f"in command {i} of {len(jobs)}", time_limit, failures)
+    if elsewhere:
+        print(f"normkd-sweep: waiting for {len(elsewhere)} command(s) running elsewhere", file=sys.stderr, flush=True)
+    for job, shown in elsewhere:
+        for folder in _folders(job):
+            _wait_for_lock(folder)
+        if _remaining(job)[0] is not None:
+            failures.append(f"not finished where it ran (elsewhere): {shown}")
     return failures
 
 
@@ -247,7 +384,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides passed to every run")
     args = ap.parse_args(argv)
     try:
-        seeds = [int(s) for s in _split(args.seeds)]
+        try:
+            seeds = [int(s) for s in _split(args.seeds)]
+        except ValueError:
+            raise ValueError(f"--seeds {args.seeds!r}: expected comma-separated integers such as 0,1,2") from None
+        if not seeds:
+            raise ValueError(f"--seeds {args.seeds!r}: no seed given; expected comma-separated integers such as 0,1,2")
         jobs = grid(args.dataset, _split(args.methods), _split(args.pairs), seeds, list(args.opts))
         if args.pack:
             if args.dataset != "cifar100":
@@ -278,16 +420,22 @@ def main(argv: list[str] | None = None) -> None:
                 argv[len(launcher(args.nproc_per_node)) : len(launcher(args.nproc_per_node))] = given
                 print(shlex.join(argv))
         return
-    if time_limit is None:
-        failures = run_all(jobs, args.nproc_per_node, args.device)
-    else:
-        from .timelimit import EXIT_UNFINISHED, Unfinished
+    from .timelimit import EXIT_UNFINISHED, Unfinished
 
-        try:
+    try:
+        with user_errors("normkd-sweep"):
             failures = run_all(jobs, args.nproc_per_node, args.device, time_limit)
-        except Unfinished as exc:
-            print(f"normkd-sweep: {exc}", file=sys.stderr)
-            sys.exit(EXIT_UNFINISHED)
+    except Unfinished as exc:
+        print(f"normkd-sweep: {exc}", file=sys.stderr)
+        sys.exit(EXIT_UNFINISHED)
+    except KeyboardInterrupt as exc:
+        signum = getattr(exc, "signum", signal.SIGINT)
+        print(
+            f"normkd-sweep: interrupted by signal {signum}; the command running stopped after its last committed "
+            "epoch; run the same normkd-sweep again to continue",
+            file=sys.stderr,
+        )
+        sys.exit(128 + signum)
     if failures:
         sys.exit(f"normkd-sweep: {len(failures)} of {len(jobs)} commands failed:\n  " + "\n  ".join(failures))
 

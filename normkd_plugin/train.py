@@ -27,7 +27,8 @@ EPILOG = """examples:
   normkd-train --cfg cifar100/normkd/res56_res20 SOLVER.TRAINER fast --time-limit 3:50:00 --resume
   normkd-train --list-distillers
 
-exit status: 0 done; 2 input error or failed run (one line on stderr); 3 stopped by --time-limit
+exit status: 0 done; 2 input error or failed run (one line on stderr); 3 stopped by --time-limit;
+130 / 143 stopped by SIGINT (Ctrl-C) / SIGTERM after the last committed epoch
 (every run continues exactly with --resume; the same command with --resume also starts the job)
 """
 
@@ -104,7 +105,20 @@ def _seeded(opts: list[str], seeds: str) -> list[list[str]]:
         values = [int(s) for s in seeds.split(",") if s.strip()]
     except ValueError:
         raise ConfigError(f"--seeds {seeds!r}: expected comma-separated integers such as 0,1,2") from None
+    if not values:
+        raise ConfigError(f"--seeds {seeds!r}: no seed given; expected comma-separated integers such as 0,1,2")
     return [[*opts, "EXPERIMENT.SEED", str(seed)] for seed in values]
+
+
+def _how_far() -> str:
+    """Where a stop left the runs of this process, and how to go on (the line after 'interrupted')."""
+    from .runs import committed_epochs
+
+    epochs = sorted(set(committed_epochs().values()))
+    if not epochs:
+        return "before this process committed an epoch; run the same command again (with --resume once the run has one)"
+    at = f"epoch {epochs[0]}" if len(epochs) == 1 else f"epochs {epochs[0]}-{epochs[-1]} (by run)"
+    return f"after {at}; --resume continues"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -112,7 +126,7 @@ def main(argv: list[str] | None = None) -> None:
 
     An input error (config, data, checkpoint, run folder) prints one line and exits 2.
     """
-    from ._cli import parse_with_overrides, user_errors
+    from ._cli import parse_with_overrides, stop_signals, user_errors
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     p = parser()
@@ -122,7 +136,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     if not args.cfg:
         p.error("--cfg is required")
-    with user_errors(p.prog, args.debug):
+    with user_errors(p.prog, args.debug), stop_signals(p.prog, _how_far, args.debug):
         from .config import ConfigError, resolve_config
         from .timelimit import EXIT_UNFINISHED, TimeLimit, Unfinished, parse_duration, report_unfinished
 
@@ -136,14 +150,16 @@ def main(argv: list[str] | None = None) -> None:
 
         import torch
 
-        from .config import load_config, run_name
+        from .config import load_config, run_folder, run_name
+        from .runs import committed_epochs
 
+        committed_epochs(clear=True)  # the stop line speaks of this command's runs only
         quiet_host_warnings()
         cfgs = [load_config(name, opts) for name, opts in runs]
         names = [run_name(cfg, opts) for cfg, (_, opts) in zip(cfgs, runs)]
         folders = {}
         for (given, _), cfg, name in zip(runs, cfgs, names):
-            folder = os.path.normpath(os.path.join(cfg.LOG.PREFIX, name))
+            folder = run_folder(cfg, name)
             if folder in folders:
                 raise ConfigError(f"--cfg {folders[folder]} and --cfg {given} would write the same run folder {folder}")
             folders[folder] = given
@@ -261,7 +277,7 @@ def train_pack(cfgs: list, names: list[str], device: torch.device, resume: bool 
     from .runs import RunFolder
 
     check_pack(cfgs, names)
-    folders = [RunFolder(os.path.join(cfg.LOG.PREFIX, name)) for cfg, name in zip(cfgs, names)]
+    folders = [RunFolder(os.path.join(cfg.LOG.PREFIX, name), name, cfg.dump()) for cfg, name in zip(cfgs, names)]
     with dist.job(cfgs, device) as device:
         try:
             modes = decide_starts(folders, resume)  # before anything is built; --resume also starts new runs

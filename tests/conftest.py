@@ -157,3 +157,32 @@ def spawn_and_wait(worker, args: tuple, nprocs: int, deadline_s: float = 300) ->
             for proc in ctx.processes:
                 proc.kill()
             raise AssertionError("the processes hung")
+
+
+@contextlib.contextmanager
+def mounted_tmpfs(path, size: str = "16m", *options: str):
+    """A real tmpfs of ``size`` mounted at ``path`` for the block; the test is skipped where mounting is not allowed."""
+    import subprocess
+
+    path.mkdir(parents=True, exist_ok=True)
+    opts = ",".join([f"size={size}", *options])
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(path)], capture_output=True, text=True)
+    if proc.returncode:
+        pytest.skip(f"cannot mount a tmpfs here (needs root or CAP_SYS_ADMIN): {proc.stderr.strip()[:200]}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+def fill_disk(folder) -> None:
+    """Fill the file system of ``folder`` to the last byte (a file ``filler`` in it)."""
+    with open(folder / "filler", "wb", buffering=0) as f:
+        chunk = b"\0" * (1 << 20)
+        while True:
+            try:
+                f.write(chunk)
+            except OSError:
+                if len(chunk) == 1:
+                    return
+                chunk = chunk[: len(chunk) // 2]

@@ -375,3 +375,72 @@ def test_run_name_does_not_depend_on_the_order_of_the_overrides():
     ]
     names = {run_name(load_config("cifar100/kd/res56_res20", o), o) for o in (a, b)}
     assert names == {"cifar100/kd,res56,res20,SOLVER.EPOCHS:3,SOLVER.LR_DECAY_STAGES:[2],SOLVER.TRAINER:fast"}
+
+
+def test_a_duplicate_key_is_an_error_naming_the_key_and_both_lines(tmp_path):
+    from normkd_plugin.config import ConfigError, load_config
+
+    bad = tmp_path / "dup.yaml"
+    bad.write_text("DISTILLER:\n  TYPE: NORMKD\nSOLVER:\n  LR: 0.05\n  EPOCHS: 240\n  LR: 0.5\n")
+    with pytest.raises(ConfigError, match=r"dup\.yaml: line 6: duplicate key 'LR' \(first given on line 4\)"):
+        load_config(str(bad))
+    bad.write_text("SOLVER:\n  LR: 0.05\nSOLVER:\n  EPOCHS: 3\n")  # a whole section twice
+    with pytest.raises(ConfigError, match=r"line 3: duplicate key 'SOLVER' \(first given on line 1\)"):
+        load_config(str(bad))
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        (b"", "empty config file"),
+        (b"# only a comment\n\n", "empty config file"),
+        (b"- a\n- list\n", "expected a mapping of config keys, got a list"),
+        (b"\x89PNG\r\n\x1a\n\x00\x00\xff", "not a text file"),
+        (b"SOLVER: {LR: [unclosed\n", "not valid YAML"),
+    ],
+)
+def test_an_empty_or_garbage_config_file_is_one_error(tmp_path, content, expected):
+    from normkd_plugin.config import ConfigError, load_config
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_bytes(content)
+    with pytest.raises(ConfigError, match=re.escape(expected)) as info:
+        load_config(str(bad))
+    assert str(bad) in str(info.value) and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("name", ["../outside", "../../outside", "/tmp/elsewhere", "a/../../b"])
+def test_a_run_name_cannot_leave_log_prefix(tmp_path, name):
+    from normkd_plugin.config import ConfigError, load_config, run_folder, run_name
+
+    cfg = load_config("cifar100/normkd/res56_res20", ["EXPERIMENT.NAME", name, "LOG.PREFIX", str(tmp_path / "out")])
+    with pytest.raises(ConfigError, match="must stay inside LOG.PREFIX"):
+        run_folder(cfg, run_name(cfg))
+    inside = load_config("cifar100/normkd/res56_res20", ["EXPERIMENT.NAME", "ok", "LOG.PREFIX", str(tmp_path / "o")])
+    assert run_folder(inside, run_name(inside)) == str(tmp_path / "o" / "cifar100" / "ok")
+
+
+def test_a_too_long_run_name_is_shortened_without_collisions(tmp_path):
+    from normkd_plugin.config import load_config, run_folder, run_name
+
+    names = []
+    for last in "ab":
+        cfg = load_config(
+            "cifar100/normkd/res56_res20", ["EXPERIMENT.NAME", "x" * 300 + last, "LOG.PREFIX", str(tmp_path)]
+        )
+        names.append(run_name(cfg))
+        folder = run_folder(cfg, names[-1])
+        os.makedirs(folder)  # the file system takes it
+    assert names[0] != names[1]
+    assert all(len(n.split("/")[1].encode()) == 255 and n.split("/")[1].startswith("x" * 200) for n in names)
+    assert re.fullmatch(r"x+~[0-9a-f]{16}", names[0].split("/")[1])
+    short = load_config("cifar100/normkd/res56_res20", ["EXPERIMENT.NAME", "plain"])
+    assert run_name(short) == "cifar100/plain"
+
+
+@pytest.mark.parametrize("seed", ["99999999999999999999", "9223372036854775808"])
+def test_a_seed_that_overflows_is_refused(seed):
+    from normkd_plugin.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=rf"EXPERIMENT.SEED {seed}: expected an integer below 2\*\*63"):
+        load_config("cifar100/normkd/res56_res20", ["EXPERIMENT.SEED", seed])

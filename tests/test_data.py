@@ -288,3 +288,31 @@ def test_seeded_samples_draw_the_hosts_augmentation_from_the_key_alone(cifar_tes
     torch.manual_seed(123)
     assert torch.equal(first, torch.stack([unrestored[(i, 5, 1)][0] for i in range(8)]))
     assert not torch.equal(torch.get_rng_state(), torch.manual_seed(123).get_state())
+
+
+@pytest.mark.parametrize("layout", ["npz", "pickle"])
+def test_float_labels_are_refused_not_cast(tmp_path, layout):
+    from normkd_plugin.data import DataError, load_cifar100
+
+    images, labels = np.zeros((4, 32, 32, 3), np.uint8), np.array([0.0, 1.5, 2.0, 3.7])
+    if layout == "npz":
+        np.savez(tmp_path / "train-0-of-1.npz", images=images, labels=labels)
+    else:
+        (tmp_path / "train").write_bytes(
+            pickle.dumps({"data": images.reshape(4, 3072), "fine_labels": labels.tolist()})
+        )
+    with pytest.raises(DataError, match=r"labels must be integers 0-99, got dtype float64 \(e\.g\. 0\.0\)"):
+        load_cifar100(tmp_path, True)
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_an_empty_split_is_refused_before_training(tmp_path, split):
+    from normkd_plugin.data import DataError, get_dataset
+
+    for name, n in (("train", 4), ("test", 4)):
+        n = 0 if name == split else n
+        np.savez(
+            tmp_path / f"{name}-0-of-1.npz", images=np.zeros((n, 32, 32, 3), np.uint8), labels=np.zeros(n, np.int64)
+        )
+    with pytest.raises(DataError, match=rf"{split}-\*-of-1\.npz: the {split} split is empty \(0 images\)"):
+        get_dataset(_cfg(tmp_path))

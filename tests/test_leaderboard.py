@@ -850,3 +850,55 @@ def test_bars_split_by_settings_and_published_markers_only_beside_the_published_
     ax = bars_figure(aggregate(discover_runs([tmp_path / "full"])[0])).axes[0]
     assert sorted(ax.get_legend_handles_labels()[1]) == ["kd (fast)", "published DKD", "published KD"]
     assert ax.get_title() == ""
+
+
+# -- the leaderboard at scale ----------------------------------------------------------------------------
+
+
+def _host_worklog(epochs: int, end: str = "best_acc\t70.00") -> str:
+    from normkd_plugin.runs import worklog_block
+
+    record = dict(train_acc=51.5, train_loss=1.25, test_acc=61.0, test_acc_top5=88.5, test_loss=float("nan"))
+    blocks = [worklog_block(e, 0.05 / e, {**record, "test_acc": 60.0 + e / 7}) for e in range(1, epochs + 1)]
+    return "".join(blocks) + end
+
+
+@pytest.mark.parametrize("end", ["best_acc\t70.00", "", "best_acc\t70.00\n\n", "failed\tepoch 3: nan\n"])
+def test_the_fast_path_reads_host_worklogs_as_the_general_parser_does(end, monkeypatch):
+    from normkd_plugin.leaderboard import runs as lb
+
+    text = _host_worklog(40, end)
+    fast = parse_worklog(text)
+    monkeypatch.setattr(lb, "_parse_host_worklog", lambda text: None)
+    slow = parse_worklog(text)
+    assert repr(fast) == repr(slow) and len(fast.epochs) == 40
+
+
+def test_a_junk_worklog_is_quoted_at_most_200_characters(tmp_path, capsys):
+    run = tmp_path / "cifar100" / "kd,res56,res20,seed:0"
+    run.mkdir(parents=True)
+    (run / "worklog.txt").write_text("x" * 10_000_000)  # one 10 MB line
+    other = tmp_path / "cifar100" / "kd,res56,res20,seed:1"
+    other.mkdir()
+    (other / "worklog.txt").write_text(_host_worklog(3).replace("test_acc: ", "test_acc: " + "9" * 5000 + "x", 1))
+    runs, problems = discover_runs([tmp_path])
+    assert not runs and len(problems) == 2
+    assert all(len(why) < 400 for _, why in problems), [len(w) for _, w in problems]
+    assert "(10000000 characters)" in problems[0][1]
+    cli.main([str(tmp_path)])
+    out = capsys.readouterr()
+    assert len(out.out) + len(out.err) < 5000
+
+
+@needs_mdistiller
+def test_config_sections_are_read_as_a_whole_parse_reads_them(tmp_path):
+    from normkd_plugin.config import load_config
+    from normkd_plugin.leaderboard.runs import load_config_text
+
+    text = load_config("cifar100/normdkd/res56_res20", ["EXPERIMENT.SEED", "4"]).dump()
+    assert "&id001" in text  # an alias across sections the reader does not need
+    full = yaml.safe_load(text)
+    part = load_config_text(text)
+    assert set(part) == {"DATASET", "DISTILLER", "EXPERIMENT", "SOLVER", "NORMDKD"}
+    assert all(part[k] == full[k] for k in part)
+    assert load_config_text("- not\n- a mapping\n") == {}

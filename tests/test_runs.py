@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -323,3 +324,165 @@ def test_a_refused_start_leaves_no_empty_dataset_folder(tmp_path):
     folder.unlock()
     other.unlock()
     assert [p.name for p in (prefix / "cifar100").iterdir()] == ["kd,res56,res20"]  # a parent in use stays
+
+
+# -- a state knows whose it is: identity, records, config.yaml and worklog rebuilt from it --------------
+
+
+def _short_argv(root, teacher, prefix, seed, cfg="cifar100/normkd/res56_res20"):
+    opts = fast_opts(
+        root, teacher, prefix, seed, "SOLVER.EPOCHS", "3", "SOLVER.LR_DECAY_STAGES", "[2]",
+        "SOLVER.FAST.ITERS_PER_EPOCH", "1",
+    )  # fmt: skip
+    return ["--cfg", cfg, "--device", "cpu", *opts]
+
+
+@pytest.fixture(scope="module")
+def stopped_runs(tmp_path_factory, small_cifar_npz, teacher_resnet56):
+    """Seeds 0 and 1 of a 3-epoch run, each stopped before epoch 3 (latest at epoch 2): {seed: prefix}."""
+    from conftest import interrupted_at_epoch
+    from normkd_plugin import train
+
+    out = {}
+    for seed in (0, 1):
+        prefix = tmp_path_factory.mktemp(f"stopped{seed}")
+        with interrupted_at_epoch(3), pytest.raises((SystemExit, KeyboardInterrupt)):
+            train.main(_short_argv(small_cifar_npz, teacher_resnet56, prefix, seed))
+        out[seed] = prefix
+    return out
+
+
+def _copy_run(stopped_runs, seed, tmp_path):
+    """A copy of the stopped run of ``seed`` under a fresh LOG.PREFIX: (prefix, run folder)."""
+    import shutil
+
+    prefix = tmp_path / "prefix"
+    shutil.copytree(stopped_runs[seed], prefix)
+    (folder,) = list((prefix / "cifar100").iterdir())
+    return prefix, folder
+
+
+def _resume(argv, capsys):
+    """--resume argv in this process: (exit code, stderr)."""
+    from normkd_plugin import train
+
+    try:
+        train.main(["--resume", *argv])
+        code = 0
+    except SystemExit as exc:
+        code = exc.code
+    return code, capsys.readouterr().err
+
+
+def _worklog_of_records(folder):
+    from conftest import load_state
+    from normkd_plugin.runs import worklog_block
+
+    state = load_state(folder)
+    return "".join(worklog_block(r["epoch"], r["lr"], r["record"]) for r in state["records"])
+
+
+@needs_mdistiller
+def test_resume_refuses_a_latest_copied_from_another_run(
+    tmp_path, stopped_runs, small_cifar_npz, teacher_resnet56, capsys
+):
+    import shutil
+
+    prefix, folder = _copy_run(stopped_runs, 0, tmp_path)
+    (other,) = list((stopped_runs[1] / "cifar100").iterdir())
+    shutil.copy(other / "latest", folder / "latest")  # another seed's state in this run's folder
+    before = (folder / "worklog.txt").read_text()
+    code, err = _resume(_short_argv(small_cifar_npz, teacher_resnet56, prefix, 0), capsys)
+    assert code == 2
+    assert f"{folder}/latest is a state of run 'cifar100/{other.name}' (seed 1)" in err
+    assert f"not of this folder's run 'cifar100/{folder.name}' (seed 0)" in err
+    assert (folder / "worklog.txt").read_text() == before and "best_acc" not in before
+
+
+@needs_mdistiller
+@pytest.mark.parametrize("config_yaml", ["deleted", "empty", "binary"])
+def test_resume_without_config_yaml_checks_the_state_and_rewrites_config_yaml(
+    tmp_path, stopped_runs, small_cifar_npz, teacher_resnet56, capsys, caplog, config_yaml
+):
+    import yaml
+
+    prefix, folder = _copy_run(stopped_runs, 0, tmp_path)
+    saved = (folder / "config.yaml").read_text()
+    {"deleted": lambda p: p.unlink(), "empty": lambda p: p.write_text(""), "binary": lambda p: p.write_bytes(
+        b"\x00\xff\xfe garbage \x89PNG")}[config_yaml](folder / "config.yaml")  # fmt: skip
+    other = tmp_path / "other.yaml"  # the same run name, another LR and temperature
+    from normkd_plugin.config import resolve_config
+
+    cfg = yaml.safe_load(resolve_config("cifar100/normkd/res56_res20").read_text())
+    cfg["SOLVER"]["LR"], cfg["NORMKD"]["TEMPERATURE_NORM"] = 0.2, 3.0
+    other.write_text(yaml.safe_dump(cfg))
+    argv = _short_argv(small_cifar_npz, teacher_resnet56, prefix, 0)
+    code, err = _resume([*argv[:1], str(other), *argv[2:]], capsys)
+    assert code == 2
+    assert f"{folder}/latest was trained with another config than this command's" in err
+    assert "SOLVER.LR 0.05 -> 0.2" in err and "TEMPERATURE_NORM" in err
+    assert "best_acc" not in (folder / "worklog.txt").read_text()
+    with caplog.at_level("WARNING"):
+        code, err = _resume(argv, capsys)
+    assert code == 0, err
+    assert (
+        f"config.yaml was {dict(deleted='missing', binary='damaged').get(config_yaml, config_yaml)}; rewritten"
+        in caplog.text
+    )
+    assert (folder / "config.yaml").read_text() == saved
+    assert re.search(r"\nbest_acc\t\d+\.\d\d$", (folder / "worklog.txt").read_text())
+
+
+@needs_mdistiller
+@pytest.mark.parametrize(
+    "damage",
+    ["cut in the closing dashes", "cut inside epoch 1", "deleted", "binary garbage", "a block lost and one added"],
+)
+def test_resume_rebuilds_a_worklog_that_disagrees_with_the_records(
+    tmp_path, stopped_runs, small_cifar_npz, teacher_resnet56, capsys, caplog, damage
+):
+    prefix, folder = _copy_run(stopped_runs, 0, tmp_path)
+    path = folder / "worklog.txt"
+    text = path.read_text()
+    assert text.count("epoch: ") == 2 and text.endswith("-" * 25 + "\n")
+    if damage == "cut in the closing dashes":
+        path.write_text(text[:-5])
+    elif damage == "cut inside epoch 1":
+        path.write_text(text[: text.index("test_acc")])
+    elif damage == "deleted":
+        path.unlink()
+    elif damage == "binary garbage":
+        path.write_bytes(b"\x00\x9f" * 200)
+    else:
+        path.write_text(text.replace("epoch: 1\n", "epoch: 7\n"))
+    with caplog.at_level("WARNING"):
+        code, err = _resume(_short_argv(small_cifar_npz, teacher_resnet56, prefix, 0), capsys)
+    assert code == 0, err
+    rebuilt = [r.getMessage() for r in caplog.records if "rebuilt from the checkpoint's records" in r.getMessage()]
+    assert len(rebuilt) == 1 and "epochs 1-2" in rebuilt[0]
+    final = path.read_text()
+    assert final == _worklog_of_records(folder) + final[final.rindex("best_acc") :]
+    assert [int(x.split()[0]) for x in final.split("epoch: ")[1:]] == [1, 2, 3]
+
+    from normkd_plugin.leaderboard.runs import read_run  # the leaderboard counts the run, whole
+
+    assert read_run(folder) is not None
+
+
+@needs_mdistiller
+def test_a_state_from_before_identities_still_resumes_with_a_warning(
+    tmp_path, stopped_runs, small_cifar_npz, teacher_resnet56, capsys, caplog
+):
+    from conftest import load_state
+
+    prefix, folder = _copy_run(stopped_runs, 0, tmp_path)
+    state = load_state(folder)
+    del state["identity"], state["records"]
+    torch.save(state, folder / "latest")
+    with caplog.at_level("WARNING"):
+        code, err = _resume(_short_argv(small_cifar_npz, teacher_resnet56, prefix, 0), capsys)
+    assert code == 0, err
+    assert "a state from before identities" in caplog.text
+    final = load_state(folder)
+    assert [r["epoch"] for r in final["records"]] == [1, 2, 3]  # seeded from the worklog, then carried on
+    assert final["identity"]["run"] == f"cifar100/{folder.name}" and final["identity"]["seed"] == 0

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import re
+import signal
 import subprocess
 import sys
 
@@ -55,7 +57,7 @@ def test_run_skips_finished_and_launches_the_rest(tmp_path, monkeypatch):
     (tmp_path / "cifar100" / "kd,res56,res20,seed:0").mkdir(parents=True)
     (tmp_path / "cifar100" / "kd,res56,res20,seed:0" / "worklog.txt").write_text("best_acc\t70.00")
     launched = []
-    monkeypatch.setattr(sweep.subprocess, "call", lambda argv, env=None: launched.append(argv) or 0)
+    monkeypatch.setattr(sweep, "launch", lambda argv, env=None: launched.append(argv) or 0)
     sweep.main(
         ["--methods", "kd,normkd", "--pairs", "res56_res20", "--seeds", "0", "--run", "LOG.PREFIX", str(tmp_path)]
     )
@@ -100,7 +102,7 @@ def test_pack_cli_prints_full_comparison_and_refuses_other_trainers():
 def test_run_reports_a_failing_command_and_goes_on(tmp_path, monkeypatch, capsys):
     launched = []
     monkeypatch.setattr(
-        sweep.subprocess, "call", lambda argv, env=None: launched.append(argv) or (3 if len(launched) == 1 else 0)
+        sweep, "launch", lambda argv, env=None: launched.append(argv) or (3 if len(launched) == 1 else 0)
     )
     with pytest.raises(SystemExit, match=r"1 of 2 commands failed:\n  exit code 3: normkd-train --cfg cifar100/kd"):
         sweep.main(["--methods", "kd,normkd", "--pairs", "res56_res20", "--run", "LOG.PREFIX", str(tmp_path)])
@@ -122,7 +124,7 @@ def test_pack_run_drops_finished_runs_and_resumes_started_ones(tmp_path, monkeyp
     os.makedirs(started)
     open(os.path.join(started, "latest"), "wb").close()
     launched = []
-    monkeypatch.setattr(sweep.subprocess, "call", lambda argv, env=None: launched.append(argv) or 0)
+    monkeypatch.setattr(sweep, "launch", lambda argv, env=None: launched.append(argv) or 0)
     sweep.run_all([pack])
     (argv,) = launched
     assert "--resume" in argv and argv.count("--cfg") == 1 and "cifar100/normkd/res56_res20" in argv
@@ -137,7 +139,7 @@ def test_pack_run_with_finished_and_new_runs_passes_resume(tmp_path, monkeypatch
     with open(os.path.join(folder, "worklog.txt"), "w") as f:
         f.write("best_acc\t70.00")
     launched = []
-    monkeypatch.setattr(sweep.subprocess, "call", lambda argv, env=None: launched.append(argv) or 0)
+    monkeypatch.setattr(sweep, "launch", lambda argv, env=None: launched.append(argv) or 0)
     sweep.run_all([pack])
     (argv,) = launched
     assert "--resume" in argv and "--seeds" in argv and "0,1" in argv  # seed 0 is skipped, seed 1 starts
@@ -158,7 +160,7 @@ def test_torchrun_commands():
 @needs_mdistiller
 def test_run_through_torchrun(tmp_path, monkeypatch):
     launched = []
-    monkeypatch.setattr(sweep.subprocess, "call", lambda argv, env=None: launched.append(argv) or 0)
+    monkeypatch.setattr(sweep, "launch", lambda argv, env=None: launched.append(argv) or 0)
     sweep.main(
         ["--methods", "kd", "--pairs", "res56_res20", "--nproc-per-node", "2", "--run", "LOG.PREFIX", str(tmp_path)]
     )
@@ -207,7 +209,7 @@ def test_time_limit_is_shared_by_the_commands_and_a_stop_ends_the_sweep(tmp_path
             f.write("stopped at the time limit\n")
         return 3 if nproc == 1 else 1
 
-    monkeypatch.setattr(sweep.subprocess, "call", call)
+    monkeypatch.setattr(sweep, "launch", call)
     args = ["--methods", "kd,dkd,normkd,normdkd", "--pairs", "res56_res20", "--run", "--time-limit", "5m"]
     opts = ["SOLVER.TRAINER", "fast", "LOG.PREFIX", str(tmp_path)]
     with pytest.raises(SystemExit) as stop:
@@ -221,7 +223,7 @@ def test_time_limit_is_shared_by_the_commands_and_a_stop_ends_the_sweep(tmp_path
     assert "exit code 1" not in err  # torchrun's 1 for a stop is not a failure
 
     clock.now, launched[:] = 0.0, []
-    monkeypatch.setattr(sweep.subprocess, "call", lambda argv, env=None: (launched.append(argv), 0)[1])
+    monkeypatch.setattr(sweep, "launch", lambda argv, env=None: (launched.append(argv), 0)[1])
     monkeypatch.setattr(sweep, "_remaining", lambda job: (clock.__setattr__("now", clock.now + 200), (job, False))[1])
     with pytest.raises(SystemExit) as stop:  # each command takes 200 s to start: the second finds nothing left
         sweep.main([*args, *opts])
@@ -275,10 +277,132 @@ def test_a_pack_that_failed_and_stopped_through_torchrun_is_a_failure_and_a_stop
             f.write("failed\nstopped at the time limit\n")
         return 1
 
-    monkeypatch.setattr(sweep.subprocess, "call", call)
+    monkeypatch.setattr(sweep, "launch", call)
     args = ["--pairs", "res56_res20", "--methods", "kd,normkd", "--pack", "--run", "--nproc-per-node", "2"]
     with pytest.raises(SystemExit) as stop:
         sweep.main([*args, "--time-limit", "1h", "LOG.PREFIX", str(tmp_path)])
     assert stop.value.code == 3 and len(launched) == 1
     err = capsys.readouterr().err
     assert "in command 1 of 1" in err and "1 command(s) failed before:\n  exit code 1: torchrun" in err
+
+
+# -- sweeps under a scheduler: real signals, real concurrent sweeps -------------------------------------
+
+
+def _sweep_cmd(root, teacher, prefix, seeds="0", epochs=60, *extra):
+    return [
+        sys.executable, "-m", "normkd_plugin.sweep", "--methods", "normkd", "--pairs", "res56_res20",
+        "--seeds", seeds, "--device", "cpu", "--run", "SOLVER.TRAINER", "fast", "SOLVER.EPOCHS", str(epochs),
+        "SOLVER.LR_DECAY_STAGES", "[2]", "SOLVER.FAST.ITERS_PER_EPOCH", "1", "DATASET.ROOT", str(root),
+        "DISTILLER.TEACHER_CKPT", str(teacher), "LOG.PREFIX", str(prefix), *extra,
+    ]  # fmt: skip
+
+
+def _wait_for(test, what, proc=None, timeout=300):
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not test():
+        assert proc is None or proc.poll() is None, f"the sweep ended before {what}"
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def _kill_holder(folder):
+    holder = sweep.lock_holder(str(folder))
+    if holder and holder.isdigit():
+        os.kill(int(holder), signal.SIGKILL)
+
+
+@needs_mdistiller
+@pytest.mark.parametrize(("sig", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_stop_signal_to_the_sweep_reaches_its_command_and_the_sweep_waits_for_it(
+    tmp_path, small_cifar_npz, teacher_resnet56, sig, code
+):
+    from conftest import load_state
+
+    folder = (
+        tmp_path
+        / "out"
+        / "cifar100"
+        / (
+            "normkd,res56,res20,SOLVER.EPOCHS:60,SOLVER.FAST.ITERS_PER_EPOCH:1,SOLVER.LR_DECAY_STAGES:[2],"
+            "SOLVER.TRAINER:fast,seed:0"
+        )
+    )
+    cmd = _sweep_cmd(small_cifar_npz, teacher_resnet56, tmp_path / "out")
+    with subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True) as proc:
+        try:
+            _wait_for(lambda: "epoch: 2\n" in _text(folder / "worklog.txt"), "epoch 2", proc)
+            proc.send_signal(sig)
+            err = proc.stderr.read()
+            assert proc.wait(timeout=120) == code, err[-3000:]
+            assert sweep.lock_holder(str(folder)) is None  # its command stopped too, and released the run
+        finally:
+            _kill_holder(folder)
+    lines = err.strip().splitlines()
+    assert "Traceback" not in err
+    assert re.fullmatch(r"normkd-train: interrupted after epoch (\d+); --resume continues", lines[-2]), lines[-2:]
+    assert lines[-1].startswith(f"normkd-sweep: interrupted by signal {int(sig)}; the command running stopped")
+    assert load_state(folder)["epoch"] == int(re.search(r"epoch (\d+)", lines[-2]).group(1))
+
+
+def _text(path):
+    try:
+        return path.read_text()
+    except OSError:
+        return ""
+
+
+@needs_mdistiller
+def test_two_sweeps_over_one_grid_share_the_work_and_both_exit_0(tmp_path, small_cifar_npz, teacher_resnet56):
+    cmd = _sweep_cmd(small_cifar_npz, teacher_resnet56, tmp_path / "out", "0,1", 8)
+    first_run = (
+        tmp_path
+        / "out"
+        / "cifar100"
+        / (
+            "normkd,res56,res20,SOLVER.EPOCHS:8,SOLVER.FAST.ITERS_PER_EPOCH:1,SOLVER.LR_DECAY_STAGES:[2],"
+            "SOLVER.TRAINER:fast,seed:0"
+        )
+    )
+    a = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for(lambda: sweep.lock_holder(str(first_run)) is not None, "the first run to start", a)
+        b = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        out_b, err_b = b.communicate(timeout=600)
+        out_a, err_a = a.communicate(timeout=600)
+    finally:
+        a.kill()
+    assert (a.returncode, b.returncode) == (0, 0), (err_a[-2000:], err_b[-2000:])
+    assert "[1/2] skip (running elsewhere, PID " in out_b  # the run A trains; B trained the other meanwhile
+    assert "failed" not in err_a + err_b
+    for folder in first_run.parent.iterdir():
+        assert (folder / "worklog.txt").read_text().count("best_acc") == 1
+
+
+@needs_mdistiller
+def test_a_sweep_whose_first_commands_fail_with_one_input_error_stops(tmp_path, teacher_resnet56):
+    missing = tmp_path / "no-data"
+    proc = subprocess.run(
+        _sweep_cmd(missing, teacher_resnet56, tmp_path / "out", "0,1,2,3", 2),
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert proc.stdout.count("normkd-train --device cpu") == 2  # commands 3 and 4 never started
+    assert (
+        proc.stderr.strip()
+        .splitlines()[-1]
+        .startswith(
+            "normkd-sweep: the first 2 commands failed with the same input error; stopping here (fix it and run the "
+            f"same normkd-sweep again): normkd-train: DATASET.ROOT {missing} is not a directory"
+        )
+    )
+
+
+@pytest.mark.parametrize(("seeds", "expected"), [(" ", "no seed given"), ("0,x", "expected comma-separated")])
+def test_bad_seeds_are_one_line(seeds, expected):
+    proc = subprocess.run(
+        [sys.executable, "-m", "normkd_plugin.sweep", "--seeds", seeds], capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and expected in proc.stderr

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -106,6 +108,16 @@ def test_interrupted_run_resumes_through_the_cli(tmp_path, small_cifar, teacher_
     with interrupted_at_epoch(3):  # one command, --resume included, starts the job (nothing to resume yet)
         with pytest.raises(KeyboardInterrupt):
             train.main(["--resume", *argv])
+
+
+    with pytest.raises(SystemExit) as info:
+        train.main(["--resume", *argv])
+    assert info.value.code == 2 and "holds no run to resume" in capsys.readouterr().err
+    with interrupted_at_epoch(3):
+        with pytest.raises(SystemExit) as info:
+            train.main(argv)
+        assert info.value.code == 130
+        assert capsys.readouterr().err.endswith("normkd-train: interrupted after epoch 2; --resume continues\n")
         with pytest.raises(SystemExit):
             train.main(argv)
         assert "already holds a started run; add --resume" in capsys.readouterr().err
@@ -355,3 +367,182 @@ def test_mdistillers_size_average_warning_is_hidden_in_runs():
         quiet_host_warnings()  # what normkd-train does before training
         dkd_loss(*args)
     assert not [w for w in seen if "size_average" in str(w.message)]
+
+
+# -- one line for every failure: OS errors, signals, bad seeds ----------------------------------------
+
+
+def _tiny_argv(small_cifar, teacher, prefix, epochs=3, *extra):
+    return [
+        "--cfg", "cifar100/normkd/res56_res20", "--device", "cpu", "SOLVER.TRAINER", "fast",
+        "SOLVER.BATCH_SIZE", "16", "SOLVER.FAST.ITERS_PER_EPOCH", "1", "SOLVER.EPOCHS", str(epochs),
+        "SOLVER.LR_DECAY_STAGES", "[2]", "DATASET.ROOT", str(small_cifar), "DISTILLER.TEACHER_CKPT", str(teacher),
+        "LOG.PREFIX", str(prefix), "EXPERIMENT.NAME", "r", "EXPERIMENT.SEED", "0", *extra,
+    ]  # fmt: skip
+
+
+def _run_dir(prefix, epochs=3):
+    """The run folder of ``_tiny_argv``."""
+    return (
+        prefix
+        / "cifar100"
+        / (
+            f"r,SOLVER.BATCH_SIZE:16,SOLVER.EPOCHS:{epochs},SOLVER.FAST.ITERS_PER_EPOCH:1,SOLVER.LR_DECAY_STAGES:[2],"
+            "SOLVER.TRAINER:fast,seed:0"
+        )
+    )
+
+
+def _main(argv, capsys):
+    """train.main(argv): (exit code, stderr lines)."""
+    from normkd_plugin import train
+
+    try:
+        train.main(argv)
+        code = 0
+    except SystemExit as exc:
+        code = exc.code
+    return code, capsys.readouterr().err.strip().splitlines()
+
+
+def _filling_the_disk_before_epoch(epoch, where, monkeypatch):
+    from conftest import fill_disk
+    from normkd_plugin.fast.pack import Pack
+
+    real = Pack.train_epoch
+
+    def train_epoch(self, runs, e):
+        if e == epoch:
+            fill_disk(where)
+        real(self, runs, e)
+
+    monkeypatch.setattr(Pack, "train_epoch", train_epoch)
+
+
+@pytest.mark.parametrize("how", ["real tmpfs", "simulated"])
+def test_a_full_disk_is_one_line_naming_the_file_and_the_last_epoch_is_kept(
+    tmp_path, small_cifar, teacher_resnet56, monkeypatch, capsys, how
+):
+    import contextlib
+    import errno
+
+    from conftest import load_state, mounted_tmpfs
+
+    disk = tmp_path / "disk"
+    with mounted_tmpfs(disk, "24m") if how == "real tmpfs" else contextlib.nullcontext(disk):
+        disk.mkdir(exist_ok=True)
+        argv = _tiny_argv(small_cifar, teacher_resnet56, disk / "out")
+        with monkeypatch.context() as m:
+            if how == "real tmpfs":
+                _filling_the_disk_before_epoch(2, disk, m)
+            else:  # a file system that reports the full disk when the data reach it (fsync)
+                from normkd_plugin.fast.pack import Pack
+
+                real_epoch = Pack.train_epoch
+
+                def full(fd):
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+                def train_epoch(self, runs, e):
+                    if e == 2:
+                        m.setattr(os, "fsync", full)
+                    real_epoch(self, runs, e)
+
+                m.setattr(Pack, "train_epoch", train_epoch)
+            code, err = _main(argv, capsys)
+        folder = _run_dir(disk / "out")
+        assert code == 2
+        assert err[-1] == f"normkd-train: {folder}/latest: cannot write it: No space left on device (ENOSPC)"
+        assert not any("Traceback" in line for line in err)
+        assert load_state(folder)["epoch"] == 1  # the last good checkpoint
+        assert not any(p.name.endswith(".tmp") for p in folder.iterdir())
+        (disk / "filler").unlink(missing_ok=True)
+        code, err = _main(["--resume", *argv], capsys)
+        assert code == 0, err
+        text = (folder / "worklog.txt").read_text()
+        assert [int(x.split()[0]) for x in text.split("epoch: ")[1:]] == [1, 2, 3] and text.count("best_acc") == 1
+
+
+def test_a_read_only_run_folder_is_one_line(tmp_path, small_cifar, teacher_resnet56, capsys):
+    from conftest import interrupted_at_epoch
+
+    argv = _tiny_argv(small_cifar, teacher_resnet56, tmp_path / "out")
+    with interrupted_at_epoch(2):
+        code, _ = _main(argv, capsys)
+    assert code == 130
+    folder = _run_dir(tmp_path / "out")
+    bind = subprocess.run(["mount", "--bind", str(folder), str(folder)], capture_output=True, text=True)
+    if bind.returncode:
+        pytest.skip(f"cannot bind-mount here (needs root or CAP_SYS_ADMIN): {bind.stderr.strip()[:200]}")
+    try:
+        subprocess.run(["mount", "-o", "remount,ro,bind", str(folder)], check=True)
+        code, err = _main(["--resume", *argv], capsys)
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], capture_output=True)
+    assert code == 2
+    assert err == [f"normkd-train: {folder}/.lock: cannot open the run folder's lock: Read-only file system (EROFS)"]
+
+
+def test_a_dangling_link_where_the_run_folder_should_be_is_one_line(tmp_path, small_cifar, teacher_resnet56, capsys):
+    link = _run_dir(tmp_path / "out")
+    link.parent.mkdir(parents=True)
+    link.symlink_to(tmp_path / "gone")
+    code, err = _main(_tiny_argv(small_cifar, teacher_resnet56, tmp_path / "out"), capsys)
+    assert code == 2
+    assert err == [
+        f"normkd-train: {link}: cannot create the run folder: a dangling symbolic link to {tmp_path}/gone stands there"
+    ]
+
+
+def test_a_binary_worklog_without_resume_is_one_line(tmp_path, small_cifar, teacher_resnet56, capsys):
+    folder = _run_dir(tmp_path / "out")
+    folder.mkdir(parents=True)
+    (folder / "worklog.txt").write_bytes(b"\xff\xfe\x00garbage" * 50)
+    code, err = _main(_tiny_argv(small_cifar, teacher_resnet56, tmp_path / "out"), capsys)
+    assert code == 2 and len(err) == 1 and "already holds a started run; add --resume" in err[0]
+
+
+@pytest.mark.parametrize(("seeds", "expected"), [(" ", "no seed given"), ("0,x", "expected comma-separated")])
+def test_bad_seeds_are_one_line(tmp_path, fake_train, capsys, seeds, expected):
+    code, err = _main(["--cfg", "cifar100/normkd/res56_res20", "--seeds", seeds, "LOG.PREFIX", str(tmp_path)], capsys)
+    assert code == 2 and len(err) == 1 and expected in err[0] and not fake_train
+
+
+def test_a_seed_that_overflows_is_one_line(tmp_path, fake_train, capsys):
+    argv = ["--cfg", "cifar100/normkd/res56_res20", "--seeds", "99999999999999999999", "LOG.PREFIX", str(tmp_path)]
+    code, err = _main(argv, capsys)
+    assert code == 2 and err == [
+        "normkd-train: command-line override EXPERIMENT.SEED 99999999999999999999: "
+        "expected an integer below 2**63 (< 0: a random seed)"
+    ]
+
+
+@pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_sigint_and_sigterm_end_a_run_with_one_line_after_its_last_epoch(
+    tmp_path, small_cifar, teacher_resnet56, sig, code
+):
+    import time
+
+    from conftest import load_state
+
+    argv = _tiny_argv(small_cifar, teacher_resnet56, tmp_path / "out", 60)
+    worklog = _run_dir(tmp_path / "out", 60) / "worklog.txt"
+    with subprocess.Popen(
+        [sys.executable, "-m", "normkd_plugin.train", *argv], stderr=subprocess.PIPE, text=True
+    ) as child:
+        deadline = time.monotonic() + 300
+        while not (worklog.is_file() and "epoch: 2\n" in worklog.read_text()):
+            assert child.poll() is None and time.monotonic() < deadline, child.stderr.read()[-3000:]
+            time.sleep(0.05)
+        child.send_signal(sig)
+        err = child.stderr.read()
+        assert child.wait() == code, err[-3000:]
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    m = re.fullmatch(r"normkd-train: interrupted after epoch (\d+); --resume continues", last)
+    assert m, last
+    epoch = int(m.group(1))
+    assert load_state(worklog.parent)["epoch"] == epoch  # nothing past the last committed epoch
+    text = worklog.read_text()
+    assert [int(x.split()[0]) for x in text.split("epoch: ")[1:]] == list(range(1, epoch + 1))
+    assert text.endswith("-" * 25 + "\n") and not any(p.name.endswith(".tmp") for p in worklog.parent.iterdir())

@@ -30,7 +30,7 @@ from yacs.config import CfgNode as CN
 from ..dist import from_rank0
 from ..errors import RunError, RunsFailed
 from ..progress import QUIET, JobProgress
-from ..runs import CONFIG, NONFINITE_CAUSES, RunFolder, epoch_record
+from ..runs import NONFINITE_CAUSES, RunFolder, epoch_record
 from ..timelimit import TimeLimit, Unfinished
 from .augment import TensorCifar
 from .graph import StepGraph
@@ -591,8 +591,7 @@ class Pack:
                     run.status, run.failure = "failed", str(exc)
             else:
                 if self.ranks.main:
-                    run.folder.cut_worklog(0)  # a run that never completed an epoch starts again
-                    run.folder.write_text(CONFIG, run.cfg.dump())
+                    run.folder.start_fresh(run.cfg.dump())  # a run that never completed an epoch starts again
                 if self.ranks.world > 1:  # a fresh run starts from rank 0's initialisation and data seed
                     run.seed = self.ranks.same_int(run.seed, self.device)
                     run.generator.manual_seed(run.seed)

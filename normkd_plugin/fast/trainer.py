@@ -76,7 +76,7 @@ class FastTrainer(BaseTrainer):
         run = PackRun(
             name=experiment_name,
             cfg=cfg,
-            folder=RunFolder(self.log_path),
+            folder=RunFolder(self.log_path, experiment_name, cfg.dump()),
             distiller=self.model,
             optimizer=self.optimizer,
             seed=data_seed(cfg),

@@ -7,6 +7,7 @@ host's tools/train.py writes: ``<PROJECT>/<method>,<teacher>,<student>[,KEY:VALU
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import re
@@ -36,15 +37,58 @@ class Worklog:
     best_acc: float | None = None
     failed: str | None = None
 
+    @functools.cached_property
+    def key(self) -> str:
+        """The epoch records and best_acc as one string (runs that hold the same are copies); computed once."""
+        return f"{self.epochs!r}|{self.best_acc!r}"
+
 
 _NUMBER = r"[-+]?(?:(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?|nan|inf)"
 _BEST = re.compile(rf"best_acc\t({_NUMBER})(.*)")
 _FAILED = re.compile(r"failed\t(.*)")
 
 
+QUOTE_MAX = 200  # characters of a malformed line quoted in a message
+
+
+def _quote(raw: str) -> str:
+    """``raw`` as repr, at most QUOTE_MAX characters of it (a junk worklog must not flood the output)."""
+    if len(raw) <= QUOTE_MAX:
+        return repr(raw)
+    return f"{raw[:QUOTE_MAX]!r}... ({len(raw)} characters)"
+
+
+# The host's own blocks (its log_dict keys, in its order), matched whole by one regex: the fast path.
+_HOST_KEYS = ("lr", "train_acc", "train_loss", "test_acc", "test_acc_top5", "test_loss")
+_VALUE = r"([-+0-9.eEnaif]+)"
+_HOST_BLOCK = r"-+\nepoch: (\d+)\n" + "".join(rf"{k}: {_VALUE}\n" for k in _HOST_KEYS) + r"-+\n"
+_HOST_LOG = re.compile(rf"(?:{_HOST_BLOCK})*(?:best_acc\t{_VALUE})?\s*")
+_HOST_BLOCKS = re.compile(_HOST_BLOCK)
+
+
+def _parse_host_worklog(text: str) -> Worklog | None:
+    """The worklog when it is exactly the host's blocks (and a best_acc line), else None (the general parser)."""
+    whole = _HOST_LOG.fullmatch(text)
+    if whole is None:
+        return None
+    best = whole.group(whole.re.groups)
+    try:
+        keys, number = ("epoch", *_HOST_KEYS), float
+        epochs = [dict(zip(keys, (int(e), *map(number, rest)))) for e, *rest in _HOST_BLOCKS.findall(text)]
+        best = float(best) if best is not None else None
+    except ValueError:
+        return None
+    if any(a["epoch"] >= b["epoch"] for a, b in zip(epochs, epochs[1:])):
+        return None  # the general parser names the line
+    return Worklog(epochs=epochs, best_acc=best)
+
+
 def parse_worklog(text: str) -> Worklog:
     """Parse the host's worklog.txt: dashed blocks of ``key: value`` lines with strictly increasing
     ``epoch``, then at most one final ``best_acc\\tNN.NN`` or ``failed\\t<reason>`` line."""
+    fast = _parse_host_worklog(text)
+    if fast is not None:
+        return fast
     out = Worklog()
     block: dict | None = None
     epoch_line = 0  # line of the open block's epoch line
@@ -56,7 +100,7 @@ def parse_worklog(text: str) -> Worklog:
             continue
         if final is not None:
             raise WorklogError(
-                f"line {lineno}: {raw!r} after the {final[1]} line (line {final[0]}), which must end the log"
+                f"line {lineno}: {_quote(raw)} after the {final[1]} line (line {final[0]}), which must end the log"
             )
         if line.startswith("best_acc") or (block is None and line.startswith("failed")):
             word = "best_acc" if line.startswith("best_acc") else "failed"
@@ -64,11 +108,11 @@ def parse_worklog(text: str) -> Worklog:
                 raise WorklogError(f"line {lineno}: {word} line inside an unterminated block")
             m = (_BEST if word == "best_acc" else _FAILED).fullmatch(raw.lstrip())
             if not m:
-                raise WorklogError(f"line {lineno}: malformed {word} line {raw!r}")
+                raise WorklogError(f"line {lineno}: malformed {word} line {_quote(raw)}")
             if word == "failed":
                 out.failed = m.group(1).strip() or "no reason given"
             elif m.group(2).strip():
-                raise WorklogError(f"line {lineno}: text after the best_acc value: {m.group(2).strip()!r}")
+                raise WorklogError(f"line {lineno}: text after the best_acc value: {_quote(m.group(2).strip())}")
             else:
                 out.best_acc = float(m.group(1))
             final = (lineno, word)
@@ -87,14 +131,14 @@ def parse_worklog(text: str) -> Worklog:
                 block = None
             continue
         if block is None:
-            raise WorklogError(f"line {lineno}: {raw!r} outside a dashed block")
+            raise WorklogError(f"line {lineno}: {_quote(raw)} outside a dashed block")
         key, sep, value = line.partition(": ")
         if not sep:
-            raise WorklogError(f"line {lineno}: expected 'key: value', got {raw!r}")
+            raise WorklogError(f"line {lineno}: expected 'key: value', got {_quote(raw)}")
         try:
             block[key] = int(value) if key == "epoch" else float(value)
         except ValueError as exc:
-            raise WorklogError(f"line {lineno}: {key} has non-numeric value {value!r}") from exc
+            raise WorklogError(f"line {lineno}: {key[:QUOTE_MAX]} has non-numeric value {_quote(value)}") from exc
         if key == "epoch":
             epoch_line = lineno
     if block:  # a block cut off mid-write by an interrupted run
@@ -131,7 +175,7 @@ class Run:
         """True once the best_acc line is written."""
         return self.log.best_acc is not None
 
-    @property
+    @functools.cached_property
     def problem(self) -> str | None:
         """Why the run must not be counted: its ``failed`` reason or its first non-finite accuracy; else None."""
         if self.log.failed is not None:
@@ -218,8 +262,48 @@ def trained_settings(cfg: dict) -> dict:
     return {k: v for k, v in flatten(sections).items() if not k.startswith(UNTRAINED_KEYS) and k != "DISTILLER.TYPE"}
 
 
+# libyaml's parser where PyYAML was built with it (about 10x the pure-Python one); the same safe constructor.
+_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+@functools.lru_cache(maxsize=4096)
+def _section(text: str):
+    return yaml.load(text, Loader=_LOADER)
+
+
+_READ = ("DATASET", "DISTILLER", "EXPERIMENT", "SOLVER")  # the sections the leaderboard reads, + the method's own
+
+
+def load_config_text(text: str) -> dict:
+    """The sections of a config.yaml the leaderboard reads (DATASET, DISTILLER, EXPERIMENT, SOLVER and the
+    method's own node), each parsed once per distinct text: runs of a grid share all but EXPERIMENT. A file
+    that does not split into top-level sections (or uses an alias across them) is parsed whole.
+    Do not mutate the result: sections are shared between runs."""
+    sections = {}
+    for piece in re.split(r"\n(?=\S)", text):
+        name = piece.split(":", 1)[0]
+        if name.isidentifier():
+            sections.setdefault(name, []).append(piece)
+    try:
+        out = {}
+        for name in _READ:
+            for piece in sections.get(name, []):
+                out.update(_section(piece) or {})
+        own = str((out.get("DISTILLER") or {}).get("TYPE", ""))
+        for piece in sections.get(own, []) if own not in _READ else []:
+            out.update(_section(piece) or {})
+        if all(isinstance(v, dict) for v in out.values()):
+            return out
+    except (yaml.YAMLError, TypeError, ValueError, AttributeError):
+        pass
+    whole = yaml.load(text, Loader=_LOADER)
+    return whole if isinstance(whole, dict) else {}
+
+
 def _identity_from_config(path: Path) -> dict:
-    cfg = yaml.safe_load(path.read_text()) or {}
+    cfg = load_config_text(path.read_text())
+    if not isinstance(cfg, dict):
+        raise WorklogError(f"{path}: not a mapping of config keys")
     seed = cfg.get("EXPERIMENT", {}).get("SEED", -1)
     return dict(
         dataset=cfg.get("DATASET", {}).get("TYPE", "cifar100"),
@@ -269,5 +353,6 @@ def discover_runs(paths) -> tuple[list[Run], list[tuple[Path, str]]]:
             try:
                 runs.append(read_run(folder))
             except (OSError, WorklogError, yaml.YAMLError, KeyError, TypeError, ValueError) as exc:
-                problems.append((folder, f"{type(exc).__name__}: {exc}"))
+                why = " ".join(str(exc).split())
+                problems.append((folder, f"{type(exc).__name__}: {why[:300]}{'...' if len(why) > 300 else ''}"))
     return runs, problems

@@ -199,7 +199,7 @@ def split_duplicates(group: list[Run]) -> tuple[list[Run], list[tuple[Run, Run]]
     for run in sorted(group, key=lambda r: r.path.parts):
         if run.seed is None or run.problem is not None or not run.log.epochs:
             continue
-        key = (run.seed, repr(run.log.epochs), repr(run.log.best_acc))
+        key = (run.seed, run.log.key)
         if key in first:
             copies.append((run, first[key]))
         else:
