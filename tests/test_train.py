@@ -109,7 +109,6 @@ def test_interrupted_run_resumes_through_the_cli(tmp_path, small_cifar, teacher_
         with pytest.raises(KeyboardInterrupt):
             train.main(["--resume", *argv])
 
-
     with pytest.raises(SystemExit) as info:
         train.main(["--resume", *argv])
     assert info.value.code == 2 and "holds no run to resume" in capsys.readouterr().err
