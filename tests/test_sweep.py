@@ -356,13 +356,14 @@ def _text(path):
 
 @needs_mdistiller
 def test_two_sweeps_over_one_grid_share_the_work_and_both_exit_0(tmp_path, small_cifar_npz, teacher_resnet56):
-    cmd = _sweep_cmd(small_cifar_npz, teacher_resnet56, tmp_path / "out", "0,1", 8)
+    # long enough that A is still training its first run when B looks at it, even on an idle machine
+    cmd = _sweep_cmd(small_cifar_npz, teacher_resnet56, tmp_path / "out", "0,1", 40)
     first_run = (
         tmp_path
         / "out"
         / "cifar100"
         / (
-            "normkd,res56,res20,SOLVER.EPOCHS:8,SOLVER.FAST.ITERS_PER_EPOCH:1,SOLVER.LR_DECAY_STAGES:[2],"
+            "normkd,res56,res20,SOLVER.EPOCHS:40,SOLVER.FAST.ITERS_PER_EPOCH:1,SOLVER.LR_DECAY_STAGES:[2],"
             "SOLVER.TRAINER:fast,seed:0"
         )
     )
