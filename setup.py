@@ -32,7 +32,7 @@ setup(
         ],
         "mdistiller.trainers": [
             "fast = normkd_plugin.fast.trainer:FastTrainer",
-            "ddp = normkd_plugin.ddp_trainer:DDPTrainer",
+            "ddp = normkd_plugin.fast.trainer:LoaderTrainer",
         ],
         "console_scripts": [
             "normkd-train = normkd_plugin.train:main",

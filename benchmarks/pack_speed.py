@@ -65,13 +65,12 @@ def bench_pack(stem, k, extra, common, device, iters, warmup) -> tuple[float, fl
     assert len(cfgs) == k
     prefix = cfgs[0].LOG.PREFIX
     pack = build_pack(cfgs, names, [RunFolder(os.path.join(prefix, n)) for n in names], device)
-    bs = cfgs[0].SOLVER.BATCH_SIZE
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    pack.train_iterations(pack.runs, 1, warmup * bs)  # includes the graph capture
+    pack.train_iterations(pack.runs, 1, warmup)  # includes the graph capture
     _sync(device)
     t0 = time.perf_counter()
-    steps = pack.train_iterations(pack.runs, 1, iters * bs)  # same epoch: the captured graph is replayed
+    steps = pack.train_iterations(pack.runs, 1, iters)  # same epoch: the captured graph is replayed
     _sync(device)
     sec = (time.perf_counter() - t0) / steps
     if device.type == "cuda":

@@ -56,11 +56,11 @@ def bench_base(cfg, init, loaders, iters, warmup, on_gpu):
 
 def bench_fast(cfg, init, loaders, iters, warmup):
     trainer = trainer_dict["fast"]("bench-fast", _distiller(cfg, init), *loaders, cfg)
-    bs, pack, runs = cfg.SOLVER.BATCH_SIZE, trainer.pack, [trainer.run]
-    pack.train_iterations(runs, 1, warmup * bs)  # includes the graph capture
+    pack, runs = trainer.pack, [trainer.run]
+    pack.train_iterations(runs, 1, warmup)  # includes the graph capture
     torch.cuda.synchronize()
     t0 = time.perf_counter()
-    steps = pack.train_iterations(runs, 1, iters * bs)  # same epoch: the captured graph is reused
+    steps = pack.train_iterations(runs, 1, iters)  # same epoch: the captured graph is reused
     torch.cuda.synchronize()
     assert pack.graph.graph is not None, "the CUDA graph was not used"
     return (time.perf_counter() - t0) / steps

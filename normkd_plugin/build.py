@@ -67,10 +67,12 @@ def build_distiller(cfg, student: nn.Module, teacher: nn.Module | None, num_data
 
 
 def build_pack(cfgs: list, names: list[str], folders: list, device):
-    """A fast-trainer Pack: data and teacher once; then per run, seed, student, distiller and optimizer.
+    """A Pack: data and teacher once; then per run, seed, student, distiller and optimizer.
 
     The order is the same for a pack of one, so a run's initialisation depends on its own seed only.
-    Only each run's tensorboard writer is opened (on rank 0); locking and starting the folders is the caller's.
+    The batches come from the CIFAR split on the device (SOLVER.TRAINER fast) or from the host's
+    datasets through a loader (:func:`~.fast.source.source_kind`). Only each run's tensorboard writer
+    is opened (on rank 0); locking and starting the folders is the caller's.
     """
     import torch
     from tensorboardX import SummaryWriter
@@ -78,10 +80,12 @@ def build_pack(cfgs: list, names: list[str], folders: list, device):
     from .data import get_dataset, seed_everything
     from .fast.pack import Pack, PackRun, SharedTeacher, data_seed, host_optimizer
     from .fast.ranks import Ranks
-    from .fast.trainer import tensor_split
+    from .fast.source import LoaderSource, source_kind
+    from .fast.trainer import device_split
 
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = all(cfg.EXPERIMENT.SEED < 0 for cfg in cfgs)
+    ranks = Ranks()
     train_loader, val_loader, num_data, num_classes = get_dataset(cfgs[0])
     teacher_cfg = next((cfg for cfg in cfgs if cfg.DISTILLER.TYPE != "NONE"), None)
     teacher = None if teacher_cfg is None else build_teacher(teacher_cfg, num_classes)
@@ -94,14 +98,23 @@ def build_pack(cfgs: list, names: list[str], folders: list, device):
             # normkd-train's path for the host's trainers initialises the teacher here, between student and
             # distiller: draw as much from the global RNG, so a distiller's own modules (connectors) start alike.
             _teacher_architecture(cfg, num_classes)
+        if cfg.SOLVER.SYNC_BN and ranks.world > 1:
+            student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
         distillers.append(build_distiller(cfg, student, teacher if cfg.DISTILLER.TYPE != "NONE" else None, num_data))
+    if teacher is not None:
+        teacher.requires_grad_(False)  # frozen: it is never trained, and the gradient all-reduce skips it
     shared = None if teacher is None else SharedTeacher(teacher).to(device)
     runs = []
     for cfg, name, folder, distiller in zip(cfgs, names, folders, distillers):
         if cfg.DISTILLER.TYPE != "NONE":
             distiller.teacher = shared
         distiller.to(device)
-        writer = SummaryWriter(os.path.join(folder.path, "train.events"), flush_secs=60) if Ranks().main else None
+        writer = SummaryWriter(os.path.join(folder.path, "train.events"), flush_secs=60) if ranks.main else None
         runs.append(PackRun(name, cfg, folder, distiller, host_optimizer(cfg, distiller), data_seed(cfg), writer))
-    train_data = tensor_split(train_loader, "train", device)
-    return Pack(runs, train_data, tensor_split(val_loader, "validation", device), shared)
+    if source_kind(cfgs[0]) == "loader":
+        source = LoaderSource(
+            train_loader.dataset, val_loader.dataset, cfgs[0], device, ranks, int(cfgs[0].DATASET.NUM_WORKERS)
+        )
+    else:
+        source = device_split(train_loader, val_loader, cfgs[0], device, ranks)
+    return Pack(runs, source, shared)

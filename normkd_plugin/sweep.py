@@ -12,8 +12,9 @@ SIGINT and SIGTERM are passed on to the command running, which stops after its l
 epoch; the sweep then exits 130 / 143. When the first commands all fail with the same input
 error, the sweep stops there.
 With --pack the grid is grouped into packs, one per dataset and teacher (at most N runs each with
---pack-size N): each pack is one ``normkd-train --cfg A --cfg B ... --seeds S`` trained in one process
-by the ``fast`` trainer (implied).
+--pack-size N): each pack is one ``normkd-train --cfg A --cfg B ... --seeds S`` trained by one job
+(one process, or torchrun's with --nproc-per-node), with SOLVER.TRAINER fast for CIFAR-100 (data on
+the device) and ddp for ImageNet (a data loader) implied.
 """
 
 from __future__ import annotations
@@ -78,8 +79,9 @@ def _chunks(items: list, size: int) -> list[list]:
     return [items[i : i + size] for i in range(0, len(items), size)] if size > 0 else [items]
 
 
-def packs(jobs: list[Job], max_runs: int = 0) -> list[PackJob]:
-    """Group jobs by teacher into packs of configs x seeds, each at most ``max_runs`` runs (0: no limit)."""
+def packs(jobs: list[Job], max_runs: int = 0, trainer: str = "fast") -> list[PackJob]:
+    """Group jobs by teacher into packs of configs x seeds, each at most ``max_runs`` runs (0: no limit); SOLVER.TRAINER
+    ``trainer`` unless the jobs' overrides name one."""
     groups: dict[str, list[Job]] = {}
     for job in jobs:
         groups.setdefault(job.teacher, []).append(job)
@@ -89,7 +91,7 @@ def packs(jobs: list[Job], max_runs: int = 0) -> list[PackJob]:
         seeds = list(dict.fromkeys(j.seed for j in group))
         opts = list(group[0].opts)
         if "SOLVER.TRAINER" not in opts[::2]:
-            opts += ["SOLVER.TRAINER", "fast"]
+            opts += ["SOLVER.TRAINER", trainer]
         for seed_chunk in _chunks(seeds, max_runs if max_runs and len(seeds) > max_runs else 0):
             per_pack = max(1, max_runs // len(seed_chunk)) if max_runs else 0
             out += [PackJob(tuple(c), tuple(seed_chunk), tuple(opts)) for c in _chunks(cfgs, per_pack)]
@@ -369,7 +371,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--pairs", default="all", help="comma-separated stems, or all")
     ap.add_argument("--seeds", default="0")
-    ap.add_argument("--pack", action="store_true", help="group runs of one teacher into packs (fast trainer)")
+    ap.add_argument("--pack", action="store_true", help="group runs of one teacher into packs (one job each)")
     ap.add_argument("--pack-size", type=int, default=0, metavar="N", help="with --pack: at most N runs per pack")
     ap.add_argument("--nproc-per-node", type=int, default=1, metavar="N", help="launch each command with torchrun")
     ap.add_argument("--device", default="", help="passed to every normkd-train command (cuda or cpu)")
@@ -392,12 +394,15 @@ def main(argv: list[str] | None = None) -> None:
             raise ValueError(f"--seeds {args.seeds!r}: no seed given; expected comma-separated integers such as 0,1,2")
         jobs = grid(args.dataset, _split(args.methods), _split(args.pairs), seeds, list(args.opts))
         if args.pack:
-            if args.dataset != "cifar100":
-                raise ValueError("--pack needs the fast trainer, which trains CIFAR-100 (in-memory splits) only")
-            trainer = dict(zip(args.opts[::2], args.opts[1::2])).get("SOLVER.TRAINER", "fast")
-            if trainer != "fast":
-                raise ValueError(f"--pack trains with SOLVER.TRAINER fast, not {trainer!r}")
-            jobs = packs(jobs, args.pack_size)
+            implied = "fast" if args.dataset == "cifar100" else "ddp"
+            trainer = dict(zip(args.opts[::2], args.opts[1::2])).get("SOLVER.TRAINER", implied)
+            allowed = ("fast", "ddp") if args.dataset == "cifar100" else ("ddp",)
+            if trainer not in allowed and not (trainer == "base" and args.nproc_per_node > 1):
+                raise ValueError(
+                    f"--pack trains with SOLVER.TRAINER {' or '.join(allowed)} (or base under --nproc-per-node > 1), "
+                    f"not {trainer!r}"
+                )
+            jobs = packs(jobs, args.pack_size, implied)
         time_limit = None
         if args.time_limit is not None:
             from .timelimit import TimeLimit, parse_duration

@@ -169,16 +169,17 @@ def main(argv: list[str] | None = None) -> None:
             raise ConfigError(f"--device {args.device!r}: {exc}; expected cpu, cuda or cuda:N") from None
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ConfigError(f"--device {args.device}: no CUDA device is available; use --device cpu")
-        from .ddp_trainer import wants_ddp
+        from .fast.source import source_kind
 
         for cfg in cfgs:
-            if time_limit is not None and cfg.SOLVER.TRAINER != "fast" and not wants_ddp(cfg):
+            engine = source_kind(cfg) is not None  # this plugin's engine, not one of the host's trainers
+            if time_limit is not None and not engine:
                 raise ConfigError(
                     f"--time-limit: SOLVER.TRAINER {cfg.SOLVER.TRAINER!r} is mdistiller's trainer, whose epoch loop "
                     "cannot stop early; use SOLVER.TRAINER fast or ddp (or end the job with a kill: --resume "
                     "continues from the last finished epoch)"
                 )
-            if cfg.SOLVER.TRAINER in HOST_CUDA_TRAINERS and device.type != "cuda" and not wants_ddp(cfg):
+            if cfg.SOLVER.TRAINER in HOST_CUDA_TRAINERS and device.type != "cuda" and not engine:
                 why = f"--device {device} was asked" if torch.cuda.is_available() else "no CUDA device is available"
                 raise ConfigError(
                     f"SOLVER.TRAINER {cfg.SOLVER.TRAINER!r} is mdistiller's trainer, which moves every "
@@ -215,16 +216,15 @@ def quiet_host_warnings() -> None:
 
 
 def train(cfg, experiment_name: str, device: torch.device, resume: bool = False, time_limit=None):
-    """One run: ``fast`` as a pack of one; the host's trainers with the folder locked and guarded.
+    """One run: ``fast``, ``ddp`` (and ``base`` under torchrun or with DATASET.DECODE) as a pack of one of this
+    plugin's engine; the host's other trainers with the folder locked and guarded.
 
-    ``time_limit`` (a ``timelimit.TimeLimit``, fast and ddp only) may end training early with ``Unfinished``.
+    ``time_limit`` (a ``timelimit.TimeLimit``, this engine only) may end training early with ``Unfinished``.
     """
-    if cfg.SOLVER.TRAINER == "fast":
-        return train_pack([cfg], [experiment_name], device, resume, time_limit)
-    from .ddp_trainer import train_ddp, wants_ddp
+    from .fast.source import source_kind
 
-    if wants_ddp(cfg):  # torchrun + DistributedDataParallel (also SOLVER.TRAINER ddp, DATASET.DECODE gpu|cpu)
-        return train_ddp(cfg, experiment_name, device, resume, time_limit)
+    if source_kind(cfg) is not None:
+        return train_pack([cfg], [experiment_name], device, resume, time_limit)
     if time_limit is not None:
         raise ValueError(f"time_limit needs SOLVER.TRAINER fast or ddp, not {cfg.SOLVER.TRAINER!r}")
     import torch
@@ -266,7 +266,7 @@ def _init_wandb(cfg, experiment_name: str) -> None:
 
 
 def train_pack(cfgs: list, names: list[str], device: torch.device, resume: bool = False, time_limit=None):
-    """Runs of one teacher trained together by the ``fast`` engine; each as it would train alone.
+    """Runs of one teacher trained together by this plugin's engine (``fast/``); each as it would train alone.
 
     Under torchrun every rank trains its share of each global batch (see ``fast/ranks.py``). The
     pack is checked and every run folder locked (by rank 0) and guarded before anything is built.
@@ -276,7 +276,7 @@ def train_pack(cfgs: list, names: list[str], device: torch.device, resume: bool 
     from .fast.pack import check_pack, decide_starts
     from .runs import RunFolder
 
-    check_pack(cfgs, names)
+    check_pack(cfgs, names, device)
     folders = [RunFolder(os.path.join(cfg.LOG.PREFIX, name), name, cfg.dump()) for cfg, name in zip(cfgs, names)]
     with dist.job(cfgs, device) as device:
         try:

@@ -63,7 +63,8 @@ def main() -> None:
         host_cifar.get_cifar100_train_transform = host_cifar.get_cifar100_test_transform
 
     from normkd_plugin import train
-    from normkd_plugin.ddp_trainer import DDPTrainer
+    from normkd_plugin.fast.pack import Pack
+    from normkd_plugin.fast.source import LoaderSource
 
     fail = tuple(int(x) for x in a.fail.split(":")) if a.fail else None
     if a.nan:
@@ -72,26 +73,28 @@ def main() -> None:
             nan_loss_at(nan_epoch, nan_step)
     record: dict = {"batches": {}, "validation": {}}
     now = {"epoch": 0}
-    real_iter, real_validate, real_train = DDPTrainer.train_iter, DDPTrainer.validate, DDPTrainer.train
+    real_batch, real_validate, real_train = LoaderSource.train_batch, Pack.validate, Pack.train
 
-    def train_iter(self, data, epoch, sums):
-        if fail == (self.rank, epoch):
-            raise RuntimeError(f"injected failure on rank {self.rank} in epoch {epoch}")
+    def train_batch(self, data, epoch, step):
+        if fail == (self.ranks.rank, epoch):
+            raise RuntimeError(f"injected failure on rank {self.ranks.rank} in epoch {epoch}")
         now["epoch"] = epoch
         record["batches"].setdefault(epoch, []).append(data[2].tolist())
-        return real_iter(self, data, epoch, sums)
+        return real_batch(self, data, epoch, step)
 
-    def validate(self):
-        result = real_validate(self)
-        record["validation"][now["epoch"]] = result
+    def validate(self, runs):
+        result = real_validate(self, runs)
+        if result:  # a run whose training loss turned non-finite is not validated
+            record["validation"][now["epoch"]] = result[0]
         return result
 
-    def train_all(self, resume=False):
-        real_train(self, resume)
-        record.update(rank=self.rank, world=self.world, model=self.model.state_dict())
-        torch.save(record, out / f"rank{self.rank}.pt")
+    def train_all(self, *args, **kwargs):
+        real_train(self, *args, **kwargs)
+        ranks = self.ranks
+        record.update(rank=ranks.rank, world=ranks.world, model=self.runs[0].distiller.state_dict())
+        torch.save(record, out / f"rank{ranks.rank}.pt")
 
-    DDPTrainer.train_iter, DDPTrainer.validate, DDPTrainer.train = train_iter, validate, train_all
+    LoaderSource.train_batch, Pack.validate, Pack.train = train_batch, validate, train_all
     train.main(argv)
 
 

@@ -1,4 +1,4 @@
-"""torchrun + DistributedDataParallel for the host's trainer, on CPU with gloo and 2 processes.
+"""torchrun for the host's base trainer (SOLVER.TRAINER ddp: the engine fed by a loader), on CPU with gloo, 2 processes.
 
 The jobs run ``tests/ddp_worker.py`` under ``python -m torch.distributed.run`` (torchrun), which
 calls normkd-train's ``main``. The references below are single-process re-implementations of the
@@ -92,19 +92,24 @@ def test_outside_torchrun_everything_is_one_process(monkeypatch):
         dist.init_from_env("mps")
 
 
-def test_which_runs_go_to_ddp(monkeypatch):
+def test_which_runs_go_to_which_source(monkeypatch):
     from normkd_plugin.config import ConfigError
-    from normkd_plugin.ddp_trainer import wants_ddp
+    from normkd_plugin.fast.source import source_kind
 
     monkeypatch.setenv("WORLD_SIZE", "1")
-    assert not wants_ddp(_cfg())
-    assert wants_ddp(_cfg("SOLVER.TRAINER", "ddp"))
+    assert source_kind(_cfg()) is None  # base in one process: the host's own trainer
+    assert source_kind(_cfg("SOLVER.TRAINER", "ddp")) == "loader"
+    assert source_kind(_cfg("SOLVER.TRAINER", "fast")) == "device"
+    assert source_kind(_cfg("SOLVER.TRAINER", "dot")) is None
     with pytest.raises(ConfigError, match="DATASET.DECODE 'gpu' needs SOLVER.TRAINER base or ddp, not 'dot'"):
-        wants_ddp(_cfg("SOLVER.TRAINER", "dot", "DATASET.DECODE", "gpu"))
+        source_kind(_cfg("SOLVER.TRAINER", "dot", "DATASET.DECODE", "gpu"))
+    with pytest.raises(ConfigError, match="DATASET.DECODE 'cpu' needs SOLVER.TRAINER base or ddp, not 'fast'"):
+        source_kind(_cfg("SOLVER.TRAINER", "fast", "DATASET.DECODE", "cpu"))
     monkeypatch.setenv("WORLD_SIZE", "2")
-    assert wants_ddp(_cfg())
+    assert source_kind(_cfg()) == "loader"
+    assert source_kind(_cfg("SOLVER.TRAINER", "fast")) == "device"
     with pytest.raises(ConfigError, match=r"SOLVER.TRAINER 'dot' has no multi-process version \(WORLD_SIZE=2"):
-        wants_ddp(_cfg("SOLVER.TRAINER", "dot"))
+        source_kind(_cfg("SOLVER.TRAINER", "dot"))
 
 
 # -- jobs ----------------------------------------------------------------------------------------
@@ -174,7 +179,9 @@ class Reference:
 
     def load(self, state):
         """Continue from a saved training state (model keys as mdistiller saves them)."""
-        self.distiller.load_state_dict({k.removeprefix("module."): v for k, v in state["model"].items()})
+        own = {k.removeprefix("module."): v for k, v in state["model"].items()}
+        missing, unexpected = self.distiller.load_state_dict(own, strict=False)
+        assert not unexpected and all(k.startswith("teacher.") for k in missing)  # states leave the teacher out
         self.opt.load_state_dict(state["optimizer"])
 
     def batches(self, epoch):
@@ -400,16 +407,16 @@ def here(monkeypatch):
 
 def _record_batches(monkeypatch) -> dict[int, list[list[int]]]:
     """From now on, the sample indices of every training step, by epoch."""
-    from normkd_plugin.ddp_trainer import DDPTrainer
+    from normkd_plugin.fast.source import LoaderSource
 
     batches: dict[int, list[list[int]]] = {}
-    real = DDPTrainer.train_iter
+    real = LoaderSource.train_batch
 
-    def train_iter(self, data, epoch, sums):
+    def train_batch(self, data, epoch, step):
         batches.setdefault(epoch, []).append(data[2].tolist())
-        return real(self, data, epoch, sums)
+        return real(self, data, epoch, step)
 
-    monkeypatch.setattr(DDPTrainer, "train_iter", train_iter)
+    monkeypatch.setattr(LoaderSource, "train_batch", train_batch)
     return batches
 
 
@@ -475,16 +482,16 @@ def test_nonfinite_validation_loss_stops_the_run_before_its_first_checkpoint(
     npz_root, teacher_resnet56, tmp_path, here, monkeypatch, capsys
 ):
     """Weights that turn NaN after the last training step: epoch 1 is not committed, the worklog says why."""
-    from normkd_plugin.ddp_trainer import DDPTrainer
+    from normkd_plugin.fast.pack import Pack
 
-    real = DDPTrainer.validate
+    real = Pack.validate
 
-    def validate(self):
+    def validate(self, runs):
         with torch.no_grad():
-            self.model.student.fc.bias.fill_(math.nan)
-        return real(self)
+            runs[0].distiller.student.fc.bias.fill_(math.nan)
+        return real(self, runs)
 
-    monkeypatch.setattr(DDPTrainer, "validate", validate)
+    monkeypatch.setattr(Pack, "validate", validate)
     capsys.readouterr()
     assert here(_opts(npz_root, teacher_resnet56, tmp_path / "runs", 1)) == 2
     folder = _run_folder(tmp_path / "runs")
@@ -498,32 +505,30 @@ def test_nonfinite_validation_loss_stops_the_run_before_its_first_checkpoint(
 def test_drawn_seed_is_stored_and_a_resume_shuffles_with_it(npz_root, teacher_resnet56, tmp_path, here, monkeypatch):
     """EXPERIMENT.SEED -1: the state keeps the seed the sampler used; a resume shuffles epoch 2 as the
     uninterrupted run with that seed does (a fresh draw would give another order)."""
-    from normkd_plugin.ddp_trainer import DDPTrainer
+    from normkd_plugin.fast.pack import Pack
 
     opts = _opts(npz_root, teacher_resnet56, tmp_path / "runs", 2, "EXPERIMENT.SEED", "-1")
     batches = _record_batches(monkeypatch)
-    real_epoch = DDPTrainer.train_epoch
+    real_epoch = Pack.train_epoch
 
-    def stop_at_2(self, epoch):
+    def stop_at_2(self, runs, epoch):
         if epoch == 2:
             raise _Stop
-        real_epoch(self, epoch)
+        real_epoch(self, runs, epoch)
 
-    monkeypatch.setattr(DDPTrainer, "train_epoch", stop_at_2)
+    monkeypatch.setattr(Pack, "train_epoch", stop_at_2)
     with pytest.raises(_Stop):
         here(opts)
     folder = _run_folder(tmp_path / "runs")
     seed = _load(folder / "latest")["seed"]
     assert isinstance(seed, int) and batches == {1: _global_batches(seed, 1)}  # the seed epoch 1 used
 
-    monkeypatch.setattr(DDPTrainer, "train_epoch", real_epoch)
-    trainers = []
-    real_train = DDPTrainer.train
-    monkeypatch.setattr(
-        DDPTrainer, "train", lambda self, resume=False: (trainers.append(self), real_train(self, resume))
-    )
+    monkeypatch.setattr(Pack, "train_epoch", real_epoch)
+    packs = []
+    real_train = Pack.train
+    monkeypatch.setattr(Pack, "train", lambda self, *a, **k: (packs.append(self), real_train(self, *a, **k)))
     assert here(opts, "--resume") == 0
-    assert trainers[0].seed == trainers[0].train_sampler.seed == seed
+    assert packs[0].runs[0].seed == seed and packs[0].source.sampler.seeds == [seed]
     assert batches[2] == _global_batches(seed, 2)
     assert _load(folder / "latest")["seed"] == seed
 
@@ -606,20 +611,20 @@ def test_random_augmentation_resumes_bitwise(
 
 def _stopped_in_epoch_2_then_resumed(monkeypatch, opts: list[str], folder) -> None:
     """Train ``opts`` until the first step of epoch 2 (an exception), check ``folder()`` holds epoch 1, resume."""
-    from normkd_plugin.ddp_trainer import DDPTrainer
+    from normkd_plugin.fast.source import LoaderSource
 
-    real = DDPTrainer.train_iter
+    real = LoaderSource.train_batch
 
-    def stop_in_epoch_2(self, data, epoch, sums):
+    def stop_in_epoch_2(self, data, epoch, step):
         if epoch == 2:
             raise _Stop
-        return real(self, data, epoch, sums)
+        return real(self, data, epoch, step)
 
-    monkeypatch.setattr(DDPTrainer, "train_iter", stop_in_epoch_2)
+    monkeypatch.setattr(LoaderSource, "train_batch", stop_in_epoch_2)
     with pytest.raises(_Stop):
         _main(opts)
     assert _load(folder() / "latest")["epoch"] == 1
-    monkeypatch.setattr(DDPTrainer, "train_iter", real)
+    monkeypatch.setattr(LoaderSource, "train_batch", real)
     _main(opts, "--resume")
 
 

@@ -184,7 +184,8 @@ def test_fast_steps_equal_the_host_train_iter_bitwise(tmp_path, small_cifar_npz,
     from normkd_plugin.config import load_config
     from normkd_plugin.data import get_dataset
     from normkd_plugin.fast.pack import Pack, PackRun, SharedTeacher, host_optimizer
-    from normkd_plugin.fast.trainer import tensor_split
+    from normkd_plugin.fast.ranks import Ranks
+    from normkd_plugin.fast.trainer import device_split
     from normkd_plugin.runs import RunFolder
 
     monkeypatch.setattr(torch.Tensor, "cuda", lambda self, *a, **k: self)  # the host's train_iter moves to CUDA
@@ -197,8 +198,9 @@ def test_fast_steps_equal_the_host_train_iter_bitwise(tmp_path, small_cifar_npz,
     ours = build_distiller(cfg, copy.deepcopy(student), SharedTeacher(copy.deepcopy(teacher)), num_data)
     host_trainer = BaseTrainer("host", host, train_loader, val_loader, cfg)
     run = PackRun("ours", cfg, RunFolder(tmp_path / "ours"), ours, host_optimizer(cfg, ours), seed=0)
-    data = tensor_split(train_loader, "train", torch.device("cpu"))
-    pack = Pack([run], data, tensor_split(val_loader, "validation", torch.device("cpu")), ours.teacher)
+    source = device_split(train_loader, val_loader, cfg, torch.device("cpu"), Ranks())
+    pack = Pack([run], source, ours.teacher)
+    data = source.train
 
     epoch = 2
     for optimizer in (host_trainer.optimizer, run.optimizer):

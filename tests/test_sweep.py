@@ -95,7 +95,22 @@ def test_pack_cli_prints_full_comparison_and_refuses_other_trainers():
     cpu = cli("--pairs", "res56_res20", "--seeds", "0", "--pack", "--device", "cpu")
     assert cpu.returncode == 0 and cpu.stdout.startswith("normkd-train --device cpu --cfg cifar100/kd/res56_res20")
     bad = cli("--pairs", "res56_res20", "--pack", "SOLVER.TRAINER", "base")
-    assert bad.returncode == 2 and "--pack trains with SOLVER.TRAINER fast, not 'base'" in bad.stderr
+    assert bad.returncode == 2 and "--pack trains with SOLVER.TRAINER fast or ddp (or base under --nproc" in bad.stderr
+    assert "not 'base'" in bad.stderr
+
+
+def test_imagenet_pack_cli_prints_one_torchrun_command_per_teacher():
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "normkd_plugin.sweep", *args], capture_output=True, text=True)
+
+    out = cli("--dataset", "imagenet", "--pairs", "r34_r18", "--pack", "--nproc-per-node", "8", "DATASET.ROOT", "/in")
+    assert out.returncode == 0, out.stderr
+    (line,) = out.stdout.splitlines()
+    assert line.startswith("torchrun --standalone --nproc-per-node 8 -m normkd_plugin.train --cfg imagenet/r34_r18/kd")
+    cfgs = "--cfg imagenet/r34_r18/kd --cfg imagenet/r34_r18/dkd --cfg imagenet/r34_r18/normkd --cfg imagenet/r34_r18/normdkd"
+    assert f"{cfgs} --seeds 0 DATASET.ROOT /in SOLVER.TRAINER ddp" in line
+    fast = cli("--dataset", "imagenet", "--pack", "SOLVER.TRAINER", "fast")
+    assert fast.returncode == 2 and "--pack trains with SOLVER.TRAINER ddp (or base under" in fast.stderr
 
 
 @needs_mdistiller

@@ -124,7 +124,7 @@ def test_every_rank_follows_rank_0s_decision(tmp_path, small_cifar_npz, teacher_
 
 
 def _epochs_take(monkeypatch, clock, cls, seconds: float) -> None:
-    """Every epoch of ``cls`` (Pack or DDPTrainer) advances the fake clock by ``seconds``."""
+    """Every epoch of ``cls`` (a Pack) advances the fake clock by ``seconds``."""
     real = cls.train_epoch
 
     def train_epoch(self, *args):
@@ -204,13 +204,13 @@ def test_a_limit_spent_before_training_still_trains_one_epoch(
 @needs_mdistiller
 def test_ddp_trainer_stops_in_time_and_resumes(tmp_path, small_cifar_npz, teacher_resnet56, clock, monkeypatch, capsys):
     from normkd_plugin import train
-    from normkd_plugin.ddp_trainer import DDPTrainer
+    from normkd_plugin.fast.pack import Pack
 
     opts = [
         "--cfg", "cifar100/normkd/res56_res20", "--device", "cpu",
         *fast_opts(small_cifar_npz, teacher_resnet56, tmp_path, 0, "SOLVER.TRAINER", "ddp", "DATASET.NUM_WORKERS", "0"),
     ]  # fmt: skip
-    _epochs_take(monkeypatch, clock, DDPTrainer, 25.0)
+    _epochs_take(monkeypatch, clock, Pack, 25.0)
     with pytest.raises(SystemExit) as stop:
         train.main(["--time-limit", "45s", *opts])
     assert stop.value.code == 3

@@ -39,13 +39,11 @@ class StepGraph:
             self.step(*self.static, epoch)
         self.graph, self.key = graph, key
 
-    def run(
-        self, eager_step: Callable, batch: Callable[[int, int], Batches], full: int, bs: int, epoch: int, key
-    ) -> int:
-        """Train batches ``batch(i*bs, (i+1)*bs)`` for i < ``full``; returns ``full``."""
+    def run(self, eager_step: Callable, batch: Callable[[int], Batches], full: int, epoch: int, key) -> int:
+        """Train steps ``batch(0)`` ... ``batch(full - 1)`` (asked for in that order); returns ``full``."""
         start = 0
         if self.enabled and full > 1 and self.key != key:
-            first = batch(0, bs)
+            first = batch(0)
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):
@@ -61,11 +59,11 @@ class StepGraph:
         if self.enabled and self.graph is not None and self.key == key:
             xs, ys = self.static
             for i in range(start, full):
-                images, targets = batch(i * bs, (i + 1) * bs)
+                images, targets = batch(i)
                 for dst, src in zip(xs + ys, images + targets):
-                    dst.copy_(src)
+                    dst.copy_(src)  # into the graph's static inputs
                 self.graph.replay()
             return full
         for i in range(start, full):
-            eager_step(*batch(i * bs, (i + 1) * bs), epoch)
+            eager_step(*batch(i), epoch)
         return full

@@ -62,6 +62,8 @@ def fusion_key(run) -> tuple | None:
         return None  # a distiller with modules of its own (connectors) or a partial optimizer
     if any(isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0 for m in student.modules()):
         return None
+    if any(isinstance(m, nn.SyncBatchNorm) for m in student.modules()):
+        return None  # its statistics are an all-reduce over the ranks, which vmap cannot batch
     return (
         type(student),
         tuple((n, tuple(p.shape), p.dtype, p.device) for n, p in student.named_parameters()),

@@ -32,10 +32,9 @@ from ..errors import RunError, RunsFailed
 from ..progress import QUIET, JobProgress
 from ..runs import NONFINITE_CAUSES, RunFolder, epoch_record
 from ..timelimit import TimeLimit, Unfinished
-from .augment import TensorCifar
 from .graph import StepGraph
 from .layout import FusedStudents, fuse_on, fusion_key, student_output
-from .ranks import Ranks
+from .source import DeviceSplit, LoaderSource
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +45,7 @@ STATE_FORMAT = 1
 PACK_KEYS = (
     "DATASET.TYPE",
     "DATASET.ROOT",
+    "DATASET.DECODE",
     "SOLVER.TRAINER",
     "SOLVER.BATCH_SIZE",
     "SOLVER.EPOCHS",
@@ -68,9 +68,11 @@ def _get(cfg: CN, key: str):
     return node
 
 
-def check_pack(cfgs: list[CN], names: list[str]) -> None:
+def check_pack(cfgs: list[CN], names: list[str], device: torch.device | None = None) -> None:
     """ConfigError unless the configs can train together: same data, batches, schedule length, teacher."""
     from ..config import ConfigError
+    from ..imagenet import check_decode
+    from .source import source_kind
 
     if len(set(names)) != len(names):
         dup = next(n for n in names if names.count(n) > 1)
@@ -80,11 +82,17 @@ def check_pack(cfgs: list[CN], names: list[str]) -> None:
             "pack: LOG.WANDB True: one process logs to one wandb run; train packs with LOG.WANDB False "
             "(each run's tensorboard scalars and worklog.txt are written as usual)"
         )
-    if len(cfgs) > 1 and any(c.SOLVER.TRAINER != "fast" for c in cfgs):
-        bad = next(n for c, n in zip(cfgs, names) if c.SOLVER.TRAINER != "fast")
-        raise ConfigError(
-            f"pack: {bad} has SOLVER.TRAINER {_get(cfgs[names.index(bad)], 'SOLVER.TRAINER')!r}; packs need fast"
-        )
+    for cfg, name in zip(cfgs, names):
+        kind = source_kind(cfg)
+        if kind is None:
+            raise ConfigError(
+                f"pack: {name} has SOLVER.TRAINER {cfg.SOLVER.TRAINER!r}, mdistiller's own trainer; packs need "
+                "fast (CIFAR on the device) or ddp (a data loader; base too under torchrun or with DATASET.DECODE)"
+            )
+        if kind == "loader" and cfg.DISTILLER.TYPE == "CRD":
+            raise ConfigError("DISTILLER.TYPE CRD needs its contrastive sampler: use SOLVER.TRAINER crd (one process)")
+        if device is not None:
+            check_decode(cfg, device)
     first, first_name = cfgs[0], names[0]
     distilled = [(c, n) for c, n in zip(cfgs, names) if c.DISTILLER.TYPE != "NONE"]
     for cfg, name in zip(cfgs[1:], names[1:]):
@@ -197,10 +205,11 @@ def _buffers(run: PackRun) -> list[Tensor]:
 
 
 def _scores(logits: Tensor, target: Tensor) -> Tensor:
-    """(top-1 hits, top-5 hits, summed cross-entropy) of one model's logits on a batch, as float64."""
-    hit = logits.topk(5, dim=1).indices.eq(target.unsqueeze(1))
+    """(top-1 hits, top-5 hits, summed cross-entropy, images) of one model's logits on a batch, as float64."""
+    hit = logits.topk(min(5, logits.shape[1]), dim=1).indices.eq(target.unsqueeze(1))
     ce = F.cross_entropy(logits.float(), target, reduction="sum")
-    return torch.stack([hit[:, 0].sum().double(), hit.any(dim=1).sum().double(), ce.double()])
+    n = torch.full_like(ce, target.shape[0], dtype=torch.float64)
+    return torch.stack([hit[:, 0].sum().double(), hit.any(dim=1).sum().double(), ce.double(), n])
 
 
 def model_state(distiller: nn.Module) -> dict[str, Tensor]:
@@ -225,14 +234,12 @@ class Pack:
 
     progress: JobProgress = QUIET  # Pack.train's bar (per step, from the host) and per-epoch line
 
-    def __init__(
-        self, runs: list[PackRun], train_data: TensorCifar, val_data: TensorCifar, teacher: SharedTeacher | None
-    ):
+    def __init__(self, runs: list[PackRun], source: DeviceSplit | LoaderSource, teacher: SharedTeacher | None):
         self.runs = runs
         self.cfg = runs[0].cfg  # the keys of PACK_KEYS, shared by all runs
-        self.train_data, self.val_data = train_data, val_data
+        self.source = source
         self.teacher = teacher
-        self.device = train_data.device
+        self.device = source.device
         fast = self.cfg.SOLVER.FAST
         self.amp = bool(self.cfg.SOLVER.AMP)
         self.channels_last = bool(fast.CHANNELS_LAST)
@@ -242,20 +249,13 @@ class Pack:
                 run.distiller.to(memory_format=torch.channels_last)
         # Students on parallel branches: forked CUDA streams, captured as parallel branches of the graph.
         self.branches = bool(fast.PACK_BRANCHES) and self.device.type == "cuda"
-        self.ranks = Ranks()
+        self.ranks = source.ranks
         self._weight = 1.0  # this rank's share of the current global batch
         if self.branches and self.ranks.world > 1:
             from ..config import ConfigError
 
             raise ConfigError("SOLVER.FAST.PACK_BRANCHES True is not supported on several processes (torchrun)")
-        partial = 0 if int(fast.ITERS_PER_EPOCH) > 0 else len(train_data) % self.batch_size
-        if 0 < partial < self.ranks.world:
-            from ..config import ConfigError
-
-            raise ConfigError(
-                f"the last batch of an epoch ({partial} images: {len(train_data)} % SOLVER.BATCH_SIZE "
-                f"{self.batch_size}) cannot be shared by {self.ranks.world} processes; use at most {partial}"
-            )
+        source.check(int(fast.ITERS_PER_EPOCH))
         self._cuda_streams: list = []
         self.fuse = fuse_on(self.cfg, self.device)
         self._units: list[tuple[list[int], FusedStudents | None]] = []
@@ -264,7 +264,6 @@ class Pack:
             self._step, self._zero_grad, enabled=bool(fast.CUDA_GRAPH) and self.device.type == "cuda"
         )
         self._sums = self._first_bad = self._step_no = None
-        self._eval_set: tuple[Tensor, Tensor] | None = None
         for run in runs:
             if run.generator is None:
                 run.generator = torch.Generator(device=self.device)
@@ -280,7 +279,7 @@ class Pack:
 
     def _step(self, images: list[Tensor], targets: list[Tensor], epoch: int) -> None:
         """One training step of every active run on its seed group's (uint8 images, targets); no host sync."""
-        xs = [self._layout(self.train_data.normalize(x)) for x in images]
+        xs = [self._layout(self.source.prepare(x)) for x in images]
         if self.teacher is not None:
             with self._autocast():
                 self.teacher.precompute([xs[g] for g in self._taught])
@@ -399,17 +398,16 @@ class Pack:
             groups.setdefault(run.seed, []).append(run)
         return list(groups.values())
 
-    def train_iterations(self, runs: list[PackRun], epoch: int, count: int | None = None) -> int:
-        """Train ``runs`` on ``count`` images (default: all) of a fresh epoch per seed; returns steps run."""
+    def train_iterations(self, runs: list[PackRun], epoch: int, iters: int = 0) -> int:
+        """Train ``runs`` on a fresh epoch per seed group (``iters`` > 0: its first ``iters`` steps); returns steps run."""
         self._active = runs
         self._lay_out(runs)
         groups = self._seed_groups(runs)
         self._group_of = [next(i for i, g in enumerate(groups) if run in g) for run in runs]
         distilled = {g for g, run in zip(self._group_of, runs) if run.cfg.DISTILLER.TYPE != "NONE"}
         self._taught = sorted(distilled)  # seed groups whose batches the teacher sees
-        data = []
+        batches = self.source.epoch([(group[0].seed, group[0].generator) for group in groups], epoch, iters)
         for group in groups:
-            data.append(self.train_data.epoch(group[0].generator, count))
             for run in group[1:]:  # same seed, same epoch: the same state, kept in step
                 run.generator.set_state(group[0].generator.get_state())
         k = len(runs)
@@ -422,23 +420,20 @@ class Pack:
         self._step_no.zero_()
         for run in runs:
             run.distiller.train()
-        n, bs = data[0][1].shape[0], self.batch_size
 
-        def batch(i: int, j: int):
-            lo, hi = self.ranks.share(i, j)  # the whole batch on one process
-            self._weight = (hi - lo) / (j - i)  # this rank's share of the batch mean
+        def batch(step: int):
+            images, targets, self._weight = batches.batch(step)  # weight: this rank's share of the batch mean
             self.progress.step()  # once per step, from the host: no device sync
-            return [x[lo:hi] for x, _ in data], [y[lo:hi] for _, y in data]
+            return images, targets
 
-        steps = self.graph.run(self._eager_step, batch, n // bs, bs, epoch, key=(epoch, tuple(id(r) for r in runs)))
-        if n % bs:
-            self._eager_step(*batch((n // bs) * bs, n), epoch)
-            steps += 1
+        self.graph.run(self._eager_step, batch, batches.full, epoch, key=(epoch, tuple(id(r) for r in runs)))
+        for step in range(batches.full, batches.steps):  # the last, smaller batch
+            self._eager_step(*batch(step), epoch)
         self.ranks.sum_(self._sums)
         self.ranks.first_(self._first_bad)
         for run in runs:
             run.distiller.train(False)
-        return steps
+        return batches.steps
 
     @torch.no_grad()
     def validate(self, runs: list[PackRun]) -> list[tuple[float, float, float]]:
@@ -446,19 +441,14 @@ class Pack:
 
         ``runs``: runs of the epoch just trained (a part of the step's units; the others are skipped).
         """
-        if self._eval_set is None:
-            self._eval_set = self.val_data.eval_set()  # normalised once, reused by every run and epoch
-        images, targets = self._eval_set
         wanted = {id(run) for run in runs}
         units = [(idx, fused) for idx, fused in self._units if any(id(self._active[i]) in wanted for i in idx)]
-        sums = [torch.zeros(len(idx), 3, device=self.device, dtype=torch.float64) for idx, _ in units]
+        sums = [torch.zeros(len(idx), 4, device=self.device, dtype=torch.float64) for idx, _ in units]
         for idx, fused in units:
             if fused is None:
                 self._active[idx[0]].distiller.eval()
-        step = int(self.cfg.SOLVER.FAST.EVAL_BATCH_SIZE)
-        lo, hi = self.ranks.share(0, targets.shape[0])  # each rank its part; the sums cover the whole split
-        for i in range(lo, hi, step):
-            x, y = self._layout(images[i : min(i + step, hi)]), targets[i : min(i + step, hi)]
+        for images, y in self.source.val_batches():  # each rank its part; the sums cover the whole split
+            x = self._layout(images)
             for (idx, fused), total in zip(units, sums):
                 # float32 even under SOLVER.AMP, as the host validates
                 logits = fused.evaluate(x) if fused is not None else [self._active[idx[0]].distiller(image=x)]
@@ -468,8 +458,7 @@ class Pack:
         for (idx, _), total in zip(units, sums):
             self.ranks.sum_(total)
             scores.update({id(self._active[i]): row for i, row in zip(idx, total.tolist())})
-        n = targets.shape[0]
-        return [(100.0 * top1 / n, 100.0 * top5 / n, ce / n) for top1, top5, ce in (scores[id(r)] for r in runs)]
+        return [(100.0 * top1 / n, 100.0 * top5 / n, ce / n) for top1, top5, ce, n in (scores[id(r)] for r in runs)]
 
     def train_epoch(self, runs: list[PackRun], epoch: int) -> None:
         """Set each run's LR for ``epoch``, train the epoch, then validate and commit (or fail) each run."""
@@ -482,8 +471,7 @@ class Pack:
             for group in run.optimizer.param_groups:
                 group["lr"] = lr
             lrs.append(lr)
-        iters = int(self.cfg.SOLVER.FAST.ITERS_PER_EPOCH)
-        steps = self.train_iterations(runs, epoch, iters * self.batch_size if iters > 0 else None)
+        steps = self.train_iterations(runs, epoch, int(self.cfg.SOLVER.FAST.ITERS_PER_EPOCH))
         sums, first_bad = self._sums.tolist(), self._first_bad.tolist()
         trained = [math.isfinite(loss_sum) and bad < 0 for (loss_sum, _, _), bad in zip(sums, first_bad)]
         scores = iter(self.validate([run for run, ok in zip(runs, trained) if ok]))
@@ -660,9 +648,7 @@ class Pack:
     def _job_progress(self, epochs: int) -> JobProgress:
         """The progress of what is left of the job: epochs after the furthest-behind active run."""
         active = [r.epoch for r in self.runs if r.status == "active"]
-        iters = int(self.cfg.SOLVER.FAST.ITERS_PER_EPOCH)
-        n = min(iters * self.batch_size, len(self.train_data)) if iters > 0 else len(self.train_data)
-        steps = -(-n // self.batch_size)
+        steps = self.source.steps(int(self.cfg.SOLVER.FAST.ITERS_PER_EPOCH))
         return JobProgress(epochs, min(active, default=epochs), steps, show=self.ranks.main, device=self.device)
 
 

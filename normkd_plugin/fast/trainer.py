@@ -1,4 +1,8 @@
-"""``SOLVER.TRAINER fast``: the host's base trainer, with the data and the step kept on the device.
+"""``SOLVER.TRAINER fast`` and ``ddp``: the host's base trainer as a pack of one run of this engine.
+
+``fast`` keeps the data and the step on the device; ``ddp`` reads batches through the host's
+datasets and a loader (:class:`~.source.LoaderSource`: ImageNet folders, ``DATASET.DECODE``, and
+torchrun with each rank its share of every global batch).
 
 Same semantics as ``mdistiller.engine.trainer.BaseTrainer`` (a subclass: optimizer, step learning
 rate schedule, ``worklog.txt``, checkpoints, ``--resume``); it trains a :class:`~.pack.Pack` of one
@@ -26,8 +30,10 @@ from yacs.config import CfgNode as CN
 from ..runs import RunFolder
 from .augment import TensorCifar, host_pipeline
 from .pack import Pack, PackRun, SharedTeacher, data_seed
+from .ranks import Ranks
+from .source import DeviceSplit, LoaderSource
 
-__all__ = ["FastTrainer", "tensor_split"]
+__all__ = ["FastTrainer", "LoaderTrainer", "tensor_split", "device_split"]
 
 
 def tensor_split(loader, what: str, device: torch.device) -> TensorCifar:
@@ -39,6 +45,12 @@ def tensor_split(loader, what: str, device: torch.device) -> TensorCifar:
             f".targets (got {type(ds).__name__}); use SOLVER.TRAINER base for folder datasets"
         )
     return TensorCifar(ds.data, ds.targets, host_pipeline(ds.transform), device)
+
+
+def device_split(train_loader, val_loader, cfg, device: torch.device, ranks: Ranks) -> DeviceSplit:
+    """The host loaders' CIFAR splits held on ``device`` as a pack's source."""
+    train, val = tensor_split(train_loader, "train", device), tensor_split(val_loader, "validation", device)
+    return DeviceSplit(train, val, int(cfg.SOLVER.BATCH_SIZE), int(cfg.SOLVER.FAST.EVAL_BATCH_SIZE), ranks)
 
 
 def share_teacher(distiller: torch.nn.Module) -> SharedTeacher | None:
@@ -83,12 +95,11 @@ class FastTrainer(BaseTrainer):
             writer=self.tf_writer,
         )
         self.run = run
-        self.pack = Pack(
-            [run],
-            tensor_split(train_loader, "train", self.device),
-            tensor_split(val_loader, "validation", self.device),
-            share_teacher(self.model),
-        )
+        self.pack = Pack([run], self.source(train_loader, val_loader, cfg), share_teacher(self.model))
+
+    def source(self, train_loader, val_loader, cfg) -> DeviceSplit | LoaderSource:
+        """Where the pack's batches come from: the CIFAR splits on the device."""
+        return device_split(train_loader, val_loader, cfg, self.device, Ranks())
 
     def train(self, resume: bool = False) -> None:
         """Train (or resume) the run to SOLVER.EPOCHS; RunsFailed if its loss turned non-finite."""
@@ -99,3 +110,23 @@ class FastTrainer(BaseTrainer):
         """One epoch of the host's loop: schedule, a pass over the data, validation, worklog, checkpoints."""
         self.pack.train_epoch([self.run], epoch)
         self.best_acc = self.run.best_acc
+
+
+class LoaderTrainer(FastTrainer):
+    """``SOLVER.TRAINER ddp``: a pack of one fed by the host's datasets through a loader (one process here;
+    ``normkd-train`` runs it under torchrun too)."""
+
+    @classmethod
+    def cfg_defaults(cls) -> CN:
+        """SOLVER.SYNC_BN and DATASET.DECODE (host | cpu | gpu)."""
+        cfg = CN()
+        cfg.SOLVER = CN()
+        cfg.SOLVER.SYNC_BN = False  # student BatchNorm -> SyncBatchNorm (CUDA, several processes)
+        cfg.DATASET = CN()
+        cfg.DATASET.DECODE = "host"  # ImageNet: host = PIL in workers; gpu = nvJPEG; cpu = same code on CPU
+        return cfg
+
+    def source(self, train_loader, val_loader, cfg) -> LoaderSource:
+        """The host's datasets through this engine's loader (its seeded order and augmentation)."""
+        workers = int(cfg.DATASET.NUM_WORKERS)
+        return LoaderSource(train_loader.dataset, val_loader.dataset, cfg, self.device, Ranks(), workers)
