@@ -43,6 +43,27 @@ def test_seed_group_batches_are_each_groups_distributed_sampler_batches(n, world
         assert [[i for i, _, _ in keys] for keys in batches] == host[0][:1]
 
 
+def test_packs_refuse_what_their_source_cannot_feed(monkeypatch):
+    from normkd_plugin.config import ConfigError, load_config
+    from normkd_plugin.fast.pack import check_pack
+
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    kd = f"{PAIR}/kd"
+    with pytest.raises(
+        ConfigError, match="SOLVER.TRAINER fast holds CIFAR splits on the device; DATASET.TYPE 'imagenet'"
+    ):
+        check_pack([load_config(kd, ["SOLVER.TRAINER", "fast"])], ["a"])
+    with pytest.raises(ConfigError, match=r"pack: b has SOLVER.TRAINER 'base', mdistiller's own trainer"):
+        check_pack([load_config(kd, ["SOLVER.TRAINER", "ddp"]), load_config(kd, [])], ["a", "b"])
+    ddp = [load_config(kd, ["SOLVER.TRAINER", "ddp", "DATASET.DECODE", d]) for d in ("cpu", "host")]
+    with pytest.raises(ConfigError, match="pack: DATASET.DECODE differs: 'cpu' in a but 'host' in b"):
+        check_pack(ddp, ["a", "b"])
+    with pytest.raises(ConfigError, match="DATASET.DECODE gpu decodes with nvJPEG on CUDA; --device is cpu"):
+        check_pack([load_config(kd, ["SOLVER.TRAINER", "ddp", "DATASET.DECODE", "gpu"])], ["a"], torch.device("cpu"))
+    monkeypatch.setenv("WORLD_SIZE", "2")  # under torchrun, base is this engine with a loader
+    check_pack([load_config(kd, []), load_config(f"{PAIR}/normkd", [])], ["a", "b"])
+
+
 # -- ImageNet-format packs ------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def jpeg_root(tmp_path_factory, cifar_test_arrays):

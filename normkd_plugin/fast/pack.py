@@ -89,6 +89,11 @@ def check_pack(cfgs: list[CN], names: list[str], device: torch.device | None = N
                 f"pack: {name} has SOLVER.TRAINER {cfg.SOLVER.TRAINER!r}, mdistiller's own trainer; packs need "
                 "fast (CIFAR on the device) or ddp (a data loader; base too under torchrun or with DATASET.DECODE)"
             )
+        if kind == "device" and cfg.DATASET.TYPE != "cifar100":
+            raise ConfigError(
+                f"SOLVER.TRAINER fast holds CIFAR splits on the device; DATASET.TYPE {cfg.DATASET.TYPE!r} trains with "
+                "SOLVER.TRAINER ddp (batches from a data loader)"
+            )
         if kind == "loader" and cfg.DISTILLER.TYPE == "CRD":
             raise ConfigError("DISTILLER.TYPE CRD needs its contrastive sampler: use SOLVER.TRAINER crd (one process)")
         if device is not None:

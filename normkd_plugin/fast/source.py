@@ -21,6 +21,7 @@ share them) step by step, each rank its share, and then the validation split in 
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from typing import Callable, Iterator
@@ -34,6 +35,8 @@ from ..config import ConfigError
 from ..data import SeededSamples, position_seed, worker_options
 from .augment import TensorCifar
 from .ranks import Ranks
+
+log = logging.getLogger(__name__)
 
 __all__ = ["Epoch", "DeviceSplit", "LoaderSource", "SeedGroupBatches", "source_kind"]
 
@@ -190,6 +193,13 @@ class LoaderSource:
         per_rank = self.batch_size // ranks.world
         val_per_rank = max(1, math.ceil(cfg.DATASET.TEST.BATCH_SIZE / ranks.world))
         self.sampler = SeedGroupBatches(len(train_set), per_rank, ranks.rank, ranks.world)
+        if len(train_set) % ranks.world and ranks.main:
+            log.warning(
+                "%d training samples over %d ranks: DistributedSampler repeats %d sample(s) per epoch",
+                len(train_set),
+                ranks.world,
+                ranks.world - len(train_set) % ranks.world,
+            )
         # The loader draws its workers' base seeds from this generator, not from the global RNG (samples are
         # seeded from their keys anyway); the JPEG pipeline reseeds it per batch.
         self.generator = torch.Generator().manual_seed(0)
