@@ -1,1 +1,1 @@
-"""The fast trainer: device-resident data, batched augmentation, a CUDA-graph step."""
+"""The training engine: packs of runs fed by a source (the CIFAR split on the device, or a loader), a CUDA-graph step."""

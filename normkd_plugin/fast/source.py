@@ -233,6 +233,7 @@ class LoaderSource:
             batch_size=val_per_rank,
             sampler=val_indices,
             num_workers=workers,
+            generator=torch.Generator().manual_seed(0),  # as above: the global RNG is not the loader's to draw
             pin_memory=pin,
             collate_fn=collate,
             **options,
