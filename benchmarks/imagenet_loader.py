@@ -49,8 +49,9 @@ def cpu_model() -> str:
     return platform.processor() or "unknown CPU"
 
 
-def make_folder(root: Path, n: int, seed: int = 0) -> tuple[int, float]:
-    """root/{train,val}/cNN/*.JPEG from real CIFAR-100 images upscaled to 256-500 px; (count, mean megapixels)."""
+def make_folder(root: Path, n: int, seed: int = 0, sides: tuple[int, int] = (256, 500)) -> tuple[int, float]:
+    """root/{train,val}/cNN/*.JPEG from real CIFAR-100 images upscaled to random ``sides`` (256-500 px); (count,
+    mean megapixels)."""
     npz = DATA / "cifar100" / "test-0-of-1.npz"
     if not npz.is_file():
         sys.exit(f"imagenet_loader: {npz} not found; set NORMKD_DATA to the shared data folder or pass --root")
@@ -62,7 +63,7 @@ def make_folder(root: Path, n: int, seed: int = 0) -> tuple[int, float]:
         for i in range(count):
             folder = root / split / f"c{i % 10:02d}"
             folder.mkdir(parents=True, exist_ok=True)
-            w, h = (int(v) for v in rng.integers(256, 501, size=2))
+            w, h = (int(v) for v in rng.integers(sides[0], sides[1] + 1, size=2))
             pixels += w * h
             Image.fromarray(images[i % len(images)]).resize((w, h), Image.BICUBIC).save(
                 folder / f"{split}_{i:06d}.JPEG", "JPEG", quality=90

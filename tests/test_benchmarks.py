@@ -31,3 +31,31 @@ def test_pack_speed_times_serial_and_fused_packs_on_a_cpu(tmp_path, small_cifar_
     assert set(rows) == {"1 solo", "4 serial", "4 fused"}, out.read_text()
     assert all(float(m.group(2)) > 0 for m in rows.values())
     assert rows["1 solo"].group(4) == "1.000"  # each run's cost is quoted as a ratio to the solo run
+
+
+def test_imagenet_pack_times_packs_and_solo_runs_in_both_settings_on_a_cpu(tmp_path):
+    out = tmp_path / "imagenet_pack.md"
+    cmd = [
+        sys.executable, "benchmarks/imagenet_pack.py", "--device", "cpu", "--methods", "kd,normkd",
+        "--images", "1", "--batch", "1", "--iters", "1", "--warmup", "0", "--workers", "0", "--repeats", "1",
+        "--decode", "host", "--decode-sides", "300,400", "--out", str(out),
+    ]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    number = r"([\d.]+(?:e-?\d+)?)"
+    rows = {
+        m.group(1): m
+        for m in re.finditer(
+            rf"^\| (\w+)-bound \| host \| [^|]+ \| [^|]+ \| {number} \| {number} \| {number} \| (\d+)% \| (\d+)% \|",
+            out.read_text(),
+            re.M,
+        )
+    }
+    assert set(rows) == {"compute", "decode"}, out.read_text()
+    for m in rows.values():
+        solo, pack, ratio = (float(m.group(i)) for i in (2, 3, 4))
+        assert solo > 0 and pack > 0 and ratio > 0
+        assert abs(ratio - pack / solo) < 1e-3 + 1e-3 * ratio  # the ratio is pack / solo as printed
+        assert all(0 <= int(m.group(i)) <= 100 for i in (5, 6))
+    assert "kd,normkd" in out.read_text() and "Load average" in out.read_text()
