@@ -9,7 +9,8 @@
 #   fused  : the short fused-pack benchmark (resnet56 -> resnet20, fp32, K = 1, 12, 15, serial vs fused; ~2 min)
 #   pack   : benchmarks/pack_speed.py in full (K = 1, 4, 12, 15, both pairs, fp32 and bf16, serial/branches/fused)
 #   ddp    : one-rank NCCL epochs under torchrun (fast with its CUDA graph; ddp; DATASET.DECODE gpu)
-#            and benchmarks/imagenet_loader.py (host PIL loader vs nvJPEG pipeline)
+#            and benchmarks/imagenet_loader.py (host PIL loader vs nvJPEG pipeline), benchmarks/imagenet_pack.py
+#            (a pack of 4 ImageNet runs vs 4 solo runs, compute- and decode-bound; ~6 min)
 #   compare: one chunk of the 240-epoch vanilla/KD/DKD/NormKD/NormDKD x 3 seeds comparison on resnet56 ->
 #            resnet20 (one pack of 15 runs, fused on CUDA), resumed from results/cifar100-res56_res20/runs/. It stops at an epoch
 #            boundary within $COMPARE_SECONDS (normkd-train --time-limit; exit 3 = unfinished, run the stage
@@ -118,6 +119,8 @@ for step in "$@"; do
       SOLVER.BATCH_SIZE 256 LOG.PREFIX "$work/runs" EXPERIMENT.NAME decode-gpu $(short) \
       > "$RES/decode_gpu_epoch.log" 2>&1
     echo "DATASET.DECODE gpu epoch: exit $?" | tee -a "$RES/decode_gpu_epoch.log"
+    timeout 540 python3 benchmarks/imagenet_pack.py --device cuda --batch 64 --iters 10 --warmup 2 --workers 12 \
+      --repeats 1 --decode host,gpu --out "$RES/imagenet_pack.md" 2>&1 | grep '^|'
     cat "$work"/runs/*/*/worklog.txt 2>/dev/null > "$RES/ddp_worklogs.txt" ;;
   compare)
     keep=${COMPARE_KEEP:-results/cifar100-res56_res20/runs} prefix=${COMPARE_PREFIX:-/tmp/compare}
