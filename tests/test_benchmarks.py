@@ -16,7 +16,7 @@ def test_pack_speed_times_serial_and_fused_packs_on_a_cpu(tmp_path, small_cifar_
     out = tmp_path / "pack_speed.md"
     cmd = [
         sys.executable, "benchmarks/pack_speed.py", "--device", "cpu", "--data", str(small_cifar_npz),
-        "--pairs", "res56_res20", "--precisions", "fp32", "--sizes", "1,2", "--iters", "1", "--warmup", "1",
+        "--pairs", "res56_res20", "--precisions", "fp32", "--sizes", "1,4", "--iters", "1", "--warmup", "1",
         "--workers", "0", "--out", str(out),
     ]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -28,6 +28,6 @@ def test_pack_speed_times_serial_and_fused_packs_on_a_cpu(tmp_path, small_cifar_
             r"^\| res56_res20 \| fp32 \| (\d+ \w+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+)×", out.read_text(), re.M
         )
     }
-    assert set(rows) == {"1 solo", "2 serial", "2 fused"}, out.read_text()
+    assert set(rows) == {"1 solo", "4 serial", "4 fused"}, out.read_text()
     assert all(float(m.group(2)) > 0 for m in rows.values())
     assert rows["1 solo"].group(4) == "1.000"  # each run's cost is quoted as a ratio to the solo run
