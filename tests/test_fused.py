@@ -44,8 +44,11 @@ CHECK = textwrap.dedent(
             out.append((v.detach(), g))
         return out
 
+    # Few rows each: the interpreter runs one program per row, and every shape's path (C = 2, a masked
+    # tail under the 16-wide minimum block, tails of 128-, 1024- and 2048-wide blocks, several rows)
+    # is there with 2 to 5 rows.
     cases = []
-    for n, c in [(1, 2), (5, 2), (3, 7), (64, 100), (17, 1000), (4, 1500)]:
+    for n, c in [(1, 2), (5, 2), (3, 7), (4, 100), (3, 1000), (2, 1500)]:
         for dtype in (torch.float32, torch.float16, torch.bfloat16):
             zs = (torch.randn(n, c) * 3).to(dtype).to(dev)
             zt = (torch.randn(n, c) * 4 + 2).to(dtype).to(dev)

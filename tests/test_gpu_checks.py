@@ -11,6 +11,7 @@ import sys
 import tarfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from conftest import REPO, assert_same_run, needs_mdistiller
@@ -23,8 +24,8 @@ pytestmark = [
 ]
 
 METHODS = ("vanilla", "kd", "dkd", "normkd", "normdkd")  # the comparison's 5 rows
-EPOCHS = 8  # of one 64-image step each
-TINY = f"--device cpu SOLVER.EPOCHS {EPOCHS} SOLVER.LR_DECAY_STAGES [2,6] SOLVER.FAST.ITERS_PER_EPOCH 1"
+EPOCHS = 5  # of one 64-image step each; a decay in each of the two chunks
+TINY = f"--device cpu SOLVER.EPOCHS {EPOCHS} SOLVER.LR_DECAY_STAGES [2,4] SOLVER.FAST.ITERS_PER_EPOCH 1"
 # normkd-train as the stage finds it on PATH, on a clock where each run's epoch takes 10 s: a chunk's
 # stop depends on the limit alone, not on this machine's speed.
 TIMED_TRAIN = """#!{python}
@@ -65,10 +66,16 @@ main()
 
 @pytest.fixture
 def data(tmp_path, small_cifar_npz, teacher_resnet56):
-    """$DATA as the GPU machine has it: cifar100/*.npz and teachers/cifar100/resnet56-f2eff4c8.pt."""
+    """$DATA as the GPU machine has it: cifar100/*.npz and teachers/cifar100/resnet56-f2eff4c8.pt.
+
+    The training split is the shared small one; the test split keeps 20 of its images (every epoch of every
+    run evaluates it, and which images they are does not matter to a bitwise comparison)."""
     root = tmp_path / "data"
     (root / "teachers" / "cifar100").mkdir(parents=True)
-    shutil.copytree(small_cifar_npz, root / "cifar100")
+    (root / "cifar100").mkdir()
+    shutil.copy(small_cifar_npz / "train-0-of-1.npz", root / "cifar100")
+    with np.load(small_cifar_npz / "test-0-of-1.npz") as z:
+        np.savez(root / "cifar100" / "test-0-of-1.npz", images=z["images"][:20], labels=z["labels"][:20])
     os.symlink(teacher_resnet56, root / "teachers" / "cifar100" / teacher_resnet56.name)
     return root
 
@@ -124,7 +131,7 @@ def test_chunks_travel_as_bundles_and_end_as_the_uninterrupted_pack(tmp_path, da
         assert {p.name for p in (runs / name).iterdir()} == {"worklog.txt", "config.yaml", "latest"}
         assert (runs / name / "worklog.txt").read_text().count("epoch: ") == 3
     log = (tmp_path / "unpacked1" / "compare.log").read_text()
-    assert "stopped at the time limit after 2m30s of 2m40s (longest epoch 50.0s): 5 of 5 run(s) at epoch 3 of 8" in log
+    assert "stopped at the time limit after 2m30s of 2m40s (longest epoch 50.0s): 5 of 5 run(s) at epoch 3 of 5" in log
 
     assert _chunk(tmp_path, data, 2, seconds=600) == 0  # a fresh machine: only the bundle's files
     for name in names:
@@ -152,7 +159,7 @@ def test_a_run_that_fails_in_a_chunk_does_not_hold_back_the_others(tmp_path, dat
     runs = tmp_path / "repo" / "runs"
     log = (tmp_path / "unpacked1" / "compare.log").read_text()
     assert "epoch 2 step 1 of 1: non-finite training loss" in log
-    assert "the others stopped at the time limit" in log and "4 of 5 run(s) at epoch 3 of 8" in log
+    assert "the others stopped at the time limit" in log and "4 of 5 run(s) at epoch 3 of 5" in log
     for folder in runs.iterdir():
         text = (folder / "worklog.txt").read_text()
         assert (folder / "latest").is_file()  # unfinished (the failed run keeps its last good state)

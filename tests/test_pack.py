@@ -35,10 +35,19 @@ def _train(root, teacher, prefix, runs=RUNS, extra=(), resume=False):
     return [prefix / n for n in names]
 
 
-def test_pack_of_three_equals_three_solo_runs_bitwise(tmp_path, small_cifar_npz, teacher_resnet56):
-    packed = _train(small_cifar_npz, teacher_resnet56, tmp_path / "pack")
-    for (name, seed), folder in zip(RUNS, packed):
-        (solo,) = _train(small_cifar_npz, teacher_resnet56, tmp_path / f"solo-{folder.name}", runs=[(name, seed)])
+@pytest.fixture(scope="module")
+def pack_and_solos(tmp_path_factory, small_cifar_npz, teacher_resnet56):
+    """RUNS trained as one pack and each alone (2 epochs each): the references the tests below compare against.
+    The tests only read these folders."""
+    root = tmp_path_factory.mktemp("pack_and_solos")
+    packed = _train(small_cifar_npz, teacher_resnet56, root / "pack")
+    solos = [_train(small_cifar_npz, teacher_resnet56, root / f"solo-{i}", runs=[run])[0] for i, run in enumerate(RUNS)]
+    return packed, solos
+
+
+def test_pack_of_three_equals_three_solo_runs_bitwise(pack_and_solos):
+    packed, solos = pack_and_solos
+    for folder, solo in zip(packed, solos):
         assert solo.name == folder.name  # the same run folder name as a solo run
         assert_same_run(folder, solo)
     # the schedule really crossed the LR decay and NormDKD ran inside its warm-up
@@ -53,12 +62,14 @@ def test_pack_of_three_equals_three_solo_runs_bitwise(tmp_path, small_cifar_npz,
         assert not any(k.startswith("module.teacher") for k in load_state(folder)["model"])
 
 
-def test_runs_that_share_a_seed_see_the_same_batches(tmp_path, small_cifar_npz, teacher_resnet56):
-    """NormKD and KD (seed 0) get the very same image tensors each step; NormDKD (seed 1) others; all 208 used."""
-    from normkd_plugin.fast.pack import Pack
+@pytest.fixture(scope="module")
+def one_epoch_seen(tmp_path_factory, small_cifar_npz, teacher_resnet56):
+    """One epoch of RUNS as a pack, watched: per step the (distiller type, image tensor, targets) of every run,
+    and the batch size of every forward of the teacher network."""
+    from normkd_plugin.fast.pack import Pack, SharedTeacher
 
-    seen = []  # per step: the (distiller type, image tensor) of every run
-    original = Pack._step
+    seen, sizes = [], []
+    original_step, original_precompute = Pack._step, SharedTeacher.precompute
 
     def spy(self, images, targets, epoch):
         for run in self._active:
@@ -68,15 +79,27 @@ def test_runs_that_share_a_seed_see_the_same_batches(tmp_path, small_cifar_npz, 
                 _f(**kw),
             )[1]
         seen.append([])
-        original(self, images, targets, epoch)
+        original_step(self, images, targets, epoch)
         for run in self._active:
             del run.distiller.forward_train
 
-    Pack._step = spy
+    def count(self, batches):
+        if not getattr(self.net, "_counted", False):
+            self.net.register_forward_hook(lambda m, inp, out: sizes.append(inp[0].shape[0]))
+            self.net._counted = True
+        original_precompute(self, batches)
+
+    Pack._step, SharedTeacher.precompute = spy, count
     try:
-        _train(small_cifar_npz, teacher_resnet56, tmp_path, extra=("SOLVER.EPOCHS", "1"))
+        _train(small_cifar_npz, teacher_resnet56, tmp_path_factory.mktemp("one_epoch"), extra=("SOLVER.EPOCHS", "1"))
     finally:
-        Pack._step = original
+        Pack._step, SharedTeacher.precompute = original_step, original_precompute
+    return seen, sizes
+
+
+def test_runs_that_share_a_seed_see_the_same_batches(one_epoch_seen):
+    """NormKD and KD (seed 0) get the very same image tensors each step; NormDKD (seed 1) others; all 208 used."""
+    seen, _ = one_epoch_seen
     assert [len(step) for step in seen] == [3, 3, 3, 3]
     for step in seen:
         by = {kind: (image, target) for kind, image, target in step}
@@ -88,24 +111,9 @@ def test_runs_that_share_a_seed_see_the_same_batches(tmp_path, small_cifar_npz, 
         assert labels.shape == (208,)  # every image once per epoch
 
 
-def test_teacher_runs_once_per_step_on_the_distinct_batches(tmp_path, small_cifar_npz, teacher_resnet56):
+def test_teacher_runs_once_per_step_on_the_distinct_batches(one_epoch_seen):
     """One forward of the teacher network per step, on the two seed groups' batches together (128 images)."""
-    from normkd_plugin.fast.pack import SharedTeacher
-
-    sizes = []
-    original = SharedTeacher.precompute
-
-    def spy(self, batches):
-        if not getattr(self.net, "_counted", False):
-            self.net.register_forward_hook(lambda m, inp, out: sizes.append(inp[0].shape[0]))
-            self.net._counted = True
-        original(self, batches)
-
-    SharedTeacher.precompute = spy
-    try:
-        _train(small_cifar_npz, teacher_resnet56, tmp_path, extra=("SOLVER.EPOCHS", "1"))
-    finally:
-        SharedTeacher.precompute = original
+    _, sizes = one_epoch_seen
     assert sizes == [128, 128, 128, 32]
 
 
@@ -181,8 +189,8 @@ def test_vanilla_pack_of_different_architectures(tmp_path, small_cifar_npz, teac
         assert text.count("epoch: ") == 2 and "best_acc\t" in text
 
 
-def test_interrupted_pack_resumes_every_run_exactly(tmp_path, small_cifar_npz, teacher_resnet56):
-    whole = _train(small_cifar_npz, teacher_resnet56, tmp_path / "whole")
+def test_interrupted_pack_resumes_every_run_exactly(tmp_path, small_cifar_npz, teacher_resnet56, pack_and_solos):
+    whole, _ = pack_and_solos  # the uninterrupted pack
     with interrupted_at_epoch(2), pytest.raises(KeyboardInterrupt):
         _train(small_cifar_npz, teacher_resnet56, tmp_path / "cut")
     cut = _train(small_cifar_npz, teacher_resnet56, tmp_path / "cut", resume=True)
@@ -190,7 +198,7 @@ def test_interrupted_pack_resumes_every_run_exactly(tmp_path, small_cifar_npz, t
         assert_same_run(a, b)
 
 
-def test_a_run_that_turns_nan_fails_alone(tmp_path, small_cifar_npz, teacher_resnet56, monkeypatch):
+def test_a_run_that_turns_nan_fails_alone(tmp_path, small_cifar_npz, teacher_resnet56, monkeypatch, pack_and_solos):
     """The poisoned run stops at epoch 2 step 1, keeps its epoch-1 checkpoint; the others equal their solo runs."""
     from normkd_plugin.fast.pack import Pack, RunsFailed
 
@@ -213,10 +221,10 @@ def test_a_run_that_turns_nan_fails_alone(tmp_path, small_cifar_npz, teacher_res
     assert text.count("epoch: ") == 1 and "best_acc" not in text
     assert text.splitlines()[-1].startswith("failed\tepoch 2 step 1 of 4: non-finite training loss")
     assert load_state(kd)["epoch"] == 1 and all(torch.isfinite(v).all() for v in load_state(kd)["model"].values())
-    for (name, seed), folder in zip(RUNS, folders):
+    for folder, solo in zip(folders, pack_and_solos[1]):
         if folder == kd:
             continue
-        (solo,) = _train(small_cifar_npz, teacher_resnet56, tmp_path / f"solo-{seed}-{name[9:14]}", runs=[(name, seed)])
+        assert solo.name == folder.name
         assert_same_run(folder, solo)
 
 

@@ -120,9 +120,17 @@ def _reference_steps(root, teacher, cfg):
     return student, batches
 
 
-def test_two_ranks_equal_the_half_batch_reference(tmp_path, small_cifar_npz, teacher_resnet56):
-    ranks = _spawn(tmp_path, small_cifar_npz, teacher_resnet56, tmp_path / "o")
-    cfg, name = _cfg(small_cifar_npz, teacher_resnet56, tmp_path / "o")
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory, small_cifar_npz, teacher_resnet56):
+    """One epoch of CFG (seed 0) on two harness processes: what each rank saw and wrote, and the runs' prefix.
+    The tests only read them."""
+    tmp = tmp_path_factory.mktemp("two_ranks")
+    return _spawn(tmp, small_cifar_npz, teacher_resnet56, tmp / "o"), tmp / "o"
+
+
+def test_two_ranks_equal_the_half_batch_reference(small_cifar_npz, teacher_resnet56, two_ranks):
+    ranks, prefix = two_ranks
+    cfg, name = _cfg(small_cifar_npz, teacher_resnet56, prefix)
     student, batches = _reference(small_cifar_npz, teacher_resnet56, cfg)
     want = student.state_dict()
     for key in want:
@@ -135,9 +143,24 @@ def test_two_ranks_equal_the_half_batch_reference(tmp_path, small_cifar_npz, tea
     # only rank 0 writes
     assert ranks[0]["writes"] and not ranks[1]["writes"] and ranks[0]["writer"] and not ranks[1]["writer"]
     # the all-reduced validation accuracy is the accuracy on the whole split
-    record = load_state(tmp_path / "o" / name)["record"]
+    record = load_state(prefix / name)["record"]
     correct, n = _count_correct(student, small_cifar_npz)
     assert record["test_acc"] == pytest.approx(100.0 * correct / n, abs=1e-9) and n == 100
+
+
+def _global_batches(root, epoch):
+    """Written here, independently: the targets of each global batch of 64 in ``epoch`` of an uninterrupted seed-0
+    run (one generator, seeded with the run's seed, draws epoch after epoch; the world size does not enter)."""
+    from mdistiller.dataset.cifar100 import get_cifar100_train_transform
+
+    from normkd_plugin.data import load_cifar100
+    from normkd_plugin.fast.augment import TensorCifar, host_pipeline
+
+    data = TensorCifar(*load_cifar100(root, True), host_pipeline(get_cifar100_train_transform()), torch.device("cpu"))
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(epoch):
+        _, targets = data.epoch(generator)
+    return [targets[i : i + 64].tolist() for i in range(0, len(targets), 64)]
 
 
 def _step_gradients(root, teacher, cfg, states, world, weighting):
@@ -233,14 +256,14 @@ def _count_correct(student, root):
 def test_resume_with_another_number_of_ranks(tmp_path, small_cifar_npz, teacher_resnet56, first, then):
     """Epoch 1 on ``first`` processes, epoch 2 resumed on ``then``: epoch 2 trains the global batches the
     uninterrupted run trains (the data generator is restored), and the run finishes."""
-    whole = _spawn(tmp_path, small_cifar_npz, teacher_resnet56, tmp_path / "whole", world=first, epochs=2)
     prefix = tmp_path / "o"
-    _spawn(tmp_path, small_cifar_npz, teacher_resnet56, prefix, world=first, epochs=2, stop_at=2)
+    first_epoch = _spawn(tmp_path, small_cifar_npz, teacher_resnet56, prefix, world=first, epochs=2, stop_at=2)
     cfg, name = _cfg(small_cifar_npz, teacher_resnet56, prefix, epochs=2)
     assert load_state(prefix / name)["epoch"] == 1
     resumed = _spawn(tmp_path, small_cifar_npz, teacher_resnet56, prefix, world=then, epochs=2)
-    epoch2 = [sum((r["seen"][4 + s] for r in whole), []) for s in range(4)]  # 4 steps an epoch
-    assert [sum((r["seen"][s] for r in resumed), []) for s in range(4)] == epoch2
+    epoch1, epoch2 = (_global_batches(small_cifar_npz, e) for e in (1, 2))  # 4 steps an epoch
+    assert [sum((r["seen"][s] for r in first_epoch), []) for s in range(4)] == epoch1
+    assert [sum((r["seen"][s] for r in resumed), []) for s in range(4)] == epoch2 != epoch1
     text = (prefix / name / "worklog.txt").read_text()
     assert text.count("epoch: ") == 2 and text.rstrip().splitlines()[-1].startswith("best_acc\t")
     assert load_state(prefix / name)["epoch"] == 2
@@ -255,7 +278,7 @@ def test_a_rank_that_raises_ends_the_job_with_its_error(tmp_path, small_cifar_np
     assert not (folder / "latest").exists() and not (folder / "worklog.txt").exists()
 
 
-def test_torchrun_trains_a_pack_like_the_two_process_harness(tmp_path, small_cifar_npz, teacher_resnet56):
+def test_torchrun_trains_a_pack_like_the_two_process_harness(tmp_path, small_cifar_npz, teacher_resnet56, two_ranks):
     """normkd-train under torchrun (gloo): a pack of KD and NormKD; its NormKD run equals the harness's solo run."""
     import os
     import subprocess
@@ -268,7 +291,7 @@ def test_torchrun_trains_a_pack_like_the_two_process_harness(tmp_path, small_cif
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    ranks = _spawn(tmp_path, small_cifar_npz, teacher_resnet56, tmp_path / "harness")
+    ranks, _ = two_ranks  # the harness's solo run
     _, name = _cfg(small_cifar_npz, teacher_resnet56, tmp_path / "torchrun")
     state = load_state(tmp_path / "torchrun" / name)["model"]
     for key, value in ranks[0]["student"].items():
