@@ -31,10 +31,10 @@ def _run(graph, log, full=5, key=1):
     def eager(images, targets, epoch):
         log.append(int(images[0][0]))
 
-    def batch(i, j):
-        return [torch.tensor([i])], [torch.tensor([i])]
+    def batch(k):
+        return [torch.tensor([k])], [torch.tensor([k])]
 
-    return graph.run(eager, batch, full, 1, epoch=1, key=key)
+    return graph.run(eager, batch, full, epoch=1, key=key)
 
 
 def test_failed_capture_trains_every_batch_once(fake_cuda, monkeypatch):
