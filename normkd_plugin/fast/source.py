@@ -61,7 +61,7 @@ def source_kind(cfg) -> str | None:
     if world_size > 1:
         raise ConfigError(
             f"SOLVER.TRAINER {trainer!r} has no multi-process version (WORLD_SIZE={world_size} under torchrun); "
-            "use SOLVER.TRAINER base (DistributedDataParallel) or launch one process without torchrun"
+            "use SOLVER.TRAINER base or ddp (this plugin's engine, fed by a data loader) or launch one process without torchrun"
         )
     if decode_mode != "host":
         raise ConfigError(f"DATASET.DECODE {decode_mode!r} needs SOLVER.TRAINER base or ddp, not {trainer!r}")
