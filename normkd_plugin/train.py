@@ -191,6 +191,9 @@ def main(argv: list[str] | None = None) -> None:
                 cfg.defrost()
                 cfg.LOG.WANDB = False
                 cfg.freeze()
+        if args.device is None and device.type == "cpu":
+            epochs = max(int(cfg.SOLVER.EPOCHS) for cfg in cfgs)
+            log.warning("no CUDA device: training %d epoch(s) on the CPU; --device cpu says that this is meant", epochs)
         from .errors import RunsFailed
 
         main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun, one line for the job

@@ -544,3 +544,18 @@ def test_sigint_and_sigterm_end_a_run_with_one_line_after_its_last_epoch(
     text = worklog.read_text()
     assert [int(x.split()[0]) for x in text.split("epoch: ")[1:]] == list(range(1, epoch + 1))
     assert text.endswith("-" * 25 + "\n") and not any(p.name.endswith(".tmp") for p in worklog.parent.iterdir())
+
+
+@pytest.mark.parametrize("device", [None, "cpu"])
+def test_a_machine_without_a_gpu_says_it_trains_on_the_cpu_unless_asked(tmp_path, monkeypatch, caplog, device):
+    import torch
+
+    from normkd_plugin import train
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    argv = ["--cfg", "cifar100/normkd/res56_res20", "SOLVER.TRAINER", "fast", "DATASET.ROOT", str(tmp_path / "none")]
+    with pytest.raises(SystemExit) as stop:  # the missing data stops it after the start was decided
+        train.main([*argv, "LOG.PREFIX", str(tmp_path), *(["--device", device] if device else [])])
+    assert stop.value.code == 2
+    warned = "no CUDA device: training 240 epoch(s) on the CPU; --device cpu says that this is meant" in caplog.text
+    assert warned == (device is None)
