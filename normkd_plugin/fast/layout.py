@@ -28,11 +28,10 @@ from torch.func import functional_call, vmap
 from torch.optim.sgd import sgd
 from yacs.config import CfgNode as CN
 
-__all__ = ["FUSABLE_TYPES", "FUSE_CHOICES", "FusedStudents", "fuse_on", "fusion_key", "student_output"]
+__all__ = ["FUSABLE_TYPES", "FusedStudents", "fuse_on", "fusion_key", "student_output"]
 
 # Distillers whose loss reads only the student's logits (the host's Vanilla, KD, DKD and this plugin's).
 FUSABLE_TYPES = frozenset({"NONE", "KD", "DKD", "NORMKD", "NORMDKD", "NormKD", "NormKD_W_DKD"})
-FUSE_CHOICES = ("auto", "on", "off")
 
 
 def fuse_on(cfg: CN, device: torch.device) -> bool:
