@@ -80,8 +80,7 @@ def build_pack(cfgs: list, names: list[str], folders: list, device):
     from .data import get_dataset, seed_everything
     from .fast.pack import Pack, PackRun, SharedTeacher, data_seed, host_optimizer
     from .fast.ranks import Ranks
-    from .fast.source import LoaderSource, source_kind
-    from .fast.trainer import device_split
+    from .fast.trainer import make_source
 
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = all(cfg.EXPERIMENT.SEED < 0 for cfg in cfgs)
@@ -111,10 +110,4 @@ def build_pack(cfgs: list, names: list[str], folders: list, device):
         distiller.to(device)
         writer = SummaryWriter(os.path.join(folder.path, "train.events"), flush_secs=60) if ranks.main else None
         runs.append(PackRun(name, cfg, folder, distiller, host_optimizer(cfg, distiller), data_seed(cfg), writer))
-    if source_kind(cfgs[0]) == "loader":
-        source = LoaderSource(
-            train_loader.dataset, val_loader.dataset, cfgs[0], device, ranks, int(cfgs[0].DATASET.NUM_WORKERS)
-        )
-    else:
-        source = device_split(train_loader, val_loader, cfgs[0], device, ranks)
-    return Pack(runs, source, shared)
+    return Pack(runs, make_source(train_loader, val_loader, cfgs[0], device, ranks), shared)

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torch.utils.data import DataLoader, Dataset
 
 from .errors import UserError
 
@@ -42,7 +42,6 @@ __all__ = [
     "seed_worker",
     "worker_options",
     "position_seed",
-    "SampleKeys",
     "SeededSamples",
 ]
 
@@ -86,20 +85,6 @@ def position_seed(*position: int) -> int:
     """A seed in [0, 2**63) that is a fixed hash of the integers ``position`` (any process, any platform)."""
     digest = hashlib.blake2b(repr(tuple(int(p) for p in position)).encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") >> 1
-
-
-class SampleKeys(Sampler):
-    """``(index, seed, epoch)`` for each index of a DistributedSampler, with its seed and epoch when iteration starts."""
-
-    def __init__(self, sampler: DistributedSampler):
-        self.sampler = sampler
-
-    def __iter__(self):
-        seed, epoch = self.sampler.seed, self.sampler.epoch
-        return ((index, seed, epoch) for index in self.sampler)
-
-    def __len__(self) -> int:
-        return len(self.sampler)
 
 
 class SeededSamples(Dataset):

@@ -239,20 +239,6 @@ def test_position_seed_is_a_fixed_hash_of_the_position():
     assert len({position_seed(1, 2, 3), position_seed(1, 3, 2), position_seed(1, 2, 3, 0)}) == 3
 
 
-def test_sample_keys_follow_the_distributed_sampler_and_its_epoch():
-    from torch.utils.data import DistributedSampler
-
-    from normkd_plugin.data import SampleKeys
-
-    sampler = DistributedSampler(range(11), num_replicas=2, rank=1, shuffle=True, seed=7)
-    keys = SampleKeys(sampler)
-    for epoch, seed in ((1, 7), (2, 7), (2, 9)):
-        sampler.seed = seed
-        sampler.set_epoch(epoch)
-        order = list(sampler)
-        assert list(keys) == [(i, seed, epoch) for i in order] and len(keys) == len(order) == 6
-
-
 def test_seeded_samples_draw_the_hosts_augmentation_from_the_key_alone(cifar_test_arrays):
     """The host's random crop and flip, drawn from torch's generator seeded with position_seed(seed, epoch, index),
     whatever the global RNGs held before; those are left as they were."""

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
-from .. import dist
+from .. import dist, imagenet
 from ..config import ConfigError
 from ..data import SeededSamples, position_seed, worker_options
 from .augment import TensorCifar
@@ -153,9 +153,13 @@ class SeedGroupBatches(Sampler):
         sampler.set_epoch(self.epoch)
         return list(sampler)
 
-    def __len__(self) -> int:
+    def steps(self, limit: int = 0) -> int:
+        """Steps of an epoch (``limit`` > 0: at most that many)."""
         steps = -(-self.num_samples // self.per_rank)
-        return min(steps, self.limit) if self.limit > 0 else steps
+        return min(steps, limit) if limit > 0 else steps
+
+    def __len__(self) -> int:
+        return self.steps(self.limit)
 
     def last_size(self) -> int:
         """Rows per group in the last step of an epoch."""
@@ -185,10 +189,8 @@ class LoaderSource:
     """The host's train and validation datasets through DataLoaders (ImageNet, or any run under torchrun)."""
 
     def __init__(self, train_set: Dataset, val_set: Dataset, cfg, device: torch.device, ranks: Ranks, workers: int):
-        from ..imagenet import DevicePipeline, HostAugment, JpegFiles, check_decode, collate_jpeg
-
         self.device, self.ranks = device, ranks
-        self.decode = check_decode(cfg, device)
+        self.decode = imagenet.check_decode(cfg, device)
         self.batch_size = int(cfg.SOLVER.BATCH_SIZE)
         per_rank = self.batch_size // ranks.world
         val_per_rank = max(1, math.ceil(cfg.DATASET.TEST.BATCH_SIZE / ranks.world))
@@ -211,10 +213,10 @@ class LoaderSource:
                 if not hasattr(ds, "samples"):
                     raise ConfigError(f"DATASET.DECODE {self.decode!r} needs an ImageFolder {what} set, not {ds!r}")
             where = device if self.decode == "gpu" else torch.device("cpu")
-            self.pipeline = DevicePipeline(HostAugment.from_host(), where, self.generator)
+            self.pipeline = imagenet.DevicePipeline(imagenet.HostAugment.from_host(), where, self.generator)
             self._names = [p for p, _ in train_set.samples], [p for p, _ in val_set.samples]
-            train = _ByIndex(JpegFiles(train_set.samples))
-            val_data, collate = JpegFiles(val_set.samples), collate_jpeg
+            train = _ByIndex(imagenet.JpegFiles(train_set.samples))
+            val_data, collate = imagenet.JpegFiles(val_set.samples), imagenet.collate_jpeg
         else:
             train = SeededSamples(train_set, restore=workers == 0)  # the main process's RNGs stay as they were
             val_data, collate = val_set, None
@@ -245,8 +247,7 @@ class LoaderSource:
 
     def steps(self, iters: int) -> int:
         """Steps of an epoch on each rank (``iters`` > 0: at most that many)."""
-        self.sampler.limit = iters
-        return len(self.sampler)
+        return self.sampler.steps(iters)
 
     def prepare(self, images: Tensor) -> Tensor:
         """Inside the step: nothing (the loader's batches are normalised already)."""
@@ -273,10 +274,8 @@ class LoaderSource:
             images, targets = data[0], data[1]
             xs = images.to(self.device, non_blocking=True).float().chunk(groups)
             return list(xs), list(targets.to(self.device, non_blocking=True).chunk(groups))
-        from ..imagenet import decode
-
         encoded, targets, indices = data
-        decoded = decode(encoded, self.pipeline.device, [self._names[0][i] for i in indices.tolist()])
+        decoded = imagenet.decode(encoded, self.pipeline.device, [self._names[0][i] for i in indices.tolist()])
         m = len(encoded) // groups
         xs = []
         for g, seed in enumerate(self._seeds):
@@ -290,9 +289,7 @@ class LoaderSource:
             if self.pipeline is None:
                 image, target = data[0], data[1]
             else:
-                from ..imagenet import decode
-
                 encoded, target, indices = data
                 names = [self._names[1][i] for i in indices.tolist()]
-                image = self.pipeline.val(decode(encoded, self.pipeline.device, names))
+                image = self.pipeline.val(imagenet.decode(encoded, self.pipeline.device, names))
             yield image.to(self.device, non_blocking=True).float(), target.to(self.device, non_blocking=True)

@@ -31,9 +31,9 @@ from ..runs import RunFolder
 from .augment import TensorCifar, host_pipeline
 from .pack import Pack, PackRun, SharedTeacher, data_seed
 from .ranks import Ranks
-from .source import DeviceSplit, LoaderSource
+from .source import DeviceSplit, LoaderSource, source_kind
 
-__all__ = ["FastTrainer", "LoaderTrainer", "tensor_split", "device_split"]
+__all__ = ["FastTrainer", "LoaderTrainer", "tensor_split", "device_split", "make_source"]
 
 
 def tensor_split(loader, what: str, device: torch.device) -> TensorCifar:
@@ -51,6 +51,15 @@ def device_split(train_loader, val_loader, cfg, device: torch.device, ranks: Ran
     """The host loaders' CIFAR splits held on ``device`` as a pack's source."""
     train, val = tensor_split(train_loader, "train", device), tensor_split(val_loader, "validation", device)
     return DeviceSplit(train, val, int(cfg.SOLVER.BATCH_SIZE), int(cfg.SOLVER.FAST.EVAL_BATCH_SIZE), ranks)
+
+
+def make_source(train_loader, val_loader, cfg, device: torch.device, ranks: Ranks) -> DeviceSplit | LoaderSource:
+    """Where a pack of ``cfg``'s runs takes its batches (:func:`~.source.source_kind`): the host loaders' CIFAR
+    splits on the device (SOLVER.TRAINER fast), or their datasets through this engine's loader."""
+    if source_kind(cfg) == "loader":
+        workers = int(cfg.DATASET.NUM_WORKERS)
+        return LoaderSource(train_loader.dataset, val_loader.dataset, cfg, device, ranks, workers)
+    return device_split(train_loader, val_loader, cfg, device, ranks)
 
 
 def share_teacher(distiller: torch.nn.Module) -> SharedTeacher | None:
@@ -95,11 +104,8 @@ class FastTrainer(BaseTrainer):
             writer=self.tf_writer,
         )
         self.run = run
-        self.pack = Pack([run], self.source(train_loader, val_loader, cfg), share_teacher(self.model))
-
-    def source(self, train_loader, val_loader, cfg) -> DeviceSplit | LoaderSource:
-        """Where the pack's batches come from: the CIFAR splits on the device."""
-        return device_split(train_loader, val_loader, cfg, self.device, Ranks())
+        source = make_source(train_loader, val_loader, cfg, self.device, Ranks())
+        self.pack = Pack([run], source, share_teacher(self.model))
 
     def train(self, resume: bool = False) -> None:
         """Train (or resume) the run to SOLVER.EPOCHS; RunsFailed if its loss turned non-finite."""
@@ -125,8 +131,3 @@ class LoaderTrainer(FastTrainer):
         cfg.DATASET = CN()
         cfg.DATASET.DECODE = "host"  # ImageNet: host = PIL in workers; gpu = nvJPEG; cpu = same code on CPU
         return cfg
-
-    def source(self, train_loader, val_loader, cfg) -> LoaderSource:
-        """The host's datasets through this engine's loader (its seeded order and augmentation)."""
-        workers = int(cfg.DATASET.NUM_WORKERS)
-        return LoaderSource(train_loader.dataset, val_loader.dataset, cfg, self.device, Ranks(), workers)
