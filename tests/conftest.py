@@ -80,21 +80,27 @@ def teacher_resnet56():
     return TEACHER_RESNET56
 
 
+# The small split of the training tests: three full batches of SMALL_BATCH and a smaller last one
+# (8 images: 4 per rank on 2 ranks, 3/3/2 on 3), so every kind of step is trained at a small cost.
+SMALL_TRAIN, SMALL_BATCH, SMALL_VAL = 56, 16, 25
+
+
 @pytest.fixture(scope="session")
 def small_cifar_npz(tmp_path_factory, cifar_test_arrays):
-    """An npz-shard DATASET.ROOT of real CIFAR-100 pixels: 208 training images (3 batches of 64 + 16), 100 test."""
+    """An npz-shard DATASET.ROOT of real CIFAR-100 pixels: SMALL_TRAIN training images, SMALL_VAL test images."""
     images, labels = cifar_test_arrays
     root = tmp_path_factory.mktemp("cifar_npz")
-    np.savez(root / "train-0-of-1.npz", images=images[:208], labels=labels[:208])
-    np.savez(root / "test-0-of-1.npz", images=images[208:308], labels=labels[208:308])
+    train, val = slice(0, SMALL_TRAIN), slice(SMALL_TRAIN, SMALL_TRAIN + SMALL_VAL)
+    np.savez(root / "train-0-of-1.npz", images=images[train], labels=labels[train])
+    np.savez(root / "test-0-of-1.npz", images=images[val], labels=labels[val])
     return root
 
 
 def fast_opts(root, teacher, prefix, seed, *extra) -> list[str]:
-    """Overrides of a short CPU ``fast`` run on ``root`` with the real resnet56 teacher."""
+    """Overrides of a short CPU ``fast`` run on ``root`` (batches of SMALL_BATCH) with the real resnet56 teacher."""
     return [
-        "SOLVER.TRAINER", "fast", "SOLVER.EPOCHS", "2", "SOLVER.LR_DECAY_STAGES", "[1]",
-        "DATASET.ROOT", str(root), "DISTILLER.TEACHER_CKPT", str(teacher), "LOG.PREFIX", str(prefix),
+        "SOLVER.TRAINER", "fast", "SOLVER.EPOCHS", "2", "SOLVER.LR_DECAY_STAGES", "[1]", "SOLVER.BATCH_SIZE",
+        str(SMALL_BATCH), "DATASET.ROOT", str(root), "DISTILLER.TEACHER_CKPT", str(teacher), "LOG.PREFIX", str(prefix),
         "EXPERIMENT.SEED", str(seed), *extra,
     ]  # fmt: skip
 
@@ -144,13 +150,32 @@ def interrupted_at_epoch(epoch: int):
         Pack.train_epoch = real
 
 
+# Processes the tests start (loader workers, spawn_and_wait's ranks) fork from one forkserver per
+# test process, which imports these once: each process then starts in a fraction of a second.
+FORKSERVER_PRELOAD = ["mdistiller.models", "mdistiller.distillers", "normkd_plugin.build", "normkd_plugin.fast.pack"]
+
+
+def _preload_forkserver() -> None:
+    import multiprocessing
+
+    from normkd_plugin import data
+
+    data.WORKER_PRELOAD[:] = dict.fromkeys([*data.WORKER_PRELOAD, *FORKSERVER_PRELOAD])
+    multiprocessing.set_forkserver_preload(data.WORKER_PRELOAD)
+
+
+if HAVE_MDISTILLER:
+    _preload_forkserver()
+
+
 def spawn_and_wait(worker, args: tuple, nprocs: int, deadline_s: float = 300) -> None:
-    """Run ``worker(rank, *args)`` in ``nprocs`` spawned processes; a hang past ``deadline_s`` fails the test."""
+    """Run ``worker(rank, *args)`` in ``nprocs`` fresh processes (forked by the forkserver); a hang past
+    ``deadline_s`` fails the test."""
     import time
 
     import torch.multiprocessing as mp
 
-    ctx = mp.start_processes(worker, args=args, nprocs=nprocs, join=False, start_method="spawn")
+    ctx = mp.start_processes(worker, args=args, nprocs=nprocs, join=False, start_method="forkserver")
     deadline = time.monotonic() + deadline_s
     while not ctx.join(timeout=2):
         if time.monotonic() > deadline:

@@ -26,8 +26,8 @@ pytestmark = needs_mdistiller
 
 WORKER = Path(__file__).resolve().parent / "ddp_worker.py"
 SEED = 3
-N_TRAIN, BATCH = 208, 64  # steps of 64, 64, 64, 16 images
-N_VAL = 101  # odd: a padded split over 2 ranks would count one image twice
+N_TRAIN, BATCH = 56, 16  # steps of 16, 16, 16, 8 images
+N_VAL = 25  # odd: a padded split over 2 ranks would count one image twice
 
 
 # -- unit: dist.py ---------------------------------------------------------------------------------
@@ -116,7 +116,7 @@ def test_which_runs_go_to_which_source(monkeypatch):
 def _opts(root, teacher, prefix, epochs=2, *extra):
     return [
         "--cfg", "cifar100/normkd/res56_res20", "--device", "cpu", "SOLVER.TRAINER", "ddp",
-        "SOLVER.EPOCHS", str(epochs), "SOLVER.LR_DECAY_STAGES", "[1]", "DATASET.ROOT", str(root),
+        "SOLVER.EPOCHS", str(epochs), "SOLVER.LR_DECAY_STAGES", "[1]", "SOLVER.BATCH_SIZE", str(BATCH), "DATASET.ROOT", str(root),
         "DATASET.NUM_WORKERS", "0", "DISTILLER.TEACHER_CKPT", str(teacher), "LOG.PREFIX", str(prefix),
         "EXPERIMENT.SEED", str(SEED), "EXPERIMENT.NAME", "r", *extra,
     ]  # fmt: skip

@@ -171,15 +171,15 @@ def test_resume_of_a_finished_run_changes_nothing(tmp_path, cifar_test_arrays):
 def test_fast_steps_equal_the_host_train_iter_bitwise(tmp_path, small_cifar_npz, teacher_resnet56, method, monkeypatch):
     """The pack's eager step against mdistiller's own BaseTrainer.train_iter on the same real batches.
 
-    Epoch 2 (past epoch 1; NormDKD inside its warm-up, factor 2/20), 208 images: three batches of 64
-    and the partial last batch of 16. Parameters, BN buffers and momentum buffers end bitwise equal.
+    Epoch 2 (past epoch 1; NormDKD inside its warm-up, factor 2/20), SMALL_TRAIN images: three batches of
+    SMALL_BATCH and the partial last batch. Parameters, BN buffers and momentum buffers end bitwise equal.
     """
     import copy
 
     from mdistiller.engine.trainer import BaseTrainer
     from mdistiller.engine.utils import AverageMeter, adjust_learning_rate
 
-    from conftest import fast_opts
+    from conftest import SMALL_BATCH, SMALL_TRAIN, fast_opts
     from normkd_plugin.build import build_distiller, build_student, build_teacher
     from normkd_plugin.config import load_config
     from normkd_plugin.data import get_dataset
@@ -210,8 +210,8 @@ def test_fast_steps_equal_the_host_train_iter_bitwise(tmp_path, small_cifar_npz,
     images, targets = data.epoch(torch.Generator().manual_seed(0))  # what the run's own generator draws
     meters = {k: AverageMeter() for k in ("training_time", "data_time", "losses", "top1", "top5")}
     host.train()
-    for i in range(0, 208, 64):
-        x, y = data.normalize(images[i : i + 64]), targets[i : i + 64]
+    for i in range(0, SMALL_TRAIN, SMALL_BATCH):
+        x, y = data.normalize(images[i : i + SMALL_BATCH]), targets[i : i + SMALL_BATCH]
         host_trainer.train_iter((x, y, torch.arange(y.shape[0])), epoch, meters)
     assert pack.train_iterations([run], epoch) == 4
 
@@ -223,7 +223,7 @@ def test_fast_steps_equal_the_host_train_iter_bitwise(tmp_path, small_cifar_npz,
     host_mom = [host_trainer.optimizer.state[p]["momentum_buffer"] for p in host.module.student.parameters()]
     assert all(torch.equal(a, b) for a, b in zip(mom, host_mom))
     loss_sum, top1, n = pack._sums[0].tolist()
-    assert n == meters["top1"].count == 208
+    assert n == meters["top1"].count == SMALL_TRAIN
     assert top1 == round(float(meters["top1"].sum) / 100)
     # the host accumulates its per-batch mean loss in float32 numpy; ours sums loss*n in float64
     assert loss_sum == pytest.approx(float(meters["losses"].sum), rel=1e-6)

@@ -24,8 +24,8 @@ pytestmark = [
 ]
 
 METHODS = ("vanilla", "kd", "dkd", "normkd", "normdkd")  # the comparison's 5 rows
-EPOCHS = 5  # of one 64-image step each; a decay in each of the two chunks
-TINY = f"--device cpu SOLVER.EPOCHS {EPOCHS} SOLVER.LR_DECAY_STAGES [2,4] SOLVER.FAST.ITERS_PER_EPOCH 1"
+EPOCHS = 5  # of one 16-image step each; a decay in each of the two chunks
+TINY = f"--device cpu SOLVER.EPOCHS {EPOCHS} SOLVER.LR_DECAY_STAGES [2,4] SOLVER.FAST.ITERS_PER_EPOCH 1 SOLVER.BATCH_SIZE 16"
 # normkd-train as the stage finds it on PATH, on a clock where each run's epoch takes 10 s: a chunk's
 # stop depends on the limit alone, not on this machine's speed.
 TIMED_TRAIN = """#!{python}
@@ -138,15 +138,14 @@ def test_chunks_travel_as_bundles_and_end_as_the_uninterrupted_pack(tmp_path, da
         assert {p.name for p in (runs / name).iterdir()} == {"worklog.txt", "config.yaml"}  # finished: no state
         assert (runs / name / "worklog.txt").read_text().count("epoch: ") == EPOCHS
 
+    from normkd_plugin import train
+
     reference = tmp_path / "uninterrupted"
     cfgs = [arg for m in METHODS for arg in ("--cfg", f"cifar100/{m}/res56_res20")]
-    proc = subprocess.run(
-        [sys.executable, "-m", "normkd_plugin.train", *cfgs, "--seeds", "0", *TINY.split(), "SOLVER.TRAINER", "fast",
-         "DATASET.ROOT", str(data / "cifar100"), "DISTILLER.TEACHER_CKPT", str(data / "teachers/cifar100/resnet56-f2eff4c8.pt"),
-         "LOG.PREFIX", str(reference)],
-        capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600,
+    train.main(
+        [*cfgs, "--seeds", "0", *TINY.split(), "SOLVER.TRAINER", "fast", "DATASET.ROOT", str(data / "cifar100"),
+         "DISTILLER.TEACHER_CKPT", str(data / "teachers/cifar100/resnet56-f2eff4c8.pt"), "LOG.PREFIX", str(reference)]
     )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-2000:]
     for name in names:
         assert_same_run(reference / "cifar100" / name, tmp_path / "machine2" / "cifar100" / name)
         assert (runs / name / "worklog.txt").read_text() == (reference / "cifar100" / name / "worklog.txt").read_text()

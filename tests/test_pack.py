@@ -7,7 +7,16 @@ import math
 import pytest
 import torch
 
-from conftest import assert_same_run, fast_opts, interrupted_at_epoch, load_state, needs_cuda, needs_mdistiller
+from conftest import (
+    SMALL_BATCH,
+    SMALL_TRAIN,
+    assert_same_run,
+    fast_opts,
+    interrupted_at_epoch,
+    load_state,
+    needs_cuda,
+    needs_mdistiller,
+)
 
 pytestmark = needs_mdistiller
 
@@ -98,23 +107,23 @@ def one_epoch_seen(tmp_path_factory, small_cifar_npz, teacher_resnet56):
 
 
 def test_runs_that_share_a_seed_see_the_same_batches(one_epoch_seen):
-    """NormKD and KD (seed 0) get the very same image tensors each step; NormDKD (seed 1) others; all 208 used."""
+    """NormKD and KD (seed 0) get the very same image tensors each step; NormDKD (seed 1) others; all images used."""
     seen, _ = one_epoch_seen
     assert [len(step) for step in seen] == [3, 3, 3, 3]
     for step in seen:
         by = {kind: (image, target) for kind, image, target in step}
         assert by["NORMKD"][0] is by["KD"][0] and torch.equal(by["NORMKD"][1], by["KD"][1])
         assert not torch.equal(by["NORMKD"][0], by["NORMDKD"][0])
-    assert [len(step[0][2]) for step in seen] == [64, 64, 64, 16]  # the partial last batch is trained too
+    assert [len(step[0][2]) for step in seen] == [16, 16, 16, 8]  # the partial last batch is trained too
     for kind in ("KD", "NORMDKD"):
         labels = torch.cat([t for step in seen for k, _, t in step if k == kind])
-        assert labels.shape == (208,)  # every image once per epoch
+        assert labels.shape == (SMALL_TRAIN,)  # every image once per epoch
 
 
 def test_teacher_runs_once_per_step_on_the_distinct_batches(one_epoch_seen):
-    """One forward of the teacher network per step, on the two seed groups' batches together (128 images)."""
+    """One forward of the teacher network per step, on the two seed groups' batches together (2 x 16 images)."""
     _, sizes = one_epoch_seen
-    assert sizes == [128, 128, 128, 32]
+    assert sizes == [2 * SMALL_BATCH] * 3 + [16]
 
 
 @pytest.mark.parametrize(
@@ -318,7 +327,9 @@ def test_a_distillers_own_modules_start_as_on_the_base_path(tmp_path, small_cifa
     packed = {k: v for k, v in pack.runs[0].distiller.state_dict().items() if not k.startswith("teacher.")}
     seed_run(cfg, torch.device("cpu"))
     student, teacher = build_models(cfg, 100)
-    host = {k: v for k, v in build_distiller(cfg, student, teacher, 208).state_dict().items() if "teacher" not in k}
+    host = {
+        k: v for k, v in build_distiller(cfg, student, teacher, SMALL_TRAIN).state_dict().items() if "teacher" not in k
+    }
     assert any(k.startswith("conv_reg") for k in host) and packed.keys() == host.keys()
     for key in host:
         assert torch.equal(packed[key], host[key]), key

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import fast_opts, load_state, needs_mdistiller, spawn_and_wait
+from conftest import SMALL_BATCH, SMALL_TRAIN, SMALL_VAL, fast_opts, load_state, needs_mdistiller, spawn_and_wait
 
 pytestmark = needs_mdistiller
 CFG = "cifar100/normkd/res56_res20"
@@ -105,8 +105,8 @@ def _reference_steps(root, teacher, cfg):
     images, targets = data.epoch(torch.Generator().manual_seed(0))
     x, batches = data.normalize(images), []
     distiller.train()
-    for i in range(0, 208, 64):
-        j = min(i + 64, 208)
+    for i in range(0, SMALL_TRAIN, SMALL_BATCH):
+        j = min(i + SMALL_BATCH, SMALL_TRAIN)
         halves = [(i, i + (j - i) // 2), (i + (j - i) // 2, j)]
         batches.append([targets[a:b].tolist() for a, b in halves])
         opt.zero_grad()
@@ -139,17 +139,17 @@ def test_two_ranks_equal_the_half_batch_reference(small_cifar_npz, teacher_resne
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-6), (key, (a - b).abs().max().item())
     # each sample once per epoch across the ranks: rank r trained half r of every global batch
     assert [[ranks[0]["seen"][s], ranks[1]["seen"][s]] for s in range(4)] == batches
-    assert [len(s) for s in ranks[1]["seen"]] == [32, 32, 32, 8]
+    assert [len(s) for s in ranks[1]["seen"]] == [8, 8, 8, 4]
     # only rank 0 writes
     assert ranks[0]["writes"] and not ranks[1]["writes"] and ranks[0]["writer"] and not ranks[1]["writer"]
     # the all-reduced validation accuracy is the accuracy on the whole split
     record = load_state(prefix / name)["record"]
     correct, n = _count_correct(student, small_cifar_npz)
-    assert record["test_acc"] == pytest.approx(100.0 * correct / n, abs=1e-9) and n == 100
+    assert record["test_acc"] == pytest.approx(100.0 * correct / n, abs=1e-9) and n == SMALL_VAL
 
 
 def _global_batches(root, epoch):
-    """Written here, independently: the targets of each global batch of 64 in ``epoch`` of an uninterrupted seed-0
+    """Written here, independently: the targets of each global batch of SMALL_BATCH in ``epoch`` of an uninterrupted seed-0
     run (one generator, seeded with the run's seed, draws epoch after epoch; the world size does not enter)."""
     from mdistiller.dataset.cifar100 import get_cifar100_train_transform
 
@@ -160,7 +160,7 @@ def _global_batches(root, epoch):
     generator = torch.Generator().manual_seed(0)
     for _ in range(epoch):
         _, targets = data.epoch(generator)
-    return [targets[i : i + 64].tolist() for i in range(0, len(targets), 64)]
+    return [targets[i : i + SMALL_BATCH].tolist() for i in range(0, len(targets), SMALL_BATCH)]
 
 
 def _step_gradients(root, teacher, cfg, states, world, weighting):
@@ -186,8 +186,8 @@ def _step_gradients(root, teacher, cfg, states, world, weighting):
         data = TensorCifar(*load_cifar100(root, True), pipeline, torch.device("cpu"))
         images, targets = data.epoch(torch.Generator().manual_seed(0))  # the run's seed: its epoch 1
         x, grads = data.normalize(images), []
-        for i, state in zip(range(0, 208, 64), states):
-            j = min(i + 64, 208)
+        for i, state in zip(range(0, SMALL_TRAIN, SMALL_BATCH), states):
+            j = min(i + SMALL_BATCH, SMALL_TRAIN)
             student.load_state_dict(state)
             student.zero_grad(set_to_none=True)
             cuts = [i + (j - i) * r // world for r in range(world + 1)]
@@ -202,7 +202,7 @@ def _step_gradients(root, teacher, cfg, states, world, weighting):
 
 
 def test_three_ranks_weight_uneven_shares_by_their_size(tmp_path, small_cifar_npz, teacher_resnet56):
-    """3 processes, batches of 64 then 16: shares of 21/21/22 and 5/5/6 images. Each step's summed gradient is the
+    """3 processes, batches of 16 then 8: shares of 5/5/6 and 2/3/3 images. Each step's summed gradient is the
     gradient of the global batch mean (each share weighted by its size), not the mean of the shares' means.
 
     Gradients are compared step by step from the state each step started in: this training amplifies rounding
@@ -214,7 +214,7 @@ def test_three_ranks_weight_uneven_shares_by_their_size(tmp_path, small_cifar_np
     """
     ranks = _spawn(tmp_path, small_cifar_npz, teacher_resnet56, tmp_path / "o", world=3)
     cfg, _ = _cfg(small_cifar_npz, teacher_resnet56, tmp_path / "o")
-    assert [[len(t) for t in r["seen"]] for r in ranks] == [[21, 21, 21, 5], [21, 21, 21, 5], [22, 22, 22, 6]]
+    assert [[len(t) for t in r["seen"]] for r in ranks] == [[5, 5, 5, 2], [5, 5, 5, 3], [6, 6, 6, 3]]
     states, reduced = zip(*ranks[0]["steps"])
     for r in ranks[1:]:  # every rank started each step alike and stepped with the same gradient
         for (state, grad), (state0, grad0) in zip(r["steps"], ranks[0]["steps"]):

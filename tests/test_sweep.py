@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -371,29 +372,38 @@ def _text(path):
 
 @needs_mdistiller
 def test_two_sweeps_over_one_grid_share_the_work_and_both_exit_0(tmp_path, small_cifar_npz, teacher_resnet56):
-    # long enough that A is still training its first run when B looks at it, even on an idle machine
-    cmd = _sweep_cmd(small_cifar_npz, teacher_resnet56, tmp_path / "out", "0,1", 40)
-    first_run = (
-        tmp_path
-        / "out"
-        / "cifar100"
-        / (
-            "normkd,res56,res20,SOLVER.EPOCHS:40,SOLVER.FAST.ITERS_PER_EPOCH:1,SOLVER.LR_DECAY_STAGES:[2],"
-            "SOLVER.TRAINER:fast,seed:0"
+    """A holds run 0 (its trainer is stopped with SIGSTOP while B looks, so B must find it held whatever the
+    machine's speed): B skips it, trains run 1 and waits for A's; A, continued, finds run 1 finished."""
+    cmd = _sweep_cmd(small_cifar_npz, teacher_resnet56, tmp_path / "out", "0,1", 2)
+    folders = [
+        tmp_path / "out" / "cifar100" / (
+            "normkd,res56,res20,SOLVER.EPOCHS:2,SOLVER.FAST.ITERS_PER_EPOCH:1,SOLVER.LR_DECAY_STAGES:[2],"
+            f"SOLVER.TRAINER:fast,seed:{seed}"
         )
-    )
+        for seed in (0, 1)
+    ]  # fmt: skip
     a = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    b = held = None
     try:
-        _wait_for(lambda: sweep.lock_holder(str(first_run)) is not None, "the first run to start", a)
+        _wait_for(lambda: (sweep.lock_holder(str(folders[0])) or "").isdigit(), "the first run to start", a)
+        held = int(sweep.lock_holder(str(folders[0])))
+        os.kill(held, signal.SIGSTOP)
         b = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        out_b, err_b = b.communicate(timeout=600)
-        out_a, err_a = a.communicate(timeout=600)
+        _wait_for(lambda: sweep.is_finished(str(folders[1])), "B to finish run 1", b)
+        assert b.poll() is None  # B waits for the run A holds
+        os.kill(held, signal.SIGCONT)
+        out_b, err_b = b.communicate(timeout=300)
+        out_a, err_a = a.communicate(timeout=300)
     finally:
-        a.kill()
+        with contextlib.suppress(ProcessLookupError):
+            held is None or os.kill(held, signal.SIGCONT)
+        for proc in (a, b):
+            proc is None or proc.kill()
     assert (a.returncode, b.returncode) == (0, 0), (err_a[-2000:], err_b[-2000:])
     assert "[1/2] skip (running elsewhere, PID " in out_b  # the run A trains; B trained the other meanwhile
+    assert "[2/2] skip (finished)" in out_a
     assert "failed" not in err_a + err_b
-    for folder in first_run.parent.iterdir():
+    for folder in folders:
         assert (folder / "worklog.txt").read_text().count("best_acc") == 1
 
 
