@@ -1,4 +1,5 @@
-"""One rank of a test job: ``torchrun ... tests/ddp_worker.py --out DIR [--fixed-augment] [--fail R:E] [--nan R:E:S] -- ARGS``.
+"""One rank of a test job: ``torchrun ... tests/ddp_worker.py --out DIR [--fixed-augment] [--fail R:E] [--nan R:E:S] -- ARGS``,
+or the same ranks forked by :func:`forked_job`.
 
 Runs ``normkd_plugin.train.main(ARGS)`` (the normkd-train command line) with, for the tests:
 
@@ -9,12 +10,18 @@ Runs ``normkd_plugin.train.main(ARGS)`` (the normkd-train command line) with, fo
 * records per rank in ``DIR/rank<R>.pt``: the sample indices of every step, the metrics each rank's
   validation returned, and the distiller's final state;
 * each rank works in its own empty directory ``DIR/cwd<R>``, so relative paths show who wrote what.
+
+:func:`forked_job` is a launcher for the tests that do not test torchrun itself: it gives each rank
+torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT) in
+a process forked from the forkserver, which has imported torch and the engine already (torchrun
+starts a fresh interpreter per rank, ~5 s each on a busy 2-core machine).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -40,14 +47,14 @@ def nan_loss_at(epoch: int, step: int, on_step=None) -> None:
     NormKD.forward_train = forward_train
 
 
-def main() -> None:
+def main(args: list[str] | None = None) -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--out", required=True)
     p.add_argument("--fixed-augment", action="store_true")
     p.add_argument("--fail", default="")
     p.add_argument("--nan", default="")
     p.add_argument("args", nargs=argparse.REMAINDER)
-    a = p.parse_args()
+    a = p.parse_args(args)
     argv = a.args[1:] if a.args[:1] == ["--"] else a.args
     rank = int(os.environ.get("RANK", "0"))
     out = Path(a.out).resolve()
@@ -96,6 +103,53 @@ def main() -> None:
 
     LoaderSource.train_batch, Pack.validate, Pack.train = train_batch, validate, train_all
     train.main(argv)
+
+
+def _forked_rank(rank: int, world: int, port: int, out: str, args: list[str]) -> None:
+    """One rank of :func:`forked_job`: torchrun's environment, stdout and stderr to files, then :func:`main`."""
+    os.environ.update(
+        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1",
+    )  # fmt: skip
+    import torch
+
+    torch.set_num_threads(1)
+    for fd, name in ((1, "stdout"), (2, "stderr")):
+        with open(Path(out) / f"rank{rank}.{name}", "w") as f:
+            os.dup2(f.fileno(), fd)
+    main(args)  # its SystemExit code is the process's exit code
+
+
+def forked_job(world: int, out: Path, args: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run ``main(args)`` as ``world`` ranks; the job's exit code (the first failing rank's, else 0) and the ranks'
+    stdout and stderr joined. Once a rank fails, the others get 5 s to end on their own, then are killed (as
+    torchrun stops a job); a job past ``timeout`` fails the test."""
+    import multiprocessing
+    import socket
+    import time
+
+    out.mkdir(parents=True, exist_ok=True)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = multiprocessing.get_context("forkserver")
+    procs = [ctx.Process(target=_forked_rank, args=(r, world, port, str(out), args)) for r in range(world)]
+    for proc in procs:
+        proc.start()
+    deadline, failed_at = time.monotonic() + timeout, None
+    while any(proc.is_alive() for proc in procs):
+        now = time.monotonic()
+        if failed_at is None and any(proc.exitcode for proc in procs):
+            failed_at = now
+        if now > deadline or (failed_at is not None and now > failed_at + 5):
+            for proc in procs:
+                proc.kill()
+            assert now <= deadline, "the ranks hung"
+        time.sleep(0.05)
+    codes = [proc.exitcode for proc in procs]
+    code = next((c for c in codes if c), 0)
+    text = {name: "".join((out / f"rank{r}.{name}").read_text() for r in range(world)) for name in ("stdout", "stderr")}
+    return subprocess.CompletedProcess(args, code, text["stdout"], text["stderr"])
 
 
 if __name__ == "__main__":

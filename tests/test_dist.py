@@ -122,12 +122,18 @@ def _opts(root, teacher, prefix, epochs=2, *extra):
     ]  # fmt: skip
 
 
-def _job(nproc, out, opts, *worker_flags, torchrun=True):
+def _job(nproc, out, opts, *worker_flags, launcher="fork"):
+    """``nproc`` ranks of ddp_worker.py: forked with torchrun's environment ("fork"), under the real torchrun
+    ("torchrun"), or one plain process ("none")."""
+    if launcher == "fork":
+        from ddp_worker import forked_job
+
+        return forked_job(nproc, out, ["--out", str(out), *worker_flags, "--", *opts])
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    launcher = [sys.executable]
-    if torchrun:
-        launcher += ["-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--standalone"]
-    cmd = [*launcher, str(WORKER), "--out", str(out), *worker_flags, "--", *opts]
+    prefix = [sys.executable]
+    if launcher == "torchrun":
+        prefix += ["-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--standalone"]
+    cmd = [*prefix, str(WORKER), "--out", str(out), *worker_flags, "--", *opts]
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
 
 
@@ -312,7 +318,7 @@ def _root_cause(stderr: str) -> str:
 def test_failing_rank_ends_the_job_and_the_run_resumes_on_one_rank(npz_root, teacher_resnet56, tmp_path, reference):
     prefix = tmp_path / "runs"
     opts = _opts(npz_root, teacher_resnet56, prefix)
-    proc = _job(2, tmp_path / "a", opts, "--fixed-augment", "--fail", "1:2")
+    proc = _job(2, tmp_path / "a", opts, "--fixed-augment", "--fail", "1:2", launcher="torchrun")
     assert proc.returncode != 0
     root = _root_cause(proc.stderr)
     assert re.search(r"rank\s*: 1 \(local_rank: 1\)", root) and "injected failure on rank 1 in epoch 2" in root
@@ -326,7 +332,7 @@ def test_failing_rank_ends_the_job_and_the_run_resumes_on_one_rank(npz_root, tea
     assert not list(folder.glob(".*.tmp")) and list((tmp_path / "a" / "cwd1").iterdir()) == []
 
     # the 2-rank state resumes in one process without torchrun; epoch 2 is then a one-rank epoch
-    proc = _job(1, tmp_path / "b", ["--resume", *opts], "--fixed-augment", torchrun=False)
+    proc = _job(1, tmp_path / "b", ["--resume", *opts], "--fixed-augment", launcher="none")
     _ok(proc)
     final = torch.load(tmp_path / "b" / "rank0.pt", weights_only=False)
     assert final["world"] == 1 and list(final["batches"]) == [2]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import re
 import signal
@@ -239,6 +240,14 @@ CHILD = textwrap.dedent("""
 """)
 
 
+def _killable(point: str, marker: str, argv: list[str], threads: int) -> None:
+    """CHILD in a process forked by the forkserver, which has imported torch (so it starts in a fraction of a
+    second), on the test's number of threads (the same float rounding as the reference)."""
+    torch.set_num_threads(threads)
+    sys.argv = ["child", point, marker, *argv]
+    exec(CHILD, {"__name__": "__child__"})
+
+
 @pytest.fixture(scope="module")
 def reference_run(tmp_path_factory, small_cifar_npz, teacher_resnet56):
     from normkd_plugin import train
@@ -262,14 +271,22 @@ def test_sigkill_at_any_moment_then_resume_is_bitwise_the_uninterrupted_run(
 
     argv = _argv(small_cifar_npz, teacher_resnet56, tmp_path)
     marker = tmp_path / "marker"
-    with subprocess.Popen([sys.executable, "-c", CHILD, point, str(marker), *argv], stderr=subprocess.PIPE) as child:
+    child = multiprocessing.get_context("forkserver").Process(
+        target=_killable, args=(point, str(marker), argv, torch.get_num_threads())
+    )
+    child.start()
+    try:
         deadline = time.monotonic() + 300
         while not marker.exists():
-            assert child.poll() is None, child.stderr.read().decode()[-3000:]
+            assert child.exitcode is None, (
+                f"the child exited ({child.exitcode}) before the kill point (its stderr above)"
+            )
             assert time.monotonic() < deadline, "the child never reached the kill point"
             time.sleep(0.05)
-        child.send_signal(signal.SIGKILL)
-        child.wait()
+    finally:
+        child.kill()  # SIGKILL
+        child.join()
+    assert child.exitcode == -signal.SIGKILL
     (folder,) = list((tmp_path / "cifar100").iterdir())
     assert folder.name == reference_run.name
     if point == "mid-write":

@@ -234,6 +234,15 @@ def load_model_state(distiller: nn.Module, state: dict[str, Tensor], source: str
         )
 
 
+def _close_writer(run: PackRun) -> None:
+    """Close the run's tensorboard writer (its thread ends); a failure is a warning, never the job's error."""
+    if run.writer is not None:
+        try:
+            run.writer.close()
+        except OSError as exc:
+            log.warning("%s: tensorboard events not closed: %s", run.name, exc)
+
+
 class Pack:
     """Train the runs of a pack together; each writes its own run folder as a solo run does."""
 
@@ -630,7 +639,9 @@ class Pack:
             self._unfuse()
             self.progress.close()
             self.progress = QUIET
+            self.source.close()
             for run in self.runs:
+                _close_writer(run)
                 run.folder.unlock()
         left = [r for r in self.runs if r.status == "active"]
         unfinished = None
