@@ -67,14 +67,14 @@ def test_packs_refuse_what_their_source_cannot_feed(monkeypatch):
 # -- ImageNet-format packs ------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def jpeg_root(tmp_path_factory, cifar_test_arrays):
-    """root/{train,val}/<class>/*.JPEG: real CIFAR-100 images upscaled to 64-120 px, 2 classes x 4 train, x 1 val."""
+    """root/{train,val}/<class>/*.JPEG: real CIFAR-100 images upscaled to 64-120 px, 2 classes x 2 train, x 1 val."""
     from PIL import Image
 
     images, _ = cifar_test_arrays
     rng = np.random.default_rng(1)
     root = tmp_path_factory.mktemp("loader_jpeg")
     k = 0
-    for split, per_class in (("train", 4), ("val", 1)):
+    for split, per_class in (("train", 2), ("val", 1)):
         for c in ("n01", "n02"):
             (root / split / c).mkdir(parents=True)
             for i in range(per_class):
@@ -100,7 +100,7 @@ def teacher_r34(tmp_path_factory):
 def _opts(root, teacher, prefix, decode: str, *extra) -> list[str]:
     return [
         "--device", "cpu", "SOLVER.TRAINER", "ddp", "DATASET.DECODE", decode, "DATASET.ROOT", str(root),
-        "DATASET.NUM_WORKERS", "0", "DATASET.TEST.BATCH_SIZE", "2", "SOLVER.BATCH_SIZE", "4",
+        "DATASET.NUM_WORKERS", "0", "DATASET.TEST.BATCH_SIZE", "2", "SOLVER.BATCH_SIZE", "2",
         "SOLVER.EPOCHS", "2", "SOLVER.LR_DECAY_STAGES", "[1]", "SOLVER.LR", "0.01",
         "DISTILLER.TEACHER_CKPT", str(teacher), "LOG.PREFIX", str(prefix), *extra,
     ]  # fmt: skip
@@ -164,7 +164,7 @@ def test_loader_pack_of_one_seed_equals_its_solo_runs_and_decodes_and_teaches_on
         assert_same_run(pack[name], solo[name])
     # 2 epochs x 2 steps: one teacher forward per step on the one seed group's batch, each image decoded once
     assert count.teacher == [1] * 4
-    assert count.decoded == 2 * 8 + 2 * 2  # training images per epoch, plus the validation split each epoch
+    assert count.decoded == 2 * 4 + 2 * 2  # training images per epoch, plus the validation split each epoch
 
 
 def test_loader_pack_of_two_seeds_equals_its_solo_runs(jpeg_root, teacher_r34, tmp_path):
@@ -222,8 +222,8 @@ def test_loader_pack_under_two_gloo_processes_equals_its_solo_run(jpeg_root, tea
     assert_same_run(pack[name], solo[name])
     ranks = [torch.load(tmp_path / "pack" / f"rank{r}.pt", weights_only=False) for r in range(2)]
     assert [(r["rank"], r["world"]) for r in ranks] == [(0, 2), (1, 2)]
-    # each rank read its strided half of every global batch: 2 images of 4, all 8 once per epoch
+    # each rank read its strided half of every global batch: 1 image of 2, all 4 once per epoch
     for epoch in (1, 2):
         steps = [r["batches"][epoch] for r in ranks]
-        assert [len(s) for s in steps] == [2, 2] and all(len(b) == 2 for s in steps for b in s)
-        assert sorted(i for s in steps for b in s for i in b) == list(range(8))
+        assert [len(s) for s in steps] == [2, 2] and all(len(b) == 1 for s in steps for b in s)
+        assert sorted(i for s in steps for b in s for i in b) == list(range(4))
