@@ -634,6 +634,32 @@ def _stopped_in_epoch_2_then_resumed(monkeypatch, opts: list[str], folder) -> No
     _main(opts, "--resume")
 
 
+def test_a_pack_that_ends_stops_its_loader_workers_and_closes_its_writers(npz_root, teacher_resnet56, tmp_path):
+    """Persistent workers and tensorboard writers end with the pack, not when the garbage collector finds them
+    (a loader collected in a reference cycle loses its queues first, and then waits 5 s for each worker)."""
+    from normkd_plugin.fast.pack import Pack
+    from normkd_plugin.fast.source import LoaderSource
+
+    seen: dict = {"workers": []}
+    real_train, real_close = Pack.train, LoaderSource.close
+
+    def train(self, *args, **kwargs):
+        seen["pack"] = self
+        return real_train(self, *args, **kwargs)
+
+    def close(self):
+        for loader in (self.train_loader, self.val_loader):
+            seen["workers"] += list(getattr(loader._iterator, "_workers", []))
+        real_close(self)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Pack, "train", train)
+        mp.setattr(LoaderSource, "close", close)
+        _main(_opts(npz_root, teacher_resnet56, tmp_path, 1, "DATASET.NUM_WORKERS", "2"))
+    assert len(seen["workers"]) == 4 and not any(w.is_alive() for w in seen["workers"])  # 2 per loader
+    assert all(run.writer.all_writers is None for run in seen["pack"].runs)  # tensorboardX's closed state
+
+
 @pytest.fixture(scope="module")
 def jpeg_root(tmp_path_factory, cifar_test_arrays):
     """An ImageFolder DATASET.ROOT of real CIFAR-100 images upscaled to 64-96 px: 2 classes x 3 train, x 1 val."""
