@@ -81,7 +81,7 @@ def teacher_resnet56():
 
 
 # The small split of the training tests: three full batches of SMALL_BATCH and a smaller last one
-# (8 images: 4 per rank on 2 ranks, 3/3/2 on 3), so every kind of step is trained at a small cost.
+# (8 images: 4 per rank on 2 ranks, 2/3/3 on 3), so every kind of step is trained at a small cost.
 SMALL_TRAIN, SMALL_BATCH, SMALL_VAL = 56, 16, 25
 
 

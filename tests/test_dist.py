@@ -20,13 +20,13 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import needs_mdistiller
+from conftest import SMALL_BATCH, SMALL_TRAIN, needs_mdistiller
 
 pytestmark = needs_mdistiller
 
 WORKER = Path(__file__).resolve().parent / "ddp_worker.py"
 SEED = 3
-N_TRAIN, BATCH = 56, 16  # steps of 16, 16, 16, 8 images
+N_TRAIN, BATCH = SMALL_TRAIN, SMALL_BATCH  # steps of 16, 16, 16, 8 images
 N_VAL = 25  # odd: a padded split over 2 ranks would count one image twice
 
 

@@ -395,10 +395,12 @@ def test_two_sweeps_over_one_grid_share_the_work_and_both_exit_0(tmp_path, small
         out_b, err_b = b.communicate(timeout=300)
         out_a, err_a = a.communicate(timeout=300)
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            held is None or os.kill(held, signal.SIGCONT)
+        if held is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(held, signal.SIGCONT)
         for proc in (a, b):
-            proc is None or proc.kill()
+            if proc is not None:
+                proc.kill()
     assert (a.returncode, b.returncode) == (0, 0), (err_a[-2000:], err_b[-2000:])
     assert "[1/2] skip (running elsewhere, PID " in out_b  # the run A trains; B trained the other meanwhile
     assert "[2/2] skip (finished)" in out_a
