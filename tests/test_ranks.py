@@ -20,8 +20,14 @@ def _cfg(root, teacher, prefix, epochs=1, name=CFG, seed=0, extra=()):
     return cfg, run_name(cfg, opts)
 
 
-def _worker(rank, world, root, teacher, prefix, out, epochs, stop_at, fail_rank, names=(CFG,), seed=0, extra=()):
-    """One torchrun-like process: init gloo, build and train the pack, record what it saw and wrote."""
+def _worker(
+    rank, world, root, teacher, prefix, out, epochs, stop_at, fail_rank, names=(CFG,), seed=0, extra=(), slow=0.0
+):
+    """One torchrun-like process: init gloo, build and train the pack, record what it saw and wrote.
+
+    ``slow``: rank 0 waits this many seconds before it writes a run's end (the other ranks are ahead)."""
+    import time
+
     import torch.distributed as dist
 
     from normkd_plugin import runs
@@ -50,6 +56,9 @@ def _worker(rank, world, root, teacher, prefix, out, epochs, stop_at, fail_rank,
         real_epoch(self, runs_, epoch)
 
     Pack._step, Pack.train_epoch = step, train_epoch
+    if rank == 0 and slow:
+        real_finish = runs.RunFolder.finish
+        runs.RunFolder.finish = lambda self, best: (time.sleep(slow), real_finish(self, best))
     for name in ("write_bytes", "_append", "write_text"):
         real = getattr(runs.RunFolder, name)
         setattr(runs.RunFolder, name, lambda self, *a, _real=real, _name=name: (writes.append(_name), _real(self, *a)))
@@ -68,11 +77,26 @@ def _worker(rank, world, root, teacher, prefix, out, epochs, stop_at, fail_rank,
         dist.destroy_process_group()
 
 
-def _spawn(tmp_path, root, teacher, prefix, world=2, epochs=1, stop_at=0, fail_rank=-1, names=(CFG,), seed=0, extra=()):
+def _spawn(
+    tmp_path,
+    root,
+    teacher,
+    prefix,
+    world=2,
+    epochs=1,
+    stop_at=0,
+    fail_rank=-1,
+    names=(CFG,),
+    seed=0,
+    extra=(),
+    slow=0.0,
+):
     """Start ``world`` processes of _worker and wait (at most 5 minutes: a hang fails the test)."""
     out = tmp_path / f"out-{world}-{epochs}-{stop_at}-{len(list(tmp_path.glob('out-*')))}"
     out.mkdir()
-    spawn_and_wait(_worker, (world, root, teacher, prefix, out, epochs, stop_at, fail_rank, names, seed, extra), world)
+    spawn_and_wait(
+        _worker, (world, root, teacher, prefix, out, epochs, stop_at, fail_rank, names, seed, extra, slow), world
+    )
     return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(world)]
 
 
@@ -302,7 +326,8 @@ def test_torchrun_trains_a_pack_like_the_two_process_harness(tmp_path, small_cif
 
 def test_a_run_that_refuses_to_resume_fails_alone_on_every_rank(tmp_path, small_cifar_npz, teacher_resnet56):
     """A pack of KD and NormKD on 2 ranks, stopped after epoch 1; KD's config.yaml then says another LR. The
-    resume must not hang: KD fails on both ranks, NormKD finishes."""
+    resume must not hang: KD fails on both ranks, NormKD finishes. Rank 0 is made slow to write NormKD's end: a
+    rank that raised while rank 0 still wrote would have torchrun (here: the spawner) stop rank 0 mid-write."""
     from torch.multiprocessing import ProcessRaisedException
 
     names, prefix = ("cifar100/kd/res56_res20", CFG), tmp_path / "o"
@@ -311,7 +336,7 @@ def test_a_run_that_refuses_to_resume_fails_alone_on_every_rank(tmp_path, small_
     config = prefix / kd_name / "config.yaml"
     config.write_text(config.read_text().replace("LR: 0.05", "LR: 0.1"))
     with pytest.raises(ProcessRaisedException, match="started with another config"):
-        _spawn(tmp_path, small_cifar_npz, teacher_resnet56, prefix, epochs=2, names=names)
+        _spawn(tmp_path, small_cifar_npz, teacher_resnet56, prefix, epochs=2, names=names, slow=3.0)
     assert (prefix / nk_name / "worklog.txt").read_text().rstrip().splitlines()[-1].startswith("best_acc\t")
     assert load_state(prefix / kd_name)["epoch"] == 1
 

@@ -643,6 +643,8 @@ class Pack:
             for run in self.runs:
                 _close_writer(run)
                 run.folder.unlock()
+        # torchrun stops every rank once one exits with an error: none raises before rank 0 has written all ends.
+        self.ranks.wait_for_all(self.device)
         left = [r for r in self.runs if r.status == "active"]
         unfinished = None
         if stopped and left:

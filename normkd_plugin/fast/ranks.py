@@ -68,6 +68,11 @@ class Ranks:
             steps.copy_(torch.where(steps == big, -1, steps))
         return steps
 
+    def wait_for_all(self, device: torch.device) -> None:
+        """Return once every rank has called this (no-op on one rank)."""
+        if self.world > 1:
+            dist.all_reduce(torch.zeros(1, device=device))
+
     def same_int(self, value: int, device: torch.device) -> int:
         """Rank 0's ``value`` on every rank."""
         if self.world == 1:
