@@ -69,9 +69,8 @@ class Ranks:
         return steps
 
     def wait_for_all(self, device: torch.device) -> None:
-        """Return once every rank has called this (no-op on one rank)."""
-        if self.world > 1:
-            dist.all_reduce(torch.zeros(1, device=device))
+        """Return once every rank has called this: a sum of one zero over the ranks (no-op on one rank)."""
+        self.sum_(torch.zeros(1, device=device))
 
     def same_int(self, value: int, device: torch.device) -> int:
         """Rank 0's ``value`` on every rank."""
