@@ -40,6 +40,7 @@ setup(
             "normkd-sweep = normkd_plugin.sweep:main",
             "normkd-leaderboard = normkd_plugin.leaderboard.cli:main",
             "normkd-teachers = normkd_plugin.teachers:main",
+            "normkd-temperatures = normkd_plugin.temperatures:main",
         ],
     },
 )
