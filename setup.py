@@ -15,7 +15,7 @@ setup(
     package_dir={"normkd_plugin.configs": "configs"},
     package_data={
         "normkd_plugin.configs": ["cifar100/*/*.yaml", "imagenet/*/*.yaml"],
-        "normkd_plugin.leaderboard": ["*.csv"],
+        "normkd_plugin.leaderboard": ["*.csv", "field/*.csv"],
     },
     install_requires=["torch", "torchvision", "yacs", "tensorboardX", "tqdm", "scipy", "numpy", "pyyaml"],
     extras_require={
