@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import csv
 import difflib
+import functools
 import importlib.resources
 from dataclasses import dataclass, field
 
@@ -87,8 +88,10 @@ def _parse(name: str, lineno: int, raw: dict) -> Entry:
     return Entry(**{**raw, "top1": top1, "epochs": epochs})
 
 
-def entries() -> list[Entry]:
-    """Every row of the packaged field files; FieldError for a malformed row or a (dataset, pair, method) twice."""
+@functools.cache
+def entries() -> tuple[Entry, ...]:
+    """Every row of the packaged field files (read once); FieldError for a malformed row or a (dataset, pair, method)
+    twice."""
     folder = importlib.resources.files("normkd_plugin.leaderboard").joinpath("field")
     out, seen = [], {}
     for res in sorted(folder.iterdir(), key=lambda r: r.name):
@@ -101,7 +104,7 @@ def entries() -> list[Entry]:
                 raise FieldError(f"field/{res.name}, line {lineno}: {'/'.join(key)} is already in {seen[key]}")
             seen[key] = f"field/{res.name}"
             out.append(entry)
-    return out
+    return tuple(out)
 
 
 def field_of(dataset: str, pair: str) -> list[Entry]:
