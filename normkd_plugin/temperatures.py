@@ -335,15 +335,19 @@ def figure(pair: Pair, split: str, sigmas: dict[str, Tensor], normkd_w: Tensor, 
     left.set_ylabel("images")
     top = left.secondary_xaxis("top", functions=(lambda x: s.t_norm * x, lambda t: t / s.t_norm))
     top.set_xlabel(rf"$T_n = {s.t_norm:g}\,\sigma_n$")
-    left.legend(fontsize=8)
+    left.set_ylim(top=left.get_ylim()[1] * 1.25)  # room for the legend above the bars
+    left.legend(fontsize=8, loc="upper right")
     q = summarize(normkd_w)
     right.hist(normkd_w.numpy(), bins=60, color="tab:blue", alpha=0.6, label=rf"NormKD ${s.normkd_weight:g}\,T_n^2$")
     right.axvline(q.mean, color="tab:blue", linewidth=1.2, label=f"NormKD mean {q.mean:.1f}")
     right.axvline(kd_w, color="black", linestyle="--", label=f"KD {s.kd_weight:g}·{s.kd_temperature:g}² = {kd_w:.1f}")
     right.axvline(ls_w, color="tab:red", linestyle="--", label=f"KD+LS {s.ls_weight:g}·{s.ls_tau:g}² = {ls_w:.1f}")
     right.set_xlabel("KL weight of a sample (loss weight × temperature²)")
-    right.legend(fontsize=8)
-    fig.suptitle(f"{pair.dataset} {pair.stem}: {', '.join(sigmas)} on the {split} split ({len(normkd_w)} images)")
+    right.set_ylim(top=right.get_ylim()[1] * 1.25)
+    right.legend(fontsize=8, loc="upper right")
+    fig.suptitle(
+        f"{pair.dataset} {pair.teacher} → {pair.student}: {', '.join(sigmas)} on the {split} split ({len(normkd_w)} images)"
+    )
     fig.tight_layout()
     return fig
 
@@ -368,22 +372,21 @@ def _run(args, prog: str) -> None:
     s = pair_settings(pair, t_norm=cfg.NORMKD.TEMPERATURE_NORM, normkd_weight=cfg.NORMKD.LOSS.KD_WEIGHT)
 
     from mdistiller.dataset.cifar100 import get_cifar100_test_transform
+    from mdistiller.models import cifar_model_dict
 
     from .build import build_teacher
     from .checkpoints import teacher_checkpoint_path
     from .fast.augment import TensorCifar, host_pipeline
 
     classes = 100
-    teacher = build_teacher(cfg, classes).to(device)
+    teacher = build_teacher(cfg, classes).to(device)  # the same loading (and errors) as normkd-train's
     student = _student(cfg, args.student_ckpt, classes).to(device) if args.student_ckpt else None
-    from mdistiller.models import cifar_model_dict
-
-    root = cfg.DATASET.ROOT or host_data_folder()
-    images, labels = load_cifar100(root, args.split == "train")
+    ckpt = teacher_checkpoint_path(cfg, cifar_model_dict[cfg.DISTILLER.TEACHER][1])
+    images, labels = load_cifar100(cfg.DATASET.ROOT or host_data_folder(), args.split == "train")
+    # ToTensor + Normalize of the host's test transform, on whole batches (uint8 split kept on the CPU)
     split = TensorCifar(images, labels, host_pipeline(get_cifar100_test_transform()), torch.device("cpu"))
     labels = split.targets
     models, sigmas = [], {}
-    ckpt = teacher_checkpoint_path(cfg, cifar_model_dict[cfg.DISTILLER.TEACHER][1])
     for name, net, path in (("teacher", teacher, ckpt), ("student", student, args.student_ckpt)):
         if net is None:
             continue

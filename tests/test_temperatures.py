@@ -150,14 +150,14 @@ def tiny_split(tmp_path_factory):
 
 
 def _host_logits(model, images) -> np.ndarray:
-    """Logits with the host's own test transform (PIL, ToTensor, Normalize), one image at a time."""
+    """Logits of images each put through the host's own test transform (PIL, ToTensor, Normalize)."""
     from mdistiller.dataset.cifar100 import get_cifar100_test_transform
     from PIL import Image
 
     tf = get_cifar100_test_transform()
     model.eval()
     with torch.no_grad():
-        return np.concatenate([model(tf(Image.fromarray(im))[None])[0].numpy() for im in images])
+        return model(torch.stack([tf(Image.fromarray(im)) for im in images]))[0].numpy()
 
 
 @needs_mdistiller
@@ -171,8 +171,8 @@ def test_command_reports_the_models_sigma_on_the_split(capsys, tiny_split, tmp_p
     assert code == 0, err
     got = json.loads((tmp_path / "t.json").read_text())
     t_norm = got["settings"]["t_norm"]
-    for model, net in zip(got["models"], (teacher, student)):
-        z = _host_logits(net, images)
+    host = [_host_logits(net, images) for net in (teacher, student)]
+    for model, z in zip(got["models"], host):
         ref = _reference(z)
         assert model["sigma"]["mean"] == pytest.approx(ref["mean"], rel=1e-5)
         assert model["sigma"]["std"] == pytest.approx(ref["std"], rel=1e-4)
@@ -183,7 +183,7 @@ def test_command_reports_the_models_sigma_on_the_split(capsys, tiny_split, tmp_p
         zero = [c for c in range(100) if c not in set(labels.tolist())]
         assert all(model["class_sigma"][c] is None for c in zero) and model["class_sigma"][int(labels[0])] is not None
     weight = got["kl_weight"]["normkd"]
-    teacher_ref = _reference(_host_logits(teacher, images))
+    teacher_ref = _reference(host[0])
     mean_sq = sum(x * x for x in teacher_ref["sigma"]) / len(teacher_ref["sigma"])
     assert weight["mean"] == pytest.approx(got["settings"]["normkd_weight"] * t_norm**2 * mean_sq, rel=1e-5)
     assert got["kl_weight"]["kd"] == 0.9 * 4**2
