@@ -15,7 +15,7 @@ setup(
     package_dir={"normkd_plugin.configs": "configs"},
     package_data={
         "normkd_plugin.configs": ["cifar100/*/*.yaml", "imagenet/*/*.yaml"],
-        "normkd_plugin.leaderboard": ["*.csv"],
+        "normkd_plugin.leaderboard": ["*.csv", "field/*.csv"],
     },
     install_requires=["torch", "torchvision", "yacs", "tensorboardX", "tqdm", "scipy", "numpy", "pyyaml"],
     extras_require={
@@ -40,6 +40,7 @@ setup(
             "normkd-sweep = normkd_plugin.sweep:main",
             "normkd-leaderboard = normkd_plugin.leaderboard.cli:main",
             "normkd-teachers = normkd_plugin.teachers:main",
+            "normkd-temperatures = normkd_plugin.temperatures:main",
         ],
     },
 )

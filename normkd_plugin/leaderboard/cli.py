@@ -2,6 +2,8 @@
 
     normkd-leaderboard output/ [--format md|csv|json] [--plot bars.png] [--curves curves.png]
     normkd-leaderboard output/ --check thresholds.yaml     # exit 1 on a regression
+    normkd-leaderboard output/ --field [--field-of res56_res20,res32x4_res8x4]   # among the published field
+    normkd-leaderboard output/ --format latex > table.tex  # booktabs: your rows and the published field
 
 A PATH that does not exist, a malformed thresholds file, or --curves with no run to draw (a
 --select that matches none) is an error (exit 2, nothing written); a PATH that holds no run is
@@ -37,6 +39,7 @@ rows for it, else with the host's; name one to choose, e.g. "normkd (fast)>kd (b
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import re
 import sys
@@ -46,7 +49,8 @@ import yaml
 
 from .._cli import quiet_pipe
 from ..errors import UserError
-from .render import markdown, plot_bars, plot_curves, to_csv, to_json
+from .field import FieldError, tables
+from .render import field_json, field_markdown, latex, markdown, plot_bars, plot_curves, to_csv, to_json
 from .runs import discover_runs
 from .table import Row, aggregate, baseline_row, compare_rows
 
@@ -191,7 +195,11 @@ def main(argv: list[str] | None = None) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     ap.add_argument("paths", nargs="+", help="output folders (LOG.PREFIX) or run folders")
-    ap.add_argument("--format", choices=("md", "csv", "json"), default="md")
+    ap.add_argument("--format", choices=("md", "csv", "json", "latex"), default="md")
+    ap.add_argument(
+        "--field", action="store_true", help="md/json: each pair's published field with your runs ranked in it"
+    )
+    ap.add_argument("--field-of", default="", metavar="PAIRS", help="also the field of these pairs (comma-separated)")
     ap.add_argument("--plot", metavar="FILE.png", help="grouped bar chart of mean best top-1")
     ap.add_argument("--curves", metavar="FILE.png", help="test top-1 per epoch of the selected runs")
     ap.add_argument("--select", default="", help="only runs whose folder path contains this text (for --curves)")
@@ -206,6 +214,14 @@ def main(argv: list[str] | None = None) -> None:
     except ThresholdsError as exc:
         print(f"normkd-leaderboard: {exc}", file=sys.stderr)
         sys.exit(2)
+    field_names = [n.strip() for n in args.field_of.split(",") if n.strip()]
+    want_field = args.field or bool(field_names) or args.format == "latex"
+    if want_field and args.format == "csv":
+        print(
+            "normkd-leaderboard: --field goes with --format md, json or latex (csv holds the runs' rows)",
+            file=sys.stderr,
+        )
+        sys.exit(2)
     runs, problems = discover_runs(args.paths)
     selected = [r for r in runs if args.select in str(r.path)]
     if args.curves and not selected:
@@ -218,13 +234,23 @@ def main(argv: list[str] | None = None) -> None:
     for path, why in problems:
         log.warning("skipped %s: %s", path, why)
     rows = aggregate(runs)
+    try:
+        field = tables(rows, field_names) if want_field else []
+    except FieldError as exc:
+        print(f"normkd-leaderboard: {exc}", file=sys.stderr)
+        sys.exit(2)
     with quiet_pipe():
         if args.format == "md":
-            sys.stdout.write(markdown(rows, problems))
+            sys.stdout.write(markdown(rows, problems) + field_markdown(field))
         elif args.format == "csv":
             sys.stdout.write(to_csv(rows))
+        elif args.format == "latex":
+            sys.stdout.write(latex(rows, field))
         else:
-            sys.stdout.write(to_json(rows, problems) + "\n")
+            text = to_json(rows, problems)
+            if want_field:
+                text = json.dumps({**json.loads(text), "field": field_json(field)}, indent=2)
+            sys.stdout.write(text + "\n")
     if args.plot:
         plot_bars(rows, args.plot)
     if args.curves:

@@ -6,6 +6,7 @@ import csv
 import io
 import json
 
+from .field import Placed, Table, display_name, placed_row, protocol_of
 from .runs import Run
 from .stats import Diff
 from .table import Row, _published_schedule, groups, method_label, published, split_duplicates
@@ -19,6 +20,10 @@ __all__ = [
     "plot_bars",
     "curves_figure",
     "plot_curves",
+    "field_markdown",
+    "field_json",
+    "latex",
+    "tex",
 ]
 
 
@@ -276,3 +281,116 @@ def plot_curves(runs: list[Run], path: str) -> list[str]:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return labels
+
+
+# ---- the published field and LaTeX ----------------------------------------------------------------------------
+
+
+def _field_header(t: Table) -> str:
+    yours = any(line.yours for line in t.lines)
+    basis = f"rows of {t.protocol.text()} with standard augmentation" if t.protocol.epochs else "rows of one protocol"
+    who = f"your runs: {t.protocol.text()}" if yours else "no runs of yours on this pair"
+    return f"Published field, {t.dataset}/{t.pair} ({who}; rank: best-epoch top-1 among the {basis}):"
+
+
+def field_markdown(tables: list[Table]) -> str:
+    """Each pair's published field with the user's rows placed in it: rank (or – with what differs named),
+    best and last-epoch top-1, runs and protocol, source; then the sources in full."""
+    lines: list[str] = []
+    for t in tables:
+        lines += [
+            "",
+            _field_header(t),
+            "",
+            "| rank | method | best top-1 | last-epoch top-1 | runs | epochs | augmentation | source | unlike your runs |",
+            "|---:|---|---:|---:|---|---:|---|---|---|",
+        ]
+        for p in t.lines:
+            label = f"**{p.label}**" if p.yours else p.label
+            lines.append(
+                f"| {p.rank or '–'} | {label} | {_pm(p.best, p.best_std)} | {_pm(p.last, p.last_std)} | "
+                f"{p.runs or 'not stated'} | {p.epochs or '–'} | {p.augmentation} | {p.source_name} | "
+                f"{'; '.join(p.differs)} |"
+            )
+        lines += ["", "Sources: " + "; ".join(t.sources) + "."]
+    return "\n".join(lines) + ("\n" if lines else "")
+
+
+_TEX = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{",
+        "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}  # fmt: skip
+
+
+def tex(text: str) -> str:
+    """``text`` with LaTeX's special characters escaped."""
+    return "".join(_TEX.get(c, c) for c in str(text))
+
+
+def _tex_pm(mean: float | None, std: float | None) -> str:
+    if mean is None:
+        return "--"
+    return f"{mean:.2f}" if std is None else f"${mean:.2f} \\pm {std:.2f}$"
+
+
+def latex(rows: list[Row], tables: list[Table]) -> str:
+    """A booktabs tabular: per pair, the user's rows (mean ± sample std over seeds of best and last-epoch top-1)
+    and the published field (best top-1, marked by a source letter; † strong augmentation, * best or last
+    epoch not stated), then a legend of the sources. Needs ``\\usepackage{booktabs}``."""
+    blocks: list[tuple[str, list[Placed]]] = [(_title(t.dataset, t.teacher, t.student), t.lines) for t in tables]
+    alone: dict[str, list[Placed]] = {}  # pairs without a published field: the user's rows alone
+    for r in rows:
+        if not any((t.dataset, t.pair) == (r.dataset, r.pair) for t in tables):
+            title = _title(r.dataset, r.members[0].teacher, r.members[0].student)
+            alone.setdefault(title, []).append(placed_row(r, protocol_of(r)))
+    blocks += list(alone.items())
+    letters: dict[str, str] = {}
+    for t in tables:
+        for source in t.sources:
+            letters.setdefault(source, chr(ord("a") + len(letters)))
+    out = [
+        "% normkd-leaderboard --format latex (needs \\usepackage{booktabs})",
+        "\\begin{tabular}{lrrrrl}",
+        "\\toprule",
+        "Method & Runs & Best top-1 (\\%) & Last top-1 (\\%) & Epochs & Source \\\\",
+    ]
+    marks = set()
+    for title, lines in blocks:
+        out += ["\\midrule", f"\\multicolumn{{6}}{{l}}{{\\textit{{{title}}}}} \\\\"]
+        for p in lines:
+            epochs = "--" if p.epochs is None else str(p.epochs)
+            if p.augmentation == "strong":
+                epochs += "$^\\dagger$"
+                marks.add("strong")
+            best = _tex_pm(p.best, p.best_std)
+            if not p.yours and not p.metric and p.method != "teacher":
+                best += "$^\\ast$"
+                marks.add("metric")
+            runs = tex(p.runs.replace(" seeds", "").replace(" seed", "")) if p.runs else "--"
+            source = "ours" if p.yours else letters[p.source]
+            out.append(
+                f"{tex(_paper_label(p))} & {runs} & {best} & {_tex_pm(p.last, p.last_std)} & {epochs} & {source} \\\\"
+            )
+    out.append("\\bottomrule")
+    notes = [f"{letter}: {tex(source)}" for source, letter in letters.items()]
+    notes.append("ours: mean $\\pm$ sample std over seeds of the best and of the last epoch's top-1")
+    if "strong" in marks:
+        notes.append("$^\\dagger$ 480 epochs with a RandAugment view (strong augmentation)")
+    if "metric" in marks:
+        notes.append("$^\\ast$ best or last epoch not stated")
+    out += [f"\\multicolumn{{6}}{{l}}{{\\footnotesize {note}}} \\\\" for note in notes]
+    out.append("\\end{tabular}")
+    return "\n".join(out) + "\n"
+
+
+def _title(dataset: str, teacher: str, student: str) -> str:
+    names = {"cifar100": "CIFAR-100", "imagenet": "ImageNet", "tiny_imagenet": "Tiny-ImageNet"}
+    return f"{tex(names.get(dataset, dataset))}: {tex(teacher)} $\\rightarrow$ {tex(student)}"
+
+
+def _paper_label(p: Placed) -> str:
+    """The user's rows by the method's paper name, with their trainer and settings ("NormKD (fast)")."""
+    return display_name(p.method) + p.label[len(p.method) :] if p.yours else p.label
+
+
+def field_json(tables: list[Table]) -> list[dict]:
+    """The field tables as JSON-ready dicts."""
+    return [t.as_dict() for t in tables]
