@@ -17,7 +17,7 @@ from typing import BinaryIO
 
 import numpy as np
 
-__all__ = ["Refused", "load"]
+__all__ = ["Refused", "DType", "load", "scalar"]
 
 # The dtypes a numeric array may have (no objects, strings, records or sub-arrays).
 _DTYPES = frozenset({"b1", "i1", "i2", "i4", "i8", "u1", "u2", "u4", "u8", "f2", "f4", "f8"})
@@ -43,8 +43,11 @@ def _malformed(what: str) -> pickle.UnpicklingError:
     return pickle.UnpicklingError(f"malformed numpy {what}")
 
 
-class _DType:
-    """``numpy.dtype(spec, align, copy)`` followed by its pickled state, which gives only the byte order here."""
+class DType:
+    """``numpy.dtype(spec, align, copy)`` and its pickled state read as a numeric dtype only: ``.dtype``.
+
+    torch's weights-only unpickler takes it for ``numpy.dtype`` too (``checkpoints.allow_release_types``).
+    """
 
     def __init__(self, spec, align=False, copy=True):
         spec = _text(spec)
@@ -83,7 +86,7 @@ class _Array:
 
 def _array(raw, dtype, shape, order) -> np.ndarray:
     """The array of ``shape`` reading ``raw``'s bytes as ``dtype``; exactly as many bytes as it holds."""
-    if not isinstance(raw, (bytes, bytearray)) or not isinstance(dtype, _DType) or order not in ("C", "F"):
+    if not isinstance(raw, (bytes, bytearray)) or not isinstance(dtype, DType) or order not in ("C", "F"):
         raise _malformed("array")
     if not isinstance(shape, tuple) or len(shape) > 32 or not all(type(n) is int and n >= 0 for n in shape):
         raise _malformed("array shape")
@@ -91,6 +94,13 @@ def _array(raw, dtype, shape, order) -> np.ndarray:
     if len(raw) != count * dtype.dtype.itemsize:
         raise _malformed(f"array: {len(raw)} bytes for shape {shape} of {dtype.dtype}")
     return np.frombuffer(raw, dtype=dtype.dtype, count=count).reshape(shape, order=order)
+
+
+def scalar(dtype: DType, raw) -> np.generic:
+    """``numpy.core.multiarray.scalar(dtype, raw)``: the one number of ``dtype`` that ``raw``'s bytes hold."""
+    if not isinstance(dtype, DType) or not isinstance(raw, bytes) or len(raw) != dtype.dtype.itemsize:
+        raise _malformed("scalar")
+    return np.frombuffer(raw, dtype=dtype.dtype, count=1)[0]
 
 
 class _NDArrayName:
@@ -125,7 +135,7 @@ def _empty_bytes(*args) -> bytes:  # how Python 3 pickles b"" at protocols 0-2 (
 
 
 _GLOBALS = {
-    ("numpy", "dtype"): _DType,
+    ("numpy", "dtype"): DType,
     ("_codecs", "encode"): _latin1_bytes,
     **{(builtins, "bytes"): _empty_bytes for builtins in ("__builtin__", "builtins")},
     **{(f"{core}.multiarray", "_reconstruct"): _reconstruct for core in ("numpy.core", "numpy._core")},
