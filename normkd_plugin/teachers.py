@@ -102,7 +102,7 @@ def read_record(dest: Path) -> dict[str, str] | None:
         line = data.count(b"\n", 0, exc.start) + 1
         raise TeacherError(f"{path}: line {line}: not text (byte {data[exc.start]:#04x}); {damaged}") from None
     record: dict[str, str] = {}
-    for number, line in enumerate(text.splitlines(), 1):
+    for number, line in enumerate(text.split("\n"), 1):  # numbered as editors number them
         if not line.strip():
             continue
         match = _RECORD_LINE.match(line.strip())

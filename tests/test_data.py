@@ -5,12 +5,12 @@ from __future__ import annotations
 import os
 import pickle
 import re
-import shlex
 import shutil
 
 import numpy as np
 import pytest
 import torch
+from test_safe_pickle import Hostile, official_entry, py2_pickle
 
 from conftest import CIFAR_DIR, needs_data, needs_mdistiller
 
@@ -115,8 +115,6 @@ def test_malformed_inputs(tmp_path):
 
 def test_the_official_python2_files_load(tmp_path, cifar_test_arrays):
     """cifar-100-python/{train,test} as the official archive holds them: Python 2 pickles of the official keys."""
-    from test_safe_pickle import official_entry, py2_pickle
-
     from normkd_plugin.data import load_cifar100
 
     images, labels = cifar_test_arrays
@@ -131,16 +129,6 @@ def test_the_official_python2_files_load(tmp_path, cifar_test_arrays):
         assert np.array_equal(x, images[part]) and np.array_equal(y, labels[part]) and y.dtype == np.int64
 
 
-class _Hostile:
-    """A pickled object whose unpickling runs a shell command creating ``marker``."""
-
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return os.system, (f"touch {shlex.quote(str(self.marker))}",)
-
-
 @pytest.mark.parametrize("split", ["train", "test"])
 def test_a_cifar_pickle_that_would_run_code_is_refused_in_one_line_and_nothing_runs(
     tmp_path, cifar_test_arrays, split, capsys
@@ -149,7 +137,7 @@ def test_a_cifar_pickle_that_would_run_code_is_refused_in_one_line_and_nothing_r
 
     root = _write_python_layout(tmp_path / "root", *cifar_test_arrays)
     marker, hostile = tmp_path / "ran", root / "cifar-100-python" / split
-    entry = {"data": _Hostile(marker), "fine_labels": [0]}
+    entry = {"data": Hostile(marker), "fine_labels": [0]}
     hostile.write_bytes(pickle.dumps(entry, protocol=2))  # the official files' protocol
     argv = ["--cfg", "cifar100/normkd/res56_res20", "--device", "cpu", "SOLVER.TRAINER", "fast"]
     with pytest.raises(SystemExit) as stop:
@@ -168,7 +156,7 @@ def test_the_meta_file_is_never_read(tmp_path, cifar_test_arrays):
 
     root = _write_python_layout(tmp_path / "root", *cifar_test_arrays)
     marker = tmp_path / "ran"
-    (root / "cifar-100-python" / "meta").write_bytes(pickle.dumps({"fine_label_names": _Hostile(marker)}, protocol=2))
+    (root / "cifar-100-python" / "meta").write_bytes(pickle.dumps({"fine_label_names": Hostile(marker)}, protocol=2))
     assert load_cifar100(root, True)[0].shape == (40, 32, 32, 3) and load_cifar100(root, False)[1].shape == (20,)
     assert not marker.exists()
 
@@ -178,7 +166,7 @@ def test_npz_shards_never_unpickle(tmp_path):
     from normkd_plugin.data import DataError, load_cifar100
 
     shard = tmp_path / "train-0-of-1.npz"
-    np.savez(shard, images=np.zeros((1, 32, 32, 3), np.uint8), labels=np.array([_Hostile(tmp_path / "ran")], object))
+    np.savez(shard, images=np.zeros((1, 32, 32, 3), np.uint8), labels=np.array([Hostile(tmp_path / "ran")], object))
     with pytest.raises(DataError, match=rf"^{re.escape(str(shard))}: unreadable npz shard.*allow_pickle=False"):
         load_cifar100(tmp_path, True)
     assert not (tmp_path / "ran").exists()

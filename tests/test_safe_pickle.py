@@ -93,7 +93,7 @@ def test_python3_pickles_of_every_protocol_load(protocol):
     assert loaded["fortran"].flags.f_contiguous
 
 
-class _Hostile:
+class Hostile:
     """What a hostile file holds: unpickling it runs a shell command that creates ``marker``."""
 
     def __init__(self, marker):
@@ -107,7 +107,7 @@ class _Hostile:
 @pytest.mark.parametrize("where", ["top", "value", "list item"])
 def test_a_reduce_that_runs_a_command_is_refused_and_nothing_runs(tmp_path, protocol, where):
     marker = tmp_path / "ran"
-    hostile = _Hostile(marker)
+    hostile = Hostile(marker)
     obj = {
         "top": hostile,
         "value": {"data": np.zeros((1, 3072), np.uint8), "fine_labels": hostile},
