@@ -9,10 +9,10 @@ import re
 import zipfile
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
+from . import safe_pickle
 from .errors import UserError
 
 __all__ = [
@@ -30,13 +30,15 @@ class CheckpointError(UserError, RuntimeError):
 
 
 def _safe_globals() -> list:
-    """The non-tensor types the released CIFAR teachers pickle: numpy scalars and an argparse Namespace."""
-    allowed: list = [argparse.Namespace, np.dtype]
-    core = getattr(np, "_core", None) or np.core
+    """The non-tensor types the released CIFAR teachers pickle: numpy scalars and an argparse Namespace.
+
+    numpy's dtype and scalar are read by safe_pickle's checked stand-ins: numpy's own dtype.__setstate__
+    trusts the file's state, and a crafted one crashes the process.
+    """
+    allowed: list = [argparse.Namespace, (safe_pickle.DType, "numpy.dtype")]
     # Pickles from numpy 1.x name numpy.core.*, numpy 2.x numpy._core.*; allow both spellings.
     for module in ("numpy.core.multiarray", "numpy._core.multiarray"):
-        allowed.append((core.multiarray.scalar, f"{module}.scalar"))
-    allowed += [type(np.dtype(t)) for t in ("float64", "float32", "int64", "int32", "bool")]
+        allowed.append((safe_pickle.scalar, f"{module}.scalar"))
     return allowed
 
 

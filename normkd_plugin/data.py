@@ -3,7 +3,9 @@
 Only the source of the pixels changes: augmentation, normalisation, loaders and the batch
 structure (``(image, target, index)`` for training, ``(image, target)`` for validation) are the
 host's own. A missing or malformed dataset raises :class:`DataError` naming the path and the
-expected layout; nothing is ever downloaded from a configured root.
+expected layout; nothing is ever downloaded from a configured root. Nothing in a data file runs: the
+cifar-100-python pickles are read by :mod:`safe_pickle` (data and numeric arrays only), npz shards with
+``allow_pickle=False``.
 
 npz-shard layout (one folder)::
 
@@ -31,6 +33,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from . import safe_pickle
 from .errors import UserError
 
 __all__ = [
@@ -167,7 +170,8 @@ def _load_shards(files: list[Path]) -> tuple[np.ndarray, np.ndarray]:
     images, labels = [], []
     for f in files:
         try:
-            with open(f, "rb") as fh, np.load(fh) as z:  # our handle: np.load leaks its own on a bad zip
+            # our handle: np.load leaks its own on a bad zip
+            with open(f, "rb") as fh, np.load(fh, allow_pickle=False) as z:
                 missing = [k for k in ("images", "labels") if k not in z.files]
                 if missing:
                     raise DataError(f"{f}: missing array(s) {missing}; expected 'images' and 'labels'")
@@ -198,10 +202,15 @@ def _npz_split(root: Path, split: str) -> list[Path] | None:
 def _load_pickle(path: Path) -> tuple[np.ndarray, np.ndarray]:
     try:
         with open(path, "rb") as f:
-            entry = pickle.load(f, encoding="latin1")
+            entry = safe_pickle.load(f, encoding="latin1")
         data = np.asarray(entry["data"], dtype=np.uint8)
         labels = _integer_labels(np.asarray(entry["fine_labels"]), path)
-    except (OSError, pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError) as exc:
+    except safe_pickle.Refused as exc:
+        raise DataError(
+            f"{path}: refused to unpickle it: it names {exc.name}, and a cifar-100-python pickle holds only a dict "
+            "of strings, lists and numpy arrays (nothing in the file was run)"
+        ) from None
+    except (OSError, pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError, MemoryError) as exc:
         raise DataError(f"{path}: not a cifar-100-python pickle with 'data' and 'fine_labels' ({exc})") from exc
     if data.ndim != 2 or data.shape[1] != 3072:
         raise DataError(f"{path}: 'data' must be (N, 3072), got {data.shape}")

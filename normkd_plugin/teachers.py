@@ -5,7 +5,10 @@
 
 The teachers go to ``<mdistiller checkout>/download_ckpts/cifar_teachers/<teacher>_vanilla/ckpt_epoch_240.pth``,
 the path mdistiller's ``cifar_model_dict`` names and the one ``DISTILLER.TEACHER_CKPT ""`` (the default)
-loads. Before anything is installed every checkpoint in the tar is checked:
+loads. Before anything is extracted every member's header is checked: a regular file (no link, device or
+sparse file) named ``cifar_teachers/<teacher>_vanilla/<file>.pth``, declaring at most 4x its architecture's
+weights + 1 MiB (2 GiB in all), and all of them fitting the free space. Before anything is installed every
+checkpoint in the tar is checked:
 
 * its SHA-256 against the published one where one is pinned (``PUBLISHED_SHA256``);
 * its SHA-256 against the hashes recorded at the first download (``download_ckpts/cifar_teachers.sha256``):
@@ -20,6 +23,7 @@ The download shows a progress bar on a terminal, and is resumable: an interrupte
 from __future__ import annotations
 
 import argparse
+import errno
 import hashlib
 import os
 import re
@@ -32,7 +36,7 @@ from pathlib import Path
 
 from .errors import UserError
 
-__all__ = ["TeacherError", "URL", "PUBLISHED_SHA256", "default_dest", "fetch", "install", "main"]
+__all__ = ["TeacherError", "StagingError", "URL", "PUBLISHED_SHA256", "default_dest", "fetch", "install", "main"]
 
 URL = "https://github.com/megvii-research/mdistiller/releases/download/checkpoints/cifar_teachers.tar"
 TAR = "cifar_teachers.tar"
@@ -45,6 +49,10 @@ PUBLISHED_SHA256 = {
 }
 _MEMBER = re.compile(r"^cifar_teachers/(?P<arch>[A-Za-z0-9_]+)_vanilla/[A-Za-z0-9_.-]+\.pth$")
 _CHUNK = 1 << 20
+# A checkpoint holds its float32 weights and at most an optimizer state of the same size (the release: about 2x
+# the weights, 364 MB in all); a member declaring more than this many times the weights' bytes, plus 1 MiB, is refused.
+_SIZE_FACTOR = 4
+_MAX_TOTAL = 2 << 30  # bytes all members may declare together
 BY_HAND = (
     f"without network, fetch {URL} by hand (mdistiller's release 'checkpoints') and run normkd-teachers --from FILE"
 )
@@ -52,6 +60,10 @@ BY_HAND = (
 
 class TeacherError(UserError, RuntimeError):
     """A teacher archive that cannot be fetched or verified; the message names the file or URL."""
+
+
+class StagingError(TeacherError):
+    """The destination cannot take the teachers (a full disk, no permission); the archive is not at fault."""
 
 
 def default_dest() -> Path:
@@ -73,17 +85,37 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+_RECORD_LINE = re.compile(r"^(?P<digest>[0-9a-f]{64}) [ *](?P<name>\S+)$")  # sha256sum's format
+
+
 def read_record(dest: Path) -> dict[str, str] | None:
-    """The member -> SHA-256 map recorded at the first install, or None."""
+    """The member -> SHA-256 map recorded at the first install, or None; TeacherError naming a damaged line."""
+    path = dest / RECORD
     try:
-        text = (dest / RECORD).read_text()
+        data = path.read_bytes()
     except FileNotFoundError:
         return None
-    record = {}
-    for line in text.splitlines():
-        if line.strip():
-            digest, name = line.split(maxsplit=1)
-            record[name.strip()] = digest
+    damaged = "restore it, or delete it to record the hashes of the next install"
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise TeacherError(f"{path}: line {line}: not text (byte {data[exc.start]:#04x}); {damaged}") from None
+    record: dict[str, str] = {}
+    for number, line in enumerate(text.split("\n"), 1):  # numbered as editors number them
+        if not line.strip():
+            continue
+        match = _RECORD_LINE.match(line.strip())
+        if not match or not _MEMBER.match(match.group("name")):
+            raise TeacherError(
+                f"{path}: line {number}: {line.strip()[:120]!r} is not '<sha256>  cifar_teachers/<teacher>_vanilla/"
+                f"<file>.pth'; {damaged}"
+            )
+        if match.group("name") in record:
+            raise TeacherError(f"{path}: line {number}: {match.group('name')} is recorded twice; {damaged}")
+        record[match.group("name")] = match.group("digest")
+    if not record:
+        raise TeacherError(f"{path}: holds no hashes; {damaged}")
     return record
 
 
@@ -178,9 +210,13 @@ def _check_member(member: tarfile.TarInfo, tar_path: Path) -> str | None:
         if name.startswith("/") or ".." in Path(name).parts:
             raise TeacherError(f"{tar_path}: unsafe member path {name!r}; refusing the archive")
         return None
-    if not member.isfile():
+    if member.issparse():  # a few KB in the tar that expand to any size when read
         raise TeacherError(
-            f"{tar_path}: member {name!r} is not a regular file (a link or device); refusing the archive"
+            f"{tar_path}: member {name!r} is a sparse file (declaring {member.size:,} bytes); refusing the archive"
+        )
+    if member.type not in (tarfile.REGTYPE, tarfile.AREGTYPE):
+        raise TeacherError(
+            f"{tar_path}: member {name!r} is not a regular file (a link, device or other type); refusing the archive"
         )
     match = _MEMBER.match(name)
     if not match:
@@ -191,42 +227,96 @@ def _check_member(member: tarfile.TarInfo, tar_path: Path) -> str | None:
     return match.group("arch")
 
 
+def _plan(tar_path: Path, members: list[tarfile.TarInfo], models: dict) -> list[tuple[tarfile.TarInfo, str]]:
+    """Every checkpoint member with its architecture, checked before anything is extracted: type, path,
+    architecture, no duplicate, and its declared size within _SIZE_FACTOR x its architecture's weights + 1 MiB."""
+    from mdistiller.models import cifar_model_dict
+
+    plan, seen = [], set()
+    for member in members:
+        arch = _check_member(member, tar_path)
+        if arch is None:
+            continue
+        if arch not in cifar_model_dict:
+            raise TeacherError(f"{tar_path}: member {member.name}: mdistiller has no CIFAR model {arch!r}")
+        if member.name in seen:
+            raise TeacherError(f"{tar_path}: member {member.name} appears twice; refusing the archive")
+        seen.add(member.name)
+        if arch not in models:
+            models[arch] = cifar_model_dict[arch][0](num_classes=100)
+        weights = sum(t.numel() * t.element_size() for t in models[arch].state_dict().values())
+        limit = _SIZE_FACTOR * weights + (1 << 20)
+        if member.size > limit:
+            raise TeacherError(
+                f"{tar_path}: member {member.name} declares {member.size:,} bytes, more than a {arch} checkpoint "
+                f"holds (at most {limit:,}); refusing the archive"
+            )
+        plan.append((member, arch))
+    total = sum(member.size for member, _ in plan)
+    if total > _MAX_TOTAL:
+        raise TeacherError(
+            f"{tar_path}: its {len(plan)} checkpoints declare {total:,} bytes in all, more than the "
+            f"{_MAX_TOTAL:,} allowed (the release holds about 364 MB); refusing the archive"
+        )
+    return plan
+
+
+def _cause(exc: OSError) -> str:
+    name = errno.errorcode.get(exc.errno or 0)
+    return f"{exc.strerror or exc}" + (f" ({name})" if name else "")
+
+
+def _stage(tar: tarfile.TarFile, member: tarfile.TarInfo, out: Path, tar_path: Path) -> None:
+    """Copy ``member``'s declared bytes to ``out``; TeacherError naming the tar and ``out`` on an error."""
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with tar.extractfile(member) as src, open(out, "wb") as f:
+            shutil.copyfileobj(src, f, _CHUNK)
+    except (tarfile.TarError, EOFError) as exc:
+        raise TeacherError(f"{tar_path}: member {member.name} is truncated ({exc}); download it again") from None
+    except OSError as exc:
+        where = exc.filename or out
+        full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
+        raise StagingError(
+            f"{where}: cannot write it, staging {member.name} of {tar_path}: {_cause(exc)}"
+            + ("; free space there or give another --dest DIR" if full else "")
+        ) from None
+
+
 def verify_and_stage(tar_path: Path, staging: Path, record: dict[str, str] | None) -> dict[str, str]:
     """Extract every checkpoint of ``tar_path`` into ``staging`` and verify it; member -> SHA-256.
 
-    TeacherError on the first member that is unsafe, unknown, differs from the published or recorded
-    hash, does not load with weights_only, or does not fit its architecture strictly.
+    Every member's type, path and declared size are checked before anything is extracted, and the
+    declared total against the free space of ``staging``. TeacherError on the first member that is
+    unsafe, unknown, too large, differs from the published or recorded hash, does not load with
+    weights_only, or does not fit its architecture strictly.
     """
-    from mdistiller.models import cifar_model_dict
-
     from .checkpoints import CheckpointError, load_weights
 
     try:
-        tar = tarfile.open(tar_path)
+        tar = tarfile.open(tar_path, "r:")  # the release is an uncompressed tar; no decompression bomb
     except (tarfile.TarError, OSError) as exc:
-        raise TeacherError(f"{tar_path}: not a readable tar archive ({exc}); download it again") from None
+        raise TeacherError(
+            f"{tar_path}: not a readable tar archive ({exc}); download it again (the release is an uncompressed tar)"
+        ) from None
     seen: dict[str, str] = {}
+    models: dict = {}
     with tar:
         try:
             members = tar.getmembers()
         except (tarfile.TarError, OSError, EOFError) as exc:
             raise TeacherError(f"{tar_path}: truncated or corrupt tar archive ({exc}); download it again") from None
-        for member in members:
-            arch = _check_member(member, tar_path)
-            if arch is None:
-                continue
-            if arch not in cifar_model_dict:
-                raise TeacherError(f"{tar_path}: member {member.name}: mdistiller has no CIFAR model {arch!r}")
-            if member.name in seen:
-                raise TeacherError(f"{tar_path}: member {member.name} appears twice; refusing the archive")
+        plan = _plan(tar_path, members, models)
+        need, free = sum(member.size for member, _ in plan), shutil.disk_usage(staging).free
+        if need > free:
+            raise StagingError(
+                f"{staging}: staging the teachers needs {need / 1e6:.1f} MB, only {free / 1e6:.1f} MB are free there; "
+                "free space or give another --dest DIR"
+            )
+        for member, arch in plan:
             out = staging / member.name
-            out.parent.mkdir(parents=True, exist_ok=True)
-            h = hashlib.sha256()
-            with tar.extractfile(member) as src, open(out, "wb") as f:
-                while block := src.read(_CHUNK):
-                    h.update(block)
-                    f.write(block)
-            digest = seen[member.name] = h.hexdigest()
+            _stage(tar, member, out, tar_path)
+            digest = seen[member.name] = _sha256(out)
             published = PUBLISHED_SHA256.get(member.name)
             if published is not None and digest != published:
                 raise TeacherError(
@@ -238,9 +328,8 @@ def verify_and_stage(tar_path: Path, staging: Path, record: dict[str, str] | Non
                     f"{tar_path}: {member.name} has SHA-256 {digest}, but the first download recorded {first} "
                     f"(in {RECORD}); refusing a teacher that changed"
                 )
-            model = cifar_model_dict[arch][0](num_classes=100)
             try:
-                load_weights(model, out, f"mdistiller's {arch}")
+                load_weights(models[arch], out, f"mdistiller's {arch}")
             except CheckpointError as exc:
                 raise TeacherError(f"{tar_path}: member {member.name}: {exc}") from None
             print(f"normkd-teachers: verified {member.name} (sha256 {digest[:12]}…)", file=sys.stderr)
@@ -265,7 +354,7 @@ def install(tar_path: Path, dest: Path) -> dict[str, str]:
     try:
         staging.mkdir(parents=True)
     except OSError as exc:
-        raise TeacherError(f"cannot write {staging}: {exc.strerror}; give a writable --dest DIR") from None
+        raise StagingError(f"cannot write {staging}: {_cause(exc)}; give a writable --dest DIR") from None
     try:
         seen = verify_and_stage(tar_path, staging, record)
         for name in seen:  # everything verified: only now does anything replace what was there
@@ -316,8 +405,8 @@ def main(argv: list[str] | None = None) -> None:
                 tar_path = fetch(args.url, dest / f"{TAR}.part")
         try:
             seen = install(tar_path, dest)
-        except TeacherError:
-            if args.source is None:
+        except TeacherError as exc:
+            if args.source is None and not isinstance(exc, StagingError):
                 tar_path.unlink(missing_ok=True)  # a bad download is not kept to be trusted next time
             raise
         if args.source is None and not args.keep_tar:

@@ -44,6 +44,38 @@ def test_arbitrary_objects_are_refused(tmp_path):
         load_state_dict(path)
 
 
+def test_numpy_scalars_load_as_numbers_and_a_crafted_dtype_state_is_refused(tmp_path):
+    """Release-style numpy scalars come back equal and of their type; a dtype state that numpy's own
+    __setstate__ would take (6 items for 8: loading it ends numpy 2.4.6's process with SIGSEGV) is refused."""
+    import io
+    import subprocess
+    import sys
+    import zipfile
+
+    from normkd_plugin.checkpoints import allow_release_types
+
+    saved = {"epoch": np.int64(240), "accuracy": np.float64(72.3), "lr": np.float32(0.05), "ok": np.True_}
+    buf = io.BytesIO()
+    torch.save({"model": {}, **saved}, buf)
+    with allow_release_types():
+        loaded = torch.load(io.BytesIO(buf.getvalue()), weights_only=True)
+    assert all(type(loaded[k]) is type(v) and loaded[k] == v for k, v in saved.items())
+
+    crafted = tmp_path / "crafted.pth"
+    with zipfile.ZipFile(io.BytesIO(buf.getvalue())) as src, zipfile.ZipFile(crafted, "w") as out:
+        for info in src.infolist():
+            data = src.read(info.filename)
+            if info.filename.endswith("data.pkl"):  # (3, '<', None, None, None, -1, -1, 0) -> two Nones fewer
+                data = data.replace(
+                    b"NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00t", b"NJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00t", 1
+                )
+            out.writestr(info, data)
+    probe = f"from normkd_plugin.checkpoints import load_state_dict as f\ntry: f({str(crafted)!r})\nexcept Exception as e: print(e)"
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-500:]
+    assert proc.stdout.strip() == f"{crafted}: not a readable torch checkpoint, truncated or corrupt"
+
+
 def _teacher_cfg(ckpt=""):
     from yacs.config import CfgNode as CN
 

@@ -10,6 +10,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from test_safe_pickle import Hostile, official_entry, py2_pickle
 
 from conftest import CIFAR_DIR, needs_data, needs_mdistiller
 
@@ -110,6 +111,65 @@ def test_malformed_inputs(tmp_path):
     np.savez(tmp_path / "train-0-of-2.npz", images=np.zeros((4, 32, 32, 3), np.uint8), labels=np.full(4, 100))
     with pytest.raises(DataError, match="fine labels 0-99"):
         load_cifar100(tmp_path, True)
+
+
+def test_the_official_python2_files_load(tmp_path, cifar_test_arrays):
+    """cifar-100-python/{train,test} as the official archive holds them: Python 2 pickles of the official keys."""
+    from normkd_plugin.data import load_cifar100
+
+    images, labels = cifar_test_arrays
+    folder = tmp_path / "cifar-100-python"
+    folder.mkdir()
+    for split, part in (("train", slice(0, 30)), ("test", slice(30, 40))):
+        entry = official_entry(part.stop - part.start)
+        entry["data"] = images[part].transpose(0, 3, 1, 2).reshape(-1, 3072)
+        entry["fine_labels"] = labels[part].tolist()
+        (folder / split).write_bytes(py2_pickle(entry))
+        x, y = load_cifar100(tmp_path, train=split == "train")
+        assert np.array_equal(x, images[part]) and np.array_equal(y, labels[part]) and y.dtype == np.int64
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_a_cifar_pickle_that_would_run_code_is_refused_in_one_line_and_nothing_runs(
+    tmp_path, cifar_test_arrays, split, capsys
+):
+    from normkd_plugin import train
+
+    root = _write_python_layout(tmp_path / "root", *cifar_test_arrays)
+    marker, hostile = tmp_path / "ran", root / "cifar-100-python" / split
+    entry = {"data": Hostile(marker), "fine_labels": [0]}
+    hostile.write_bytes(pickle.dumps(entry, protocol=2))  # the official files' protocol
+    argv = ["--cfg", "cifar100/normkd/res56_res20", "--device", "cpu", "SOLVER.TRAINER", "fast"]
+    with pytest.raises(SystemExit) as stop:
+        train.main([*argv, "DATASET.ROOT", str(root), "LOG.PREFIX", str(tmp_path / "runs")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert stop.value.code == 2 and not marker.exists()
+    assert err == [
+        f"normkd-train: {hostile}: refused to unpickle it: it names {os.system.__module__}.system, and a "
+        "cifar-100-python pickle holds only a dict of strings, lists and numpy arrays (nothing in the file was run)"
+    ]
+
+
+def test_the_meta_file_is_never_read(tmp_path, cifar_test_arrays):
+    """Only train and test are read: a hostile meta (class names) beside them never runs."""
+    from normkd_plugin.data import load_cifar100
+
+    root = _write_python_layout(tmp_path / "root", *cifar_test_arrays)
+    marker = tmp_path / "ran"
+    (root / "cifar-100-python" / "meta").write_bytes(pickle.dumps({"fine_label_names": Hostile(marker)}, protocol=2))
+    assert load_cifar100(root, True)[0].shape == (40, 32, 32, 3) and load_cifar100(root, False)[1].shape == (20,)
+    assert not marker.exists()
+
+
+def test_npz_shards_never_unpickle(tmp_path):
+    """An object array in a shard is a pickle: refused (allow_pickle=False), naming the shard."""
+    from normkd_plugin.data import DataError, load_cifar100
+
+    shard = tmp_path / "train-0-of-1.npz"
+    np.savez(shard, images=np.zeros((1, 32, 32, 3), np.uint8), labels=np.array([Hostile(tmp_path / "ran")], object))
+    with pytest.raises(DataError, match=rf"^{re.escape(str(shard))}: unreadable npz shard.*allow_pickle=False"):
+        load_cifar100(tmp_path, True)
+    assert not (tmp_path / "ran").exists()
 
 
 @pytest.fixture(scope="module")
