@@ -856,7 +856,7 @@ def test_bars_split_by_settings_and_published_markers_only_beside_the_published_
 
 
 def _host_worklog(epochs: int, end: str = "best_acc\t70.00") -> str:
-    from normkd_plugin.runs import worklog_block
+    from normkd_plugin.worklog import block as worklog_block
 
     record = dict(train_acc=51.5, train_loss=1.25, test_acc=61.0, test_acc_top5=88.5, test_loss=float("nan"))
     blocks = [worklog_block(e, 0.05 / e, {**record, "test_acc": 60.0 + e / 7}) for e in range(1, epochs + 1)]
