@@ -7,10 +7,15 @@
 
 A PATH that does not exist, a malformed thresholds file, or --curves with no run to draw (a
 --select that matches none) is an error (exit 2, nothing written); a PATH that holds no run is
-reported on stderr. Failed runs (a final "failed<TAB>reason" worklog line) and runs with a
-nan/inf accuracy are listed apart and never averaged. Runs of one method, settings and seed
-whose worklogs hold the same records (a run copied to a second folder) are counted once, the
-first by path; the others are listed apart as duplicates.
+reported on stderr. Symbolic links to run folders are followed (each real folder once); every
+path that cannot be read (a dangling link, a damaged worklog) is listed under "Skipped". A run is
+finished when its worklog holds every epoch of its SOLVER.EPOCHS, then a best_acc line equal to
+its best test_acc. Failed runs (a final "failed<TAB>reason" worklog line) and invalid runs (a
+value that is not finite, an accuracy outside [0, 100], a best_acc line that does not end a
+finished worklog) are listed apart and never averaged; --check fails while any run found is
+invalid, and when no run is found at all. Runs of one method, settings and seed whose worklogs
+hold the same records (a run copied to a second folder) are counted once, the first by path; the
+others are listed apart as duplicates.
 
 Check names: a row is named dataset/pair/method, as in the table's first three columns, e.g.
 cifar100/res56_res20/normkd. Without a trainer the name matches that method's row whatever its
@@ -41,6 +46,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import re
 import sys
 from pathlib import Path
@@ -145,13 +151,20 @@ def _beats_with_ci(rows: list[Row], entry: str) -> str | None:
     return None
 
 
+def _left_out(row: Row | None) -> list[str]:
+    """["1 failed", "1 invalid"]: the runs of a row that no mean counts."""
+    return [f"{n} {what}" for n, what in ((row.failed, "failed"), (row.invalid, "invalid")) if n] if row else []
+
+
 def check(rows: list[Row], thresholds: dict) -> list[str]:
-    """Human-readable failures of the thresholds (empty when all hold)."""
-    failures = []
+    """Human-readable failures of the thresholds (empty when all hold); a check of no run at all, or of runs
+    of which one is invalid (numbers no run can have), fails whatever the thresholds."""
+    failures = [] if rows else ["no run found: nothing to check"]
+    failures += [f"{run.path}: invalid run: {run.invalid}" for row in rows for run in row.invalid_runs]
     for key, minimum in (thresholds.get("min_best_acc") or {}).items():
         row, why = resolve(rows, key)
         if row is not None and row.best_mean is None:
-            why = ("no epoch logged yet" if row.runs else "no runs") + (f" ({row.failed} failed)" if row.failed else "")
+            why = ("no epoch logged yet" if row.runs else "no runs") + "".join(f" ({n})" for n in _left_out(row))
         if why:
             failures.append(f"{key}: {why} (minimum {minimum:.2f})")
         elif row.best_mean < minimum:
@@ -162,7 +175,7 @@ def check(rows: list[Row], thresholds: dict) -> list[str]:
             failures.append(f"{key}: {why}")
         elif row is None or row.finished == 0:
             notes = [f"unfinished: {row.progress}"] if row and row.progress else []
-            notes += [f"{row.failed} failed"] if row and row.failed else []
+            notes += _left_out(row)
             failures.append(f"{key}: required run missing" + (f" ({'; '.join(notes)})" if notes else ""))
     for key in thresholds.get("normkd_beats_kd") or []:
         pair, trainer = _split_trainer(key)
@@ -266,9 +279,10 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _under(path: Path, root: str) -> bool:
-    base = Path(root).resolve()
+    """Whether ``path`` was found under ``root`` (as given: a run reached through a symbolic link is under it)."""
+    base = Path(os.path.abspath(root))
     base = base.parent if base.is_file() else base
-    return Path(path).resolve().is_relative_to(base)
+    return Path(os.path.abspath(path)).is_relative_to(base)
 
 
 if __name__ == "__main__":
