@@ -182,6 +182,34 @@ def test_check_rejects_unknown_section(runs_root, tmp_path):
     assert proc.returncode == 2 and proc.stdout == "" and "unknown section(s) ['min_acc']" in proc.stderr
 
 
+KD_MIN = "min_best_acc:\n  cifar100/res56_res20/kd: "
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (KD_MIN + "high\n", "line 2: min_best_acc: cifar100/res56_res20/kd: expected a minimum mean best top-1 from 0 to 100, got 'high'"),
+        (KD_MIN + "null\n", "line 2: min_best_acc: cifar100/res56_res20/kd: expected a minimum mean best top-1 from 0 to 100, got 'null'"),
+        (KD_MIN + "[70]\n", "line 2: min_best_acc: cifar100/res56_res20/kd: expected a minimum mean best top-1 from 0 to 100, got a list"),
+        (KD_MIN + ".nan\n", "line 2: min_best_acc: cifar100/res56_res20/kd: expected a minimum mean best top-1 from 0 to 100, got '.nan'"),
+        (KD_MIN + "150\n", "line 2: min_best_acc: cifar100/res56_res20/kd: expected a minimum mean best top-1 from 0 to 100, got '150'"),
+        (KD_MIN + "90\n  cifar100/res56_res20/kd: 60\n", "line 3: min_best_acc: cifar100/res56_res20/kd given twice (first on line 2); keep one"),
+        ("required: [cifar100/res56_res20/kd]\nrequired: []\n", "line 2: sections: required given twice (first on line 1); keep one"),
+        ("required:\n  - cifar100/res56_res20/kd\n  - 7\n", "line 3: section required: expected a name, got '7'"),
+        ("min_best_acc: 70\n", "line 1: section min_best_acc: expected a mapping dataset/pair/method: minimum, got '70'"),
+        (b"\x89PNG\r\n\x1a\n\x00\x00", "not a text file (byte 0 is not UTF-8); expected YAML thresholds"),
+    ],
+)  # fmt: skip
+def test_a_malformed_thresholds_file_is_one_line_naming_its_line_and_what_it_wants(
+    runs_root, tmp_path, content, message
+):
+    th = tmp_path / "th.yaml"
+    th.write_bytes(content if isinstance(content, bytes) else content.encode())
+    proc = _cli(runs_root, "--check", th)
+    assert (proc.returncode, proc.stdout) == (2, ""), proc.stderr
+    assert proc.stderr == f"normkd-leaderboard: {th}: {message}\n"
+
+
 def test_check_function_lists_every_failure():
     assert cli.check([], {"required": ["a/b/c"], "min_best_acc": {"a/b/d": 1.0}}) == [
         "no run found: nothing to check",
