@@ -44,13 +44,15 @@ def host_worklog(accs, finished=True, lr=0.05):
 
 
 def make_run(root: Path, name: str, accs, finished=True, config: dict | None = None, project="cifar100"):
+    """A run folder whose worklog logs ``accs`` as the last epochs' test_acc; a finished run logs every epoch of
+    its config's SOLVER.EPOCHS (the first accuracy repeated before ``accs``: best and last stay theirs)."""
     folder = root / project / name
     folder.mkdir(parents=True)
-    (folder / "worklog.txt").write_text(host_worklog(accs, finished))
     if config is not None:
-        if finished:  # a finished run logged every epoch of its schedule
-            config = {**config, "SOLVER": {**config["SOLVER"], "EPOCHS": len(accs)}}
         (folder / "config.yaml").write_text(yaml.safe_dump(config))
+        if finished:
+            accs = [accs[0]] * (config["SOLVER"]["EPOCHS"] - len(accs)) + list(accs)
+    (folder / "worklog.txt").write_text(host_worklog(accs, finished))
     return folder
 
 
@@ -351,14 +353,14 @@ def test_welch_when_no_seed_is_shared(tmp_path):
 
 def test_runs_of_different_trainers_are_not_paired(paired_root):
     for seed, acc in ((0, 71.5), (1, 71.8), (2, 72.3)):
-        seeded(paired_root, "normkd", seed, [60, 60, acc], trainer="fast")
+        seeded(paired_root, "normkd", seed, [60, acc], trainer="fast")
     rows = {r.method: r for r in aggregate(discover_runs([paired_root])[0])}
     assert rows["normkd (fast)"].trainer == "fast" and rows["normkd (fast)"].base_method == "normkd"
     d = rows["normkd (fast)"].vs_kd_best  # no KD with the fast trainer: the host's KD, unpaired
     assert (d.kind, d.n, d.n_baseline, d.baseline) == ("welch", 3, 3, "kd")
     assert d.mean == pytest.approx((71.5 + 71.8 + 72.3) / 3 - (70.0 + 71.0 + 70.5) / 3)
-    seeded(paired_root, "kd", 0, [60, 60, 70.0], trainer="fast")
-    seeded(paired_root, "kd", 1, [60, 60, 70.0], trainer="fast")
+    seeded(paired_root, "kd", 0, [60, 70.0], trainer="fast")
+    seeded(paired_root, "kd", 1, [60, 70.0], trainer="fast")
     rows = {r.method: r for r in aggregate(discover_runs([paired_root])[0])}
     d = rows["normkd (fast)"].vs_kd_best  # now the fast KD, paired over seeds 0 and 1
     assert (d.kind, d.n, d.baseline) == ("paired", 2, "kd (fast)")
@@ -424,7 +426,7 @@ def failed_root(runs_root):
     failed = make_run(runs_root, "kd,res56,res20,seed:0,again", [60.0, 10.0], finished=False)
     with open(failed / "worklog.txt", "a") as f:
         f.write("failed\tepoch 3 step 17: non-finite training loss\n")
-    bad = make_run(runs_root, "normkd-nan", [79.0, 79.0, 79.0], config=cfg("normkd", seed=1))
+    bad = make_run(runs_root, "normkd-nan", [79.0, 79.0], config=cfg("normkd", seed=1))
     (bad / "worklog.txt").write_text((bad / "worklog.txt").read_text().replace("test_acc: 79.00", "test_acc: nan", 1))
     return runs_root
 
