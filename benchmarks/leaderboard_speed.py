@@ -20,7 +20,7 @@ from pathlib import Path
 
 from normkd_plugin.config import load_config
 from normkd_plugin.leaderboard.cli import main as leaderboard
-from normkd_plugin.runs import worklog_block
+from normkd_plugin.worklog import block as worklog_block
 
 METHODS = ("kd", "dkd", "normkd", "normdkd")
 

@@ -16,8 +16,8 @@ any moment leaves a folder that resumes exactly:
 * an OS error while reading or writing the folder is a :class:`FolderError` naming the path and
   the cause; SIGINT/SIGTERM are held back while an epoch commits, so a stop never half-writes one.
 
-The worklog keeps the host's format (dashed ``key: value`` blocks, a last ``best_acc<TAB>NN.NN``
-line); a run that stops on a non-finite loss ends with ``failed<TAB><reason>`` instead.
+The worklog keeps the host's format, written and read by :mod:`.worklog` (which also says when a run
+is finished); a run that stops on a non-finite loss ends with ``failed<TAB><reason>`` instead.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from . import worklog
 from .errors import RunError
 
 log = logging.getLogger(__name__)
@@ -46,12 +47,11 @@ __all__ = [
     "atomic_write",
     "epoch_record",
     "serialize",
-    "worklog_block",
     "committed_epochs",
     "config_digest",
 ]
 
-WORKLOG = "worklog.txt"
+WORKLOG = worklog.WORKLOG
 CONFIG = "config.yaml"
 LOCK = ".lock"
 # Full training states a run can resume from, newest first among those readable.
@@ -188,47 +188,6 @@ def epoch_record(train_acc: float, train_loss: float, test_acc: float, test_top5
     )
 
 
-def worklog_block(epoch: int, lr: float, record: dict[str, float]) -> str:
-    """One epoch of the host's worklog.txt: dashes, epoch, lr, each value with two decimals, dashes."""
-    lines = ["-" * 25, f"epoch: {epoch}", f"lr: {float(lr):.2f}"]
-    lines += [f"{key}: {value:.2f}" for key, value in record.items()]
-    lines.append("-" * 25)
-    return "".join(line + os.linesep for line in lines)
-
-
-def _blocks_through(text: str, epoch: int) -> str:
-    """The complete worklog blocks of epochs <= ``epoch``; partial blocks and end lines dropped."""
-    kept, block = [], None
-    for line in text.splitlines(keepends=True):
-        stripped = line.strip()
-        if stripped and set(stripped) == {"-"} and (block is None or line.endswith("\n")):
-            if block is None:
-                block = [line]
-                continue
-            block.append(line)
-            number = next((b.split(":", 1)[1] for b in block if b.startswith("epoch:")), None)
-            if number is not None and number.strip().isdigit() and int(number) <= epoch:
-                kept.extend(block)
-            block = None
-        elif block is not None:
-            block.append(line)
-    return "".join(kept)
-
-
-def _records_of(text: str) -> list[dict]:
-    """The epoch records of a worklog's complete blocks (values as written, two decimals)."""
-    records = []
-    for block in re.findall(r"^-+\n(epoch: \d+\n.*?)^-+\n", _blocks_through(text, 1 << 62), re.M | re.S):
-        pairs = [line.split(": ", 1) for line in block.splitlines() if ": " in line]
-        try:
-            values = OrderedDict((k, float(v)) for k, v in pairs if k not in ("epoch", "lr"))
-            head = dict(pairs[:2])
-            records.append({"epoch": int(head["epoch"]), "lr": float(head["lr"]), "record": values})
-        except (KeyError, ValueError):  # a damaged block: not a record
-            continue
-    return records
-
-
 class RunFolder:
     """The folder ``LOG.PREFIX/<run name>`` of one run."""
 
@@ -301,15 +260,11 @@ class RunFolder:
             raise FolderError(f"{self.path / name}: cannot read it: {_reason(exc)}") from None
 
     def status(self) -> str:
-        """'new', 'started', 'finished' (a best_acc line) or 'failed' (a failed line)."""
-        text = self.worklog_text()
-        if re.search(r"^best_acc\t", text, re.M):
-            return "finished"
-        if re.search(r"^failed\t", text, re.M):
-            return "failed"
-        if text.strip() or self.has_state():
-            return "started"
-        return "new"
+        """The worklog's ``worklog.status`` ('new', 'started', 'finished', 'failed') against this run's
+        SOLVER.EPOCHS (this command's config, else config.yaml's); 'started' when only a state is there."""
+        config = self.config if self.config is not None else self._read_text(CONFIG)
+        status = worklog.status(self.worklog_text(), worklog.last_epoch(config))
+        return "started" if status == "new" and self.has_state() else status
 
     def has_state(self) -> bool:
         """Whether a full training state (latest, best or epoch_N) is in the folder."""
@@ -467,11 +422,11 @@ class RunFolder:
 
     def append_epoch(self, epoch: int, lr: float, record: dict[str, float]) -> None:
         """Append the epoch's block to worklog.txt (fsync'ed)."""
-        self._append(worklog_block(epoch, lr, record))
+        self._append(worklog.block(epoch, lr, record))
 
     def has_epoch(self, epoch: int) -> bool:
         """Whether the worklog holds a complete block for ``epoch``."""
-        text = _blocks_through(self.worklog_text(), epoch)
+        text = worklog.blocks_through(self.worklog_text(), epoch)
         return re.search(rf"^epoch: {epoch}\s*$", text, re.M) is not None
 
     def commit_epoch(self, state: dict, student: dict, save_freq: int) -> None:
@@ -499,7 +454,7 @@ class RunFolder:
                 self._rebuild_worklog(records)
             else:  # a state from before records: keep the complete blocks up to it; they seed the records
                 self.cut_worklog(state["epoch"])
-                self.records = _records_of(self.worklog_text())
+                self.records = worklog.records(self.worklog_text())
             self._after_latest(state, serialize(state), serialize(student), save_freq)
             if not self.has_epoch(state["epoch"]):
                 self.append_epoch(state["epoch"], state["lr"], state["record"])
@@ -508,11 +463,11 @@ class RunFolder:
         """Make worklog.txt the blocks of ``records``: later lines are cut, a block lost between ``latest`` and
         the worklog is appended, anything else that disagrees (cut, damaged, deleted) is rebuilt with a warning."""
         self.records = list(records)
-        expected = "".join(worklog_block(r["epoch"], r["lr"], r["record"]) for r in records)
+        expected = "".join(worklog.block(r["epoch"], r["lr"], r["record"]) for r in records)
         text = self.worklog_text()
         if text == expected:
             return
-        last = worklog_block(records[-1]["epoch"], records[-1]["lr"], records[-1]["record"])
+        last = worklog.block(records[-1]["epoch"], records[-1]["lr"], records[-1]["record"])
         if text.startswith(expected):
             self.cut_worklog(records[-1]["epoch"])
         elif text == expected[: len(expected) - len(last)]:  # stopped between latest and the worklog block
@@ -542,16 +497,16 @@ class RunFolder:
     def finish(self, best_acc: float) -> None:
         """The host's last worklog line: ``best_acc<TAB>NN.NN`` (no newline, as the host writes it)."""
         with held_signals():
-            self._append(f"best_acc\t{float(best_acc):.2f}")
+            self._append(worklog.best_line(best_acc))
 
     def fail(self, reason: str) -> None:
         """End the worklog with ``failed<TAB>reason``; no checkpoint is touched."""
-        self._append(f"failed\t{reason}{os.linesep}")
+        self._append(worklog.failed_line(reason))
 
     def cut_worklog(self, epoch: int) -> None:
         """Keep only complete blocks of epochs <= ``epoch`` (drops later blocks, half blocks and end lines)."""
         text = self.worklog_text()
-        kept = _blocks_through(text, epoch)
+        kept = worklog.blocks_through(text, epoch)
         if kept != text:
             dropped = text[len(kept) :] if text.startswith(kept) else text
             log.warning("%s: cutting worklog back to epoch %d (dropped %d characters)", self.path, epoch, len(dropped))

@@ -4,8 +4,8 @@
     normkd-sweep --pairs res56_res20 --seeds 0,1,2 --pack [--run] [KEY VALUE ...]   # one command per teacher
 
 Without --run it prints one command per line (for a cluster scheduler). With --run it executes
-them one after another, skips runs whose folder already holds a finished worklog.txt (a
-``best_acc`` line), resumes started ones, and reports a run that fails without stopping the rest.
+them one after another, skips runs whose folder already holds a finished worklog.txt (every
+epoch, then ``best_acc``), resumes started ones, and reports a run that fails without stopping the rest.
 Several sweeps over one grid share the work: a run locked by another process is skipped as
 "running elsewhere", and waited for at the end (exit 0 when every run ended finished somewhere).
 SIGINT and SIGTERM are passed on to the command running, which stops after its last committed
@@ -134,12 +134,10 @@ def run_folder(cfg_name: str, seed: int, opts: tuple[str, ...]) -> str:
 
 
 def is_finished(folder: str) -> bool:
-    """True when folder/worklog.txt ends the host's way, with a best_acc line."""
-    try:
-        with open(os.path.join(folder, "worklog.txt")) as f:
-            return any(line.startswith("best_acc") for line in f)
-    except OSError:
-        return False
+    """Whether the run in ``folder`` is finished (``worklog.folder_status``); a damaged worklog is not."""
+    from .worklog import folder_status
+
+    return folder_status(folder) == "finished"
 
 
 def lock_holder(folder: str) -> str | None:

@@ -7,6 +7,7 @@ import io
 import json
 import math
 import os
+import shutil
 import struct
 import subprocess
 import sys
@@ -18,7 +19,7 @@ import yaml
 from conftest import needs_mdistiller
 from normkd_plugin.leaderboard import cli
 from normkd_plugin.leaderboard.render import curves_figure, plot_curves
-from normkd_plugin.leaderboard.runs import WorklogError, discover_runs, parse_worklog
+from normkd_plugin.leaderboard.runs import discover_runs
 from normkd_plugin.leaderboard.table import aggregate, split_duplicates
 
 
@@ -43,11 +44,15 @@ def host_worklog(accs, finished=True, lr=0.05):
 
 
 def make_run(root: Path, name: str, accs, finished=True, config: dict | None = None, project="cifar100"):
+    """A run folder whose worklog logs ``accs`` as the last epochs' test_acc; a finished run logs every epoch of
+    its config's SOLVER.EPOCHS (the first accuracy repeated before ``accs``: best and last stay theirs)."""
     folder = root / project / name
     folder.mkdir(parents=True)
-    (folder / "worklog.txt").write_text(host_worklog(accs, finished))
     if config is not None:
         (folder / "config.yaml").write_text(yaml.safe_dump(config))
+        if finished:
+            accs = [accs[0]] * (config["SOLVER"]["EPOCHS"] - len(accs)) + list(accs)
+    (folder / "worklog.txt").write_text(host_worklog(accs, finished))
     return folder
 
 
@@ -73,16 +78,6 @@ def runs_root(tmp_path):
     bad.mkdir()
     (bad / "worklog.txt").write_text("-------------------------\nepoch: 1\ntest_acc: lots\n")
     return tmp_path
-
-
-def test_parse_host_worklog_finished_and_unfinished():
-    log = parse_worklog(host_worklog([10.0, 20.0, 15.0]))
-    assert [e["epoch"] for e in log.epochs] == [1, 2, 3]
-    assert log.epochs[1]["test_acc"] == 20.0 and log.epochs[1]["test_acc_top5"] == 40.0 and log.epochs[0]["lr"] == 0.05
-    assert log.best_acc == 20.0
-    assert parse_worklog(host_worklog([10.0], finished=False)).best_acc is None
-    with pytest.raises(WorklogError, match="line 3: test_acc has non-numeric value 'lots'"):
-        parse_worklog("-------------------------\nepoch: 1\ntest_acc: lots\n")
 
 
 def test_discovery_identity_from_config_and_from_folder_name(runs_root):
@@ -189,8 +184,37 @@ def test_check_rejects_unknown_section(runs_root, tmp_path):
     assert proc.returncode == 2 and proc.stdout == "" and "unknown section(s) ['min_acc']" in proc.stderr
 
 
+KD_MIN = "min_best_acc:\n  cifar100/res56_res20/kd: "
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (KD_MIN + "high\n", "line 2: min_best_acc: cifar100/res56_res20/kd: expected a minimum mean best top-1 from 0 to 100, got 'high'"),
+        (KD_MIN + "null\n", "line 2: min_best_acc: cifar100/res56_res20/kd: expected a minimum mean best top-1 from 0 to 100, got 'null'"),
+        (KD_MIN + "[70]\n", "line 2: min_best_acc: cifar100/res56_res20/kd: expected a minimum mean best top-1 from 0 to 100, got a list"),
+        (KD_MIN + ".nan\n", "line 2: min_best_acc: cifar100/res56_res20/kd: expected a minimum mean best top-1 from 0 to 100, got '.nan'"),
+        (KD_MIN + "150\n", "line 2: min_best_acc: cifar100/res56_res20/kd: expected a minimum mean best top-1 from 0 to 100, got '150'"),
+        (KD_MIN + "90\n  cifar100/res56_res20/kd: 60\n", "line 3: min_best_acc: cifar100/res56_res20/kd given twice (first on line 2); keep one"),
+        ("required: [cifar100/res56_res20/kd]\nrequired: []\n", "line 2: sections: required given twice (first on line 1); keep one"),
+        ("required:\n  - cifar100/res56_res20/kd\n  - 7\n", "line 3: section required: expected a name, got '7'"),
+        ("min_best_acc: 70\n", "line 1: section min_best_acc: expected a mapping dataset/pair/method: minimum, got '70'"),
+        (b"\x89PNG\r\n\x1a\n\x00\x00", "not a text file (byte 0 is not UTF-8); expected YAML thresholds"),
+    ],
+)  # fmt: skip
+def test_a_malformed_thresholds_file_is_one_line_naming_its_line_and_what_it_wants(
+    runs_root, tmp_path, content, message
+):
+    th = tmp_path / "th.yaml"
+    th.write_bytes(content if isinstance(content, bytes) else content.encode())
+    proc = _cli(runs_root, "--check", th)
+    assert (proc.returncode, proc.stdout) == (2, ""), proc.stderr
+    assert proc.stderr == f"normkd-leaderboard: {th}: {message}\n"
+
+
 def test_check_function_lists_every_failure():
     assert cli.check([], {"required": ["a/b/c"], "min_best_acc": {"a/b/d": 1.0}}) == [
+        "no run found: nothing to check",
         "a/b/d: no runs (minimum 1.00)",
         "a/b/c: required run missing",
     ]
@@ -379,69 +403,31 @@ def test_markdown_shows_interval_and_method(paired_root):
     assert "*paired*: mean of per-seed differences" in md
 
 
-# --- failed and non-finite runs ------------------------------------------------------------------
+# --- failed and invalid runs ------------------------------------------------------------------
 
 
-def test_parse_failed_line():
-    text = host_worklog([10.0, 20.0], finished=False) + "failed\tepoch 3 step 17: non-finite training loss\n"
-    log = parse_worklog(text)
-    assert log.failed == "epoch 3 step 17: non-finite training loss" and log.best_acc is None
-    assert [e["epoch"] for e in log.epochs] == [1, 2]
-    assert parse_worklog(host_worklog([10.0])).failed is None
-    assert parse_worklog(host_worklog([10.0], finished=False) + "failed\t").failed == "no reason given"
-
-
-def host_block(epoch: int, acc: float) -> str:
-    return host_worklog([acc], finished=False).replace("epoch: 1", f"epoch: {epoch}", 1)
-
-
-@pytest.mark.parametrize(
-    "text, message",
-    [
-        # 9 lines per block: the third block's epoch line is line 20, a best_acc after two blocks line 19
-        (host_worklog([10, 20], finished=False) + host_block(2, 21), "line 20: epoch 2 repeats"),
-        (host_block(1, 10) + host_block(3, 20) + host_block(2, 21), r"line 20: epoch 2 goes back \(previous epoch 3\)"),
-        (host_worklog([10, 20]) + host_block(3, 21), "line 19: text after the best_acc value: '-----"),
-        (host_worklog([10, 20]) + "best_acc\t20.00", "line 19: text after the best_acc value: 'best_acc"),
-        (host_worklog([10, 20]) + "\nbest_acc\t20.00", r"line 20: .* after the best_acc line \(line 19\)"),
-        (
-            host_worklog([10], finished=False) + "failed\tboom\n" + host_block(2, 20),
-            r"line 11: .* failed line \(line 10\)",
-        ),
-        (host_worklog([10], finished=False) + "failed: boom\n", "line 10: malformed failed line"),
-        (
-            host_worklog([10], finished=False) + "-" * 25 + "\nepoch: 2\nbest_acc\t10.00",
-            "line 12: best_acc line inside",
-        ),
-    ],
-)
-def test_malformed_worklogs_are_errors(text, message):
-    with pytest.raises(WorklogError, match=message):
-        parse_worklog(text)
-
-
-def test_non_finite_accuracies_make_a_run_non_finite(tmp_path):
+def test_non_finite_accuracies_make_a_run_invalid(tmp_path):
     nan = make_run(tmp_path, "kd,res56,res20,seed:0", [10.0, 20.0])
     (nan / "worklog.txt").write_text((nan / "worklog.txt").read_text().replace("test_acc: 20.00", "test_acc: nan"))
     inf = make_run(tmp_path, "kd,res56,res20,seed:1", [10.0])
     (inf / "worklog.txt").write_text(host_worklog([10.0], finished=False) + "best_acc\tinf")
     ok = make_run(tmp_path, "kd,res56,res20,seed:2", [10.0])
     runs = {r.seed: r for r in discover_runs([tmp_path])[0]}
-    assert (runs[0].status, runs[0].problem) == ("non-finite", "non-finite test_acc (nan) at epoch 2")
-    assert (runs[1].status, runs[1].problem) == ("non-finite", "non-finite best_acc (inf)")
+    assert (runs[0].status, runs[0].problem) == ("invalid", "non-finite test_acc (nan) at epoch 2")
+    assert (runs[1].status, runs[1].problem) == ("invalid", "non-finite best_acc (inf)")
     assert (runs[2].status, runs[2].problem) == ("finished", None) and ok == runs[2].path
     (row,) = aggregate(list(runs.values()))
-    assert (row.runs, row.finished, row.failed, row.best_mean, row.best_std) == (1, 1, 2, 10.0, None)
+    assert (row.runs, row.finished, row.failed, row.invalid, row.best_mean, row.best_std) == (1, 1, 0, 2, 10.0, None)
 
 
 @pytest.fixture
 def failed_root(runs_root):
-    # a failed KD run and a non-finite NormKD run sharing seeds with good ones: counted in neither mean nor pair
+    # a failed KD run and an invalid (nan) NormKD run sharing seeds with good ones: counted in neither mean nor pair
     failed = make_run(runs_root, "kd,res56,res20,seed:0,again", [60.0, 10.0], finished=False)
     with open(failed / "worklog.txt", "a") as f:
         f.write("failed\tepoch 3 step 17: non-finite training loss\n")
-    bad = make_run(runs_root, "normkd-nan", [99.0, 99.0], config=cfg("normkd", seed=1))
-    (bad / "worklog.txt").write_text((bad / "worklog.txt").read_text().replace("test_acc: 99.00", "test_acc: nan", 1))
+    bad = make_run(runs_root, "normkd-nan", [79.0, 79.0], config=cfg("normkd", seed=1))
+    (bad / "worklog.txt").write_text((bad / "worklog.txt").read_text().replace("test_acc: 79.00", "test_acc: nan", 1))
     return runs_root
 
 
@@ -449,29 +435,30 @@ def test_failed_runs_are_listed_apart(failed_root, tmp_path):
     rows = {(r.pair, r.method): r for r in aggregate(discover_runs([failed_root])[0])}
     kd, nk = rows[("res56_res20", "kd")], rows[("res56_res20", "normkd")]
     assert (kd.runs, kd.failed, kd.best_mean) == (2, 1, pytest.approx(70.5))
-    assert (nk.runs, nk.failed, nk.best_mean) == (3, 1, pytest.approx(72.25))
+    assert (nk.runs, nk.failed, nk.invalid, nk.best_mean) == (3, 0, 1, pytest.approx(72.25))
     d = nk.vs_kd_best
     assert (d.kind, d.n) == ("paired", 2)
     assert (d.mean, d.low, d.high) == pytest.approx(t_interval([72.0 - 70.0, 72.5 - 71.0], T975[1]))
 
     md = _cli(failed_root)
     assert md.returncode == 0, md.stderr
-    assert "| kd | 2 (1 failed) | 70.50 ± 0.71 |" in md.stdout and "| 3 (1 unfinished: 1/3; 1 failed) |" in md.stdout
-    listed = md.stdout.split("Failed runs (not in any mean or difference):")[1]
+    assert "| kd | 2 (1 failed) | 70.50 ± 0.71 |" in md.stdout and "| 3 (1 unfinished: 1/3; 1 invalid) |" in md.stdout
+    invalid, failed = md.stdout.split("Invalid runs (")[1].split("Failed runs (not in any mean or difference):")
     assert (
-        f"- `{failed_root / 'cifar100' / 'kd,res56,res20,seed:0,again'}` (cifar100/res56_res20/kd, seed 0): " in listed
+        f"- `{failed_root / 'cifar100' / 'kd,res56,res20,seed:0,again'}` (cifar100/res56_res20/kd, seed 0): " in failed
     )
-    assert "failed: epoch 3 step 17: non-finite training loss" in listed
-    assert "normkd-nan` (cifar100/res56_res20/normkd, seed 1): non-finite test_acc (nan) at epoch 1" in listed
+    assert "failed: epoch 3 step 17: non-finite training loss" in failed and "normkd-nan" not in failed
+    assert "normkd-nan` (cifar100/res56_res20/normkd, seed 1): non-finite test_acc (nan) at epoch 1" in invalid
     rows = {r["method"]: r for r in csv.DictReader(io.StringIO(_cli(failed_root, "--format", "csv").stdout))}
     assert rows["kd"]["failed"] == "1" and rows["kd"]["failed_runs"].endswith(
         "seed:0,again: failed: epoch 3 step 17: non-finite training loss"
     )
     data = json.loads(_cli(failed_root, "--format", "json").stdout)
-    assert sorted((f["method"], f["status"], f["seed"]) for f in data["failed"]) == [
-        ("kd", "failed", 0),
-        ("normkd", "non-finite", 1),
-    ]
+    assert [(f["method"], f["status"], f["seed"]) for f in data["failed"]] == [("kd", "failed", 0)]
+    assert [(f["method"], f["status"], f["seed"]) for f in data["invalid"]] == [("normkd", "invalid", 1)]
+    proc = _check(failed_root, tmp_path, {"min_best_acc": {"cifar100/res56_res20/normkd": 72.0}})
+    assert proc.returncode == 1 and "normkd-nan: invalid run: non-finite test_acc (nan) at epoch 1" in proc.stderr
+    shutil.rmtree(failed_root / "cifar100" / "normkd-nan")  # a failed run alone does not fail the check
     proc = _check(failed_root, tmp_path, {"min_best_acc": {"cifar100/res56_res20/normkd": 72.0}})
     assert proc.returncode == 0, proc.stderr
 
@@ -489,6 +476,65 @@ def test_check_required_counts_failed_runs_as_missing(tmp_path):
     ]
 
 
+# --- a passing check means something: numbers no run can have, finished means every epoch ------------
+
+
+@pytest.mark.parametrize(
+    ("value", "problem"),
+    [
+        ("150.00", "test_acc 150 is outside [0, 100] at epoch 2"),
+        ("1e300", "test_acc 1e+300 is outside [0, 100] at epoch 2"),
+        ("-40", "test_acc -40 is outside [0, 100] at epoch 2"),
+        ("nan", "non-finite test_acc (nan) at epoch 2"),
+        ("inf", "non-finite test_acc (inf) at epoch 2"),
+    ],
+)
+def test_impossible_accuracies_make_a_run_invalid_in_no_mean_and_the_check_fails(runs_root, tmp_path, value, problem):
+    bad = make_run(runs_root, "normkd-3", [60.0, 70.0, 65.0], config=cfg("normkd", seed=3))
+    text = (bad / "worklog.txt").read_text().replace("test_acc: 70.00", f"test_acc: {value}")
+    (bad / "worklog.txt").write_text(text.replace("best_acc\t70.00", f"best_acc\t{value}"))
+    (run,) = [r for r in discover_runs([runs_root])[0] if r.path == bad]
+    assert (run.status, run.problem) == ("invalid", problem)
+    nk = {(r.pair, r.method): r for r in aggregate(discover_runs([runs_root])[0])}[("res56_res20", "normkd")]
+    assert (nk.runs, nk.finished, nk.invalid, nk.failed) == (3, 2, 1, 0)
+    assert (nk.best_mean, nk.last_mean) == (pytest.approx((72.0 + 72.5) / 2), pytest.approx((71.0 + 72.5) / 2))
+
+    md = _cli(runs_root).stdout
+    assert "| 3 (1 unfinished: 1/3; 1 invalid) | 72.25 ± 0.35 |" in md
+    assert f"- `{bad}` (cifar100/res56_res20/normkd, seed 3): {problem}" in md.split("Invalid runs (")[1]
+    assert [f["path"] for f in json.loads(_cli(runs_root, "--format", "json").stdout)["invalid"]] == [str(bad)]
+    proc = _check(runs_root, tmp_path, {"min_best_acc": {"cifar100/res56_res20/normkd": 72.0}})
+    assert proc.returncode == 1 and f"{bad}: invalid run: {problem}" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("worklog", "problem"),
+    [
+        ("best_acc\t99.00", "a best_acc line without any epoch block before it"),
+        (host_worklog([60.0, 70.0]), "best_acc after epochs 1-2 (2 blocks), not after epochs 1-3"),
+        (host_worklog([60.0, 70.0, 65.0], finished=False) + "best_acc\t75.00", "best_acc 75.00 is not the best"),
+    ],
+)
+def test_a_best_acc_line_that_ends_no_finished_worklog_is_no_finished_run(runs_root, tmp_path, worklog, problem):
+    folder = runs_root / "cifar100" / "kd-3"
+    folder.mkdir()
+    (folder / "config.yaml").write_text(yaml.safe_dump(cfg("kd", seed=3, epochs=3)))
+    (folder / "worklog.txt").write_text(worklog)
+    (run,) = [r for r in discover_runs([runs_root])[0] if r.path == folder]
+    assert not run.finished and run.status == "invalid" and run.problem.startswith(problem)
+    kd = {(r.pair, r.method): r for r in aggregate(discover_runs([runs_root])[0])}[("res56_res20", "kd")]
+    assert (kd.runs, kd.finished, kd.invalid, kd.best_mean) == (2, 2, 1, pytest.approx(70.5))
+    proc = _check(runs_root, tmp_path, {"min_best_acc": {"cifar100/res56_res20/kd": 70.0}})
+    assert proc.returncode == 1 and f"{folder}: invalid run: {problem}" in proc.stderr
+    (folder / "config.yaml").write_text(yaml.safe_dump(cfg("kd", "resnet32x4", "resnet8x4", seed=3, epochs=3)))
+    rows = aggregate(discover_runs([runs_root])[0])  # the only KD run of its pair: none counts
+    (row,) = [r for r in rows if (r.pair, r.method) == ("res32x4_res8x4", "kd")]
+    assert (row.runs, row.finished, row.invalid, row.best_mean) == (0, 0, 1, None)
+    assert "cifar100/res32x4_res8x4/kd: required run missing (1 invalid)" in cli.check(
+        rows, {"required": ["cifar100/res32x4_res8x4/kd"]}
+    )
+
+
 # --- paths ---------------------------------------------------------------------------------------
 
 
@@ -504,6 +550,51 @@ def test_path_without_runs_is_reported(runs_root, tmp_path):
     proc = _cli(empty, runs_root)
     assert proc.returncode == 0 and f"no run (folder with a worklog.txt) under {empty}" in proc.stderr
     assert f"under {runs_root}\n" not in proc.stderr and "| kd |" in proc.stdout
+
+
+def test_run_folders_behind_symbolic_links_are_followed_each_once_and_a_loop_ends(tmp_path):
+    real = make_run(tmp_path / "store", "normkd,res56,res20,seed:0", [60.0, 70.0], config=cfg("normkd"))
+    out = tmp_path / "out" / "cifar100"
+    out.mkdir(parents=True)
+    (out / "again").symlink_to(real)
+    (out / "linked").symlink_to(real)  # the same run twice: counted once
+    (out / "loop").symlink_to(tmp_path / "out")  # a link back up the tree
+    (out / "store").symlink_to(tmp_path / "store", target_is_directory=True)
+    runs, skipped = discover_runs([tmp_path / "out"])
+    assert [r.path for r in runs] == [out / "again"] and skipped == []
+    proc = _cli(tmp_path / "out")
+    assert proc.returncode == 0 and "| cifar100 | res56_res20 | normkd | 1 | 70.00 |" in proc.stdout, proc.stderr
+    assert "no run" not in proc.stderr
+    th = tmp_path / "th.yaml"
+    th.write_text(yaml.safe_dump({"min_best_acc": {"cifar100/res56_res20/normkd": 70.0}}))
+    assert _cli(tmp_path / "out", "--check", th).returncode == 0
+
+
+def test_paths_that_cannot_be_read_are_named_as_skipped_and_a_check_of_nothing_fails(tmp_path):
+    root = tmp_path / "out"
+    dangling = root / "cifar100" / "kd,res56,res20,seed:0"
+    dangling.mkdir(parents=True)
+    (dangling / "worklog.txt").symlink_to(tmp_path / "moved" / "worklog.txt")
+    (root / "cifar100" / "kd,res56,res20,seed:1").symlink_to(tmp_path / "gone")  # a dangling run folder link
+    (root / "self").symlink_to(root / "self")  # a link that loops on itself
+    runs, skipped = discover_runs([root])
+    assert runs == [] and skipped == [
+        (
+            root / "cifar100" / "kd,res56,res20,seed:0" / "worklog.txt",
+            f"a symbolic link to {tmp_path}/moved/worklog.txt that is dangling",
+        ),
+        (root / "cifar100" / "kd,res56,res20,seed:1", f"a symbolic link to {tmp_path}/gone that is dangling"),
+        (root / "self", f"a symbolic link to {root}/self that loops"),
+    ]
+    proc = _cli(root)
+    assert proc.returncode == 0 and proc.stdout.count("\n- `") == 3, proc.stdout
+    assert proc.stdout.split("Skipped (could not be read):\n\n")[1] == "".join(
+        f"- `{p}`: {why}\n" for p, why in skipped
+    )
+    th = tmp_path / "th.yaml"
+    th.write_text("{}\n")  # no threshold at all: still nothing to pass
+    proc = _cli(root, "--check", th)
+    assert proc.returncode == 1 and "- no run found: nothing to check" in proc.stderr
 
 
 # --- --check: intervals and trainer names ----------------------------------------------------------
@@ -638,9 +729,10 @@ def _real_run(root, cfg_name, seed, acc, *opts):
     folder = root / run_name(cfg, options)
     folder.mkdir(parents=True)
     (folder / "config.yaml").write_text(cfg.dump())
-    (folder / "worklog.txt").write_text(
-        f"{'-' * 25}\nepoch: 1\nlr: 0.05\ntest_acc: {acc:.2f}\n{'-' * 25}\nbest_acc\t{acc:.2f}"
-    )
+    blocks = [
+        f"{'-' * 25}\nepoch: {e}\nlr: 0.05\ntest_acc: {acc:.2f}\n{'-' * 25}\n" for e in range(1, cfg.SOLVER.EPOCHS + 1)
+    ]
+    (folder / "worklog.txt").write_text("".join(blocks) + f"best_acc\t{acc:.2f}")
 
 
 @needs_mdistiller
@@ -856,22 +948,11 @@ def test_bars_split_by_settings_and_published_markers_only_beside_the_published_
 
 
 def _host_worklog(epochs: int, end: str = "best_acc\t70.00") -> str:
-    from normkd_plugin.runs import worklog_block
+    from normkd_plugin.worklog import block
 
-    record = dict(train_acc=51.5, train_loss=1.25, test_acc=61.0, test_acc_top5=88.5, test_loss=float("nan"))
-    blocks = [worklog_block(e, 0.05 / e, {**record, "test_acc": 60.0 + e / 7}) for e in range(1, epochs + 1)]
+    record = dict(train_acc=51.5, train_loss=1.25, test_acc=61.0, test_acc_top5=88.5, test_loss=1.5)
+    blocks = [block(e, 0.05 / e, {**record, "test_acc": 60.0 + e / 7}) for e in range(1, epochs + 1)]
     return "".join(blocks) + end
-
-
-@pytest.mark.parametrize("end", ["best_acc\t70.00", "", "best_acc\t70.00\n\n", "failed\tepoch 3: nan\n"])
-def test_the_fast_path_reads_host_worklogs_as_the_general_parser_does(end, monkeypatch):
-    from normkd_plugin.leaderboard import runs as lb
-
-    text = _host_worklog(40, end)
-    fast = parse_worklog(text)
-    monkeypatch.setattr(lb, "_parse_host_worklog", lambda text: None)
-    slow = parse_worklog(text)
-    assert repr(fast) == repr(slow) and len(fast.epochs) == 40
 
 
 def test_a_junk_worklog_is_quoted_at_most_200_characters(tmp_path, capsys):

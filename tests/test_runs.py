@@ -85,6 +85,10 @@ def test_lock_held_by_another_process(tmp_path):
         ({"latest": "x"}, "started"),
         ({"worklog.txt": BLOCK.format(e=1) + "best_acc\t1.00"}, "finished"),
         ({"worklog.txt": BLOCK.format(e=1) + "failed\tepoch 2 step 3 of 4: non-finite training loss\n"}, "failed"),
+        # finished is every epoch of SOLVER.EPOCHS, then best_acc equal to the best test_acc (worklog.finished)
+        ({"worklog.txt": "best_acc\t1.00"}, "started"),
+        ({"worklog.txt": BLOCK.format(e=1) + "best_acc\t1.00", "config.yaml": "SOLVER:\n  EPOCHS: 2\n"}, "started"),
+        ({"worklog.txt": BLOCK.format(e=1) + "best_acc\t9.00"}, "started"),
     ],
 )
 def test_status_and_start_guards(tmp_path, files, status):
@@ -107,6 +111,18 @@ def test_status_and_start_guards(tmp_path, files, status):
         has_state = "latest" in files
         expected = {"finished": "skip"}.get(status, "resume" if has_state else "start")  # no checkpoint: again
         assert folder.check_start(resume=True) == expected
+
+
+def test_status_counts_the_epochs_of_this_commands_config(tmp_path):
+    from normkd_plugin.runs import RunFolder
+
+    folder = RunFolder(tmp_path / "run", "run", "SOLVER:\n  EPOCHS: 2\n")
+    folder.path.mkdir()
+    (folder.path / "config.yaml").write_text("SOLVER:\n  EPOCHS: 1\n")
+    (folder.path / "worklog.txt").write_text(BLOCK.format(e=1) + "best_acc\t1.00")
+    assert folder.status() == "started"
+    (folder.path / "worklog.txt").write_text(BLOCK.format(e=1) + BLOCK.format(e=2) + "best_acc\t1.00")
+    assert folder.status() == "finished" and folder.check_start(resume=True) == "skip"
 
 
 def test_cut_worklog_keeps_complete_blocks_up_to_the_epoch(tmp_path):
@@ -393,10 +409,10 @@ def _resume(argv, capsys):
 
 def _worklog_of_records(folder):
     from conftest import load_state
-    from normkd_plugin.runs import worklog_block
+    from normkd_plugin.worklog import block
 
     state = load_state(folder)
-    return "".join(worklog_block(r["epoch"], r["lr"], r["record"]) for r in state["records"])
+    return "".join(block(r["epoch"], r["lr"], r["record"]) for r in state["records"])
 
 
 @needs_mdistiller

@@ -41,13 +41,52 @@ def test_unknown_pair_or_method_is_named():
         sweep.grid("cifar100", ["fitnet"], ["all"], [0], [])
 
 
-def test_finished_means_a_best_acc_line(tmp_path):
+def _finished_worklog(epochs: int = 2) -> str:
+    """What a run of ``epochs`` epochs leaves: every epoch's block, then best_acc (the best test_acc)."""
+    from normkd_plugin import worklog
+
+    record = dict(train_acc=30.0, train_loss=2.5, test_acc=20.0, test_acc_top5=45.0, test_loss=3.0)
+    blocks = [worklog.block(e, 0.05, {**record, "test_acc": 20.0 + e}) for e in range(1, epochs + 1)]
+    return "".join(blocks) + worklog.best_line(20.0 + epochs)
+
+
+def _finish(folder) -> None:
+    os.makedirs(folder)
+    with open(os.path.join(folder, "worklog.txt"), "w") as f:
+        f.write(_finished_worklog())
+
+
+def test_finished_means_every_epoch_then_best_acc(tmp_path):
     assert not sweep.is_finished(tmp_path)
     (tmp_path / "worklog.txt").write_text("-" * 25 + "\nepoch: 1\ntest_acc: 1.00\n" + "-" * 25 + "\n")
     assert not sweep.is_finished(tmp_path)
     with open(tmp_path / "worklog.txt", "a") as f:
         f.write("best_acc\t1.00")
     assert sweep.is_finished(tmp_path)
+    (tmp_path / "config.yaml").write_text("SOLVER:\n  EPOCHS: 2\n")  # the run was to train 2 epochs
+    assert not sweep.is_finished(tmp_path)
+    (tmp_path / "worklog.txt").write_text(_finished_worklog(2))
+    assert sweep.is_finished(tmp_path)
+    (tmp_path / "worklog.txt").write_text("best_acc\t70.00")  # no epoch at all
+    assert not sweep.is_finished(tmp_path)
+    (tmp_path / "worklog.txt").write_text(_finished_worklog(2).replace("best_acc\t22.00", "best_acc\t70.00"))
+    assert not sweep.is_finished(tmp_path)  # not the best logged test_acc
+    (tmp_path / "worklog.txt").write_bytes(b"\xff\xfe\x00\x81" * 64)  # binary: damaged, so not finished
+    assert not sweep.is_finished(tmp_path)
+
+
+@needs_mdistiller
+def test_run_over_a_grid_holding_a_binary_worklog_resumes_that_run(tmp_path, monkeypatch):
+    opts = ["LOG.PREFIX", str(tmp_path)]
+    damaged = sweep.run_folder("cifar100/kd/res56_res20", 0, tuple(opts))
+    os.makedirs(damaged)
+    with open(os.path.join(damaged, "worklog.txt"), "wb") as f:
+        f.write(bytes(range(256)) * 4)
+    launched = []
+    monkeypatch.setattr(sweep, "launch", lambda argv, env=None: launched.append(argv) or 0)
+    sweep.main(["--methods", "kd", "--pairs", "res56_res20", "--seeds", "0", "--run", *opts])
+    (argv,) = launched  # normkd-train --resume then rebuilds the worklog from its checkpoint, or starts again
+    assert "--resume" in argv and "cifar100/kd/res56_res20" in argv
 
 
 @needs_mdistiller
@@ -55,8 +94,7 @@ def test_run_skips_finished_and_launches_the_rest(tmp_path, monkeypatch):
     jobs = sweep.grid("cifar100", ["kd", "normkd"], ["res56_res20"], [0], ["LOG.PREFIX", str(tmp_path)])
     done = sweep.run_folder(jobs[0].cfg, jobs[0].seed, jobs[0].opts)
     assert done == str(tmp_path / "cifar100" / "kd,res56,res20,seed:0")
-    (tmp_path / "cifar100" / "kd,res56,res20,seed:0").mkdir(parents=True)
-    (tmp_path / "cifar100" / "kd,res56,res20,seed:0" / "worklog.txt").write_text("best_acc\t70.00")
+    _finish(done)
     launched = []
     monkeypatch.setattr(sweep, "launch", lambda argv, env=None: launched.append(argv) or 0)
     sweep.main(
@@ -133,9 +171,7 @@ def test_pack_run_drops_finished_runs_and_resumes_started_ones(tmp_path, monkeyp
     for cfg, seed in pack.runs()[:2]:  # kd seeds 0 and 1 finished
         folder = sweep.run_folder(cfg, seed, pack.opts)
         assert "SOLVER.TRAINER:fast" in folder
-        os.makedirs(folder)
-        with open(os.path.join(folder, "worklog.txt"), "w") as f:
-            f.write("best_acc\t70.00")
+        _finish(folder)
     started = sweep.run_folder("cifar100/normkd/res56_res20", 1, pack.opts)
     os.makedirs(started)
     open(os.path.join(started, "latest"), "wb").close()
@@ -150,10 +186,7 @@ def test_pack_run_drops_finished_runs_and_resumes_started_ones(tmp_path, monkeyp
 def test_pack_run_with_finished_and_new_runs_passes_resume(tmp_path, monkeypatch):
     opts = ["LOG.PREFIX", str(tmp_path)]
     (pack,) = sweep.packs(sweep.grid("cifar100", ["kd"], ["res56_res20"], [0, 1], opts))
-    folder = sweep.run_folder("cifar100/kd/res56_res20", 0, pack.opts)
-    os.makedirs(folder)
-    with open(os.path.join(folder, "worklog.txt"), "w") as f:
-        f.write("best_acc\t70.00")
+    _finish(sweep.run_folder("cifar100/kd/res56_res20", 0, pack.opts))
     launched = []
     monkeypatch.setattr(sweep, "launch", lambda argv, env=None: launched.append(argv) or 0)
     sweep.run_all([pack])

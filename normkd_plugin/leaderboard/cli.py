@@ -7,10 +7,15 @@
 
 A PATH that does not exist, a malformed thresholds file, or --curves with no run to draw (a
 --select that matches none) is an error (exit 2, nothing written); a PATH that holds no run is
-reported on stderr. Failed runs (a final "failed<TAB>reason" worklog line) and runs with a
-nan/inf accuracy are listed apart and never averaged. Runs of one method, settings and seed
-whose worklogs hold the same records (a run copied to a second folder) are counted once, the
-first by path; the others are listed apart as duplicates.
+reported on stderr. Symbolic links to run folders are followed (each real folder once); every
+path that cannot be read (a dangling link, a damaged worklog) is listed under "Skipped". A run is
+finished when its worklog holds every epoch of its SOLVER.EPOCHS, then a best_acc line equal to
+its best test_acc. Failed runs (a final "failed<TAB>reason" worklog line) and invalid runs (a
+value that is not finite, an accuracy outside [0, 100], a best_acc line that does not end a
+finished worklog) are listed apart and never averaged; --check fails while any run found is
+invalid, and when no run is found at all. Runs of one method, settings and seed whose worklogs
+hold the same records (a run copied to a second folder) are counted once, the first by path; the
+others are listed apart as duplicates.
 
 Check names: a row is named dataset/pair/method, as in the table's first three columns, e.g.
 cifar100/res56_res20/normkd. Without a trainer the name matches that method's row whatever its
@@ -18,7 +23,7 @@ trainer, as long as only one trainer has rows for it (else the check fails and n
 candidates); "cifar100/res56_res20/normkd (fast)" requires the fast trainer and
 "cifar100/res56_res20/normkd (base)" the host's own trainer.
 
-Thresholds file (every section optional)::
+Thresholds file (every section optional, each once; a malformed one is refused naming its line)::
 
     min_best_acc:              # dataset/pair/method: minimum mean best top-1
       cifar100/res56_res20/normkd: 70.5
@@ -41,6 +46,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import re
 import sys
 from pathlib import Path
@@ -69,32 +75,115 @@ class ThresholdsError(UserError, ValueError):
     """A thresholds file that cannot be read or does not follow the documented sections."""
 
 
-def _fail(path: str, section: str, why: str) -> ThresholdsError:
-    return ThresholdsError(f"{path}: section {section}: {why}")
+_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+_LIST_SECTIONS = ("required", "normkd_beats_kd", "beats_with_ci")
+
+
+def _line(node: yaml.Node) -> int:
+    return node.start_mark.line + 1
+
+
+def _shown(node: yaml.Node) -> str:
+    """A value as written, for a message: a scalar quoted, else what kind of thing it is."""
+    if isinstance(node, yaml.ScalarNode):
+        return repr(node.value[:80])
+    return "a list" if isinstance(node, yaml.SequenceNode) else "a mapping"
+
+
+def _pairs(path: str, node: yaml.MappingNode, where: str) -> list[tuple[str, yaml.Node, int]]:
+    """(key, value node, line) of a mapping whose keys are names, each given once; ThresholdsError otherwise."""
+    out, first = [], {}
+    for key_node, value in node.value:
+        line = _line(key_node)
+        if not isinstance(key_node, yaml.ScalarNode) or key_node.tag != "tag:yaml.org,2002:str":
+            raise ThresholdsError(f"{path}: line {line}: {where}: expected a name as key, got {_shown(key_node)}")
+        key = key_node.value
+        if key in first:
+            raise ThresholdsError(
+                f"{path}: line {line}: {where}: {key} given twice (first on line {first[key]}); keep one"
+            )
+        first[key] = line
+        out.append((key, value, line))
+    return out
+
+
+def _is_null(node: yaml.Node) -> bool:
+    return isinstance(node, yaml.ScalarNode) and node.tag == "tag:yaml.org,2002:null"
+
+
+def _minimum(path: str, key: str, node: yaml.Node, line: int, loader) -> float:
+    """A min_best_acc value: a number from 0 to 100."""
+    value = loader.construct_object(node) if isinstance(node, yaml.ScalarNode) else None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 100:  # (.nan fails)
+        raise ThresholdsError(
+            f"{path}: line {line}: min_best_acc: {key}: expected a minimum mean best top-1 from 0 to 100, "
+            f"got {_shown(node)}"
+        )
+    return float(value)
+
+
+def _names(path: str, section: str, node: yaml.Node) -> list[str]:
+    """A list section's entries: names (strings)."""
+    if not isinstance(node, yaml.SequenceNode):
+        raise ThresholdsError(
+            f"{path}: line {_line(node)}: section {section}: expected a list of names, got {_shown(node)}"
+        )
+    names = []
+    for item in node.value:
+        if not isinstance(item, yaml.ScalarNode) or item.tag != "tag:yaml.org,2002:str":
+            raise ThresholdsError(f"{path}: line {_line(item)}: section {section}: expected a name, got {_shown(item)}")
+        if section == "beats_with_ci":
+            method, sep, baseline = item.value.partition(">")
+            if not sep or ">" in baseline or method.count("/") != 2 or "/" in baseline or not baseline.strip():
+                raise ThresholdsError(
+                    f"{path}: line {_line(item)}: section beats_with_ci: {item.value!r} is not dataset/pair/method>baseline"
+                )
+        names.append(item.value)
+    return names
 
 
 def load_thresholds(path: str) -> dict:
-    """The thresholds YAML, with its sections checked; raises ThresholdsError naming the file and the section."""
+    """The thresholds YAML, every entry checked as configs are: ThresholdsError naming the file, the line, the
+    section or key and what it wants (UTF-8 YAML; known sections, each once; names; minimums from 0 to 100)."""
     try:
-        with open(path) as f:
-            data = yaml.safe_load(f) or {}
-    except (OSError, yaml.YAMLError) as exc:
-        raise ThresholdsError(f"cannot read thresholds {path}: {exc}") from exc
-    if not isinstance(data, dict):
-        raise ThresholdsError(f"{path}: expected a mapping of sections {_SECTIONS}")
-    unknown = set(data) - set(_SECTIONS)
+        text = Path(path).read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ThresholdsError(
+            f"{path}: not a text file (byte {exc.start} is not UTF-8); expected YAML thresholds"
+        ) from None
+    except OSError as exc:
+        raise ThresholdsError(f"cannot read thresholds {path}: {exc.strerror or exc}") from None
+    loader = _LOADER(text)
+    try:
+        root = loader.get_single_node()
+    except yaml.YAMLError as exc:
+        raise ThresholdsError(f"{path}: not valid YAML: {' '.join(str(exc).split())[:300]}") from None
+    finally:
+        loader.dispose()
+    if root is None or _is_null(root):
+        return {}
+    if not isinstance(root, yaml.MappingNode):
+        raise ThresholdsError(
+            f"{path}: line {_line(root)}: expected a mapping of sections {_SECTIONS}, got {_shown(root)}"
+        )
+    sections = _pairs(path, root, "sections")
+    unknown = [(key, line) for key, _, line in sections if key not in _SECTIONS]
     if unknown:
-        raise ThresholdsError(f"{path}: unknown section(s) {sorted(unknown)}; expected {_SECTIONS}")
-    if not isinstance(data.get("min_best_acc") or {}, dict):
-        raise _fail(path, "min_best_acc", "expected a mapping dataset/pair/method: minimum")
-    for section in ("required", "normkd_beats_kd", "beats_with_ci"):
-        entries = data.get(section) or []
-        if not isinstance(entries, list) or not all(isinstance(e, str) for e in entries):
-            raise _fail(path, section, "expected a list of names")
-    for entry in data.get("beats_with_ci") or []:
-        method, sep, baseline = entry.partition(">")
-        if not sep or ">" in baseline or method.count("/") != 2 or "/" in baseline or not baseline.strip():
-            raise _fail(path, "beats_with_ci", f"{entry!r} is not dataset/pair/method>baseline")
+        names = sorted(key for key, _ in unknown)
+        raise ThresholdsError(f"{path}: line {unknown[0][1]}: unknown section(s) {names}; expected {_SECTIONS}")
+    data: dict = {}
+    for section, node, line in sections:
+        if _is_null(node):  # a section with nothing under it
+            data[section] = {} if section == "min_best_acc" else []
+        elif section == "min_best_acc":
+            if not isinstance(node, yaml.MappingNode):
+                raise ThresholdsError(
+                    f"{path}: line {line}: section min_best_acc: expected a mapping dataset/pair/method: minimum, "
+                    f"got {_shown(node)}"
+                )
+            data[section] = {key: _minimum(path, key, v, n, loader) for key, v, n in _pairs(path, node, "min_best_acc")}
+        else:
+            data[section] = _names(path, section, node)
     return data
 
 
@@ -145,13 +234,20 @@ def _beats_with_ci(rows: list[Row], entry: str) -> str | None:
     return None
 
 
+def _left_out(row: Row | None) -> list[str]:
+    """["1 failed", "1 invalid"]: the runs of a row that no mean counts."""
+    return [f"{n} {what}" for n, what in ((row.failed, "failed"), (row.invalid, "invalid")) if n] if row else []
+
+
 def check(rows: list[Row], thresholds: dict) -> list[str]:
-    """Human-readable failures of the thresholds (empty when all hold)."""
-    failures = []
+    """Human-readable failures of the thresholds (empty when all hold); a check of no run at all, or of runs
+    of which one is invalid (numbers no run can have), fails whatever the thresholds."""
+    failures = [] if rows else ["no run found: nothing to check"]
+    failures += [f"{run.path}: invalid run: {run.invalid}" for row in rows for run in row.invalid_runs]
     for key, minimum in (thresholds.get("min_best_acc") or {}).items():
         row, why = resolve(rows, key)
         if row is not None and row.best_mean is None:
-            why = ("no epoch logged yet" if row.runs else "no runs") + (f" ({row.failed} failed)" if row.failed else "")
+            why = ("no epoch logged yet" if row.runs else "no runs") + "".join(f" ({n})" for n in _left_out(row))
         if why:
             failures.append(f"{key}: {why} (minimum {minimum:.2f})")
         elif row.best_mean < minimum:
@@ -162,7 +258,7 @@ def check(rows: list[Row], thresholds: dict) -> list[str]:
             failures.append(f"{key}: {why}")
         elif row is None or row.finished == 0:
             notes = [f"unfinished: {row.progress}"] if row and row.progress else []
-            notes += [f"{row.failed} failed"] if row and row.failed else []
+            notes += _left_out(row)
             failures.append(f"{key}: required run missing" + (f" ({'; '.join(notes)})" if notes else ""))
     for key in thresholds.get("normkd_beats_kd") or []:
         pair, trainer = _split_trainer(key)
@@ -266,9 +362,10 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _under(path: Path, root: str) -> bool:
-    base = Path(root).resolve()
+    """Whether ``path`` was found under ``root`` (as given: a run reached through a symbolic link is under it)."""
+    base = Path(os.path.abspath(root))
     base = base.parent if base.is_file() else base
-    return Path(path).resolve().is_relative_to(base)
+    return Path(os.path.abspath(path)).is_relative_to(base)
 
 
 if __name__ == "__main__":

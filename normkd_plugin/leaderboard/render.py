@@ -16,6 +16,7 @@ __all__ = [
     "to_csv",
     "to_json",
     "failed_runs",
+    "invalid_runs",
     "duplicate_runs",
     "plot_bars",
     "curves_figure",
@@ -47,6 +48,8 @@ def _runs(r: Row) -> str:
         notes.append(f"{r.runs - r.finished} unfinished: {r.progress}")
     if r.failed:
         notes.append(f"{r.failed} failed")
+    if r.invalid:
+        notes.append(f"{r.invalid} invalid")
     if r.duplicates:
         notes.append(f"{r.duplicates} duplicate{'s' if r.duplicates > 1 else ''}")
     return f"{r.runs}" + (f" ({'; '.join(notes)})" if notes else "")
@@ -66,8 +69,13 @@ LEGEND = (
 
 
 def failed_runs(rows: list[Row]) -> list[Run]:
-    """Every failed or non-finite run of the rows, in row order."""
+    """Every failed run of the rows, in row order."""
     return [run for r in rows for run in r.failed_runs]
+
+
+def invalid_runs(rows: list[Row]) -> list[Run]:
+    """Every invalid run of the rows (numbers that cannot be a run's), in row order."""
+    return [run for r in rows for run in r.invalid_runs]
 
 
 def duplicate_runs(rows: list[Row]) -> list[tuple[Run, Run]]:
@@ -103,6 +111,10 @@ def markdown(rows: list[Row], problems=()) -> str:
                 f"| {p['dataset']} | {p['pair']} | {p['teacher_acc']:.2f} | {p['student_acc']:.2f} | "
                 f"{p['kd']:.2f} | {p['dkd']:.2f} | {p['source']} |"
             )
+    invalid = invalid_runs(rows)
+    if invalid:
+        lines += ["", "Invalid runs (numbers no run can have; in no mean or difference; --check fails):", ""]
+        lines += [f"- `{run.path}` ({_identity(run)}): {run.problem}" for run in invalid]
     failed = failed_runs(rows)
     if failed:
         lines += ["", "Failed runs (not in any mean or difference):", ""]
@@ -112,7 +124,7 @@ def markdown(rows: list[Row], problems=()) -> str:
         lines += ["", "Duplicate runs (the same worklog as a counted run; counted once):", ""]
         lines += [f"- `{copy.path}` ({_identity(copy)}): duplicate of `{run.path}`" for copy, run in copies]
     if problems:
-        lines += ["", "Skipped (unreadable):", ""] + [f"- `{path}`: {why}" for path, why in problems]
+        lines += ["", "Skipped (could not be read):", ""] + [f"- `{path}`: {why}" for path, why in problems]
     return "\n".join(lines) + "\n"
 
 
@@ -123,7 +135,7 @@ def _identity(run: Run) -> str:
 
 def to_csv(rows: list[Row]) -> str:
     """One CSV line per row: every field, the vs_* differences spread into columns
-    (vs_kd_best_mean, _low, _high, _kind, _n, ...), and failed_runs ("path: reason; ...")."""
+    (vs_kd_best_mean, _low, _high, _kind, _n, ...), failed_runs and invalid_runs ("path: reason; ...")."""
     buf = io.StringIO()
     fields = list(rows[0].flat()) if rows else _flat_fields()
     writer = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
@@ -139,15 +151,16 @@ def _flat_fields() -> list[str]:
         if name in ("members", "copies"):
             continue
         out += [f"{name}_{sub}" for sub in Diff.__dataclass_fields__] if name.startswith("vs_") else [name]
-    return out + ["failed_runs", "duplicate_runs"]
+    return out + ["failed_runs", "invalid_runs", "duplicate_runs"]
 
 
 def to_json(rows: list[Row], problems=()) -> str:
-    """{"rows": [...], "failed": [{"path", "dataset", "pair", "method", "seed", "status", "reason"}],
+    """{"rows": [...], "failed" and "invalid": [{"path", "dataset", "pair", "method", "seed", "status", "reason"}],
     "duplicates": [{"path", "dataset", "pair", "method", "seed", "duplicate_of"}], "skipped": [{"path", "error"}]};
     a row's vs_* differences are nested objects."""
-    failed = [
-        {
+
+    def listed(run: Run) -> dict:
+        return {
             "path": str(run.path),
             "dataset": run.dataset,
             "pair": run.pair,
@@ -156,8 +169,7 @@ def to_json(rows: list[Row], problems=()) -> str:
             "status": run.status,
             "reason": run.problem,
         }
-        for run in failed_runs(rows)
-    ]
+
     duplicates = [
         {
             "path": str(copy.path),
@@ -172,7 +184,8 @@ def to_json(rows: list[Row], problems=()) -> str:
     return json.dumps(
         {
             "rows": [r.as_dict() for r in rows],
-            "failed": failed,
+            "failed": [listed(run) for run in failed_runs(rows)],
+            "invalid": [listed(run) for run in invalid_runs(rows)],
             "duplicates": duplicates,
             "skipped": [{"path": str(p), "error": w} for p, w in problems],
         },

@@ -7,146 +7,22 @@ host's tools/train.py writes: ``<PROJECT>/<method>,<teacher>,<student>[,KEY:VALU
 
 from __future__ import annotations
 
+import errno
 import functools
-import logging
-import math
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
+from .. import worklog
 from ..config import UNTRAINED_KEYS, flatten
 from ..pairs import find_pair
+from ..worklog import Worklog, WorklogError
+from ..worklog import parse as parse_worklog
 
-log = logging.getLogger(__name__)
-
-__all__ = ["Worklog", "Run", "WorklogError", "parse_worklog", "read_run", "discover_runs"]
-
-
-class WorklogError(ValueError):
-    """A worklog.txt that does not follow the host's format."""
-
-
-@dataclass
-class Worklog:
-    """The per-epoch records of a worklog, its final best_acc line (None while unfinished) and the
-    reason of a final ``failed`` line (None unless the training code gave up on the run)."""
-
-    epochs: list[dict] = field(default_factory=list)
-    best_acc: float | None = None
-    failed: str | None = None
-
-    @functools.cached_property
-    def key(self) -> str:
-        """The epoch records and best_acc as one string (runs that hold the same are copies); computed once."""
-        return f"{self.epochs!r}|{self.best_acc!r}"
-
-
-_NUMBER = r"[-+]?(?:(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?|nan|inf)"
-_BEST = re.compile(rf"best_acc\t({_NUMBER})(.*)")
-_FAILED = re.compile(r"failed\t(.*)")
-
-
-QUOTE_MAX = 200  # characters of a malformed line quoted in a message
-
-
-def _quote(raw: str) -> str:
-    """``raw`` as repr, at most QUOTE_MAX characters of it (a junk worklog must not flood the output)."""
-    if len(raw) <= QUOTE_MAX:
-        return repr(raw)
-    return f"{raw[:QUOTE_MAX]!r}... ({len(raw)} characters)"
-
-
-# The host's own blocks (its log_dict keys, in its order), matched whole by one regex: the fast path.
-_HOST_KEYS = ("lr", "train_acc", "train_loss", "test_acc", "test_acc_top5", "test_loss")
-_VALUE = r"([-+0-9.eEnaif]+)"
-_HOST_BLOCK = r"-+\nepoch: (\d+)\n" + "".join(rf"{k}: {_VALUE}\n" for k in _HOST_KEYS) + r"-+\n"
-_HOST_LOG = re.compile(rf"(?:{_HOST_BLOCK})*(?:best_acc\t{_VALUE})?\s*")
-_HOST_BLOCKS = re.compile(_HOST_BLOCK)
-
-
-def _parse_host_worklog(text: str) -> Worklog | None:
-    """The worklog when it is exactly the host's blocks (and a best_acc line), else None (the general parser)."""
-    whole = _HOST_LOG.fullmatch(text)
-    if whole is None:
-        return None
-    best = whole.group(whole.re.groups)
-    try:
-        keys, number = ("epoch", *_HOST_KEYS), float
-        epochs = [dict(zip(keys, (int(e), *map(number, rest)))) for e, *rest in _HOST_BLOCKS.findall(text)]
-        best = float(best) if best is not None else None
-    except ValueError:
-        return None
-    if any(a["epoch"] >= b["epoch"] for a, b in zip(epochs, epochs[1:])):
-        return None  # the general parser names the line
-    return Worklog(epochs=epochs, best_acc=best)
-
-
-def parse_worklog(text: str) -> Worklog:
-    """Parse the host's worklog.txt: dashed blocks of ``key: value`` lines with strictly increasing
-    ``epoch``, then at most one final ``best_acc\\tNN.NN`` or ``failed\\t<reason>`` line."""
-    fast = _parse_host_worklog(text)
-    if fast is not None:
-        return fast
-    out = Worklog()
-    block: dict | None = None
-    epoch_line = 0  # line of the open block's epoch line
-    final: tuple[int, str] | None = None  # (line, "best_acc" | "failed") of the line that must end the log
-    for lineno, raw in enumerate(text.splitlines(), 1):
-        raw = raw.rstrip("\r")
-        line = raw.strip()
-        if not line:
-            continue
-        if final is not None:
-            raise WorklogError(
-                f"line {lineno}: {_quote(raw)} after the {final[1]} line (line {final[0]}), which must end the log"
-            )
-        if line.startswith("best_acc") or (block is None and line.startswith("failed")):
-            word = "best_acc" if line.startswith("best_acc") else "failed"
-            if block is not None:
-                raise WorklogError(f"line {lineno}: {word} line inside an unterminated block")
-            m = (_BEST if word == "best_acc" else _FAILED).fullmatch(raw.lstrip())
-            if not m:
-                raise WorklogError(f"line {lineno}: malformed {word} line {_quote(raw)}")
-            if word == "failed":
-                out.failed = m.group(1).strip() or "no reason given"
-            elif m.group(2).strip():
-                raise WorklogError(f"line {lineno}: text after the best_acc value: {_quote(m.group(2).strip())}")
-            else:
-                out.best_acc = float(m.group(1))
-            final = (lineno, word)
-            continue
-        if set(line) == {"-"}:
-            if block is None:
-                block = {}
-            else:
-                if "epoch" not in block:
-                    raise WorklogError(f"line {lineno}: block without an epoch line")
-                if out.epochs and block["epoch"] <= out.epochs[-1]["epoch"]:
-                    previous = out.epochs[-1]["epoch"]
-                    how = "repeats" if block["epoch"] == previous else f"goes back (previous epoch {previous})"
-                    raise WorklogError(f"line {epoch_line}: epoch {block['epoch']} {how}")
-                out.epochs.append(block)
-                block = None
-            continue
-        if block is None:
-            raise WorklogError(f"line {lineno}: {_quote(raw)} outside a dashed block")
-        key, sep, value = line.partition(": ")
-        if not sep:
-            raise WorklogError(f"line {lineno}: expected 'key: value', got {_quote(raw)}")
-        try:
-            block[key] = int(value) if key == "epoch" else float(value)
-        except ValueError as exc:
-            raise WorklogError(f"line {lineno}: {key[:QUOTE_MAX]} has non-numeric value {_quote(value)}") from exc
-        if key == "epoch":
-            epoch_line = lineno
-    if block:  # a block cut off mid-write by an interrupted run
-        log.debug("ignoring an unterminated block at the end of the worklog")
-    return out
-
-
-_ACCURACIES = ("test_acc", "test_acc_top5")
+__all__ = ["Worklog", "Run", "WorklogError", "parse_worklog", "read_run", "run_folders", "discover_runs"]
 
 
 @dataclass
@@ -170,31 +46,30 @@ class Run:
         p = find_pair(self.dataset, self.teacher, self.student)
         return p.stem if p else f"{self.teacher}_{self.student}"
 
-    @property
+    @functools.cached_property
     def finished(self) -> bool:
-        """True once the best_acc line is written."""
-        return self.log.best_acc is not None
+        """Whether the worklog is finished (``worklog.finished``: every epoch up to the planned last, then best_acc)."""
+        return worklog.finished(self.log, self.epochs_planned)
 
     @functools.cached_property
+    def invalid(self) -> str | None:
+        """Why the worklog's numbers cannot be a run's (``worklog.invalid``), else None."""
+        return worklog.invalid(self.log, self.epochs_planned)
+
+    @property
     def problem(self) -> str | None:
-        """Why the run must not be counted: its ``failed`` reason or its first non-finite accuracy; else None."""
-        if self.log.failed is not None:
-            return f"failed: {self.log.failed}"
-        for e in self.log.epochs:
-            for key in _ACCURACIES:
-                if key in e and not math.isfinite(e[key]):
-                    return f"non-finite {key} ({e[key]}) at epoch {e['epoch']}"
-        if self.log.best_acc is not None and not math.isfinite(self.log.best_acc):
-            return f"non-finite best_acc ({self.log.best_acc})"
-        return None
+        """Why the run must not be counted: its numbers are invalid, or its ``failed`` reason; else None."""
+        if self.invalid is not None:
+            return self.invalid
+        return f"failed: {self.log.failed}" if self.log.failed is not None else None
 
     @property
     def status(self) -> str:
-        """One of "failed", "non-finite", "finished", "unfinished"."""
+        """One of "invalid", "failed", "finished", "unfinished"."""
+        if self.invalid is not None:
+            return "invalid"
         if self.log.failed is not None:
             return "failed"
-        if self.problem is not None:
-            return "non-finite"
         return "finished" if self.finished else "unfinished"
 
     @property
@@ -305,13 +180,14 @@ def _identity_from_config(path: Path) -> dict:
     if not isinstance(cfg, dict):
         raise WorklogError(f"{path}: not a mapping of config keys")
     seed = cfg.get("EXPERIMENT", {}).get("SEED", -1)
+    epochs = cfg.get("SOLVER", {}).get("EPOCHS")
     return dict(
         dataset=cfg.get("DATASET", {}).get("TYPE", "cifar100"),
         method=str(cfg["DISTILLER"]["TYPE"]).lower(),
         teacher=cfg["DISTILLER"]["TEACHER"],
         student=cfg["DISTILLER"]["STUDENT"],
         seed=seed if seed is not None and seed >= 0 else None,
-        epochs_planned=cfg.get("SOLVER", {}).get("EPOCHS"),
+        epochs_planned=epochs if isinstance(epochs, int) and not isinstance(epochs, bool) else None,
         trainer=cfg.get("SOLVER", {}).get("TRAINER", "base"),
         settings=trained_settings(cfg),
     )
@@ -323,18 +199,65 @@ _ALIASES = {"normkd_w_dkd": "normdkd"}
 def read_run(folder: Path) -> Run:
     """Read one run folder (raises WorklogError, OSError or yaml.YAMLError on unreadable files)."""
     folder = Path(folder)
-    text = (folder / "worklog.txt").read_text()
-    worklog = parse_worklog(text)
+    log = worklog.read(folder / worklog.WORKLOG)
     config = folder / "config.yaml"
     ident = _identity_from_config(config) if config.is_file() else _identity_from_name(folder)
     ident["method"] = _ALIASES.get(ident["method"], ident["method"])
     ident["trainer"] = str(ident["trainer"] or "base")
-    return Run(path=folder, log=worklog, **ident)
+    return Run(path=folder, log=log, **ident)
+
+
+def _why(exc: OSError, path: Path) -> str:
+    """An OS error on ``path`` in words: a dangling or looping symbolic link says so."""
+    if os.path.islink(path) and exc.errno in (errno.ENOENT, errno.ELOOP):
+        what = "loops" if exc.errno == errno.ELOOP else "is dangling"
+        return f"a symbolic link to {os.readlink(path)} that {what}"
+    name = errno.errorcode.get(exc.errno or 0)
+    return f"{exc.strerror or exc}" + (f" ({name})" if name else "")
+
+
+def run_folders(root: Path, skipped: list[tuple[Path, str]]) -> list[Path]:
+    """The folders at and below ``root`` holding a worklog.txt, by path, following symbolic links to folders
+    (each real folder once, so a link loop ends); each path that cannot be read (a folder that cannot be
+    listed, a dangling or looping link, a worklog.txt that is not a file) is added to ``skipped`` as (path, why)."""
+    found, seen, todo = [], set(), [root]
+    while todo:
+        folder = todo.pop()
+        real = os.path.realpath(folder)
+        if real in seen:
+            continue
+        seen.add(real)
+        try:
+            with os.scandir(folder) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError as exc:
+            skipped.append((folder, _why(exc, folder)))
+            continue
+        below = []
+        for entry in entries:
+            path = Path(entry.path)
+            try:
+                if entry.is_symlink():
+                    os.stat(path)  # the link's target: raises when it is dangling or loops
+                is_dir = entry.is_dir()
+            except OSError as exc:
+                skipped.append((path, _why(exc, path)))
+                continue
+            if entry.name == worklog.WORKLOG:
+                if entry.is_file():
+                    found.append(folder)
+                else:
+                    skipped.append((path, "not a file"))
+            elif is_dir:
+                below.append(path)
+        todo += reversed(below)
+    return sorted(found, key=lambda p: (p != root, p.parts))
 
 
 def discover_runs(paths) -> tuple[list[Run], list[tuple[Path, str]]]:
-    """(runs, problems): every folder below ``paths`` (or of a worklog.txt given) holding a worklog.txt;
-    unreadable or malformed ones are reported as problems, not fatal. Failed runs are runs (see Run.problem)."""
+    """(runs, skipped): every folder below ``paths`` (or of a worklog.txt given) holding a worklog.txt, through
+    symbolic links, each real folder once; what cannot be read (see ``run_folders``) or is not a run's
+    worklog is in ``skipped`` as (path, why), by path, not fatal. Failed and invalid runs are runs (see Run.problem)."""
     runs, problems = [], []
     seen = set()
     for root in map(Path, paths):
@@ -342,17 +265,16 @@ def discover_runs(paths) -> tuple[list[Run], list[tuple[Path, str]]]:
             problems.append((root, "no such file or directory"))
             continue
         if root.is_file():
-            candidates = [root.parent] if root.name == "worklog.txt" else []
+            candidates = [root.parent] if root.name == worklog.WORKLOG else []
         else:
-            candidates = [root] if (root / "worklog.txt").is_file() else []
-            candidates += sorted(p.parent for p in root.rglob("worklog.txt") if p.parent != root)
+            candidates = run_folders(root, problems)
         for folder in candidates:
-            if folder.resolve() in seen:
+            if os.path.realpath(folder) in seen:
                 continue
-            seen.add(folder.resolve())
+            seen.add(os.path.realpath(folder))
             try:
                 runs.append(read_run(folder))
             except (OSError, WorklogError, yaml.YAMLError, KeyError, TypeError, ValueError) as exc:
                 why = " ".join(str(exc).split())
                 problems.append((folder, f"{type(exc).__name__}: {why[:300]}{'...' if len(why) > 300 else ''}"))
-    return runs, problems
+    return runs, sorted(problems, key=lambda p: p[0].parts)

@@ -43,7 +43,8 @@ class Row:
     """One (dataset, pair, method, trainer) cell of the leaderboard.
 
     Means and stds are over the finished usable runs (all usable runs while none has finished);
-    failed and non-finite runs are counted in ``failed`` and never averaged; a duplicate (see
+    failed runs are counted in ``failed``, runs whose numbers cannot be a run's (``Run.invalid``) in
+    ``invalid``, and neither is ever averaged; a duplicate (see
     ``split_duplicates``) is counted once, the others in ``duplicates``. ``vs_kd_best`` and the
     like are the difference of this method to KD / DKD (same trainer when it has runs, else the host's)
     in best or last-epoch top-1, paired over shared seeds or else Welch (see stats.compare).
@@ -56,7 +57,8 @@ class Row:
     setting: str  # the keys that set these runs apart from others of the method ("SOLVER.EPOCHS=2"), or ""
     runs: int  # usable runs (finished or not)
     finished: int
-    failed: int  # failed or non-finite runs, listed apart
+    failed: int  # failed runs, listed apart
+    invalid: int  # runs with numbers that cannot be a run's (not finite, not an accuracy, best_acc that disagrees)
     duplicates: int  # copies of a counted run (identical worklog), listed apart
     progress: str  # epochs done / planned per unfinished run, "" when all finished
     best_mean: float | None
@@ -84,8 +86,13 @@ class Row:
 
     @property
     def failed_runs(self) -> list[Run]:
-        """The cell's failed and non-finite runs."""
-        return [r for r in self.members if r.problem is not None]
+        """The cell's failed runs (a final ``failed`` line, valid numbers)."""
+        return [r for r in self.members if r.status == "failed"]
+
+    @property
+    def invalid_runs(self) -> list[Run]:
+        """The cell's invalid runs."""
+        return [r for r in self.members if r.invalid is not None]
 
     def as_dict(self) -> dict:
         """Every field but ``members`` and ``copies``; the vs_* differences as nested dicts (None when absent)."""
@@ -93,8 +100,8 @@ class Row:
 
     def flat(self) -> dict:
         """as_dict with the vs_* differences spread into ``vs_kd_best_mean``-style keys, plus
-        ``failed_runs``: "path: reason" of each failed run and ``duplicate_runs``: "path: duplicate of path" of
-        each copy, joined by "; " (for CSV)."""
+        ``failed_runs`` and ``invalid_runs``: "path: reason" of each failed or invalid run and ``duplicate_runs``:
+        "path: duplicate of path" of each copy, joined by "; " (for CSV)."""
         out = {}
         for key, value in self.as_dict().items():
             if key.startswith("vs_"):
@@ -103,6 +110,7 @@ class Row:
             else:
                 out[key] = value
         out["failed_runs"] = "; ".join(f"{r.path}: {r.problem}" for r in self.failed_runs)
+        out["invalid_runs"] = "; ".join(f"{r.path}: {r.problem}" for r in self.invalid_runs)
         out["duplicate_runs"] = "; ".join(f"{copy.path}: duplicate of {run.path}" for copy, run in self.copies)
         return out
 
@@ -238,6 +246,7 @@ def aggregate(runs: list[Run]) -> list[Row]:
         base_method = group[0].method
         ref_value = ref.get(base_method) if base_method in ("kd", "dkd") else None
         usable = _usable(group)
+        invalid = [r for r in group if r.invalid is not None]
         unfinished = [r for r in usable if not r.finished]
         rows.append(
             Row(
@@ -248,7 +257,8 @@ def aggregate(runs: list[Run]) -> list[Row]:
                 setting=setting,
                 runs=len(usable),
                 finished=len(usable) - len(unfinished),
-                failed=len(group) - len(usable),
+                failed=len(group) - len(usable) - len(invalid),
+                invalid=len(invalid),
                 duplicates=len(copies),
                 progress=", ".join(f"{r.epochs_done}/{r.epochs_planned or '?'}" for r in unfinished),
                 best_mean=best_m,
