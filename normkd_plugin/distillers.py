@@ -46,12 +46,12 @@ class EpochTemperatures:
     def __init__(self) -> None:
         self.sums: Tensor | None = None
 
-    def reset(self, device: torch.device) -> None:
-        """Zero the sums (in place, so a captured graph keeps adding to the same tensor), on ``device``."""
-        if self.sums is None or self.sums.device != torch.device(device):
-            self.sums = torch.zeros(5, dtype=torch.float64, device=device)
-        else:
+    def reset(self, device: torch.device | str) -> None:
+        """Zero the sums on ``device``: in place when they are there already (a captured graph adds to that tensor)."""
+        if self.sums is not None and self.sums.device == torch.empty(0, device=device).device:  # "cuda" is "cuda:N"
             self.sums.zero_()
+        else:
+            self.sums = torch.zeros(5, dtype=torch.float64, device=device)
 
     @torch.no_grad()
     def add(self, t_teacher: Tensor, t_student: Tensor) -> None:
