@@ -235,3 +235,26 @@ def test_dkd_ls_multiplies_alpha_and_beta_by_the_kd_weight(epoch):
     _close(losses["loss_ce"], 1.0 * torch.nn.functional.cross_entropy(zs, y), 1e-12, "loss_ce")
     with pytest.raises(TypeError, match="epoch"):
         d(image=x, target=y)
+
+
+# -- every trainer: a CPU pack of the whole comparison, fused and unfused ----------------------------------------
+
+
+COMPARISON = ("vanilla", "kd", "dkd", "kd_ls", "dkd_ls", "normkd", "normdkd")
+
+
+def test_a_pack_of_all_seven_methods_trains_fused_as_unfused(tmp_path, small_cifar_npz, teacher_resnet56, caplog):
+    """The comparison pack (one seed, 2 epochs of 2 steps: the LR decay crossed, the DKD-type warm-ups running) as one
+    fused group of 7 resnet20 students and unfused: the same runs to float32 rounding (test_layout's tolerances)."""
+    pytest.importorskip("mdistiller")
+    from test_layout import _train, assert_close_runs
+
+    runs = tuple((f"cifar100/{m}/res56_res20", 0, ()) for m in COMPARISON)
+    few = ("SOLVER.FAST.ITERS_PER_EPOCH", "2")
+    fused = _train(small_cifar_npz, teacher_resnet56, tmp_path / "fused", runs, "on", few, caplog=caplog)
+    assert "fused 7 students" in caplog.text
+    unfused = _train(small_cifar_npz, teacher_resnet56, tmp_path / "unfused", runs, "off", few)
+    for a, b in zip(fused, unfused):
+        assert (a / "worklog.txt").read_text().rstrip().splitlines()[-1].startswith("best_acc\t")
+        assert_close_runs(a, b)
+    assert [f.name.split(",")[0] for f in fused] == list(COMPARISON)
