@@ -13,7 +13,7 @@ import struct
 import pytest
 import torch
 
-from conftest import fast_opts, needs_cuda, needs_mdistiller
+from conftest import fast_opts, needs_cuda, needs_mdistiller, spawn_and_wait
 
 pytestmark = needs_mdistiller
 
@@ -122,6 +122,33 @@ def test_the_fast_trainer_logs_each_epochs_temperatures_to_tensorboard(tmp_path,
         cfgs.append(load_config(f"cifar100/{method}/res56_res20", opts))
         names.append(run_name(cfgs[-1], opts))
     seen: dict[tuple[str, int], list] = {}  # (run name, epoch) -> [(teacher logits, student logits) per step]
+    original = _watch_steps(seen)
+    try:
+        train_pack(cfgs, names, torch.device("cpu"))
+    finally:
+        Pack._step = original
+    for cfg, name in zip(cfgs, names):
+        logged = read_scalars(tmp_path / name / "train.events")
+        assert ("test_acc", 2) in logged
+        kind = cfg.DISTILLER.TYPE
+        if kind == "KD":
+            assert not any(tag.startswith("temperature/") for tag, _ in logged)
+            continue
+        t = base_temperature(cfg)
+        for epoch in (1, 2):
+            steps = seen[(name, epoch)]
+            assert len(steps) == 4 and sum(s.shape[0] for _, s in steps) == 56
+            want = reference([tt for tt, _ in steps], [s for _, s in steps], kind, t)
+            got = {key: logged[(key, epoch)] for key in KEYS}
+            assert got == pytest.approx(want, rel=1e-6), (name, epoch)
+        assert logged[(KEYS[2], 1)] != pytest.approx(logged[(KEYS[2], 2)], rel=1e-6)  # the student moved
+
+
+def _watch_steps(seen: dict):
+    """Patch Pack._step to record, per (run name, epoch), each step's (teacher logits, student logits); returns the
+    original to restore."""
+    from normkd_plugin.fast.pack import Pack
+
     original = Pack._step
 
     def watched(self, images, targets, epoch):
@@ -143,25 +170,47 @@ def test_the_fast_trainer_logs_each_epochs_temperatures_to_tensorboard(tmp_path,
                 del run.distiller.forward_train
 
     Pack._step = watched
+    return original
+
+
+def _rank(rank, world, root, teacher, prefix, out):
+    """One torchrun-like process (gloo) training a KD+LS run for an epoch; saves the logits each step saw here."""
+    import torch.distributed as dist
+
+    from normkd_plugin import runs
+    from normkd_plugin.build import build_pack
+    from normkd_plugin.config import load_config, run_name
+    from normkd_plugin.fast.pack import Pack
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{out}/rendezvous", rank=rank, world_size=world)
+    seen = {}
+    original = _watch_steps(seen)
     try:
-        train_pack(cfgs, names, torch.device("cpu"))
+        opts = fast_opts(root, teacher, prefix, 0, "SOLVER.EPOCHS", "1", "SOLVER.LR_DECAY_STAGES", "[]")
+        cfg = load_config("cifar100/dkd_ls/res56_res20", opts)
+        name = run_name(cfg, opts)
+        build_pack([cfg], [name], [runs.RunFolder(prefix / name)], torch.device("cpu")).train()
+        torch.save({"steps": seen[(name, 1)], "name": name}, out / f"rank{rank}.pt")
     finally:
         Pack._step = original
-    for cfg, name in zip(cfgs, names):
-        logged = read_scalars(tmp_path / name / "train.events")
-        assert ("test_acc", 2) in logged
-        kind = cfg.DISTILLER.TYPE
-        if kind == "KD":
-            assert not any(tag.startswith("temperature/") for tag, _ in logged)
-            continue
-        t = base_temperature(cfg)
-        for epoch in (1, 2):
-            steps = seen[(name, epoch)]
-            assert len(steps) == 4 and sum(s.shape[0] for _, s in steps) == 56
-            want = reference([tt for tt, _ in steps], [s for _, s in steps], kind, t)
-            got = {key: logged[(key, epoch)] for key in KEYS}
-            assert got == pytest.approx(want, rel=1e-6), (name, epoch)
-        assert logged[(KEYS[2], 1)] != pytest.approx(logged[(KEYS[2], 2)], rel=1e-6)  # the student moved
+        dist.destroy_process_group()
+
+
+def test_on_two_ranks_the_logged_temperatures_cover_both_ranks_rows(tmp_path, small_cifar_npz, teacher_resnet56):
+    """Each rank sums its share of every global batch; the epoch's scalars are over the whole batches (the sums
+    added over the ranks), not rank 0's half."""
+    out = tmp_path / "out"
+    out.mkdir()
+    spawn_and_wait(_rank, (2, small_cifar_npz, teacher_resnet56, tmp_path / "runs", out), 2)
+    ranks = [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    steps = [step for r in ranks for step in r["steps"]]
+    assert sum(s.shape[0] for _, s in steps) == 56 and all(len(r["steps"]) == 4 for r in ranks)
+    logged = read_scalars(tmp_path / "runs" / ranks[0]["name"] / "train.events")
+    want = reference([t for t, _ in steps], [s for _, s in steps], "DKD_LS", 3.0)
+    assert {key: logged[(key, 1)] for key in KEYS} == pytest.approx(want, rel=1e-6)
+    half = reference([t for t, _ in ranks[0]["steps"]], [s for _, s in ranks[0]["steps"]], "DKD_LS", 3.0)
+    assert logged[(KEYS[3], 1)] != pytest.approx(half[KEYS[3]], rel=1e-6)
 
 
 @needs_cuda
