@@ -70,17 +70,18 @@ CHECK = textwrap.dedent(
         families = (False, True) if dtype == torch.float32 or zs.shape == (4, 100) else (False,)
         for red, ls in [(red, ls) for red in ("mean", "sum", "none") for ls in families]:
             (vk, gk), (rk, rgk), (vd, gd), (rd, rgd) = both(zs, zt, y, red, ls)
-            label = f"{'LS ' if ls else ''}{tuple(zs.shape)} {dtype} {red}"
+            kd, dkd = ("KD+LS", "DKD+LS") if ls else ("NormKD", "NormDKD")
+            label = f"{tuple(zs.shape)} {dtype} {red}"
             rtol = 1e-4 if dtype == torch.float32 else 2e-3
-            close(vk, rk, rtol, 1e-6 * max(1.0, rk.abs().max().item()), "value NormKD " + label)
-            close(vd, rd, rtol, 1e-6 * max(1.0, rd.abs().max().item()), "value NormDKD " + label)
+            close(vk, rk, rtol, 1e-6 * max(1.0, rk.abs().max().item()), f"value {kd} " + label)
+            close(vd, rd, rtol, 1e-6 * max(1.0, rd.abs().max().item()), f"value {dkd} " + label)
             assert gk.dtype == zs.dtype and gk.shape == zs.shape
             # With C = 2 the normalised logits are fixed, so the exact gradient is 0 and both
             # paths return rounding noise: compare against the loss's scale instead.
             gtol_k = 1e-4 * max(1.0, rk.abs().max().item())
             gtol_d = 1e-4 * max(1.0, rd.abs().max().item())
-            close(gk.float(), rgk.float(), 1e-3, gtol_k, "grad NormKD " + label)
-            close(gd.float(), rgd.float(), 1e-3, gtol_d, "grad NormDKD " + label)
+            close(gk.float(), rgk.float(), 1e-3, gtol_k, f"grad {kd} " + label)
+            close(gd.float(), rgd.float(), 1e-3, gtol_d, f"grad {dkd} " + label)
     print("FUSED-OK", len(cases))
     """
 )
