@@ -29,6 +29,8 @@ setup(
             "NORMDKD = normkd_plugin.distillers:NormDKD",
             "NormKD = normkd_plugin.distillers:NormKDRelease",
             "NormKD_W_DKD = normkd_plugin.distillers:NormDKDRelease",
+            "KD_LS = normkd_plugin.distillers:KDLS",
+            "DKD_LS = normkd_plugin.distillers:DKDLS",
         ],
         "mdistiller.trainers": [
             "fast = normkd_plugin.fast.trainer:FastTrainer",

@@ -296,6 +296,15 @@ DISTILLER_RULES: dict[str, dict[str, Rule]] = {
     "NormKD": _normkd_rules("NormKD"),  # the authors' release node names
     "NORMDKD": _normdkd_rules("NORMDKD"),
     "NormKD_W_DKD": _normdkd_rules("NormKD_W_DKD"),
+    "KD_LS": {"KD_LS.TEMPERATURE": TEMPERATURE, "KD_LS.LOSS.CE_WEIGHT": WEIGHT, "KD_LS.LOSS.KD_WEIGHT": WEIGHT},
+    "DKD_LS": {
+        "DKD_LS.T": TEMPERATURE,
+        "DKD_LS.WARMUP": WARMUP,
+        "DKD_LS.CE_WEIGHT": WEIGHT,
+        "DKD_LS.ALPHA": WEIGHT,
+        "DKD_LS.BETA": WEIGHT,
+        "DKD_LS.KD_WEIGHT": WEIGHT,
+    },
 }
 """DISTILLER.TYPE -> the keys of the node that distiller reads; only the selected type's keys are checked."""
 

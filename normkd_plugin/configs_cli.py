@@ -22,7 +22,7 @@ def main(argv: list[str] | None = None) -> None:
     """Print every packaged config as a table, optionally filtered by dataset or method."""
     ap = argparse.ArgumentParser(prog="normkd-configs", description=__doc__)
     ap.add_argument("--dataset", help="only this dataset (cifar100, imagenet)")
-    ap.add_argument("--method", help="only this DISTILLER.TYPE (KD, DKD, NORMKD, NORMDKD)")
+    ap.add_argument("--method", help="only this DISTILLER.TYPE (NONE, KD, DKD, KD_LS, DKD_LS, NORMKD, NORMDKD)")
     ap.add_argument("--path", metavar="NAME", help="print the file of one packaged config and exit")
     ap.add_argument("--debug", action="store_true", help="show the traceback of an input error instead of one line")
     args = ap.parse_args(argv)

@@ -3,6 +3,9 @@
     normkd-sweep --dataset cifar100 --methods kd,dkd,normkd,normdkd --pairs all --seeds 0,1,2 [--run] [KEY VALUE ...]
     normkd-sweep --pairs res56_res20 --seeds 0,1,2 --pack [--run] [KEY VALUE ...]   # one command per teacher
 
+--methods defaults to the whole comparison: vanilla (the student alone; CIFAR-100 only), kd, dkd,
+kd_ls, dkd_ls (logit standardization), normkd, normdkd.
+
 Without --run it prints one command per line (for a cluster scheduler). With --run it executes
 them one after another, skips runs whose folder already holds a finished worklog.txt (every
 epoch, then ``best_acc``), resumes started ones, and reports a run that fails without stopping the rest.
@@ -34,7 +37,8 @@ from dataclasses import dataclass
 
 from ._cli import quiet_pipe, user_errors
 from .errors import Interrupted, UserError
-from .pairs import METHODS, PAIRS
+from .pairs import PAIRS
+from .pairs import methods as dataset_methods
 
 
 @dataclass(frozen=True)
@@ -109,10 +113,11 @@ def grid(dataset: str, methods: list[str], pairs: list[str], seeds: list[int], o
         raise ValueError(f"--dataset {dataset!r}; expected one of {sorted({p.dataset for p in PAIRS})}")
     stems = [p.stem for p in known]
     chosen = stems if pairs == ["all"] else pairs
-    bad = [p for p in chosen if p not in stems] + [m for m in methods if m not in METHODS]
+    offered = dataset_methods(dataset)
+    bad = [p for p in chosen if p not in stems] + [m for m in methods if m not in offered]
     if bad:
         raise ValueError(
-            f"unknown pair or method {', '.join(bad)}; pairs: {', '.join(stems)}; methods: {', '.join(METHODS)}"
+            f"unknown pair or method {', '.join(bad)}; pairs: {', '.join(stems)}; methods: {', '.join(offered)}"
         )
     jobs = []
     for pair in (p for p in known if p.stem in chosen):
@@ -366,7 +371,7 @@ def main(argv: list[str] | None = None) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     ap.add_argument("--dataset", default="cifar100")
-    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--methods", help="comma-separated (default: every method of the dataset, vanilla first)")
     ap.add_argument("--pairs", default="all", help="comma-separated stems, or all")
     ap.add_argument("--seeds", default="0")
     ap.add_argument("--pack", action="store_true", help="group runs of one teacher into packs (one job each)")
@@ -390,7 +395,8 @@ def main(argv: list[str] | None = None) -> None:
             raise ValueError(f"--seeds {args.seeds!r}: expected comma-separated integers such as 0,1,2") from None
         if not seeds:
             raise ValueError(f"--seeds {args.seeds!r}: no seed given; expected comma-separated integers such as 0,1,2")
-        jobs = grid(args.dataset, _split(args.methods), _split(args.pairs), seeds, list(args.opts))
+        chosen = _split(args.methods) if args.methods is not None else list(dataset_methods(args.dataset))
+        jobs = grid(args.dataset, chosen, _split(args.pairs), seeds, list(args.opts))
         if args.pack:
             implied = "fast" if args.dataset == "cifar100" else "ddp"
             trainer = dict(zip(args.opts[::2], args.opts[1::2])).get("SOLVER.TRAINER", implied)

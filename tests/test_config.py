@@ -28,13 +28,30 @@ CIFAR = {
     "res32x4_shuv2": (0.01, 8, 4, 5),
     "wrn40_2_shuv1": (0.01, 8, 4, 5),
 }
-METHODS = ("kd", "dkd", "normkd", "normdkd")
+METHODS = ("kd", "dkd", "kd_ls", "dkd_ls", "normkd", "normdkd")
 ALL = [f"cifar100/{m}/{s}" for s in CIFAR for m in (*METHODS, "vanilla")] + [
     f"imagenet/{p}/{m}" for p in ("r34_r18", "r50_mv1") for m in METHODS
 ]
+# LSKD's released runs, copied from its logs' file names (logs/KD/kd,<teacher>,<student>,<tau>,<lambda>.txt,
+# logs/DKD/dkd,<teacher>,<student>,<tau>,<lambda>[,<beta>].txt): stem -> KD+LS (tau, lambda), DKD+LS (tau, lambda,
+# beta); a DKD name without beta ran the beta of LSKD's DKD config (8 for these pairs). None: no released run, the
+# README default (2, 9) and the pair's DKD beta.
+LSKD_LOGS = {
+    "res56_res20": ((2, 9), (3, 18, 2.0)),
+    "res110_res32": ((2, 9), (2, 15, 2.0)),
+    "res32x4_res8x4": ((2, 9), (2, 9, 8.0)),
+    "wrn40_2_wrn_16_2": ((2, 9), (2, 12, 2.0)),
+    "wrn40_2_wrn_40_1": ((2, 9), (2, 12, 2.0)),
+    "vgg13_vgg8": ((3, 9), (2, 15, 2.0)),
+    "vgg13_mv2": ((3, 9), (3, 9, 2.0)),
+    "res50_mv2": ((3, 1), (2, 15, 2.0)),
+    "res32x4_shuv1": (None, None),
+    "res32x4_shuv2": ((2, 9), (2, 9, 8.0)),
+    "wrn40_2_shuv1": (None, None),
+}
 
 
-def test_63_packaged_configs():
+def test_89_packaged_configs():
     from normkd_plugin.config import packaged_configs
 
     names = sorted(c.name for c in packaged_configs())
@@ -75,7 +92,49 @@ def test_cifar_per_pair_hyperparameters(stem):
     nd = cfgs["normdkd"].NORMDKD
     assert (nd.TEMPERATURE_NORM, nd.CE_WEIGHT, nd.ALPHA, nd.BETA, nd.WARMUP) == (2.0, 1.0, alpha, beta, 20)
     tags = {cfg.EXPERIMENT.PROJECT + "/" + cfg.EXPERIMENT.TAG for cfg in cfgs.values()}
-    assert len(tags) == 4
+    assert len(tags) == len(METHODS)
+
+
+@pytest.mark.parametrize("stem", list(CIFAR))
+def test_cifar_ls_configs_carry_lskds_released_settings(stem):
+    """KD+LS: CE 0.1, LSKD's tau and lambda; DKD+LS: CE 1, alpha 1, LSKD's beta, tau and lambda, warm-up 20; both with
+    the pair's solver. Where LSKD released no run, the README default and a comment that says so."""
+    from normkd_plugin.config import load_config, resolve_config
+
+    lr, dkd_beta = CIFAR[stem][:2]
+    kd_ls, dkd_ls = LSKD_LOGS[stem]
+    kd_ls, dkd_ls = kd_ls or (2, 9), dkd_ls or (2, 9, dkd_beta)
+    kd, dkd = load_config(f"cifar100/kd_ls/{stem}"), load_config(f"cifar100/dkd_ls/{stem}")
+    for cfg in (kd, dkd):
+        s = cfg.SOLVER
+        assert (s.LR, s.BATCH_SIZE, s.EPOCHS, list(s.LR_DECAY_STAGES), s.WEIGHT_DECAY, s.MOMENTUM) == (
+            lr, 64, 240, [150, 180, 210], 5e-4, 0.9,
+        )  # fmt: skip
+    assert (kd.KD_LS.TEMPERATURE, kd.KD_LS.LOSS.KD_WEIGHT, kd.KD_LS.LOSS.CE_WEIGHT) == (*kd_ls, 0.1)
+    d = dkd.DKD_LS
+    assert (d.T, d.KD_WEIGHT, d.BETA, d.ALPHA, d.CE_WEIGHT, d.WARMUP) == (*dkd_ls, 1.0, 1.0, 20)
+    for method, released in (("kd_ls", LSKD_LOGS[stem][0]), ("dkd_ls", LSKD_LOGS[stem][1])):
+        text = resolve_config(f"cifar100/{method}/{stem}").read_text()
+        assert ("README default" in text) == (released is None), (method, stem)
+        assert ("logs/" in text) == (released is not None)
+    assert kd.EXPERIMENT.TAG.startswith("kd_ls,") and dkd.EXPERIMENT.TAG.startswith("dkd_ls,")
+
+
+def test_imagenet_ls_configs_are_lskds_readme_default_on_the_pairs_kd_and_dkd():
+    from normkd_plugin.config import load_config
+
+    for pair, kd_ce, dkd_beta in (("r34_r18", 1.0, 0.5), ("r50_mv1", 0.5, 2.0)):
+        kd, dkd = load_config(f"imagenet/{pair}/kd_ls"), load_config(f"imagenet/{pair}/dkd_ls")
+        for cfg in (kd, dkd):
+            assert (cfg.SOLVER.BATCH_SIZE, cfg.SOLVER.LR, cfg.SOLVER.EPOCHS, cfg.DATASET.TYPE) == (
+                512,
+                0.2,
+                100,
+                "imagenet",
+            )
+        assert (kd.KD_LS.TEMPERATURE, kd.KD_LS.LOSS.KD_WEIGHT, kd.KD_LS.LOSS.CE_WEIGHT) == (2.0, 9.0, kd_ce)
+        d = dkd.DKD_LS
+        assert (d.T, d.KD_WEIGHT, d.ALPHA, d.BETA, d.CE_WEIGHT, d.WARMUP) == (2.0, 9.0, 1.0, dkd_beta, 1.0, 1)
 
 
 def test_imagenet_hyperparameters():
@@ -195,6 +254,15 @@ BAD_VALUES = [
     ("cifar100/dkd/res56_res20", "DKD.T", "-4.0", "a finite temperature > 0"),
     ("cifar100/dkd/res56_res20", "DKD.WARMUP", "-1", "a warm-up > 0"),
     ("cifar100/dkd/res56_res20", "DKD.BETA", "-2.0", "a finite weight >= 0"),
+    ("cifar100/kd_ls/res56_res20", "KD_LS.TEMPERATURE", "0.0", "a finite temperature > 0"),
+    ("cifar100/kd_ls/res56_res20", "KD_LS.LOSS.KD_WEIGHT", "-9.0", "a finite weight >= 0"),
+    ("cifar100/kd_ls/res56_res20", "KD_LS.LOSS.CE_WEIGHT", "-0.1", "a finite weight >= 0"),
+    ("cifar100/dkd_ls/res56_res20", "DKD_LS.T", "-2.0", "a finite temperature > 0"),
+    ("cifar100/dkd_ls/res56_res20", "DKD_LS.WARMUP", "0", "a warm-up > 0"),
+    ("cifar100/dkd_ls/res56_res20", "DKD_LS.KD_WEIGHT", "-18.0", "a finite weight >= 0"),
+    ("cifar100/dkd_ls/res56_res20", "DKD_LS.ALPHA", "-1.0", "a finite weight >= 0"),
+    ("cifar100/dkd_ls/res56_res20", "DKD_LS.BETA", "-2.0", "a finite weight >= 0"),
+    ("cifar100/dkd_ls/res56_res20", "DKD_LS.CE_WEIGHT", "-1.0", "a finite weight >= 0"),
     (C, "SOLVER.BATCH_SIZE", "0", "an integer >= 1"),
     (C, "DATASET.TEST.BATCH_SIZE", "0", "an integer >= 1"),
     (C, "SOLVER.FAST.EVAL_BATCH_SIZE", "-5", "an integer >= 1"),
@@ -325,13 +393,19 @@ def test_release_config_runs_unchanged(tmp_path):
     assert (d.alpha, d.beta, d.t_norm) == (4.0, 5.0, 2.0)
 
 
-def test_normkd_configs_lists_63():
+def test_normkd_configs_lists_89():
     out = subprocess.run(
         [sys.executable, "-m", "normkd_plugin.configs_cli"], capture_output=True, text=True, check=True
     ).stdout
-    assert out.strip().endswith("63 configs")
+    assert out.strip().endswith("89 configs")
     assert "cifar100  NONE     resnet56    resnet20     cifar100/vanilla/res56_res20" in out
     assert "cifar100  NORMDKD  resnet32x4  ShuffleV1    cifar100/normdkd/res32x4_shuv1" in out
+    assert "cifar100  KD_LS    resnet56    resnet20     cifar100/kd_ls/res56_res20" in out
+    assert "imagenet  DKD_LS   ResNet50    MobileNetV1  imagenet/r50_mv1/dkd_ls" in out
+    ls = subprocess.run(
+        [sys.executable, "-m", "normkd_plugin.configs_cli", "--method", "kd_ls"], capture_output=True, text=True
+    ).stdout
+    assert ls.strip().endswith("13 configs") and ls.count("KD_LS") == 13
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,4 @@
-"""NormKD / NormDKD inside the real mdistiller: real models, real CIFAR-100 images, host baselines."""
+"""NormKD / NormDKD and KD+LS / DKD+LS inside the real mdistiller: real models, real CIFAR-100 images, host baselines."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ def _models(teacher="resnet56", student="resnet20"):
 
 
 @pytest.mark.parametrize("teacher,student", [("resnet32x4", "resnet8x4"), ("resnet56", "resnet20")])
-@pytest.mark.parametrize("kind", ["normkd", "normdkd"])
+@pytest.mark.parametrize("kind", ["normkd", "normdkd", "kd_ls", "dkd_ls"])
 def test_forward_train_on_real_cifar_batch(kind, teacher, student, cifar_batch, teacher_resnet56):
     from mdistiller.distillers import distiller_dict
 
@@ -57,7 +57,7 @@ def test_real_teacher_is_accurate_on_real_batch(cifar_batch, teacher_resnet56):
     assert acc > 0.5
 
 
-@pytest.mark.parametrize("kind", ["normkd", "normdkd"])
+@pytest.mark.parametrize("kind", ["normkd", "normdkd", "kd_ls", "dkd_ls"])
 def test_sgd_steps_on_a_fixed_real_batch_lower_the_loss(kind, cifar_batch, teacher_resnet56):
     from mdistiller.distillers import distiller_dict
 
@@ -155,3 +155,5 @@ def test_fused_loss_switch_in_config():
     s, t = _models()
     assert distiller_dict["NORMKD"](s, t, on).fused is None
     assert distiller_dict["NORMDKD"](s, t, off).fused is False
+    assert distiller_dict["KD_LS"](s, t, _cfg("kd_ls")).fused is None
+    assert distiller_dict["DKD_LS"](s, t, _cfg("dkd_ls", **{"DISTILLER.FUSED_LOSS": False})).fused is False

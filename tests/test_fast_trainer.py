@@ -167,7 +167,7 @@ def test_resume_of_a_finished_run_changes_nothing(tmp_path, cifar_test_arrays):
     assert {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()} == before
 
 
-@pytest.mark.parametrize("method", ["normkd", "normdkd"])
+@pytest.mark.parametrize("method", ["normkd", "normdkd", "kd_ls", "dkd_ls"])
 def test_fast_steps_equal_the_host_train_iter_bitwise(tmp_path, small_cifar_npz, teacher_resnet56, method, monkeypatch):
     """The pack's eager step against mdistiller's own BaseTrainer.train_iter on the same real batches.
 

@@ -1,4 +1,5 @@
-"""The fused Triton path against the PyTorch reference: on CUDA, and on CPU through Triton's interpreter."""
+"""The fused Triton path (NormKD's and LSKD's losses) against the PyTorch reference: on CUDA, and on CPU through
+Triton's interpreter."""
 
 from __future__ import annotations
 
@@ -28,13 +29,20 @@ CHECK = textwrap.dedent(
         assert torch.isfinite(a).all(), "non-finite fused output"
         assert err <= atol + rtol * b.abs().max().item(), f"{what}: max error {err:.3e} (ref scale {b.abs().max().item():.3e})"
 
-    def both(zs, zt, y, red):
+    def both(zs, zt, y, red, ls):
+        # (value, grad) of the fused and the reference KD-type and DKD-type loss: NormKD's, or LSKD's when ls.
+        if ls:
+            kd, kd_ref = _fused.ls_kd_loss_fused, losses.ls_kd_loss_reference
+            dkd, dkd_ref = _fused.ls_dkd_loss_fused, losses.ls_dkd_loss_reference
+        else:
+            kd, kd_ref = _fused.normkd_loss_fused, losses.normkd_loss_reference
+            dkd, dkd_ref = _fused.normdkd_loss_fused, losses.normdkd_loss_reference
         out = []
         for fn in (
-            lambda s: _fused.normkd_loss_fused(s, zt, 2.0, red),
-            lambda s: losses.normkd_loss_reference(s, zt, 2.0, red),
-            lambda s: _fused.normdkd_loss_fused(s, zt, y, 4.0, 5.0, 2.0, red),
-            lambda s: losses.normdkd_loss_reference(s, zt, y, 4.0, 5.0, 2.0, red),
+            lambda s: kd(s, zt, 2.0, red),
+            lambda s: kd_ref(s, zt, 2.0, red),
+            lambda s: dkd(s, zt, y, 4.0, 5.0, 2.0, red),
+            lambda s: dkd_ref(s, zt, y, 4.0, 5.0, 2.0, red),
         ):
             s = zs.clone().requires_grad_()
             v = fn(s)
@@ -58,19 +66,22 @@ CHECK = textwrap.dedent(
     cases.append((torch.randn(6, 100, device=dev) * 1e4, torch.randn(6, 100, device=dev) * 1e4, torch.float32))
     for zs, zt, dtype in cases:
         y = torch.randint(0, zs.shape[1], (zs.shape[0],), device=dev)
-        for red in ("mean", "sum", "none"):
-            (vk, gk), (rk, rgk), (vd, gd), (rd, rgd) = both(zs, zt, y, red)
+        # LSKD's path shares every line but the temperature and weight: float32 and one half shape suffice.
+        families = (False, True) if dtype == torch.float32 or zs.shape == (4, 100) else (False,)
+        for red, ls in [(red, ls) for red in ("mean", "sum", "none") for ls in families]:
+            (vk, gk), (rk, rgk), (vd, gd), (rd, rgd) = both(zs, zt, y, red, ls)
+            kd, dkd = ("KD+LS", "DKD+LS") if ls else ("NormKD", "NormDKD")
             label = f"{tuple(zs.shape)} {dtype} {red}"
             rtol = 1e-4 if dtype == torch.float32 else 2e-3
-            close(vk, rk, rtol, 1e-6 * max(1.0, rk.abs().max().item()), "value NormKD " + label)
-            close(vd, rd, rtol, 1e-6 * max(1.0, rd.abs().max().item()), "value NormDKD " + label)
+            close(vk, rk, rtol, 1e-6 * max(1.0, rk.abs().max().item()), f"value {kd} " + label)
+            close(vd, rd, rtol, 1e-6 * max(1.0, rd.abs().max().item()), f"value {dkd} " + label)
             assert gk.dtype == zs.dtype and gk.shape == zs.shape
             # With C = 2 the normalised logits are fixed, so the exact gradient is 0 and both
             # paths return rounding noise: compare against the loss's scale instead.
             gtol_k = 1e-4 * max(1.0, rk.abs().max().item())
             gtol_d = 1e-4 * max(1.0, rd.abs().max().item())
-            close(gk.float(), rgk.float(), 1e-3, gtol_k, "grad NormKD " + label)
-            close(gd.float(), rgd.float(), 1e-3, gtol_d, "grad NormDKD " + label)
+            close(gk.float(), rgk.float(), 1e-3, gtol_k, f"grad {kd} " + label)
+            close(gd.float(), rgd.float(), 1e-3, gtol_d, f"grad {dkd} " + label)
     print("FUSED-OK", len(cases))
     """
 )

@@ -18,7 +18,7 @@ def test_register_puts_classes_and_nodes_in_place():
     from mdistiller.engine.cfg import CFG
 
     import normkd_plugin
-    from normkd_plugin.distillers import NormDKD, NormDKDRelease, NormKD, NormKDRelease
+    from normkd_plugin.distillers import DKDLS, KDLS, NormDKD, NormDKDRelease, NormKD, NormKDRelease
     from normkd_plugin.fast.trainer import FastTrainer
 
     plugins = normkd_plugin.register()
@@ -30,6 +30,11 @@ def test_register_puts_classes_and_nodes_in_place():
         2.0, 1.0, 1.0, 8.0, 20,
     )  # fmt: skip
     assert CFG.NormKD.LOSS.KD_WEIGHT == 0.9 and CFG.NormKD_W_DKD.WARMUP == 20
+    assert distiller_dict["KD_LS"] is KDLS and distiller_dict["DKD_LS"] is DKDLS
+    assert (CFG.KD_LS.TEMPERATURE, CFG.KD_LS.LOSS.CE_WEIGHT, CFG.KD_LS.LOSS.KD_WEIGHT) == (2.0, 0.1, 9.0)
+    assert (CFG.DKD_LS.T, CFG.DKD_LS.KD_WEIGHT, CFG.DKD_LS.ALPHA, CFG.DKD_LS.BETA, CFG.DKD_LS.WARMUP) == (
+        2.0, 9.0, 1.0, 8.0, 20,
+    )  # fmt: skip
     assert CFG.SOLVER.AMP is False and CFG.EXPERIMENT.SEED == -1
     names = {(p.group, p.name): p for p in plugins}
     assert names[("mdistiller.distillers", "NORMKD")].distribution == "normkd-plugin"
@@ -126,5 +131,6 @@ def test_conflicting_config_default_is_refused():
 def test_installed_metadata_declares_our_entry_points():
     eps = md.distribution("normkd-plugin").entry_points
     got = {(e.group, e.name) for e in eps}
-    assert {("mdistiller.distillers", n) for n in ("NORMKD", "NORMDKD", "NormKD", "NormKD_W_DKD")} <= got
+    names = ("NORMKD", "NORMDKD", "NormKD", "NormKD_W_DKD", "KD_LS", "DKD_LS")
+    assert {("mdistiller.distillers", n) for n in names} <= got
     assert ("mdistiller.trainers", "fast") in got

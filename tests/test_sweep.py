@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from conftest import needs_mdistiller
-from normkd_plugin import sweep
+from normkd_plugin import pairs, sweep
 
 
 def test_full_cifar_grid_is_11_pairs_by_4_methods_by_seeds():
@@ -39,6 +39,17 @@ def test_unknown_pair_or_method_is_named():
         sweep.grid("cifar100", ["kd"], ["res56_res2"], [0], [])
     with pytest.raises(ValueError, match="fitnet"):
         sweep.grid("cifar100", ["fitnet"], ["all"], [0], [])
+    with pytest.raises(ValueError, match="unknown pair or method vanilla; .*methods: kd, dkd, kd_ls, dkd_ls, normkd"):
+        sweep.grid("imagenet", ["vanilla"], ["r34_r18"], [0], [])
+
+
+def test_every_method_of_the_grid_has_its_packaged_config():
+    from normkd_plugin.config import packaged_configs
+
+    names = {c.name for c in packaged_configs()}
+    for dataset in ("cifar100", "imagenet"):
+        jobs = sweep.grid(dataset, list(pairs.methods(dataset)), ["all"], [0], [])
+        assert {j.cfg for j in jobs} <= names and len(jobs) == {"cifar100": 11 * 7, "imagenet": 2 * 6}[dataset]
 
 
 def _finished_worklog(epochs: int = 2) -> str:
@@ -127,12 +138,13 @@ def test_pack_cli_prints_full_comparison_and_refuses_other_trainers():
         return subprocess.run([sys.executable, "-m", "normkd_plugin.sweep", *args], capture_output=True, text=True)
 
     out = cli("--pairs", "res56_res20", "--seeds", "0,1,2", "--pack", "DATASET.ROOT", "/data")
+    comparison = ("vanilla", "kd", "dkd", "kd_ls", "dkd_ls", "normkd", "normdkd")  # 7 methods x 3 seeds: 21 runs
+    cfgs = " ".join(f"--cfg cifar100/{m}/res56_res20" for m in comparison)
     assert out.returncode == 0 and out.stdout.splitlines() == [
-        "normkd-train --cfg cifar100/kd/res56_res20 --cfg cifar100/dkd/res56_res20 --cfg cifar100/normkd/res56_res20 "
-        "--cfg cifar100/normdkd/res56_res20 --seeds 0,1,2 DATASET.ROOT /data SOLVER.TRAINER fast"
+        f"normkd-train {cfgs} --seeds 0,1,2 DATASET.ROOT /data SOLVER.TRAINER fast"
     ]
     cpu = cli("--pairs", "res56_res20", "--seeds", "0", "--pack", "--device", "cpu")
-    assert cpu.returncode == 0 and cpu.stdout.startswith("normkd-train --device cpu --cfg cifar100/kd/res56_res20")
+    assert cpu.returncode == 0 and cpu.stdout.startswith("normkd-train --device cpu --cfg cifar100/vanilla/res56_res20")
     bad = cli("--pairs", "res56_res20", "--pack", "SOLVER.TRAINER", "base")
     assert bad.returncode == 2 and "--pack trains with SOLVER.TRAINER fast or ddp (or base under --nproc" in bad.stderr
     assert "not 'base'" in bad.stderr
@@ -146,8 +158,8 @@ def test_imagenet_pack_cli_prints_one_torchrun_command_per_teacher():
     assert out.returncode == 0, out.stderr
     (line,) = out.stdout.splitlines()
     assert line.startswith("torchrun --standalone --nproc-per-node 8 -m normkd_plugin.train --cfg imagenet/r34_r18/kd")
-    cfgs = "--cfg imagenet/r34_r18/kd --cfg imagenet/r34_r18/dkd --cfg imagenet/r34_r18/normkd --cfg imagenet/r34_r18/normdkd"
-    assert f"{cfgs} --seeds 0 DATASET.ROOT /in SOLVER.TRAINER ddp" in line
+    cfgs = " ".join(f"--cfg imagenet/r34_r18/{m}" for m in ("kd", "dkd", "kd_ls", "dkd_ls", "normkd", "normdkd"))
+    assert f"{cfgs} --seeds 0 DATASET.ROOT /in SOLVER.TRAINER ddp" in line  # no vanilla config on ImageNet
     fast = cli("--dataset", "imagenet", "--pack", "SOLVER.TRAINER", "fast")
     assert fast.returncode == 2 and "--pack trains with SOLVER.TRAINER ddp (or base under" in fast.stderr
 

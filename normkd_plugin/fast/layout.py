@@ -31,7 +31,7 @@ from yacs.config import CfgNode as CN
 __all__ = ["FUSABLE_TYPES", "FusedStudents", "fuse_on", "fusion_key", "student_output"]
 
 # Distillers whose loss reads only the student's logits (the host's Vanilla, KD, DKD and this plugin's).
-FUSABLE_TYPES = frozenset({"NONE", "KD", "DKD", "NORMKD", "NORMDKD", "NormKD", "NormKD_W_DKD"})
+FUSABLE_TYPES = frozenset({"NONE", "KD", "DKD", "NORMKD", "NORMDKD", "NormKD", "NormKD_W_DKD", "KD_LS", "DKD_LS"})
 
 
 def fuse_on(cfg: CN, device: torch.device) -> bool:

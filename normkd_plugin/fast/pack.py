@@ -234,6 +234,11 @@ def load_model_state(distiller: nn.Module, state: dict[str, Tensor], source: str
         )
 
 
+def _epoch_scalars(run: PackRun):
+    """The distiller's per-epoch device sums for tensorboard (``epoch_scalars``: reset, sums, scalars), or None."""
+    return getattr(run.distiller, "epoch_scalars", None)
+
+
 def _close_writer(run: PackRun) -> None:
     """Close the run's tensorboard writer (its thread ends); a failure is a warning, never the job's error."""
     if run.writer is not None:
@@ -434,6 +439,8 @@ class Pack:
         self._step_no.zero_()
         for run in runs:
             run.distiller.train()
+            if _epoch_scalars(run) is not None:
+                _epoch_scalars(run).reset(self.device)
 
         def batch(step: int):
             images, targets, self._weight = batches.batch(step)  # weight: this rank's share of the batch mean
@@ -445,6 +452,9 @@ class Pack:
             self._eager_step(*batch(step), epoch)
         self.ranks.sum_(self._sums)
         self.ranks.first_(self._first_bad)
+        for run in runs:
+            if _epoch_scalars(run) is not None:
+                self.ranks.sum_(_epoch_scalars(run).sums)
         for run in runs:
             run.distiller.train(False)
         return batches.steps
@@ -533,7 +543,8 @@ class Pack:
         state = self._state(run, epoch, lr, record, saved_best)
         run.folder.commit_epoch(state, _student(run), run.cfg.LOG.SAVE_CHECKPOINT_FREQ)
         if run.writer is not None:
-            for key, value in record.items():
+            extra = _epoch_scalars(run).scalars() if _epoch_scalars(run) is not None else {}
+            for key, value in {**record, **extra}.items():
                 run.writer.add_scalar(key, value, epoch)
             run.writer.flush()
         if run.cfg.LOG.WANDB:  # a solo run (packs refuse LOG.WANDB), as the host logs it
