@@ -103,6 +103,7 @@ def build_pack(cfgs: list, names: list[str], folders: list, device):
     if teacher is not None:
         teacher.requires_grad_(False)  # frozen: it is never trained, and the gradient all-reduce skips it
     shared = None if teacher is None else SharedTeacher(teacher).to(device)
+    source = make_source(train_loader, val_loader, cfgs[0], device, ranks)  # may refuse the data: before any writer
     runs = []
     for cfg, name, folder, distiller in zip(cfgs, names, folders, distillers):
         if cfg.DISTILLER.TYPE != "NONE":
@@ -110,4 +111,4 @@ def build_pack(cfgs: list, names: list[str], folders: list, device):
         distiller.to(device)
         writer = SummaryWriter(os.path.join(folder.path, "train.events"), flush_secs=60) if ranks.main else None
         runs.append(PackRun(name, cfg, folder, distiller, host_optimizer(cfg, distiller), data_seed(cfg), writer))
-    return Pack(runs, make_source(train_loader, val_loader, cfgs[0], device, ranks), shared)
+    return Pack(runs, source, shared)

@@ -237,6 +237,7 @@ def train(cfg, experiment_name: str, device: torch.device, resume: bool = False,
     from .build import build_distiller, build_models
     from .checkpoints import allow_release_types
     from .data import get_dataset, seed_run
+    from .imagenet import check_class_folders
     from .runs import RunFolder
 
     folder = RunFolder(os.path.join(cfg.LOG.PREFIX, experiment_name))
@@ -250,6 +251,7 @@ def train(cfg, experiment_name: str, device: torch.device, resume: bool = False,
         _init_wandb(cfg, experiment_name)
         show_cfg(cfg)
         train_loader, val_loader, num_data, num_classes = get_dataset(cfg)
+        check_class_folders(train_loader.dataset, val_loader.dataset)
         student, teacher = build_models(cfg, num_classes)
         distiller = build_distiller(cfg, student, teacher, num_data)
         distiller = torch.nn.DataParallel(distiller.to(device))
