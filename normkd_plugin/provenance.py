@@ -113,7 +113,7 @@ def _short(digest: str | None) -> str:
 
 
 def _teacher_change(old: dict | None, new: dict | None) -> str | None:
-    if old is None or new is None or not old.get("sha256") and not new.get("sha256"):
+    if old is None or new is None or (not old.get("sha256") and not new.get("sha256")):
         return None  # no teacher on a side (the config check covers DISTILLER.TYPE), or nothing to compare
     if old.get("sha256") == new.get("sha256"):
         return None
