@@ -81,6 +81,7 @@ def build_pack(cfgs: list, names: list[str], folders: list, device):
     from .fast.pack import Pack, PackRun, SharedTeacher, data_seed, host_optimizer
     from .fast.ranks import Ranks
     from .fast.trainer import make_source
+    from .provenance import learned_from
 
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = all(cfg.EXPERIMENT.SEED < 0 for cfg in cfgs)
@@ -100,9 +101,13 @@ def build_pack(cfgs: list, names: list[str], folders: list, device):
         if cfg.SOLVER.SYNC_BN and ranks.world > 1:
             student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
         distillers.append(build_distiller(cfg, student, teacher if cfg.DISTILLER.TYPE != "NONE" else None, num_data))
+    if ranks.main:  # what each run learns from, recorded and checked by rank 0 (a shared file is hashed once)
+        for cfg, folder in zip(cfgs, folders):
+            folder.provenance = learned_from(cfg, train_loader.dataset, val_loader.dataset)
     if teacher is not None:
         teacher.requires_grad_(False)  # frozen: it is never trained, and the gradient all-reduce skips it
     shared = None if teacher is None else SharedTeacher(teacher).to(device)
+    source = make_source(train_loader, val_loader, cfgs[0], device, ranks)  # may refuse the data: before any writer
     runs = []
     for cfg, name, folder, distiller in zip(cfgs, names, folders, distillers):
         if cfg.DISTILLER.TYPE != "NONE":
@@ -110,4 +115,4 @@ def build_pack(cfgs: list, names: list[str], folders: list, device):
         distiller.to(device)
         writer = SummaryWriter(os.path.join(folder.path, "train.events"), flush_secs=60) if ranks.main else None
         runs.append(PackRun(name, cfg, folder, distiller, host_optimizer(cfg, distiller), data_seed(cfg), writer))
-    return Pack(runs, make_source(train_loader, val_loader, cfgs[0], device, ranks), shared)
+    return Pack(runs, source, shared)

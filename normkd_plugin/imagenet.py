@@ -5,6 +5,10 @@
   batch with nvJPEG on the rank's GPU, and the host's augmentation runs there on uint8 tensors;
 * ``cpu``: the same code with the decode and augmentation on the CPU of the training process.
 
+Every trainer first checks the splits' folders (:func:`check_class_folders`): ImageFolder numbers the
+classes of each split by their sorted folder names, so a split missing a class would shift the labels
+of all the classes after it; and a folder link could loop or count images twice.
+
 The augmentation is the host's, read from its own transform objects
 (``get_imagenet_train_transform`` / ``get_imagenet_test_transform``): RandomResizedCrop with its
 size, scale, ratio and interpolation, the horizontal flip with its probability, ToTensor's /255
@@ -20,6 +24,7 @@ batched nvJPEG path, so the deprecation warning is silenced around the decode ca
 from __future__ import annotations
 
 import math
+import os
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -45,6 +50,7 @@ __all__ = [
     "DevicePipeline",
     "jpeg_loader",
     "check_decode",
+    "check_class_folders",
 ]
 
 DECODE_CHOICES = ("host", "cpu", "gpu")
@@ -242,3 +248,57 @@ def check_decode(cfg, device: torch.device) -> str:
             f"DATASET.DECODE gpu decodes with nvJPEG on CUDA; --device is {device.type}: use DATASET.DECODE cpu"
         )
     return decode_mode
+
+
+def _names(names: list[str], limit: int = 10) -> str:
+    shown = ", ".join(names[:limit]) or "none"
+    return shown + (f", ... ({len(names)} in all)" if len(names) > limit else "")
+
+
+def _check_links(split) -> None:
+    """DataError naming the first folder link on the path of one of ``split``'s images (ImageFolder follows them).
+
+    Every such link loops (it leads to a folder that holds it), leaves the split, or leads to a folder the
+    split holds anyway (its images counted twice, under two classes); links to image files are followed.
+    """
+    root = os.path.normpath(split.root)
+    real_root = os.path.realpath(root)
+    checked: set[str] = set()
+    for folder in sorted({path.rpartition(os.sep)[0] for path, _ in split.samples}):
+        parts = os.path.relpath(folder, root).split(os.sep)
+        for depth in range(1, len(parts) + 1):
+            path = os.path.join(root, *parts[:depth])
+            if path in checked:
+                continue
+            checked.add(path)
+            if not os.path.islink(path):
+                continue
+            target, holder = os.path.realpath(path), os.path.realpath(os.path.dirname(path))
+            if holder == target or holder.startswith(target + os.sep):
+                why = "a folder that holds it: a loop, whose images would be counted again and again"
+            elif not target.startswith(real_root + os.sep):
+                why = f"outside the split {root}"
+            else:
+                why = "inside the split, whose images would be counted twice"
+            raise DataError(
+                f"{path} is a link to {target}, {why}; the class folders of a split and the folders in them must be "
+                "real folders inside it (links to image files are followed)"
+            )
+
+
+def check_class_folders(train_set, val_set) -> None:
+    """DataError unless the validation split's classes are the training split's and no folder link in either split
+    loops, leaves it or counts images twice; datasets that are not ImageFolders pass."""
+    splits = (train_set, val_set)
+    if not all(hasattr(ds, "classes") and hasattr(ds, "samples") and hasattr(ds, "root") for ds in splits):
+        return
+    for split in splits:
+        _check_links(split)
+    train, val = list(train_set.classes), list(val_set.classes)
+    if val != train:
+        missing, extra = [c for c in train if c not in val], [c for c in val if c not in train]
+        raise DataError(
+            f"{val_set.root} does not hold the classes of {train_set.root}: missing {_names(missing)}; extra "
+            f"{_names(extra)}. ImageFolder numbers each split's classes by their sorted folder names, so every "
+            "split needs the same class folders"
+        )

@@ -13,6 +13,9 @@ any moment leaves a folder that resumes exactly:
 * every state knows whose it is: the run's name, seed and config (``identity``) and the records
   of all its epochs (``records``). ``--resume`` refuses a state of another run or config, rewrites
   a missing ``config.yaml`` from it and rebuilds a cut, damaged or deleted worklog from the records;
+* every state, and ``provenance.yaml``, records what the run learns from: its teacher file's SHA-256
+  and its data's identity (:mod:`normkd_plugin.provenance`). ``--resume`` refuses another teacher or
+  other data, by content (a moved or copied file is the same one);
 * an OS error while reading or writing the folder is a :class:`FolderError` naming the path and
   the cause; SIGINT/SIGTERM are held back while an epoch commits, so a stop never half-writes one.
 
@@ -53,6 +56,7 @@ __all__ = [
 
 WORKLOG = worklog.WORKLOG
 CONFIG = "config.yaml"
+PROVENANCE = "provenance.yaml"  # what the run learns from; config.yaml stays the host's config (loadable with --cfg)
 LOCK = ".lock"
 # Full training states a run can resume from, newest first among those readable.
 _STATE_FILE = re.compile(r"^(latest|best|epoch_\d+)$")
@@ -197,6 +201,7 @@ class RunFolder:
         self.name = name or self.path.name
         self.config = config
         self.records: list[dict] = []  # {"epoch", "lr", "record"} of every committed epoch, the worklog's source
+        self.provenance: dict | None = None  # what the run learns from (provenance.learned_from), known to rank 0
         self._lock_fd: int | None = None
         self._made: list[Path] = []  # the folders lock() created (this one and missing parents)
 
@@ -317,10 +322,64 @@ class RunFolder:
         return mode
 
     def start_fresh(self, cfg_text: str) -> None:
-        """A run that starts (again): an empty worklog, no records, this config.yaml."""
+        """A run that starts (again): an empty worklog, no records, this config.yaml and provenance.yaml."""
         self.records = []
         self.cut_worklog(0)
         self.write_text(CONFIG, cfg_text)
+        self.write_provenance()
+
+    # -- what the run learns from ----------------------------------------------------------
+    def write_provenance(self) -> None:
+        """provenance.yaml := ``self.provenance`` (removed while that is unknown: it would speak of an earlier start)."""
+        import yaml
+
+        if self.provenance is None:
+            with os_errors(self.path / PROVENANCE, "remove it"):
+                (self.path / PROVENANCE).unlink(missing_ok=True)
+            return
+        head = "# What this run learns from, checked by --resume (contents, not paths, must agree)\n"
+        self.write_text(PROVENANCE, head + yaml.safe_dump(self.provenance, sort_keys=False))
+
+    def recorded_provenance(self) -> dict | None:
+        """What provenance.yaml records (None when it is missing, damaged or not a mapping)."""
+        import yaml
+
+        try:
+            saved = yaml.safe_load(self._read_text(PROVENANCE) or "")
+        except yaml.YAMLError:
+            return None
+        return saved if isinstance(saved, dict) else None
+
+    def check_provenance(self, recorded: dict | None, source: str | os.PathLike) -> None:
+        """RunError unless this run's teacher and data (``self.provenance``) are the ``recorded`` ones by content,
+        naming both; nothing recorded (a folder from before the records) resumes with a warning and is recorded."""
+        from .provenance import differences
+
+        if self.provenance is None:
+            return
+        if not recorded:
+            log.warning(
+                "%s: no record of the teacher and data it learned from (written before they were recorded); "
+                "resuming unchecked, recorded from now on",
+                source,
+            )
+            return
+        diffs = differences(recorded, self.provenance)
+        if diffs:
+            teacher, data = (any(d.startswith(k) for d in diffs) for k in ("teacher", "data"))
+            what = " and ".join(["with another teacher"] * teacher + ["on other data"] * data)
+            raise RunError(
+                f"--resume: {source} was trained {what} than this command's ({'; '.join(diffs)}); resume with the "
+                "files it started with (moved or copied is fine), or start a new run with another EXPERIMENT.NAME"
+            )
+
+    def learn_from(self, provenance: dict, resume: bool) -> None:
+        """For mdistiller's trainers (their checkpoints do not record it): on a resume, RunError unless
+        ``provenance`` is what provenance.yaml recorded; then provenance.yaml records it."""
+        self.provenance = provenance
+        if resume:
+            self.check_provenance(self.recorded_provenance(), self.path)
+        self.write_provenance()
 
     # -- writing ---------------------------------------------------------------------------
     def write_text(self, name: str, text: str) -> None:
@@ -363,12 +422,17 @@ class RunFolder:
     _config_gone: str | None = None
 
     def identity(self, seed: int) -> dict:
-        """Whose a state is: the run's name under LOG.PREFIX, its data seed, its config and that config's digest."""
+        """Whose a state is: the run's name under LOG.PREFIX, its data seed, its config and that config's digest,
+        and what it learns from (``learned_from``: teacher and data, when known)."""
         config = self.config or ""
-        return {"run": self.name, "seed": int(seed), "config": config, "digest": config_digest(config)}
+        identity = {"run": self.name, "seed": int(seed), "config": config, "digest": config_digest(config)}
+        if self.provenance is not None:
+            identity["learned_from"] = self.provenance
+        return identity
 
     def _check_identity(self, state: dict, source: Path) -> None:
-        """RunError unless ``state`` is this folder's run under this config (a state without identity: a warning)."""
+        """RunError unless ``state`` is this folder's run under this config, teacher and data (a state without
+        identity: a warning)."""
         theirs = state.get("identity")
         if not isinstance(theirs, dict):
             log.warning(
@@ -376,6 +440,9 @@ class RunFolder:
                 "its next epoch writes them",
                 source,
             )
+            recorded = self.recorded_provenance()
+            if recorded:  # written by a resume of this state that stopped before its next epoch
+                self.check_provenance(recorded, source)
             if self._config_gone and self.config is not None:
                 log.warning(
                     "%s: config.yaml was %s; rewritten from this command's config", self.path, self._config_gone
@@ -397,6 +464,8 @@ class RunFolder:
                     f"--resume: {source} was trained with another config than this command's ({diffs}); "
                     "resume with the same config, or start a new run with another EXPERIMENT.NAME"
                 )
+        # provenance.yaml stands in for a state written before its teacher and data were recorded
+        self.check_provenance(theirs.get("learned_from") or self.recorded_provenance(), source)
         if self._config_gone and theirs.get("config"):
             log.warning("%s: config.yaml was %s; rewritten from %s", self.path, self._config_gone, source.name)
             self.write_text(CONFIG, theirs["config"])

@@ -237,6 +237,8 @@ def train(cfg, experiment_name: str, device: torch.device, resume: bool = False,
     from .build import build_distiller, build_models
     from .checkpoints import allow_release_types
     from .data import get_dataset, seed_run
+    from .imagenet import check_class_folders
+    from .provenance import learned_from
     from .runs import RunFolder
 
     folder = RunFolder(os.path.join(cfg.LOG.PREFIX, experiment_name))
@@ -250,7 +252,9 @@ def train(cfg, experiment_name: str, device: torch.device, resume: bool = False,
         _init_wandb(cfg, experiment_name)
         show_cfg(cfg)
         train_loader, val_loader, num_data, num_classes = get_dataset(cfg)
+        check_class_folders(train_loader.dataset, val_loader.dataset)
         student, teacher = build_models(cfg, num_classes)
+        folder.learn_from(learned_from(cfg, train_loader.dataset, val_loader.dataset), resume)
         distiller = build_distiller(cfg, student, teacher, num_data)
         distiller = torch.nn.DataParallel(distiller.to(device))
         trainer = trainer_dict[cfg.SOLVER.TRAINER](experiment_name, distiller, train_loader, val_loader, cfg)

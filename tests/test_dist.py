@@ -305,7 +305,8 @@ def test_two_ranks_equal_the_single_process_reference(npz_root, teacher_resnet56
     # only rank 0 wrote: rank 1 worked in its own empty directory and left it empty
     assert list((out / "cwd1").iterdir()) == []
     assert sorted(p.name for p in folder.iterdir()) == [
-        ".lock", "best", "config.yaml", "latest", "student_best", "student_latest", "train.events", "worklog.txt",
+        ".lock", "best", "config.yaml", "latest", "provenance.yaml", "student_best", "student_latest", "train.events",
+        "worklog.txt",
     ]  # fmt: skip
     assert (folder / "worklog.txt").read_text().count("epoch: ") == 2
 
@@ -468,7 +469,7 @@ def test_nonfinite_training_loss_stops_the_run_and_resume_restarts_from_the_last
     text = (folder / "worklog.txt").read_text()
     assert text.count("epoch: ") == 1 and "best_acc" not in text
     assert text.splitlines()[-1].startswith("failed\tepoch 2 step 2 of 4: non-finite training loss; likely causes: ")
-    assert sorted(before) == ["best", "config.yaml", "latest", "student_best", "student_latest"]
+    assert sorted(before) == ["best", "config.yaml", "latest", "provenance.yaml", "student_best", "student_latest"]
     assert _files(folder) == before  # nothing of epoch 2 was written over epoch 1's files
     assert _load(folder / "latest")["epoch"] == 1
 
@@ -505,7 +506,7 @@ def test_nonfinite_validation_loss_stops_the_run_before_its_first_checkpoint(
         f"normkd-train: {folder}: epoch 1: non-finite validation loss (1 of 1 runs failed)"
     )
     assert (folder / "worklog.txt").read_text().startswith("failed\tepoch 1: non-finite validation loss; likely causes")
-    assert sorted(_files(folder)) == ["config.yaml"]
+    assert sorted(_files(folder)) == ["config.yaml", "provenance.yaml"]
 
 
 def test_drawn_seed_is_stored_and_a_resume_shuffles_with_it(npz_root, teacher_resnet56, tmp_path, here, monkeypatch):
@@ -549,7 +550,9 @@ def test_two_ranks_agree_on_the_first_nonfinite_step(npz_root, teacher_resnet56,
     line = f"normkd-train: {folder}: epoch 1 step 2 of 4: non-finite training loss (1 of 1 runs failed)"
     assert proc.stderr.count(line) == 2, proc.stderr[-4000:]
     assert (folder / "worklog.txt").read_text().startswith("failed\tepoch 1 step 2 of 4: non-finite training loss")
-    assert sorted(_files(folder)) == ["config.yaml"] and list((tmp_path / "a" / "cwd1").iterdir()) == []
+    assert (
+        sorted(_files(folder)) == ["config.yaml", "provenance.yaml"] and list((tmp_path / "a" / "cwd1").iterdir()) == []
+    )
 
 
 # -- random augmentation: a pure function of (seed, epoch, sample), so resumes are bitwise ------------

@@ -14,6 +14,8 @@ float32 rounded once (within 1/2 level); both are integers, so they differ by at
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -232,3 +234,110 @@ def test_gpu_pipeline_matches_the_cpu_pipeline(image_root):
     (g, gp), (c, cp) = _pipeline(7, "cuda").train(gpu_images), _pipeline(7).train(cpu_images)
     assert gp == cp
     assert (_pixels(g.cpu()) - _pixels(c)).abs().max() <= (decode_diff + 1) * LEVEL + 1e-6
+
+
+# -- the splits' class folders: the same classes in each split, no folder links ----------------------------
+
+
+def _tree(root, layout, images):
+    """root/<split>/<class>/<i>.JPEG for ``layout`` {split: {class: images}}, of real 32-px CIFAR-100 test images."""
+    k = 0
+    for split, classes in layout.items():
+        for c, n in classes.items():
+            (root / split / c).mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(images[k]).save(root / split / c / f"{i}.JPEG", quality=90)
+                k += 1
+    return root
+
+
+def _train_folder(root, prefix, capsys):
+    """normkd-train (a vanilla ResNet18, the loader engine, one short epoch) on ``root``: (exit code, stderr lines)."""
+    from normkd_plugin import train
+
+    argv = [
+        "--cfg", "imagenet/r34_r18/kd", "--device", "cpu", "SOLVER.TRAINER", "ddp", "DISTILLER.TYPE", "NONE",
+        "DATASET.ROOT", str(root), "DATASET.NUM_WORKERS", "0", "DATASET.TEST.BATCH_SIZE", "2",
+        "SOLVER.BATCH_SIZE", "2", "SOLVER.EPOCHS", "1", "SOLVER.LR_DECAY_STAGES", "[]", "LOG.PREFIX", str(prefix),
+        "EXPERIMENT.SEED", "0",
+    ]  # fmt: skip
+    try:
+        train.main(argv)
+        code = 0
+    except SystemExit as exc:
+        code = exc.code
+    return code, capsys.readouterr().err.strip().splitlines()
+
+
+def test_a_validation_split_missing_a_class_is_refused_in_one_line(tmp_path, cifar_test_arrays, capsys):
+    """val/ without c0: ImageFolder would number c1 as 0 there (train: c0 0, c1 1), every validation label shifted."""
+    root = _tree(tmp_path / "data", {"train": {"c0": 2, "c1": 2}, "val": {"c1": 2}}, cifar_test_arrays[0])
+    code, err = _train_folder(root, tmp_path / "out", capsys)
+    assert code == 2
+    assert err[-1] == (
+        f"normkd-train: {root}/val does not hold the classes of {root}/train: missing c0; extra none. ImageFolder "
+        "numbers each split's classes by their sorted folder names, so every split needs the same class folders"
+    )
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_folder_link_that_loops_is_refused_naming_it(tmp_path, cifar_test_arrays, capsys):
+    """val/c1/loop -> .. made ImageFolder count val's images 40 times over (until the kernel's link limit)."""
+    import os
+
+    root = _tree(tmp_path / "data", {"train": {"c0": 2, "c1": 2}, "val": {"c0": 1, "c1": 1}}, cifar_test_arrays[0])
+    os.symlink("..", root / "val" / "c1" / "loop")
+    code, err = _train_folder(root, tmp_path / "out", capsys)
+    assert code == 2
+    assert err[-1].startswith(
+        f"normkd-train: {root}/val/c1/loop is a link to {os.path.realpath(root / 'val')}, a folder that holds it: a loop"
+    )
+
+
+@pytest.mark.parametrize(
+    ("link", "target", "why"),
+    [
+        ("c1/more", "val/c0", "inside the split, whose images would be counted twice"),
+        ("c1/more", "elsewhere/c2", "outside the split {val}"),
+        ("c1", "val/c0", "inside the split, whose images would be counted twice"),
+        ("c1", "elsewhere/c2", "outside the split {val}"),
+    ],
+)
+def test_folder_links_are_refused_naming_them(tmp_path, cifar_test_arrays, link, target, why):
+    """Every folder link on an image's path loops, leaves the split or counts images twice (under two classes)."""
+    import os
+
+    from torchvision.datasets import ImageFolder
+
+    from normkd_plugin.data import DataError
+    from normkd_plugin.imagenet import check_class_folders
+
+    layout = {"train": {"c0": 2, "c1": 2}, "val": {"c0": 1}, "elsewhere": {"c2": 1}}
+    root = _tree(tmp_path / "data", layout, cifar_test_arrays[0])
+    if link != "c1":
+        (root / "val" / "c1").mkdir()
+    os.symlink(os.path.relpath(root / target, (root / "val" / link).parent), root / "val" / link)
+    train, val = ImageFolder(str(root / "train")), ImageFolder(str(root / "val"))
+    expected = f"{root / 'val' / link} is a link to {root / target}, {why.format(val=root / 'val')}; "
+    with pytest.raises(DataError, match="^" + re.escape(expected)):
+        check_class_folders(train, val)
+
+
+def test_file_links_are_followed_and_a_split_with_an_extra_class_is_refused(tmp_path, cifar_test_arrays):
+    import os
+
+    from torchvision.datasets import ImageFolder
+
+    from normkd_plugin.data import DataError
+    from normkd_plugin.imagenet import check_class_folders
+
+    layout = {"train": {"c0": 2, "c1": 2}, "val": {"c0": 1, "c1": 1}, "elsewhere": {"c2": 1}}
+    root = _tree(tmp_path / "data", layout, cifar_test_arrays[0])
+    os.symlink(root / "elsewhere" / "c2" / "0.JPEG", root / "val" / "c1" / "linked.JPEG")  # one image, counted once
+    val = ImageFolder(str(root / "val"))
+    check_class_folders(ImageFolder(str(root / "train")), val)
+    assert len(val) == 3
+    (root / "val" / "c9").mkdir()
+    (root / "val" / "c1" / "0.JPEG").rename(root / "val" / "c9" / "0.JPEG")
+    with pytest.raises(DataError, match=r"/val does not hold the classes of .*/train: missing none; extra c9\. "):
+        check_class_folders(ImageFolder(str(root / "train")), ImageFolder(str(root / "val")))

@@ -333,3 +333,32 @@ def test_a_distillers_own_modules_start_as_on_the_base_path(tmp_path, small_cifa
     assert any(k.startswith("conv_reg") for k in host) and packed.keys() == host.keys()
     for key in host:
         assert torch.equal(packed[key], host[key]), key
+
+
+def test_a_pack_resumed_with_another_teacher_drops_its_distilled_runs_and_hashes_each_file_once(
+    tmp_path, small_cifar_npz, teacher_resnet56, monkeypatch
+):
+    """KD and NormKD share the teacher, the vanilla run has none: after a stop at epoch 2, a resume with another
+    teacher file refuses both distilled runs and finishes the vanilla one; the pack reads each input file once."""
+    from normkd_plugin import provenance
+    from normkd_plugin.fast.pack import RunsFailed
+
+    runs = (("cifar100/kd/res56_res20", 0), ("cifar100/normkd/res56_res20", 0), ("cifar100/vanilla/res56_res20", 0))
+    extra = ("SOLVER.FAST.ITERS_PER_EPOCH", "1")
+    with interrupted_at_epoch(2), pytest.raises(KeyboardInterrupt):
+        _train(small_cifar_npz, teacher_resnet56, tmp_path / "pack", runs, extra)
+    weights = torch.load(teacher_resnet56, map_location="cpu", weights_only=True)
+    weights["fc.bias"] = weights["fc.bias"] + 0.5
+    other = tmp_path / "other.pt"
+    torch.save(weights, other)
+    opened = []
+    monkeypatch.setattr(provenance, "_DIGESTS", {})  # as in a new process
+    monkeypatch.setattr(provenance, "open", lambda path, mode: (opened.append(str(path)), open(path, mode))[1], False)
+    with pytest.raises(RunsFailed, match=r"was trained with another teacher than this command's .*2 of 3 runs failed"):
+        _train(small_cifar_npz, other, tmp_path / "pack", runs, extra, resume=True)
+    files = [other, small_cifar_npz / "train-0-of-1.npz", small_cifar_npz / "test-0-of-1.npz"]
+    assert sorted(opened) == sorted(map(str, files))  # each once for the 3 runs
+    kd, normkd, vanilla = (tmp_path / "pack" / n for n in _configs(small_cifar_npz, other, tmp_path, runs, extra)[1])
+    assert vanilla.name.startswith("vanilla") and "best_acc\t" in (vanilla / "worklog.txt").read_text()
+    for folder in (kd, normkd):
+        assert load_state(folder)["epoch"] == 1 and "best_acc" not in (folder / "worklog.txt").read_text()

@@ -360,3 +360,17 @@ def test_two_ranks_train_a_fused_pack_as_the_unfused_pack(tmp_path, small_cifar_
     for name in names:
         _, folder = _cfg(small_cifar_npz, teacher_resnet56, tmp_path, 2, name, 0, (*SMALL, "SOLVER.FAST.FUSE", "on"))
         assert_close_runs(tmp_path / "on" / folder, tmp_path / "off" / folder)
+
+
+def test_a_resume_with_another_teacher_is_refused_on_every_rank(tmp_path, small_cifar_npz, teacher_resnet56):
+    """Rank 0 compares the teacher file's SHA-256 with the state's record; every rank raises its refusal."""
+    from torch.multiprocessing import ProcessRaisedException
+
+    prefix = tmp_path / "o"
+    _spawn(tmp_path, small_cifar_npz, teacher_resnet56, prefix, epochs=2, stop_at=2)
+    weights = torch.load(teacher_resnet56, map_location="cpu", weights_only=True)
+    weights["fc.bias"] = weights["fc.bias"] + 0.5
+    torch.save(weights, tmp_path / "other.pt")
+    with pytest.raises(ProcessRaisedException, match=r"latest was trained with another teacher than this command's"):
+        _spawn(tmp_path, small_cifar_npz, tmp_path / "other.pt", prefix, epochs=2)
+    assert load_state(prefix / _cfg(small_cifar_npz, teacher_resnet56, prefix, 2)[1])["epoch"] == 1

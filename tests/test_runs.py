@@ -519,3 +519,137 @@ def test_a_state_from_before_identities_still_resumes_with_a_warning(
     final = load_state(folder)
     assert [r["epoch"] for r in final["records"]] == [1, 2, 3]  # seeded from the worklog, then carried on
     assert final["identity"]["run"] == f"cifar100/{folder.name}" and final["identity"]["seed"] == 0
+
+
+# -- a run knows what it learned from: its teacher's and its data's contents ----------------------------
+
+
+def _sha256(path) -> str:
+    import hashlib
+    from pathlib import Path
+
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def _learned(teacher, root, shards=("train-0-of-1.npz", "test-0-of-1.npz")) -> dict:
+    """What a run on the npz ``root`` with ``teacher`` records, from the files themselves."""
+    return {
+        "teacher": {"path": os.path.abspath(teacher), "sha256": _sha256(teacher)},
+        "data": {"root": os.path.abspath(root), "files": {name: _sha256(root / name) for name in shards}},
+    }
+
+
+def _other_teacher(teacher, path):
+    """A resnet56 checkpoint of other weights: the real teacher with one tensor changed (the same size)."""
+    state = torch.load(teacher, map_location="cpu", weights_only=True)
+    state["fc.bias"] = state["fc.bias"] + 0.5
+    torch.save(state, path)
+    return path
+
+
+def _last_line(err: str) -> str:
+    return err.strip().splitlines()[-1]
+
+
+@needs_mdistiller
+def test_a_run_records_its_teacher_and_data_at_its_start(stopped_runs, small_cifar_npz, teacher_resnet56):
+    import yaml
+
+    from conftest import load_state
+    from normkd_plugin.config import load_config
+
+    (folder,) = list((stopped_runs[0] / "cifar100").iterdir())
+    expected = _learned(teacher_resnet56, small_cifar_npz)
+    assert load_state(folder)["identity"]["learned_from"] == expected
+    assert load_state(folder, "best")["identity"]["learned_from"] == expected
+    assert yaml.safe_load((folder / "provenance.yaml").read_text()) == expected
+    load_config(str(folder / "config.yaml"))  # config.yaml stays the host's config: it loads as one
+
+
+@needs_mdistiller
+def test_resume_refuses_another_teacher_naming_both_files(
+    tmp_path, stopped_runs, small_cifar_npz, teacher_resnet56, capsys
+):
+    prefix, folder = _copy_run(stopped_runs, 0, tmp_path)
+    other = _other_teacher(teacher_resnet56, tmp_path / "other.pt")
+    before = {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+    code, err = _resume(_short_argv(small_cifar_npz, other, prefix, 0), capsys)
+    assert code == 2
+    assert _last_line(err) == (
+        f"normkd-train: --resume: {folder}/latest was trained with another teacher than this command's (teacher "
+        f"{teacher_resnet56} (sha256 {_sha256(teacher_resnet56)[:12]}) -> {other} (sha256 {_sha256(other)[:12]})); "
+        "resume with the files it started with (moved or copied is fine), or start a new run with another "
+        "EXPERIMENT.NAME"
+    )
+    after = {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file() and p.name != ".lock"}
+    assert after == {name: data for name, data in before.items() if name != ".lock"}  # nothing touched
+
+
+@needs_mdistiller
+def test_resume_refuses_other_data_naming_the_file_and_both_digests(
+    tmp_path, stopped_runs, small_cifar_npz, teacher_resnet56, capsys
+):
+    import shutil
+
+    import numpy as np
+
+    prefix, folder = _copy_run(stopped_runs, 0, tmp_path)
+    root = tmp_path / "data"
+    shutil.copytree(small_cifar_npz, root)
+    with np.load(root / "train-0-of-1.npz") as z:
+        images, labels = z["images"], z["labels"].copy()
+    labels[0] = (labels[0] + 1) % 100  # one label of 56
+    np.savez(root / "train-0-of-1.npz", images=images, labels=labels)
+    old, new = _sha256(small_cifar_npz / "train-0-of-1.npz"), _sha256(root / "train-0-of-1.npz")
+    code, err = _resume(_short_argv(root, teacher_resnet56, prefix, 0), capsys)
+    assert code == 2
+    assert _last_line(err).startswith(
+        f"normkd-train: --resume: {folder}/latest was trained on other data than this command's (data in "
+        f"{small_cifar_npz} -> {root}: train-0-of-1.npz sha256 {old[:12]} -> sha256 {new[:12]}); "
+    )
+    assert "best_acc" not in (folder / "worklog.txt").read_text()
+
+
+@needs_mdistiller
+def test_resume_with_the_teacher_and_data_copied_elsewhere_continues_and_records_the_new_paths(
+    tmp_path, stopped_runs, small_cifar_npz, teacher_resnet56, capsys
+):
+    import shutil
+
+    import yaml
+
+    from conftest import load_state
+
+    prefix, folder = _copy_run(stopped_runs, 0, tmp_path)
+    teacher, root = tmp_path / "moved" / "teacher.pt", tmp_path / "data"
+    teacher.parent.mkdir()
+    shutil.copy(teacher_resnet56, teacher)
+    shutil.copytree(small_cifar_npz, root)
+    code, err = _resume(_short_argv(root, teacher, prefix, 0), capsys)
+    assert code == 0, err
+    state = load_state(folder)
+    assert state["epoch"] == 3 and "best_acc" in (folder / "worklog.txt").read_text()
+    assert state["identity"]["learned_from"] == _learned(teacher, root)
+    assert _learned(teacher, root)["teacher"]["sha256"] == _sha256(teacher_resnet56)
+    assert yaml.safe_load((folder / "provenance.yaml").read_text()) == _learned(teacher, root)
+
+
+@needs_mdistiller
+def test_a_folder_from_before_the_records_resumes_and_records_them(
+    tmp_path, stopped_runs, small_cifar_npz, teacher_resnet56, capsys, caplog
+):
+    import yaml
+
+    from conftest import load_state
+
+    prefix, folder = _copy_run(stopped_runs, 0, tmp_path)
+    state = load_state(folder)
+    state["identity"].pop("learned_from", None)  # as today's states are written
+    torch.save(state, folder / "latest")
+    (folder / "provenance.yaml").unlink(missing_ok=True)
+    with caplog.at_level("WARNING"):
+        code, err = _resume(_short_argv(small_cifar_npz, teacher_resnet56, prefix, 0), capsys)
+    assert code == 0, err
+    assert "no record of the teacher and data it learned from" in caplog.text
+    assert load_state(folder)["identity"]["learned_from"] == _learned(teacher_resnet56, small_cifar_npz)
+    assert yaml.safe_load((folder / "provenance.yaml").read_text()) == _learned(teacher_resnet56, small_cifar_npz)

@@ -559,3 +559,81 @@ def test_a_machine_without_a_gpu_says_it_trains_on_the_cpu_unless_asked(tmp_path
     assert stop.value.code == 2
     warned = "no CUDA device: training 240 epoch(s) on the CPU; --device cpu says that this is meant" in caplog.text
     assert warned == (device is None)
+
+
+# -- mdistiller's trainers: provenance.yaml holds what the run learned from ---------------------------
+
+
+def _host_run_after_its_last_epoch(cfg, name, small_cifar, teacher):
+    """The folder mdistiller's BaseTrainer leaves after the last epoch of ``cfg`` and before its ``best_acc`` line,
+    with the provenance.yaml its start wrote (digests computed here from the files)."""
+    import hashlib
+    from types import SimpleNamespace
+
+    import torch
+    from mdistiller.engine.trainer import BaseTrainer
+
+    from normkd_plugin.build import build_distiller, build_models
+
+    folder = Path(cfg.LOG.PREFIX) / name
+    folder.mkdir(parents=True)
+    student, teacher_net = build_models(cfg, 100)
+    distiller = torch.nn.DataParallel(build_distiller(cfg, student, teacher_net, 48))
+    optimizer = BaseTrainer.init_optimizer(SimpleNamespace(distiller=distiller), cfg)
+    state = {"epoch": 1, "model": distiller.state_dict(), "optimizer": optimizer.state_dict(), "best_acc": 1.0}
+    torch.save(state, folder / "latest")
+    (folder / "config.yaml").write_text(cfg.dump())
+    (folder / "worklog.txt").write_text("-" * 25 + "\nepoch: 1\nlr: 0.05\ntest_acc: 1.00\n" + "-" * 25 + "\n")
+
+    def sha(path):
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+    files = {f"cifar-100-python/{split}": sha(small_cifar / "cifar-100-python" / split) for split in ("train", "test")}
+    learned = {
+        "teacher": {"path": str(teacher), "sha256": sha(teacher)},
+        "data": {"root": str(small_cifar), "files": files},
+    }
+    (folder / "provenance.yaml").write_text(yaml.safe_dump(learned))
+    return folder, sha
+
+
+def test_mdistillers_trainer_resumes_with_its_teacher_only(tmp_path, small_cifar, teacher_resnet56):
+    """SOLVER.TRAINER base (its checkpoints are mdistiller's): a resume with another teacher file is refused before the
+    host's trainer is built; one with a copy of the teacher goes on (here: writes the host's best_acc line)."""
+    import shutil
+
+    import torch
+
+    from normkd_plugin import train
+    from normkd_plugin.config import load_config, run_name
+    from normkd_plugin.errors import RunError
+
+    opts = ["SOLVER.EPOCHS", "1", "SOLVER.LR_DECAY_STAGES", "[]", "EXPERIMENT.SEED", "0"]
+    place = ["DATASET.ROOT", str(small_cifar), "DATASET.NUM_WORKERS", "0", "LOG.PREFIX", str(tmp_path / "out")]
+
+    def config(teacher):
+        return load_config("cifar100/kd/res56_res20", [*opts, *place, "DISTILLER.TEACHER_CKPT", str(teacher)])
+
+    name = run_name(config(teacher_resnet56), opts)
+    folder, sha = _host_run_after_its_last_epoch(config(teacher_resnet56), name, small_cifar, teacher_resnet56)
+    weights = torch.load(teacher_resnet56, map_location="cpu", weights_only=True)
+    weights["fc.bias"] = weights["fc.bias"] + 0.5
+    other = tmp_path / "other.pt"
+    torch.save(weights, other)
+    before = (folder / "worklog.txt").read_text()
+    with pytest.raises(RunError) as refused:
+        train.train(config(other), name, torch.device("cpu"), resume=True)
+    assert str(refused.value).startswith(
+        f"--resume: {folder} was trained with another teacher than this command's (teacher {teacher_resnet56} "
+        f"(sha256 {sha(teacher_resnet56)[:12]}) -> {other} (sha256 {sha(other)[:12]}))"
+    )
+    assert (folder / "worklog.txt").read_text() == before
+    copy = tmp_path / "copy.pt"
+    shutil.copy(teacher_resnet56, copy)
+    trainer = train.train(config(copy), name, torch.device("cpu"), resume=True)
+    trainer.tf_writer.close()
+    assert (folder / "worklog.txt").read_text() == before + "best_acc\t1.00"
+    assert yaml.safe_load((folder / "provenance.yaml").read_text())["teacher"] == {
+        "path": str(copy),
+        "sha256": sha(teacher_resnet56),
+    }

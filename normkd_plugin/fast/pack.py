@@ -560,7 +560,9 @@ class Pack:
             run.folder.check_config(run.cfg.dump())
             if run.folder.status() == "failed":
                 log.warning("%s: resuming a run that failed; it restarts from its last good checkpoint", run.name)
-            return run.folder.load_state()
+            state = run.folder.load_state()  # refused if another run's, or of another config, teacher or data
+            run.folder.write_provenance()
+            return state
 
         state = from_rank0(read)  # rank 0's file (or its refusal), on every rank
         source = f"{run.folder.path}/latest (epoch {state['epoch']})"

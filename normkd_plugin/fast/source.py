@@ -192,6 +192,7 @@ class LoaderSource:
     """The host's train and validation datasets through DataLoaders (ImageNet, or any run under torchrun)."""
 
     def __init__(self, train_set: Dataset, val_set: Dataset, cfg, device: torch.device, ranks: Ranks, workers: int):
+        imagenet.check_class_folders(train_set, val_set)  # the same class folders in each split, no folder links
         self.device, self.ranks = device, ranks
         self.decode = imagenet.check_decode(cfg, device)
         self.batch_size = int(cfg.SOLVER.BATCH_SIZE)
