@@ -145,8 +145,10 @@ def main(argv: list[str] | None = None) -> None:
         runs = [(name, opts) for name in args.cfg for opts in _seeded(args.opts, args.seeds)]
         for name in args.cfg:
             resolve_config(name)
-        if len(args.opts) % 2:
-            raise ConfigError(f"command-line override {args.opts[-1]} has no VALUE; overrides are KEY VALUE pairs")
+        if args.key_without_value is not None:
+            raise ConfigError(
+                f"command-line override {args.key_without_value} has no VALUE; overrides are KEY VALUE pairs"
+            )
 
         import torch
 

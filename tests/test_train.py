@@ -195,6 +195,24 @@ def test_parse_with_overrides_keeps_pairs_and_negative_values():
         parse_with_overrides(p, ["--nope"])
 
 
+def test_a_flag_where_a_value_should_be_leaves_its_key_without_value(tmp_path, fake_train, capsys):
+    import argparse
+
+    from normkd_plugin._cli import parse_with_overrides
+
+    p = argparse.ArgumentParser()
+    p.add_argument("--resume", action="store_true")
+    args = parse_with_overrides(p, ["A", "1", "B", "--resume", "C", "2", "D"])
+    assert (args.opts, args.key_without_value, args.resume) == (["A", "1", "C", "2"], "B", True)
+    argv = ["--cfg", "cifar100/normkd/res56_res20", "SOLVER.TRAINER", "fast", "LOG.PREFIX", str(tmp_path)]
+    code, err = _main([*argv, "EXPERIMENT.NAME", "--resume", "--device", "cpu"], capsys)  # the NAME was forgotten
+    assert (code, err) == (
+        2,
+        ["normkd-train: command-line override EXPERIMENT.NAME has no VALUE; overrides are KEY VALUE pairs"],
+    )
+    assert not fake_train
+
+
 def test_user_errors_print_one_line_and_exit_2(capsys):
     from normkd_plugin._cli import user_errors
     from normkd_plugin.errors import UserError
