@@ -71,7 +71,9 @@ def parser() -> argparse.ArgumentParser:
         help="start an epoch only if it should end within T (90s, 8m, 1.5h, H:MM:SS) of the job's start; "
         "then exit 3 and continue later with --resume (SOLVER.TRAINER fast or ddp)",
     )
-    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument(
+        "--device", default=None, help="cuda, cuda:N or cpu (default: cuda; without a GPU, give --device cpu)"
+    )
     p.add_argument("--debug", action="store_true", help="show the traceback of an input error instead of one line")
     p.add_argument("--list-distillers", action="store_true", help="print registered plugins and exit")
     p.add_argument("opts", nargs="*", metavar="KEY VALUE", help="space-separated PATH.KEY VALUE pairs")
@@ -193,9 +195,11 @@ def main(argv: list[str] | None = None) -> None:
                 cfg.defrost()
                 cfg.LOG.WANDB = False
                 cfg.freeze()
-        if args.device is None and device.type == "cpu":
+        if args.device is None and device.type == "cpu":  # a GPU job on the wrong machine would take days
             epochs = max(int(cfg.SOLVER.EPOCHS) for cfg in cfgs)
-            log.warning("no CUDA device: training %d epoch(s) on the CPU; --device cpu says that this is meant", epochs)
+            raise ConfigError(
+                f"no CUDA device is available; add --device cpu to train the {epochs} epoch(s) on the CPU on purpose"
+            )
         from .errors import RunsFailed
 
         main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun, one line for the job

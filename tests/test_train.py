@@ -564,16 +564,24 @@ def test_sigint_and_sigterm_end_a_run_with_one_line_after_its_last_epoch(
     assert text.endswith("-" * 25 + "\n") and not any(p.name.endswith(".tmp") for p in worklog.parent.iterdir())
 
 
-@pytest.mark.parametrize("device", [None, "cpu"])
-def test_a_machine_without_a_gpu_says_it_trains_on_the_cpu_unless_asked(tmp_path, monkeypatch, caplog, device):
+def test_a_machine_without_a_gpu_refuses_the_gpu_command_and_says_how_to_use_the_cpu(
+    tmp_path, monkeypatch, fake_train, capsys
+):
     import torch
 
-    from normkd_plugin import train
-
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    argv = ["--cfg", "cifar100/normkd/res56_res20", "SOLVER.TRAINER", "fast", "DATASET.ROOT", str(tmp_path / "none")]
-    with pytest.raises(SystemExit) as stop:  # the missing data stops it after the start was decided
-        train.main([*argv, "LOG.PREFIX", str(tmp_path), *(["--device", device] if device else [])])
-    assert stop.value.code == 2
-    warned = "no CUDA device: training 240 epoch(s) on the CPU; --device cpu says that this is meant" in caplog.text
-    assert warned == (device is None)
+    readme = [
+        "--cfg", "cifar100/normkd/res32x4_res8x4", "SOLVER.TRAINER", "fast", "--resume", "--time-limit", "3:50:00",
+    ]  # fmt: skip
+    code, err = _main([*readme, "LOG.PREFIX", str(tmp_path)], capsys)
+    assert (code, err) == (
+        2,
+        ["normkd-train: no CUDA device is available; add --device cpu to train the 240 epoch(s) on the CPU on purpose"],
+    )
+    assert not fake_train and not any(tmp_path.iterdir())
+    code, err = _main([*readme, "LOG.PREFIX", str(tmp_path), "--device", "cpu"], capsys)  # on purpose: it trains
+    assert code == 0 and not err
+    ((kind, cfg, _, device, resume, limit),) = fake_train
+    assert (kind, device.type, resume, limit.seconds, cfg.SOLVER.EPOCHS) == ("train", "cpu", True, 13800, 240)
+
+
