@@ -585,3 +585,18 @@ def test_a_machine_without_a_gpu_refuses_the_gpu_command_and_says_how_to_use_the
     assert (kind, device.type, resume, limit.seconds, cfg.SOLVER.EPOCHS) == ("train", "cpu", True, 13800, 240)
 
 
+def test_a_missing_released_teacher_says_to_run_normkd_teachers(tmp_path, small_cifar, monkeypatch, capsys):
+    from mdistiller.models import cifar_model_dict
+
+    # mdistiller's own path for the teacher, in a checkout whose download_ckpts/ normkd-teachers has not filled
+    host = tmp_path / "mdistiller" / "download_ckpts" / "cifar_teachers" / "resnet56_vanilla" / "ckpt_epoch_240.pth"
+    monkeypatch.setitem(cifar_model_dict, "resnet56", (cifar_model_dict["resnet56"][0], str(host)))
+    argv = [
+        "--cfg", "cifar100/normkd/res56_res20", "--device", "cpu", "SOLVER.TRAINER", "fast",
+        "DATASET.ROOT", str(small_cifar), "LOG.PREFIX", str(tmp_path / "o"),
+    ]  # fmt: skip
+    code, err = _main(argv, capsys)
+    assert code == 2 and len(err) == 1, err
+    assert err[0].startswith(f"normkd-train: teacher checkpoint not found: {host} (mdistiller's path for 'resnet56'); ")
+    assert "run normkd-teachers to install mdistiller's released CIFAR-100 teachers there" in err[0]
+    assert "(offline: normkd-teachers --from cifar_teachers.tar)" in err[0]
