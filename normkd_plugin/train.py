@@ -10,6 +10,8 @@ import logging
 import os
 import sys
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -260,11 +262,36 @@ def train(cfg, experiment_name: str, device: torch.device, resume: bool = False,
         distiller = build_distiller(cfg, student, teacher, num_data)
         distiller = torch.nn.DataParallel(distiller.to(device))
         trainer = trainer_dict[cfg.SOLVER.TRAINER](experiment_name, distiller, train_loader, val_loader, cfg)
-        with allow_release_types():  # the host's --resume reads numpy floats from its own checkpoints
+        with run_paths([folder], [mode]), allow_release_types():  # the host's --resume reads numpy floats
             trainer.train(resume=resume)
         return trainer
     finally:
         folder.unlock()
+
+
+@contextmanager
+def run_paths(folders: list, modes: list[str]) -> Iterator[None]:
+    """Log each run folder's full path as its run starts (or resumes) and again as the block ends: finished,
+    failed or unfinished."""
+    paths = [os.path.abspath(folder.path) for folder in folders]
+    for path, mode in zip(paths, modes):
+        log.info("run %s: %s", "resumes" if mode == "resume" else "starts", path)
+    try:
+        yield
+    finally:
+        for folder, path in zip(folders, paths):
+            log.info("run %s: %s", _outcome(folder), path)
+
+
+def _outcome(folder) -> str:
+    """'finished', 'failed' or 'ended unfinished', read from the run folder's worklog."""
+    from .errors import UserError
+
+    try:
+        status = folder.status()
+    except UserError:  # an unreadable worklog: the error that ended the run says more
+        status = ""
+    return status if status in ("finished", "failed") else "ended unfinished"
 
 
 def _init_wandb(cfg, experiment_name: str) -> None:
@@ -297,7 +324,9 @@ def train_pack(cfgs: list, names: list[str], device: torch.device, resume: bool 
                 for cfg, name, _ in todo:
                     _init_wandb(cfg, name)
             pack = build_pack(*map(list, zip(*todo)), device)
-            return pack.train(resume, True, [m for m in modes if m != "skip"], time_limit)
+            shown = [(f, m) for f, m in zip(folders, modes) if m != "skip" and dist.is_main()]  # rank 0 speaks
+            with run_paths([f for f, _ in shown], [m for _, m in shown]):
+                return pack.train(resume, True, [m for m in modes if m != "skip"], time_limit)
         finally:
             for folder in folders:
                 folder.unlock()

@@ -600,3 +600,71 @@ def test_a_missing_released_teacher_says_to_run_normkd_teachers(tmp_path, small_
     assert err[0].startswith(f"normkd-train: teacher checkpoint not found: {host} (mdistiller's path for 'resnet56'); ")
     assert "run normkd-teachers to install mdistiller's released CIFAR-100 teachers there" in err[0]
     assert "(offline: normkd-teachers --from cifar_teachers.tar)" in err[0]
+
+
+def _run_lines(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "normkd_plugin.train" and r.msg.startswith("run ")]
+
+
+def test_a_run_logs_its_folders_full_path_when_it_starts_and_ends(
+    tmp_path, small_cifar, teacher_resnet56, monkeypatch, capsys, caplog
+):
+    import logging
+
+    caplog.set_level(logging.INFO, logger="normkd_plugin.train")
+    monkeypatch.chdir(tmp_path)  # LOG.PREFIX relative to the working folder, the default's way (./output)
+    argv = _tiny_argv(small_cifar, teacher_resnet56, Path("out"), 2)
+    folder = str(tmp_path / _run_dir(Path("out"), 2))
+    with interrupted_at_epoch(2):
+        assert _main(argv, capsys)[0] == 130
+    assert _run_lines(caplog) == [f"run starts: {folder}", f"run ended unfinished: {folder}"]
+    caplog.clear()
+    assert _main(["--resume", *argv], capsys)[0] == 0
+    assert _run_lines(caplog) == [f"run resumes: {folder}", f"run finished: {folder}"]
+    caplog.clear()
+    assert _main(["--resume", *argv], capsys)[0] == 0  # finished: nothing starts, nothing to announce
+    assert _run_lines(caplog) == []
+
+
+def test_a_pack_logs_each_run_folders_full_path(tmp_path, small_cifar, teacher_resnet56, monkeypatch, capsys, caplog):
+    import logging
+
+    caplog.set_level(logging.INFO, logger="normkd_plugin.train")
+    monkeypatch.chdir(tmp_path)
+    argv = _tiny_argv(small_cifar, teacher_resnet56, Path("out"), 2)
+    argv[argv.index("EXPERIMENT.NAME") : argv.index("EXPERIMENT.NAME") + 2] = []  # each config its own folder
+    assert _main([*argv, "--cfg", "cifar100/kd/res56_res20"], capsys)[0] == 0
+    folders = sorted(str(p) for p in (tmp_path / "out" / "cifar100").iterdir())
+    assert [p.split("/")[-1].split(",")[0] for p in folders] == ["kd", "normkd"]
+    lines = _run_lines(caplog)
+    assert sorted(lines[:2]) == [f"run starts: {p}" for p in folders]
+    assert sorted(lines[2:]) == [f"run finished: {p}" for p in folders]
+
+
+def test_the_host_trainer_logs_its_run_folders_full_path(tmp_path, small_cifar, teacher_resnet56, monkeypatch, caplog):
+    """mdistiller's own BaseTrainer through normkd-train: without CUDA it fails at its first batch, after the start."""
+    import logging
+
+    import torch
+
+    from normkd_plugin import train
+    from normkd_plugin.config import load_config, run_name
+
+    caplog.set_level(logging.INFO, logger="normkd_plugin.train")
+    monkeypatch.chdir(tmp_path)
+    opts = [
+        "SOLVER.BATCH_SIZE", "16", "SOLVER.EPOCHS", "1", "SOLVER.LR_DECAY_STAGES", "[]", "DATASET.ROOT",
+        str(small_cifar), "DATASET.NUM_WORKERS", "0", "DISTILLER.TEACHER_CKPT", str(teacher_resnet56),
+        "LOG.PREFIX", "out", "EXPERIMENT.SEED", "0",
+    ]  # fmt: skip
+    cfg = load_config("cifar100/kd/res56_res20", opts)
+    assert cfg.SOLVER.TRAINER == "base"
+    name = run_name(cfg, opts)
+    folder = str(tmp_path / "out" / name)
+    if torch.cuda.is_available():
+        train.train(cfg, name, torch.device("cuda"))
+        assert _run_lines(caplog) == [f"run starts: {folder}", f"run finished: {folder}"]
+    else:
+        with pytest.raises((RuntimeError, AssertionError)):  # the host's image.cuda() on a machine without CUDA
+            train.train(cfg, name, torch.device("cpu"))
+        assert _run_lines(caplog) == [f"run starts: {folder}", f"run ended unfinished: {folder}"]
