@@ -26,11 +26,20 @@ CIFAR_DIR = DATA_DIR / "cifar100"
 TEACHER_RESNET56 = DATA_DIR / "teachers" / "cifar100" / "resnet56-f2eff4c8.pt"
 
 try:
-    import mdistiller  # noqa: F401
+    import mdistiller
 
     HAVE_MDISTILLER = True
 except ImportError:
     HAVE_MDISTILLER = False
+
+
+def mdistiller_checkout() -> Path | None:
+    """The mdistiller checkout the installed package comes from (the folder holding tools/train.py), or None."""
+    if not HAVE_MDISTILLER:
+        return None
+    checkout = Path(mdistiller.__file__).resolve().parents[1]
+    return checkout if (checkout / "tools" / "train.py").is_file() else None
+
 
 needs_mdistiller = pytest.mark.skipif(
     not HAVE_MDISTILLER,

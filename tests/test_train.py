@@ -13,11 +13,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import interrupted_at_epoch, needs_mdistiller
+from conftest import interrupted_at_epoch, mdistiller_checkout, needs_mdistiller
 
 pytestmark = needs_mdistiller
-
-MDISTILLER_SRC = Path(os.environ.get("MDISTILLER_SRC", "/opt/mdistiller"))
 
 
 @pytest.fixture
@@ -321,12 +319,28 @@ def test_run_launcher_registers_and_runs_script_as_main(tmp_path, monkeypatch):
     assert out.read_text() == "__main__ --cfg x.yaml SOLVER.LR 0.1 True"
 
 
+def test_the_host_checkout_is_the_one_pip_installed_mdistiller_from():
+    import importlib.metadata
+    import json
+    from urllib.parse import unquote, urlparse
+
+    import mdistiller
+
+    record = importlib.metadata.distribution("mdistiller").read_text("direct_url.json")
+    if not record or not json.loads(record).get("dir_info", {}).get("editable"):
+        pytest.skip("mdistiller is not an editable install of a checkout (pip recorded no folder)")
+    folder = Path(unquote(urlparse(json.loads(record)["url"]).path)).resolve()
+    assert mdistiller_checkout() == folder and (folder / "tools" / "train.py").is_file()
+    assert Path(mdistiller.__file__).resolve().is_relative_to(folder)
+
+
 def test_run_launcher_on_host_train_script_without_cuda(tmp_path):
     import torch
 
-    train_py = MDISTILLER_SRC / "tools" / "train.py"
-    if not train_py.is_file():
-        pytest.skip(f"no mdistiller checkout at MDISTILLER_SRC={MDISTILLER_SRC}")
+    checkout = mdistiller_checkout()
+    if checkout is None:
+        pytest.skip("the installed mdistiller comes from no checkout with tools/train.py (not an editable install)")
+    train_py = checkout / "tools" / "train.py"
     if torch.cuda.is_available():
         pytest.skip("CUDA is present: the host script would really train")
     from normkd_plugin.config import resolve_config
