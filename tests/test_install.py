@@ -106,3 +106,26 @@ def test_torch_cpu_over_a_cuda_build_is_refused_in_one_line(tmp_path):
     labelled = (("torch", "2.5.1+cu121", []),)
     assert _install(tmp_path / "cu", "--torch", "cpu", dists=labelled).returncode == 2
     assert _install(tmp_path / "pypi", dists=labelled).returncode == 0  # without --torch cpu nothing is checked
+
+
+def test_the_wheel_carries_the_mit_license(tmp_path):
+    import shutil
+    import zipfile
+
+    src = tmp_path / "src"  # a copy: building writes build/ and *.egg-info beside setup.py
+    src.mkdir()
+    for name in ("setup.py", "README.md", "LICENSE"):
+        shutil.copy(REPO / name, src / name)
+    for folder in ("normkd_plugin", "configs"):
+        shutil.copytree(REPO / folder, src / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    build = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(src)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert build.returncode == 0, build.stderr[-2000:]
+    (wheel,) = tmp_path.glob("normkd_plugin-*.whl")
+    with zipfile.ZipFile(wheel) as z:
+        metadata = z.read(next(n for n in z.namelist() if n.endswith(".dist-info/METADATA"))).decode()
+        license_text = z.read(next(n for n in z.namelist() if n.endswith(".dist-info/licenses/LICENSE"))).decode()
+    assert "License: MIT" in metadata.splitlines() and "License-File: LICENSE" in metadata.splitlines()
+    assert license_text.startswith("MIT License\n") and "normkd-plugin contributors" in license_text.splitlines()[2]
