@@ -57,9 +57,11 @@ def has_torchvision() -> bool:
     return True
 
 
-def torch_cpu_command() -> list[str]:
-    """pip's command for PyTorch's CPU build of torch and torchvision (this Python's pip)."""
-    return [sys.executable, "-m", "pip", "install", "torch", "torchvision", "--index-url", TORCH_CPU_INDEX]
+def torch_cpu_command(keep: str | None = None) -> list[str]:
+    """pip's command for PyTorch's CPU build of torch and torchvision (this Python's pip); ``keep``: the version
+    of a CPU torch already installed, pinned so that only torchvision is added."""
+    torch = f"torch=={keep}" if keep else "torch"
+    return [sys.executable, "-m", "pip", "install", torch, "torchvision", "--index-url", TORCH_CPU_INDEX]
 
 
 def mdistiller_requirement(src: str | None) -> list[str]:
@@ -122,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         if build == "cpu" and has_torchvision():
             print(f"torch {importlib.metadata.version('torch')} is a CPU build already; keeping it", flush=True)
         else:
-            commands.insert(0, torch_cpu_command())
+            commands.insert(0, torch_cpu_command(importlib.metadata.version("torch") if build == "cpu" else None))
     if args.dry_run:
         print("\n".join(map(shlex.join, commands)))
         return 0

@@ -91,8 +91,11 @@ def test_torch_cpu_keeps_a_cpu_build_that_is_there(tmp_path):
 
 def test_torch_cpu_adds_torchvision_to_a_cpu_torch_without_reinstalling_it(tmp_path):
     out = _install(tmp_path, "--torch", "cpu", dists=(("torch", "2.5.1", ["filelock"]),))  # macOS-style: no label
-    assert out.returncode == 0 and out.stdout.splitlines()[0].endswith(f"torch torchvision --index-url {CPU_INDEX}")
-    # pip leaves an installed torch that satisfies "torch" as it is; only torchvision is new
+    assert out.returncode == 0  # the installed version is pinned: pip adds torchvision and keeps torch as it is
+    assert (
+        out.stdout.splitlines()[0]
+        == f"{sys.executable} -m pip install torch==2.5.1 torchvision --index-url {CPU_INDEX}"
+    )
 
 
 def test_torch_cpu_over_a_cuda_build_is_refused_in_one_line(tmp_path):
