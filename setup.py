@@ -10,6 +10,8 @@ setup(
     description="NormKD and NormDKD (arXiv:2308.00520) distillers, configs and tools for mdistiller",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
+    license="MIT",
+    license_files=["LICENSE"],
     python_requires=">=3.9",
     packages=["normkd_plugin", "normkd_plugin.fast", "normkd_plugin.leaderboard", "normkd_plugin.configs"],
     package_dir={"normkd_plugin.configs": "configs"},

@@ -77,18 +77,26 @@ def stop_signals(prog: str, where: Callable[[], str], debug: bool = False) -> It
 def parse_with_overrides(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
     """Parse ``parser``'s flags wherever they stand; every other token starts a KEY VALUE pair, kept in ``.opts``.
 
-    A token after a KEY is always its VALUE (so ``EXPERIMENT.SEED -1`` works); a token after a flag
-    that takes an argument is that argument. ``--`` ends the flags: the rest are overrides.
+    A token after a KEY is its VALUE (so ``EXPERIMENT.SEED -1`` works) unless it is one of the parser's
+    flags spelt in full: then the KEY has no VALUE, and the first such KEY is ``.key_without_value``
+    (None when every KEY has one), so a flag is never taken for a VALUE. A token after a flag that takes
+    an argument is that argument. ``--`` ends the flags: the rest are overrides.
+    (``parse_intermixed_args`` would take a VALUE such as ``-1e-3`` or ``-inf`` for an unknown flag, and
+    a trailing ``argparse.REMAINDER``, as detectron2 has, swallows the flags after the overrides; argparse
+    has no public list of a parser's flags, hence ``_actions``.)
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     takes_arg = {s: a.nargs != 0 for a in parser._actions for s in a.option_strings}
     flags: list[str] = []
     opts: list[str] = []
+    unpaired: list[str] = []
     i = 0
     while i < len(argv):
         tok = argv[i]
         if tok == "--":
-            opts += argv[i + 1 :]
+            rest = argv[i + 1 :]
+            opts += rest[: len(rest) // 2 * 2]
+            unpaired += rest[len(rest) // 2 * 2 :]
             break
         if tok.startswith("-") and len(tok) > 1:
             name = tok.split("=", 1)[0]
@@ -97,10 +105,14 @@ def parse_with_overrides(parser: argparse.ArgumentParser, argv: list[str] | None
                 hits = [s for s in takes_arg if s.startswith(name)]
             width = 2 if "=" not in tok and len(hits) == 1 and takes_arg[hits[0]] else 1
             flags += argv[i : i + width]
-        else:
+        elif i + 1 < len(argv) and argv[i + 1].split("=", 1)[0] not in takes_arg:
             width = 2
             opts += argv[i : i + width]
+        else:
+            width = 1
+            unpaired.append(tok)
         i += width
     args = parser.parse_args(flags)
     args.opts = opts
+    args.key_without_value = unpaired[0] if unpaired else None
     return args

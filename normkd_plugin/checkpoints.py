@@ -163,7 +163,9 @@ def load_teacher(cfg, teacher: nn.Module, host_default: str | None) -> None:
         missing = f"DISTILLER.TEACHER_CKPT {path}: no such file" + ("" if tried == path else f" ({tried})")
     else:
         missing = (
-            f"teacher checkpoint not found: {tried} (mdistiller's path for {cfg.DISTILLER.TEACHER!r}). "
-            f"{HOST_LAYOUT}; or set DISTILLER.TEACHER_CKPT to a file (bare state dicts load too)"
+            f"teacher checkpoint not found: {tried} (mdistiller's path for {cfg.DISTILLER.TEACHER!r}); "
+            "run normkd-teachers to install mdistiller's released CIFAR-100 teachers there (offline: "
+            "normkd-teachers --from cifar_teachers.tar), or set DISTILLER.TEACHER_CKPT to a file (bare state "
+            f"dicts load too). {HOST_LAYOUT}"
         )
     load_weights(teacher, path, f"teacher {cfg.DISTILLER.TEACHER!r}", missing)

@@ -8,6 +8,14 @@ import difflib
 from ._cli import quiet_pipe, user_errors
 from .config import ConfigError, packaged_configs, resolve_config
 
+# The folder a method's configs sit in, where it differs from their DISTILLER.TYPE.
+METHOD_FOLDERS = {"VANILLA": "NONE"}
+
+
+def _method_type(value: str) -> str:
+    """The DISTILLER.TYPE a --method value names: the type itself or its folder's name, in any case."""
+    return METHOD_FOLDERS.get(value.upper(), value.upper())
+
 
 def _check_choice(flag: str, value: str | None, choices: list[str], norm=str) -> None:
     """A filter that matches no packaged config is an error (not an empty table), with near names."""
@@ -22,7 +30,10 @@ def main(argv: list[str] | None = None) -> None:
     """Print every packaged config as a table, optionally filtered by dataset or method."""
     ap = argparse.ArgumentParser(prog="normkd-configs", description=__doc__)
     ap.add_argument("--dataset", help="only this dataset (cifar100, imagenet)")
-    ap.add_argument("--method", help="only this DISTILLER.TYPE (NONE, KD, DKD, KD_LS, DKD_LS, NORMKD, NORMDKD)")
+    ap.add_argument(
+        "--method",
+        help="only this DISTILLER.TYPE (KD, DKD, KD_LS, DKD_LS, NORMKD, NORMDKD, or NONE: the folder vanilla/), any case",
+    )
     ap.add_argument("--path", metavar="NAME", help="print the file of one packaged config and exit")
     ap.add_argument("--debug", action="store_true", help="show the traceback of an input error instead of one line")
     args = ap.parse_args(argv)
@@ -33,12 +44,14 @@ def main(argv: list[str] | None = None) -> None:
     every = packaged_configs()
     with user_errors(ap.prog, args.debug):
         _check_choice("--dataset", args.dataset, sorted({r.dataset for r in every}))
-        _check_choice("--method", args.method, sorted({r.method.upper() for r in every}), str.upper)
+        types = {r.method.upper() for r in every}
+        names = types | {folder for folder, kind in METHOD_FOLDERS.items() if kind in types}
+        _check_choice("--method", args.method, sorted(names), str.upper)
     rows = [
         r
         for r in every
         if (not args.dataset or r.dataset == args.dataset)
-        and (not args.method or r.method.upper() == args.method.upper())
+        and (not args.method or r.method.upper() == _method_type(args.method))
     ]
     header = ("dataset", "method", "teacher", "student", "--cfg name")
     table = [header] + [(r.dataset, r.method, r.teacher, r.student, r.name) for r in rows]

@@ -6,6 +6,8 @@
 --methods defaults to the whole comparison: vanilla (the student alone; CIFAR-100 only), kd, dkd,
 kd_ls, dkd_ls (logit standardization), normkd, normdkd.
 
+Flags may stand before, between or after the KEY VALUE overrides (``--`` ends the flags).
+
 Without --run it prints one command per line (for a cluster scheduler). With --run it executes
 them one after another, skips runs whose folder already holds a finished worklog.txt (every
 epoch, then ``best_acc``), resumes started ones, and reports a run that fails without stopping the rest.
@@ -35,7 +37,7 @@ import tempfile
 import threading
 from dataclasses import dataclass
 
-from ._cli import quiet_pipe, user_errors
+from ._cli import parse_with_overrides, quiet_pipe, user_errors
 from .errors import Interrupted, UserError
 from .pairs import PAIRS
 from .pairs import methods as dataset_methods
@@ -386,9 +388,13 @@ def main(argv: list[str] | None = None) -> None:
         "as its --time-limit, and the sweep exits 3 when it is spent (run it again to continue); "
         "without --run: passed to every command",
     )
-    ap.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides passed to every run")
-    args = ap.parse_args(argv)
+    ap.add_argument("opts", nargs="*", metavar="KEY VALUE", help="KEY VALUE overrides passed to every run")
+    args = parse_with_overrides(ap, argv)  # flags may also follow the overrides, as in normkd-train
     try:
+        if args.key_without_value is not None:
+            raise ValueError(
+                f"command-line override {args.key_without_value} has no VALUE; overrides are KEY VALUE pairs"
+            )
         try:
             seeds = [int(s) for s in _split(args.seeds)]
         except ValueError:

@@ -10,6 +10,8 @@ import logging
 import os
 import sys
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -71,7 +73,9 @@ def parser() -> argparse.ArgumentParser:
         help="start an epoch only if it should end within T (90s, 8m, 1.5h, H:MM:SS) of the job's start; "
         "then exit 3 and continue later with --resume (SOLVER.TRAINER fast or ddp)",
     )
-    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument(
+        "--device", default=None, help="cuda, cuda:N or cpu (default: cuda; without a GPU, give --device cpu)"
+    )
     p.add_argument("--debug", action="store_true", help="show the traceback of an input error instead of one line")
     p.add_argument("--list-distillers", action="store_true", help="print registered plugins and exit")
     p.add_argument("opts", nargs="*", metavar="KEY VALUE", help="space-separated PATH.KEY VALUE pairs")
@@ -145,8 +149,10 @@ def main(argv: list[str] | None = None) -> None:
         runs = [(name, opts) for name in args.cfg for opts in _seeded(args.opts, args.seeds)]
         for name in args.cfg:
             resolve_config(name)
-        if len(args.opts) % 2:
-            raise ConfigError(f"command-line override {args.opts[-1]} has no VALUE; overrides are KEY VALUE pairs")
+        if args.key_without_value is not None:
+            raise ConfigError(
+                f"command-line override {args.key_without_value} has no VALUE; overrides are KEY VALUE pairs"
+            )
 
         import torch
 
@@ -191,9 +197,11 @@ def main(argv: list[str] | None = None) -> None:
                 cfg.defrost()
                 cfg.LOG.WANDB = False
                 cfg.freeze()
-        if args.device is None and device.type == "cpu":
+        if args.device is None and device.type == "cpu":  # a GPU job on the wrong machine would take days
             epochs = max(int(cfg.SOLVER.EPOCHS) for cfg in cfgs)
-            log.warning("no CUDA device: training %d epoch(s) on the CPU; --device cpu says that this is meant", epochs)
+            raise ConfigError(
+                f"no CUDA device is available; add --device cpu to train the {epochs} epoch(s) on the CPU on purpose"
+            )
         from .errors import RunsFailed
 
         main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun, one line for the job
@@ -258,11 +266,36 @@ def train(cfg, experiment_name: str, device: torch.device, resume: bool = False,
         distiller = build_distiller(cfg, student, teacher, num_data)
         distiller = torch.nn.DataParallel(distiller.to(device))
         trainer = trainer_dict[cfg.SOLVER.TRAINER](experiment_name, distiller, train_loader, val_loader, cfg)
-        with allow_release_types():  # the host's --resume reads numpy floats from its own checkpoints
+        with run_paths([folder], [mode]), allow_release_types():  # the host's --resume reads numpy floats
             trainer.train(resume=resume)
         return trainer
     finally:
         folder.unlock()
+
+
+@contextmanager
+def run_paths(folders: list, modes: list[str]) -> Iterator[None]:
+    """Log each run folder's full path as its run starts (or resumes) and again as the block ends: finished,
+    failed or unfinished."""
+    paths = [os.path.abspath(folder.path) for folder in folders]
+    for path, mode in zip(paths, modes):
+        log.info("run %s: %s", "resumes" if mode == "resume" else "starts", path)
+    try:
+        yield
+    finally:
+        for folder, path in zip(folders, paths):
+            log.info("run %s: %s", _outcome(folder), path)
+
+
+def _outcome(folder) -> str:
+    """'finished', 'failed' or 'ended unfinished', read from the run folder's worklog."""
+    from .errors import UserError
+
+    try:
+        status = folder.status()
+    except UserError:  # an unreadable worklog: the error that ended the run says more
+        status = ""
+    return status if status in ("finished", "failed") else "ended unfinished"
 
 
 def _init_wandb(cfg, experiment_name: str) -> None:
@@ -295,7 +328,9 @@ def train_pack(cfgs: list, names: list[str], device: torch.device, resume: bool 
                 for cfg, name, _ in todo:
                     _init_wandb(cfg, name)
             pack = build_pack(*map(list, zip(*todo)), device)
-            return pack.train(resume, True, [m for m in modes if m != "skip"], time_limit)
+            shown = [(f, m) for f, m in zip(folders, modes) if m != "skip" and dist.is_main()]  # rank 0 speaks
+            with run_paths([f for f, _ in shown], [m for _, m in shown]):
+                return pack.train(resume, True, [m for m in modes if m != "skip"], time_limit)
         finally:
             for folder in folders:
                 folder.unlock()

@@ -13,12 +13,32 @@ import torch
 # cuBLAS reads this when its first handle is made; deterministic GPU tests need it.
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
-# Under pytest-xdist (-n N) each worker gets its share of the cores, and so do the processes its tests
-# start (they inherit OMP_NUM_THREADS): N workers x all cores each would only fight over the cores.
-if os.environ.get("PYTEST_XDIST_WORKER"):
-    _share = max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
-    os.environ.setdefault("OMP_NUM_THREADS", str(_share))
+
+def pytest_configure(config):
+    """Pin the threads of the process that runs the tests, however pytest was started (with or without xdist).
+
+    It runs torch on its share of the cores (all of them without xdist, 1/N in each of -n N workers: N
+    workers x all cores each would only fight over the cores), and so do the processes its tests start:
+    they inherit OMP_NUM_THREADS. The same count in both is what lets a test compare a run in a
+    subprocess bitwise with a reference trained here (float sums depend on the number of threads).
+    """
+    if getattr(config.option, "numprocesses", None) and not os.environ.get("PYTEST_XDIST_WORKER"):
+        return  # the xdist controller runs no tests; each of its workers pins its own share
+    share = max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+    os.environ.setdefault("OMP_NUM_THREADS", str(share))
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """torch on ``n`` threads inside the block: a reference compared bitwise with processes started on ``n``."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
 
 REPO = Path(__file__).resolve().parents[1]
 DATA_DIR = Path(os.environ.get("NORMKD_DATA", REPO.parent / "shared" / "data"))
@@ -26,11 +46,20 @@ CIFAR_DIR = DATA_DIR / "cifar100"
 TEACHER_RESNET56 = DATA_DIR / "teachers" / "cifar100" / "resnet56-f2eff4c8.pt"
 
 try:
-    import mdistiller  # noqa: F401
+    import mdistiller
 
     HAVE_MDISTILLER = True
 except ImportError:
     HAVE_MDISTILLER = False
+
+
+def mdistiller_checkout() -> Path | None:
+    """The mdistiller checkout the installed package comes from (the folder holding tools/train.py), or None."""
+    if not HAVE_MDISTILLER:
+        return None
+    checkout = Path(mdistiller.__file__).resolve().parents[1]
+    return checkout if (checkout / "tools" / "train.py").is_file() else None
+
 
 needs_mdistiller = pytest.mark.skipif(
     not HAVE_MDISTILLER,

@@ -33,6 +33,7 @@ PROBE = textwrap.dedent(
         ["normkd-configs"],
         ["normkd-configs", "--help"],
         ["normkd-configs", "--method", "normkd", "--dataset", "cifar100"],
+        ["normkd-configs", "--method", "vanilla"],
         ["normkd-sweep", "--help"],
         ["normkd-sweep", "--methods", "kd,normkd", "--seeds", "0,1"],  # prints the commands, runs nothing
         ["normkd-leaderboard", "--help"],
@@ -55,6 +56,7 @@ def test_light_command_lines_do_not_import_torch(argv):
         (["normkd-train", "--cfg", "cifar100/kd/res56_res20", "--seeds", "0,x"], "--seeds '0,x': expected"),
         (["normkd-train", "--cfg", "cifar100/kd/res56_res20", "--time-limit", "soon"], "--time-limit"),
         (["normkd-train", "--cfg", "cifar100/kd/res56_res20", "SOLVER.LR"], "SOLVER.LR has no VALUE"),
+        (["normkd-sweep", "--pairs", "res56_res20", "SOLVER.LR", "--run"], "SOLVER.LR has no VALUE"),
         (["normkd-teachers", "--from", "/nonexistent/cifar_teachers.tar"], "--from /nonexistent/cifar_teachers.tar"),
     ],
     ids=lambda x: " ".join(x) if isinstance(x, list) else None,

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import REPO, assert_same_run, needs_mdistiller
+from conftest import REPO, assert_same_run, needs_mdistiller, torch_threads
 
 pytestmark = [
     needs_mdistiller,
@@ -25,6 +25,7 @@ pytestmark = [
 
 METHODS = ("vanilla", "kd", "dkd", "normkd", "normdkd")  # the comparison's 5 rows
 EPOCHS = 5  # of one 16-image step each; a decay in each of the two chunks
+THREADS = 1  # of the chunks and of the reference: a bitwise comparison needs the same number in both
 TINY = f"--device cpu SOLVER.EPOCHS {EPOCHS} SOLVER.LR_DECAY_STAGES [2,4] SOLVER.FAST.ITERS_PER_EPOCH 1 SOLVER.BATCH_SIZE 16"
 # normkd-train as the stage finds it on PATH, on a clock where each run's epoch takes 10 s: a chunk's
 # stop depends on the limit alone, not on this machine's speed.
@@ -89,7 +90,7 @@ def _env(tmp_path, data, chunk: int, seconds: int) -> dict[str, str]:
     return {
         **os.environ,
         "PATH": os.pathsep.join([str(timed), str(Path(sys.executable).parent), os.environ["PATH"]]),
-        "OMP_NUM_THREADS": "1",
+        "OMP_NUM_THREADS": str(THREADS),
         "DATA": str(data),
         "OUT": str(tmp_path / f"out{chunk}"),
         "RES": str(tmp_path / f"res{chunk}"),
@@ -142,10 +143,11 @@ def test_chunks_travel_as_bundles_and_end_as_the_uninterrupted_pack(tmp_path, da
 
     reference = tmp_path / "uninterrupted"
     cfgs = [arg for m in METHODS for arg in ("--cfg", f"cifar100/{m}/res56_res20")]
-    train.main(
-        [*cfgs, "--seeds", "0", *TINY.split(), "SOLVER.TRAINER", "fast", "DATASET.ROOT", str(data / "cifar100"),
-         "DISTILLER.TEACHER_CKPT", str(data / "teachers/cifar100/resnet56-f2eff4c8.pt"), "LOG.PREFIX", str(reference)]
-    )  # fmt: skip
+    with torch_threads(THREADS):
+        train.main(
+            [*cfgs, "--seeds", "0", *TINY.split(), "SOLVER.TRAINER", "fast", "DATASET.ROOT", str(data / "cifar100"),
+             "DISTILLER.TEACHER_CKPT", str(data / "teachers/cifar100/resnet56-f2eff4c8.pt"), "LOG.PREFIX", str(reference)]
+        )  # fmt: skip
     for name in names:
         assert_same_run(reference / "cifar100" / name, tmp_path / "machine2" / "cifar100" / name)
         assert (runs / name / "worklog.txt").read_text() == (reference / "cifar100" / name / "worklog.txt").read_text()

@@ -49,3 +49,86 @@ def test_ci_runs_the_two_set_up_commands_the_readme_shows_first():
     assert commands == ["python install.py", "python -m pytest -n auto"]
     ci = (REPO / ".ci" / "run").read_text()
     assert all(command in ci.splitlines() or f"  {command}" in ci.splitlines() for command in commands)
+
+
+CPU_INDEX = "https://download.pytorch.org/whl/cpu"
+
+
+def _install(tmp_path, *args: str, dists: tuple[tuple[str, str, list[str]], ...] = ()) -> subprocess.CompletedProcess:
+    """``install.py --dry-run ARGS`` run by a Python without site-packages (so without torch) that sees only
+    ``dists`` (name, version, Requires-Dist lines), written as installed distributions' metadata."""
+    site = tmp_path / "site"
+    site.mkdir(parents=True)
+    for name, version, requires in dists:
+        info = site / f"{name}-{version}.dist-info"
+        info.mkdir()
+        lines = ["Metadata-Version: 2.1", f"Name: {name}", f"Version: {version}"]
+        (info / "METADATA").write_text("\n".join([*lines, *(f"Requires-Dist: {r}" for r in requires)]) + "\n")
+    env = {k: v for k, v in os.environ.items() if k != "MDISTILLER_SRC"}
+    env["PYTHONPATH"] = str(site)
+    return subprocess.run(
+        [sys.executable, "-S", str(REPO / "install.py"), "--dry-run", *args], capture_output=True, text=True, env=env
+    )
+
+
+def test_torch_cpu_installs_pytorchs_cpu_build_first(tmp_path):
+    out = _install(tmp_path, "--torch", "cpu")
+    assert out.returncode == 0, out.stderr
+    first, second = out.stdout.splitlines()
+    assert first == f"{sys.executable} -m pip install torch torchvision --index-url {CPU_INDEX}"
+    assert second.startswith(f"{sys.executable} -m pip install -e '{REPO}[test]' -e 'git+https://github.com/")
+    assert CPU_INDEX not in _install(tmp_path / "default").stdout  # without --torch cpu: pip's torch
+
+
+def test_torch_cpu_keeps_a_cpu_build_that_is_there(tmp_path):
+    cpu = (("torch", "2.5.1+cpu", ["filelock", "sympy"]), ("torchvision", "0.20.1+cpu", []))
+    out = _install(tmp_path, "--torch", "cpu", dists=cpu)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0] == "torch 2.5.1+cpu is a CPU build already; keeping it"
+    assert len(lines) == 2 and CPU_INDEX not in out.stdout and "-m pip install -e" in lines[1]
+
+
+def test_torch_cpu_adds_torchvision_to_a_cpu_torch_without_reinstalling_it(tmp_path):
+    out = _install(tmp_path, "--torch", "cpu", dists=(("torch", "2.5.1", ["filelock"]),))  # macOS-style: no label
+    assert out.returncode == 0  # the installed version is pinned: pip adds torchvision and keeps torch as it is
+    assert (
+        out.stdout.splitlines()[0]
+        == f"{sys.executable} -m pip install torch==2.5.1 torchvision --index-url {CPU_INDEX}"
+    )
+
+
+def test_torch_cpu_over_a_cuda_build_is_refused_in_one_line(tmp_path):
+    cuda = ("torch", "2.5.1", ['nvidia-cudnn-cu12==9.1.0.70; platform_system == "Linux"', "filelock"])
+    out = _install(tmp_path, "--torch", "cpu", dists=(cuda, ("torchvision", "0.20.1", [])))
+    assert out.returncode == 2 and out.stdout == ""
+    assert out.stderr.splitlines() == [
+        "install.py: --torch cpu: this Python already has torch 2.5.1, a CUDA build; uninstall it first "
+        "(pip uninstall torch torchvision) or use a fresh environment"
+    ]
+    labelled = (("torch", "2.5.1+cu121", []),)
+    assert _install(tmp_path / "cu", "--torch", "cpu", dists=labelled).returncode == 2
+    assert _install(tmp_path / "pypi", dists=labelled).returncode == 0  # without --torch cpu nothing is checked
+
+
+def test_the_wheel_carries_the_mit_license(tmp_path):
+    import shutil
+    import zipfile
+
+    src = tmp_path / "src"  # a copy: building writes build/ and *.egg-info beside setup.py
+    src.mkdir()
+    for name in ("setup.py", "README.md", "LICENSE"):
+        shutil.copy(REPO / name, src / name)
+    for folder in ("normkd_plugin", "configs"):
+        shutil.copytree(REPO / folder, src / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    build = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(src)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert build.returncode == 0, build.stderr[-2000:]
+    (wheel,) = tmp_path.glob("normkd_plugin-*.whl")
+    with zipfile.ZipFile(wheel) as z:
+        metadata = z.read(next(n for n in z.namelist() if n.endswith(".dist-info/METADATA"))).decode()
+        license_text = z.read(next(n for n in z.namelist() if n.endswith(".dist-info/licenses/LICENSE"))).decode()
+    assert "License: MIT" in metadata.splitlines() and "License-File: LICENSE" in metadata.splitlines()
+    assert license_text.startswith("MIT License\n") and "normkd-plugin contributors" in license_text.splitlines()[2]

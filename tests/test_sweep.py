@@ -114,6 +114,40 @@ def test_run_skips_finished_and_launches_the_rest(tmp_path, monkeypatch):
     assert len(launched) == 1 and "cifar100/normkd/res56_res20" in launched[0] and "--resume" not in launched[0]
 
 
+@needs_mdistiller
+def test_flags_after_the_overrides_are_flags_as_in_normkd_train(tmp_path, monkeypatch, capsys):
+    launched = []
+    monkeypatch.setattr(sweep, "launch", lambda argv, env=None: launched.append(argv) or 0)
+    grid = ["--methods", "kd", "--pairs", "res56_res20"]
+    sweep.main([*grid, "SOLVER.LR", "0.1", "LOG.PREFIX", str(tmp_path), "--run", "--device", "cpu"])
+    (argv,) = launched  # --run ran it; --device reached it; neither became an override
+    assert argv[1:3] == ["-m", "normkd_plugin.train"] and argv[3:] == [
+        "--device", "cpu", "--cfg", "cifar100/kd/res56_res20", "SOLVER.LR", "0.1", "LOG.PREFIX", str(tmp_path),
+        "EXPERIMENT.SEED", "0",
+    ]  # fmt: skip
+    assert capsys.readouterr().out.splitlines() == [f"[1/1] normkd-train {sweep.shlex.join(argv[3:])}"]
+    sweep.main([*grid, "--seeds", "3", "EXPERIMENT.NAME", "-x", "--pack", "--", "DATASET.ROOT", "--d"])
+    assert capsys.readouterr().out.splitlines() == [  # a VALUE is never a flag; after --, neither is anything
+        "normkd-train --cfg cifar100/kd/res56_res20 --seeds 3 EXPERIMENT.NAME -x DATASET.ROOT --d SOLVER.TRAINER fast"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["SOLVER.LR", "0.1", "--resume"], "normkd-sweep: error: unrecognized arguments: --resume"),
+        (["SOLVER.LR", "0.1", "LOG.PREFIX"], "normkd-sweep: command-line override LOG.PREFIX has no VALUE; "),
+        (["SOLVER.LR", "--device", "cpu"], "normkd-sweep: command-line override SOLVER.LR has no VALUE; "),
+    ],
+)
+def test_a_flag_it_does_not_know_or_a_key_without_value_is_refused(argv, expected):
+    proc = subprocess.run(
+        [sys.executable, "-m", "normkd_plugin.sweep", "--pairs", "res56_res20", "--run", *argv],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith(expected) and not proc.stdout
+
+
 def test_pack_groups_runs_by_teacher_with_seeds():
     jobs = sweep.grid("cifar100", ["kd", "normkd"], ["res32x4_res8x4", "res56_res20", "res32x4_shuv2"], [0, 1], [])
     packs = sweep.packs(jobs)

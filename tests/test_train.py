@@ -13,11 +13,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import interrupted_at_epoch, needs_mdistiller
+from conftest import interrupted_at_epoch, mdistiller_checkout, needs_mdistiller
 
 pytestmark = needs_mdistiller
-
-MDISTILLER_SRC = Path(os.environ.get("MDISTILLER_SRC", "/opt/mdistiller"))
 
 
 @pytest.fixture
@@ -195,6 +193,24 @@ def test_parse_with_overrides_keeps_pairs_and_negative_values():
         parse_with_overrides(p, ["--nope"])
 
 
+def test_a_flag_where_a_value_should_be_leaves_its_key_without_value(tmp_path, fake_train, capsys):
+    import argparse
+
+    from normkd_plugin._cli import parse_with_overrides
+
+    p = argparse.ArgumentParser()
+    p.add_argument("--resume", action="store_true")
+    args = parse_with_overrides(p, ["A", "1", "B", "--resume", "C", "2", "D"])
+    assert (args.opts, args.key_without_value, args.resume) == (["A", "1", "C", "2"], "B", True)
+    argv = ["--cfg", "cifar100/normkd/res56_res20", "SOLVER.TRAINER", "fast", "LOG.PREFIX", str(tmp_path)]
+    code, err = _main([*argv, "EXPERIMENT.NAME", "--resume", "--device", "cpu"], capsys)  # the NAME was forgotten
+    assert (code, err) == (
+        2,
+        ["normkd-train: command-line override EXPERIMENT.NAME has no VALUE; overrides are KEY VALUE pairs"],
+    )
+    assert not fake_train
+
+
 def test_user_errors_print_one_line_and_exit_2(capsys):
     from normkd_plugin._cli import user_errors
     from normkd_plugin.errors import UserError
@@ -303,12 +319,28 @@ def test_run_launcher_registers_and_runs_script_as_main(tmp_path, monkeypatch):
     assert out.read_text() == "__main__ --cfg x.yaml SOLVER.LR 0.1 True"
 
 
+def test_the_host_checkout_is_the_one_pip_installed_mdistiller_from():
+    import importlib.metadata
+    import json
+    from urllib.parse import unquote, urlparse
+
+    import mdistiller
+
+    record = importlib.metadata.distribution("mdistiller").read_text("direct_url.json")
+    if not record or not json.loads(record).get("dir_info", {}).get("editable"):
+        pytest.skip("mdistiller is not an editable install of a checkout (pip recorded no folder)")
+    folder = Path(unquote(urlparse(json.loads(record)["url"]).path)).resolve()
+    assert mdistiller_checkout() == folder and (folder / "tools" / "train.py").is_file()
+    assert Path(mdistiller.__file__).resolve().is_relative_to(folder)
+
+
 def test_run_launcher_on_host_train_script_without_cuda(tmp_path):
     import torch
 
-    train_py = MDISTILLER_SRC / "tools" / "train.py"
-    if not train_py.is_file():
-        pytest.skip(f"no mdistiller checkout at MDISTILLER_SRC={MDISTILLER_SRC}")
+    checkout = mdistiller_checkout()
+    if checkout is None:
+        pytest.skip("the installed mdistiller comes from no checkout with tools/train.py (not an editable install)")
+    train_py = checkout / "tools" / "train.py"
     if torch.cuda.is_available():
         pytest.skip("CUDA is present: the host script would really train")
     from normkd_plugin.config import resolve_config
@@ -546,19 +578,110 @@ def test_sigint_and_sigterm_end_a_run_with_one_line_after_its_last_epoch(
     assert text.endswith("-" * 25 + "\n") and not any(p.name.endswith(".tmp") for p in worklog.parent.iterdir())
 
 
-@pytest.mark.parametrize("device", [None, "cpu"])
-def test_a_machine_without_a_gpu_says_it_trains_on_the_cpu_unless_asked(tmp_path, monkeypatch, caplog, device):
+def test_a_machine_without_a_gpu_refuses_the_gpu_command_and_says_how_to_use_the_cpu(
+    tmp_path, monkeypatch, fake_train, capsys
+):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    readme = [
+        "--cfg", "cifar100/normkd/res32x4_res8x4", "SOLVER.TRAINER", "fast", "--resume", "--time-limit", "3:50:00",
+    ]  # fmt: skip
+    code, err = _main([*readme, "LOG.PREFIX", str(tmp_path)], capsys)
+    assert (code, err) == (
+        2,
+        ["normkd-train: no CUDA device is available; add --device cpu to train the 240 epoch(s) on the CPU on purpose"],
+    )
+    assert not fake_train and not any(tmp_path.iterdir())
+    code, err = _main([*readme, "LOG.PREFIX", str(tmp_path), "--device", "cpu"], capsys)  # on purpose: it trains
+    assert code == 0 and not err
+    ((kind, cfg, _, device, resume, limit),) = fake_train
+    assert (kind, device.type, resume, limit.seconds, cfg.SOLVER.EPOCHS) == ("train", "cpu", True, 13800, 240)
+
+
+def test_a_missing_released_teacher_says_to_run_normkd_teachers(tmp_path, small_cifar, monkeypatch, capsys):
+    from mdistiller.models import cifar_model_dict
+
+    # mdistiller's own path for the teacher, in a checkout whose download_ckpts/ normkd-teachers has not filled
+    host = tmp_path / "mdistiller" / "download_ckpts" / "cifar_teachers" / "resnet56_vanilla" / "ckpt_epoch_240.pth"
+    monkeypatch.setitem(cifar_model_dict, "resnet56", (cifar_model_dict["resnet56"][0], str(host)))
+    argv = [
+        "--cfg", "cifar100/normkd/res56_res20", "--device", "cpu", "SOLVER.TRAINER", "fast",
+        "DATASET.ROOT", str(small_cifar), "LOG.PREFIX", str(tmp_path / "o"),
+    ]  # fmt: skip
+    code, err = _main(argv, capsys)
+    assert code == 2 and len(err) == 1, err
+    assert err[0].startswith(f"normkd-train: teacher checkpoint not found: {host} (mdistiller's path for 'resnet56'); ")
+    assert "run normkd-teachers to install mdistiller's released CIFAR-100 teachers there" in err[0]
+    assert "(offline: normkd-teachers --from cifar_teachers.tar)" in err[0]
+
+
+def _run_lines(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "normkd_plugin.train" and r.msg.startswith("run ")]
+
+
+def test_a_run_logs_its_folders_full_path_when_it_starts_and_ends(
+    tmp_path, small_cifar, teacher_resnet56, monkeypatch, capsys, caplog
+):
+    import logging
+
+    caplog.set_level(logging.INFO, logger="normkd_plugin.train")
+    monkeypatch.chdir(tmp_path)  # LOG.PREFIX relative to the working folder, the default's way (./output)
+    argv = _tiny_argv(small_cifar, teacher_resnet56, Path("out"), 2)
+    folder = str(tmp_path / _run_dir(Path("out"), 2))
+    with interrupted_at_epoch(2):
+        assert _main(argv, capsys)[0] == 130
+    assert _run_lines(caplog) == [f"run starts: {folder}", f"run ended unfinished: {folder}"]
+    caplog.clear()
+    assert _main(["--resume", *argv], capsys)[0] == 0
+    assert _run_lines(caplog) == [f"run resumes: {folder}", f"run finished: {folder}"]
+    caplog.clear()
+    assert _main(["--resume", *argv], capsys)[0] == 0  # finished: nothing starts, nothing to announce
+    assert _run_lines(caplog) == []
+
+
+def test_a_pack_logs_each_run_folders_full_path(tmp_path, small_cifar, teacher_resnet56, monkeypatch, capsys, caplog):
+    import logging
+
+    caplog.set_level(logging.INFO, logger="normkd_plugin.train")
+    monkeypatch.chdir(tmp_path)
+    argv = _tiny_argv(small_cifar, teacher_resnet56, Path("out"), 2)
+    argv[argv.index("EXPERIMENT.NAME") : argv.index("EXPERIMENT.NAME") + 2] = []  # each config its own folder
+    assert _main([*argv, "--cfg", "cifar100/kd/res56_res20"], capsys)[0] == 0
+    folders = sorted(str(p) for p in (tmp_path / "out" / "cifar100").iterdir())
+    assert [p.split("/")[-1].split(",")[0] for p in folders] == ["kd", "normkd"]
+    lines = _run_lines(caplog)
+    assert sorted(lines[:2]) == [f"run starts: {p}" for p in folders]
+    assert sorted(lines[2:]) == [f"run finished: {p}" for p in folders]
+
+
+def test_the_host_trainer_logs_its_run_folders_full_path(tmp_path, small_cifar, teacher_resnet56, monkeypatch, caplog):
+    """mdistiller's own BaseTrainer through normkd-train: without CUDA it fails at its first batch, after the start."""
+    import logging
+
     import torch
 
     from normkd_plugin import train
+    from normkd_plugin.config import load_config, run_name
 
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    argv = ["--cfg", "cifar100/normkd/res56_res20", "SOLVER.TRAINER", "fast", "DATASET.ROOT", str(tmp_path / "none")]
-    with pytest.raises(SystemExit) as stop:  # the missing data stops it after the start was decided
-        train.main([*argv, "LOG.PREFIX", str(tmp_path), *(["--device", device] if device else [])])
-    assert stop.value.code == 2
-    warned = "no CUDA device: training 240 epoch(s) on the CPU; --device cpu says that this is meant" in caplog.text
-    assert warned == (device is None)
+    caplog.set_level(logging.INFO, logger="normkd_plugin.train")
+    monkeypatch.chdir(tmp_path)
+    opts = [
+        "SOLVER.BATCH_SIZE", "16", "SOLVER.EPOCHS", "1", "SOLVER.LR_DECAY_STAGES", "[]", "DATASET.ROOT",
+        str(small_cifar), "DATASET.NUM_WORKERS", "0", "DISTILLER.TEACHER_CKPT", str(teacher_resnet56),
+        "LOG.PREFIX", "out", "EXPERIMENT.SEED", "0",
+    ]  # fmt: skip
+    cfg = load_config("cifar100/kd/res56_res20", opts)
+    assert cfg.SOLVER.TRAINER == "base"
+    name = run_name(cfg, opts)
+    folder = str(tmp_path / "out" / name)
+    if torch.cuda.is_available():
+        train.train(cfg, name, torch.device("cuda"))
+        assert _run_lines(caplog) == [f"run starts: {folder}", f"run finished: {folder}"]
+    else:
+        with pytest.raises((RuntimeError, AssertionError)):  # the host's image.cuda() on a machine without CUDA
+            train.train(cfg, name, torch.device("cpu"))
+        assert _run_lines(caplog) == [f"run starts: {folder}", f"run ended unfinished: {folder}"]
 
 
 # -- mdistiller's trainers: provenance.yaml holds what the run learned from ---------------------------
