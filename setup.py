@@ -16,6 +16,7 @@ setup(
     package_data={
         "normkd_plugin.configs": ["cifar100/*/*.yaml", "imagenet/*/*.yaml"],
         "normkd_plugin.leaderboard": ["*.csv"],
+        "normkd_plugin.fast": ["*.csv"],
     },
     install_requires=["torch", "torchvision", "yacs", "tensorboardX", "tqdm", "scipy", "numpy", "pyyaml"],
     extras_require={

@@ -397,3 +397,99 @@ def test_fused_students_step_as_their_own_sgd_optimizers(cifar_batch):
             assert torch.equal(b, theirs[name]) if "num_batches" in name else _rel(b, theirs[name], b) < STAT_TOL, name
     fused.unfuse()
     assert all(p.untyped_storage().nbytes() == p.numel() * 4 for p in nets[0].parameters())  # own storage again
+
+
+def _measured(device="NVIDIA H100 80GB HBM3", precision="fp32", benchmark="off", runs=15, serial=40.0, fused=20.0):
+    from normkd_plugin.fast.fuse_speed import Measurement
+
+    return Measurement(device, "resnet20", precision, benchmark, runs, serial, fused, "2.14.1", "")
+
+
+def test_fuse_auto_fuses_where_the_nearest_measurement_of_this_device_says_fused_is_faster():
+    from normkd_plugin.fast.fuse_speed import choose
+
+    h100, a100 = "NVIDIA H100 80GB HBM3", "NVIDIA A100-SXM4-40GB"
+    rows = [_measured(runs=4, serial=10.0, fused=8.0), _measured(runs=15, serial=30.0, fused=31.0)]
+    rows += [_measured(a100, runs=15, serial=50.0, fused=20.0), _measured(runs=12, fused=math.inf, benchmark="on")]
+
+    def fuses(runs, device=h100, precision="fp32", benchmark="off", student="resnet20"):
+        return choose(rows, device, student, precision, benchmark, runs)[0]
+
+    assert fuses(4) and fuses(5) and fuses(9)  # nearest measured size: 4 (fused faster)
+    assert not fuses(10) and not fuses(15) and not fuses(21)  # nearest: 15 (fused slower)
+    assert fuses(15, device=a100)  # each device by its own measurement
+    assert not fuses(12, benchmark="on")  # fusing failed there (recorded as infinitely slow)
+    for other in ({"device": "NVIDIA L4"}, {"precision": "bf16"}, {"student": "resnet8x4"}):
+        assert not fuses(4, **other)  # nothing measured: not fused
+    assert choose(rows, "NVIDIA L4", "resnet20", "fp32", "off", 4)[1].startswith("auto: no measurement for resnet20")
+    assert "4 runs, fused 8.00 vs serial 10.00 ms per step" in choose(rows, h100, "resnet20", "fp32", "off", 5)[1]
+
+
+def test_fuse_choice_reads_the_packaged_table_and_this_machines_own_first(tmp_path, monkeypatch):
+    """auto on CUDA (the device name stands in): $NORMKD_FUSE_TABLE's rows win over the packaged ones; auto on a
+    CPU never fuses, on anywhere; the packaged table is a valid table."""
+    from normkd_plugin.config import load_config
+    from normkd_plugin.fast.fuse_speed import FuseChoice, measurements, write_table
+
+    monkeypatch.delenv("NORMKD_FUSE_TABLE", raising=False)
+    packaged = measurements()
+    assert all(m.device and m.runs > 0 for m in packaged)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Some GPU")
+    cfg = load_config(KD, ["SOLVER.FAST.FUSE", "auto"])
+    assert FuseChoice.of(cfg, torch.device("cuda")).fuses("resnet20", 15)[0] is False  # not measured
+    write_table(tmp_path / "mine.csv", [_measured("Some GPU", serial=30.0, fused=10.0)])
+    monkeypatch.setenv("NORMKD_FUSE_TABLE", str(tmp_path / "mine.csv"))
+    assert FuseChoice.of(cfg, torch.device("cuda")).fuses("resnet20", 15) == (
+        True,
+        "auto: measured 15 runs, fused 10.00 vs serial 30.00 ms per step on Some GPU",
+    )
+    assert FuseChoice.of(cfg, torch.device("cpu")).fuses("resnet20", 15) == (False, "auto: not on a CPU")
+    on = load_config(KD, ["SOLVER.FAST.FUSE", "on"])
+    assert FuseChoice.of(on, torch.device("cpu")).fuses("resnet20", 15)[0] is True
+    assert not FuseChoice.of(load_config(KD, ["SOLVER.FAST.FUSE", "off"]), torch.device("cpu")).considered()
+
+
+def test_fuse_table_merges_by_key_and_names_what_it_cannot_read(tmp_path):
+    from normkd_plugin.config import ConfigError
+    from normkd_plugin.fast.fuse_speed import main, merge_table, read_table, write_table
+
+    table = tmp_path / "table.csv"
+    merge_table(table, [_measured(runs=15, fused=20.0), _measured(runs=4)])
+    merge_table(table, [_measured(runs=15, fused=50.0), _measured(precision="bf16", runs=15, fused=math.inf)])
+    rows = read_table(table)
+    assert [(r.precision, r.runs, r.fused_ms) for r in rows] == [
+        ("bf16", 15, math.inf),
+        ("fp32", 4, 20.0),
+        ("fp32", 15, 50.0),
+    ]
+    lines = table.read_text().splitlines()
+    (tmp_path / "header.csv").write_text("device,runs\n")
+    (tmp_path / "row.csv").write_text("\n".join([lines[0], lines[1], lines[2].replace(",4,", ",four,")]) + "\n")
+    for name, message in (
+        ("header.csv", "not a fused-speed table"),
+        ("row.csv", "line 3 is not a measurement"),
+        ("missing.csv", "cannot read the fused-speed table"),
+    ):
+        with pytest.raises(ConfigError, match=message) as caught:
+            read_table(tmp_path / name)
+        assert str(tmp_path / name) in str(caught.value)
+    write_table(tmp_path / "new.csv", [_measured(runs=15, fused=5.0)])
+    assert main([str(tmp_path / "new.csv"), str(table)]) == 0
+    assert [r.fused_ms for r in read_table(table)] == [math.inf, 20.0, 5.0]
+    assert main([str(tmp_path / "row.csv"), str(table)]) == 2  # one line on stderr, the table untouched
+    assert [r.fused_ms for r in read_table(table)] == [math.inf, 20.0, 5.0]
+
+
+def test_a_group_that_the_choice_does_not_fuse_trains_as_unfused(
+    tmp_path, small_cifar_npz, teacher_resnet56, caplog, monkeypatch
+):
+    """Runs that could fuse but are not chosen to: trained bitwise as the unfused pack, the log says why."""
+    from normkd_plugin.fast.fuse_speed import FuseChoice
+
+    monkeypatch.setattr(FuseChoice, "fuses", lambda self, student, runs: (False, f"measured slower for {student}"))
+    short = ("SOLVER.EPOCHS", "1", "SOLVER.LR_DECAY_STAGES", "[]", "SOLVER.FAST.ITERS_PER_EPOCH", "2")
+    chosen = _train(small_cifar_npz, teacher_resnet56, tmp_path / "c", FOUR[:2], "on", short, caplog=caplog)
+    assert "2 students of one architecture not fused" in caplog.text and "measured slower for resnet20" in caplog.text
+    unfused = _train(small_cifar_npz, teacher_resnet56, tmp_path / "u", FOUR[:2], "off", short)
+    for a, b in zip(chosen, unfused):
+        assert_same_run(a, b)

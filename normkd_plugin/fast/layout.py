@@ -26,18 +26,11 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 from torch.optim.sgd import sgd
-from yacs.config import CfgNode as CN
 
-__all__ = ["FUSABLE_TYPES", "FusedStudents", "fuse_on", "fusion_key", "student_output"]
+__all__ = ["FUSABLE_TYPES", "FusedStudents", "fusion_key", "student_output"]
 
 # Distillers whose loss reads only the student's logits (the host's Vanilla, KD, DKD and this plugin's).
 FUSABLE_TYPES = frozenset({"NONE", "KD", "DKD", "NORMKD", "NORMDKD", "NormKD", "NormKD_W_DKD"})
-
-
-def fuse_on(cfg: CN, device: torch.device) -> bool:
-    """SOLVER.FAST.FUSE: ``on`` fuses on any device, ``auto`` on CUDA only, ``off`` never."""
-    value = str(cfg.SOLVER.FAST.FUSE)
-    return value == "on" or (value == "auto" and device.type == "cuda")
 
 
 def fusion_key(run) -> tuple | None:

@@ -33,8 +33,9 @@ from ..errors import RunError, RunsFailed
 from ..progress import QUIET, JobProgress
 from ..runs import NONFINITE_CAUSES, RunFolder, epoch_record
 from ..timelimit import TimeLimit, Unfinished
+from .fuse_speed import FuseChoice
 from .graph import StepGraph
-from .layout import FusedStudents, fuse_on, fusion_key, student_output
+from .layout import FusedStudents, fusion_key, student_output
 from .source import DeviceSplit, LoaderSource
 
 log = logging.getLogger(__name__)
@@ -299,7 +300,7 @@ class Pack:
             raise ConfigError("SOLVER.FAST.PACK_BRANCHES True is not supported on several processes (torchrun)")
         source.check(int(fast.ITERS_PER_EPOCH))
         self._cuda_streams: list = []
-        self.fuse = fuse_on(self.cfg, self.device)
+        self.fuse = FuseChoice.of(self.cfg, self.device)
         self._units: list[tuple[list[int], FusedStudents | None]] = []
         self._units_key = None
         self.graph = StepGraph(
@@ -388,16 +389,22 @@ class Pack:
         self._unfuse()
         groups: dict[object, list[int]] = {}
         for i, run in enumerate(runs):
-            arch = fusion_key(run) if self.fuse else None
+            arch = fusion_key(run) if self.fuse.considered() else None
             groups.setdefault(arch if arch is not None else ("alone", i), []).append(i)
         units = []
         for indices in groups.values():
-            fused = FusedStudents([runs[i] for i in indices]) if len(indices) > 1 else None
-            units.append((indices, fused))
+            if len(indices) == 1:
+                units.append((indices, None))
+                continue
+            fuse, why = self.fuse.fuses(runs[indices[0]].cfg.DISTILLER.STUDENT, len(indices))
+            names = ", ".join(runs[i].name for i in indices)
+            if fuse:
+                units.append((indices, FusedStudents([runs[i] for i in indices])))
+                log.info("fused %d students: %s (%s)", len(indices), names, why)
+            else:
+                units += [([i], None) for i in indices]
+                log.info("%d students of one architecture not fused: %s (%s)", len(indices), names, why)
         self._units, self._units_key = sorted(units, key=lambda unit: unit[0][0]), key
-        for indices, fused in self._units:
-            if fused is not None:
-                log.info("fused %d students: %s", len(indices), ", ".join(runs[i].name for i in indices))
 
     def _unfuse(self) -> None:
         for _, fused in self._units:

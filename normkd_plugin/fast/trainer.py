@@ -87,7 +87,7 @@ class FastTrainer(BaseTrainer):
         cfg.SOLVER.FAST.EVAL_BATCH_SIZE = 1000
         cfg.SOLVER.FAST.ITERS_PER_EPOCH = 0  # > 0: a short epoch of that many steps (smoke runs only)
         cfg.SOLVER.FAST.PACK_BRANCHES = False  # CUDA: each student of a pack on its own stream (graph branch)
-        cfg.SOLVER.FAST.FUSE = "auto"  # packs: students of one architecture as one network (auto: on CUDA)
+        cfg.SOLVER.FAST.FUSE = "auto"  # packs: students of one architecture as one network (auto: if measured faster)
         return cfg
 
     def __init__(self, experiment_name, distiller, train_loader, val_loader, cfg):
