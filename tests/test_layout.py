@@ -428,14 +428,15 @@ def test_fuse_auto_fuses_where_the_nearest_measurement_of_this_device_says_fused
 def test_fuse_choice_reads_the_packaged_table_and_this_machines_own_first(tmp_path, monkeypatch):
     """auto on CUDA (the device name stands in): $NORMKD_FUSE_TABLE's rows win over the packaged ones; auto on a
     CPU never fuses, on anywhere; the packaged table is a valid table."""
-    from normkd_plugin.config import load_config
+    from normkd_plugin.config import ConfigError, load_config
     from normkd_plugin.fast.fuse_speed import FuseChoice, measurements, write_table
+    from normkd_plugin.fast.pack import check_pack
 
     monkeypatch.delenv("NORMKD_FUSE_TABLE", raising=False)
     packaged = measurements()
     assert all(m.device and m.runs > 0 for m in packaged)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Some GPU")
-    cfg = load_config(KD, ["SOLVER.FAST.FUSE", "auto"])
+    cfg = load_config(KD, ["SOLVER.FAST.FUSE", "auto", "SOLVER.TRAINER", "fast"])
     assert FuseChoice.of(cfg, torch.device("cuda")).fuses("resnet20", 15)[0] is False  # not measured
     write_table(tmp_path / "mine.csv", [_measured("Some GPU", serial=30.0, fused=10.0)])
     monkeypatch.setenv("NORMKD_FUSE_TABLE", str(tmp_path / "mine.csv"))
@@ -447,6 +448,9 @@ def test_fuse_choice_reads_the_packaged_table_and_this_machines_own_first(tmp_pa
     on = load_config(KD, ["SOLVER.FAST.FUSE", "on"])
     assert FuseChoice.of(on, torch.device("cpu")).fuses("resnet20", 15)[0] is True
     assert not FuseChoice.of(load_config(KD, ["SOLVER.FAST.FUSE", "off"]), torch.device("cpu")).considered()
+    (tmp_path / "mine.csv").write_text("device,serial\n")
+    with pytest.raises(ConfigError, match=f"{tmp_path / 'mine.csv'}: not a fused-speed table"):
+        check_pack([cfg], ["kd"], torch.device("cuda"))  # checked with the configs, before any run folder is made
 
 
 def test_fuse_table_merges_by_key_and_names_what_it_cannot_read(tmp_path):

@@ -100,6 +100,8 @@ def check_pack(cfgs: list[CN], names: list[str], device: torch.device | None = N
             raise ConfigError("DISTILLER.TYPE CRD needs its contrastive sampler: use SOLVER.TRAINER crd (one process)")
         if device is not None:
             check_decode(cfg, device)
+    if device is not None:
+        FuseChoice.of(cfgs[0], device)  # the fused-speed tables SOLVER.FAST.FUSE auto reads, before any folder
     first, first_name = cfgs[0], names[0]
     distilled = [(c, n) for c, n in zip(cfgs, names) if c.DISTILLER.TYPE != "NONE"]
     for cfg, name in zip(cfgs[1:], names[1:]):
