@@ -18,6 +18,7 @@ setup(
     package_data={
         "normkd_plugin.configs": ["cifar100/*/*.yaml", "imagenet/*/*.yaml"],
         "normkd_plugin.leaderboard": ["*.csv", "field/*.csv"],
+        "normkd_plugin.fast": ["*.csv"],
     },
     install_requires=["torch", "torchvision", "yacs", "tensorboardX", "tqdm", "scipy", "numpy", "pyyaml"],
     extras_require={

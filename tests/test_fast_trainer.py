@@ -229,6 +229,27 @@ def test_fast_steps_equal_the_host_train_iter_bitwise(tmp_path, small_cifar_npz,
     assert loss_sum == pytest.approx(float(meters["losses"].sum), rel=1e-6)
 
 
+def _stale_graph(real_run):
+    """A StepGraph.run that keeps the graph of its first capture for the whole job (the no-recapture mutation)."""
+
+    def run(self, eager_step, batch, full, epoch, key):
+        return real_run(self, eager_step, batch, full, epoch, key="captured once")
+
+    return run
+
+
+def test_the_no_recapture_stand_in_has_the_signature_of_step_graph_run():
+    """The CUDA test's mutation replaces StepGraph.run: a stale signature would fail that test on the GPU only."""
+    import inspect
+
+    from normkd_plugin.fast.graph import StepGraph
+
+    def shape(fn):  # names, kinds and defaults (annotations aside)
+        return [(p.name, p.kind, p.default) for p in inspect.signature(fn).parameters.values()]
+
+    assert shape(_stale_graph(StepGraph.run)) == shape(StepGraph.run)
+
+
 def _graph_vs_eager_state(tmp_path, root, teacher, graph: bool, mutation: str | None = None):
     """Two epochs (LR decay after 1, NormDKD in warm-up, partial last batch) on CUDA; the run's final state."""
     from conftest import fast_opts, load_state
@@ -252,12 +273,9 @@ def _graph_vs_eager_state(tmp_path, root, teacher, graph: bool, mutation: str | 
                     group["weight_decay"] = 0.0
         return real_epoch(self, runs, epoch)
 
-    def stale_graph(self, eager_step, batch, full, bs, epoch, key):
-        return real_run(self, eager_step, batch, full, bs, epoch, key="captured once")
-
     Pack.train_epoch = mutated_epoch
     if mutation == "no-recapture":
-        StepGraph.run = stale_graph
+        StepGraph.run = _stale_graph(real_run)
     captured = []
     real_capture = StepGraph._capture
     StepGraph._capture = lambda self, *a: (real_capture(self, *a), captured.append(True))[0]

@@ -183,3 +183,100 @@ def test_bundle_of_a_failed_chunk_is_still_written(tmp_path, data):
     with tarfile.open(part) as tar:
         log = tar.extractfile("./compare.log").read().decode()
     assert "SOLVER.EPOCHS" in log
+
+
+# Writes the node ids pytest collected (after -k) and, among them, those that need CUDA (conftest's needs_cuda).
+COLLECTOR = """
+import os
+
+
+def pytest_collection_finish(session):
+    from conftest import needs_cuda
+
+    reason = needs_cuda.mark.kwargs["reason"]
+    with open(os.environ["COLLECTED"], "w") as f:
+        for item in session.items:
+            cuda = any(m.kwargs.get("reason") == reason for m in item.iter_markers("skipif"))
+            f.write(("cuda " if cuda else "     ") + item.nodeid + "\\n")
+"""
+
+
+def _checks_stage() -> tuple[list[str], str, int]:
+    """The checks stage's test files, -k expression and expected count, as gpu_checks.sh sets them."""
+    text = (REPO / "benchmarks" / "gpu_checks.sh").read_text()
+    files = re.search(r"^CUDA_TESTS=\((.*)\)$", text, re.M).group(1).split()
+    select = re.search(r'^CUDA_SELECT="(.*)"$', text, re.M).group(1)
+    count = int(re.search(r"^CUDA_COUNT=(\d+)$", text, re.M).group(1))
+    assert '-k "$CUDA_SELECT" "${CUDA_TESTS[@]}"' in text and '"^$CUDA_COUNT passed' in text
+    return files, select, count
+
+
+def _collected(tmp_path, *args: str) -> list[tuple[bool, str]]:
+    (tmp_path / "cuda_collector.py").write_text(COLLECTOR)
+    out = tmp_path / "collected.txt"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(REPO)]), "COLLECTED": str(out)}
+    cmd = [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", "-p", "cuda_collector"]
+    proc = subprocess.run([*cmd, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return [(line[:4] == "cuda", line[5:]) for line in out.read_text().splitlines()]
+
+
+def test_the_checks_stage_selects_every_cuda_test_and_only_those(tmp_path):
+    """Every test of the suite that needs CUDA is one that the checks stage runs, and their number is CUDA_COUNT."""
+    files, select, count = _checks_stage()
+    needing = sorted(node for cuda, node in _collected(tmp_path, "tests") if cuda)
+    selected = _collected(tmp_path, "-k", select, *files)
+    assert sorted(node for _, node in selected) == needing
+    assert all(cuda for cuda, _ in selected) and len(needing) == count
+
+
+def test_stages_keep_their_whole_output_and_a_failing_case_does_not_end_the_table(tmp_path):
+    """checks and fused on a CPU with no data: the CUDA tests skip and say so; every benchmark case fails and its row
+    says why; each stage's whole output, tracebacks included, comes back in the bundle."""
+    data = tmp_path / "nodata"
+    env = {**os.environ, "DATA": str(data), "OUT": str(tmp_path / "out"), "RES": str(tmp_path / "res")}
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]])
+    env["PYTHONPATH"] = str(REPO)  # python3 -P does not add the working directory
+    proc = subprocess.run(
+        ["bash", "benchmarks/gpu_checks.sh", "checks", "fused"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    _, _, count = _checks_stage()
+    assert f"CUDA tests: not all {count} passed" in proc.stdout
+    rows = {line for line in proc.stdout.splitlines() if line.startswith("| res56_res20 |")}  # as they come, then all
+    assert len(rows) == 6 and all("failed: DataError: DATASET.ROOT" in row for row in rows)  # fp32, bf16: 1, 15, 15
+    parts = sorted((tmp_path / "out").iterdir())
+    unpacked = tmp_path / "unpacked"
+    unpacked.mkdir()
+    subprocess.run(f"cat {' '.join(map(str, parts))} | tar -xzf - -C {unpacked}", shell=True, check=True)
+    tests_log = (unpacked / "cuda_tests.log").read_text()
+    assert re.search(rf"^{count} skipped, \d+ deselected in ", tests_log, re.M) and "needs a CUDA device" in tests_log
+    bench_log = (unpacked / "pack_speed_fused.log").read_text()
+    assert bench_log.count("Traceback (most recent call last)") == 6 and str(data) in bench_log
+    assert (unpacked / "pack_speed_fused.md").read_text().count("failed: ") == 6
+
+
+def test_unpack_merges_a_fused_pack_measurement_into_the_table(tmp_path):
+    from normkd_plugin.fast.fuse_speed import Measurement, read_table, write_table
+
+    def row(runs, fused):
+        return Measurement("GPU X", "resnet20", "fp32", "off", runs, 30.0, fused, "2.14.1", "")
+
+    results, parts = tmp_path / "results", tmp_path / "parts"
+    results.mkdir(), parts.mkdir()
+    write_table(results / "fuse_speed.csv", [row(15, 10.0)])
+    with tarfile.open(parts / "results.tgz.00", "w:gz") as tar:
+        tar.add(results / "fuse_speed.csv", "./fuse_speed.csv")
+    table = tmp_path / "table.csv"
+    write_table(table, [row(15, 40.0), row(4, 20.0)])
+    env = {**os.environ, "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]])}
+    env["PYTHONPATH"] = str(REPO)
+    cmd = ["bash", "benchmarks/gpu_unpack.sh", str(parts), str(tmp_path / "dest"), str(tmp_path / "runs"), str(table)]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert [(r.runs, r.fused_ms) for r in read_table(table)] == [(4, 20.0), (15, 10.0)]  # the new row replaced the old

@@ -49,6 +49,7 @@ def test_failed_capture_trains_every_batch_once(fake_cuda, monkeypatch):
     assert _run(graph, log) == 5
     assert log == [0, 1, 2, 3, 4]  # batch 0 trained once, by the capture's warm-up
     assert not graph.enabled and graph.graph is None
+    assert graph.failure == "operation not permitted when stream is capturing"  # for a benchmark's row
     log.clear()
     _run(graph, log, key=2)
     assert log == [0, 1, 2, 3, 4]  # later epochs: plain eager
@@ -68,10 +69,10 @@ def test_capture_once_per_key_then_replay(fake_cuda, monkeypatch):
     _run(graph, log, key=1)
     assert log == [0, "capture", "replay", "replay", "replay", "replay"]
     log.clear()
-    _run(graph, log, key=1)  # same key (same epoch and runs): replays only
+    _run(graph, log, key=1)  # same key (same learning rates, warm-up factors and runs): replays only
     assert log == ["replay"] * 5
     log.clear()
-    _run(graph, log, key=2)  # a new epoch: warm-up batch, capture again
+    _run(graph, log, key=2)  # a new key (an LR decay, say): warm-up batch, capture again
     assert log == [0, "capture", "replay", "replay", "replay", "replay"]
 
 
@@ -84,3 +85,28 @@ def test_disabled_or_single_batch_runs_eagerly():
     log.clear()
     _run(StepGraph(step=None, zero_grad=lambda: None, enabled=True), log, full=1)
     assert log == [0]
+
+
+def test_capture_is_thread_local(fake_cuda, monkeypatch):
+    """The real capture path, torch.cuda.graph recorded: captured in capture_error_mode="thread_local", so a
+    loader's pin-memory thread may allocate pinned memory or query events during the capture."""
+    import inspect
+
+    from normkd_plugin.fast.graph import StepGraph
+
+    real_graph, calls, log = torch.cuda.graph, [], []
+
+    def graph(cuda_graph, **kwargs):
+        inspect.signature(real_graph).bind(cuda_graph, **kwargs)  # arguments torch.cuda.graph takes
+        calls.append(kwargs)
+        return contextlib.nullcontext()
+
+    monkeypatch.setattr(torch.cuda, "graph", graph)
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: _Graph(log))
+    captured = []
+    step_graph = StepGraph(
+        step=lambda images, targets, epoch: captured.append(int(images[0][0])), zero_grad=lambda: None, enabled=True
+    )
+    assert _run(step_graph, log) == 5
+    assert calls == [{"capture_error_mode": "thread_local"}]
+    assert captured == [0] and log == [0, "replay", "replay", "replay", "replay"]

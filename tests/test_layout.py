@@ -12,6 +12,12 @@ within 0.1 of epoch 2's movement plus 1e-6 of their size (seen: 0.055); generato
 LR exactly. A plausible wrong fusion (another batch, a shared momentum, pooled BN statistics) misses
 these by orders of magnitude (every slice fed slice 0's batch: conv1's weights fail). Runs that do not fuse (a
 feature distiller, another architecture) stay bitwise equal to the unfused pack.
+
+Those tolerances were measured on this CPU; other kernels (a GPU's, or channels_last ones) round
+otherwise. Where they differ, the bound is what rounding itself moves (:func:`assert_as_close_as`):
+fused and unfused no further apart, per tensor and record, than FLOOR_FACTOR times the unfused pack
+and the same pack in the other memory format (seen on the CPU: at most 3.1x for tensors; every slice
+fed slice 0's batch: a median of 250x).
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from conftest import assert_same_run, fast_opts, interrupted_at_epoch, load_stat
 pytestmark = needs_mdistiller
 
 PARAM_TOL, MOMENTUM_TOL, STAT_TOL, REL = 0.1, 5e-2, 1e-5, 1e-6
+FLOOR_FACTOR = 10
 # A small LR keeps the comparison about rounding (see the module's docstring).
 SMALL = ("SOLVER.LR", "1e-5", "LOG.SAVE_CHECKPOINT_FREQ", "1")
 KD, NORMKD, NORMDKD = "cifar100/kd/res56_res20", "cifar100/normkd/res56_res20", "cifar100/normdkd/res56_res20"
@@ -91,6 +98,36 @@ def assert_close_runs(a, b):
         assert (a / name).stat().st_size < 1.5 * (b / name).stat().st_size  # one slice saved, not the stack
 
 
+def _dist(x: torch.Tensor, y: torch.Tensor) -> float:
+    return (x.double() - y.double()).norm().item()
+
+
+def assert_as_close_as(a, b, floor):
+    """Run folders ``a`` and ``b`` no further apart than the two of ``floor`` (the same runs in two memory formats).
+
+    Per tensor and per record of both epochs: distance <= FLOOR_FACTOR x the floor's, plus 1e-6 of
+    the value (its own float32 rounding: a tensor the floor leaves bitwise alike); generators,
+    counters, seeds and learning rates exactly.
+    """
+    for name in ("epoch_1", "latest"):
+        sa, sb, sc, sd = (load_state(folder, name) for folder in (a, b, *floor))
+        pairs = [(f"{name}: {k}", sa["model"][k], sb["model"][k], sc["model"][k], sd["model"][k]) for k in sa["model"]]
+        moms = [[s["momentum_buffer"] for s in st["optimizer"]["state"].values()] for st in (sa, sb, sc, sd)]
+        assert len(moms[0]) == len(moms[1]) > 0
+        pairs += [(f"{name}: momentum {i}", *m) for i, m in enumerate(zip(*moms))]
+        for key, x, y, z, w in pairs:
+            if not x.is_floating_point():
+                assert torch.equal(x, y), f"{a.name} {key}"
+                continue
+            bound = FLOOR_FACTOR * _dist(z, w) + 1e-6 * x.double().norm().item()
+            assert _dist(x, y) <= bound, f"{a.name} {key}: {_dist(x, y):.3g} apart, {_dist(z, w):.3g} in the floor"
+        for key, x in sa["record"].items():
+            bound = FLOOR_FACTOR * abs(sc["record"][key] - sd["record"][key]) + REL * abs(x)
+            assert abs(x - sb["record"][key]) <= bound, f"{a.name} {name}: {key}"
+        assert sa["optimizer"]["param_groups"][0]["lr"] == sb["optimizer"]["param_groups"][0]["lr"]
+        assert torch.equal(sa["generator"], sb["generator"]) and sa["seed"] == sb["seed"]
+
+
 def test_fused_pack_equals_the_unfused_pack(tmp_path, small_cifar_npz, teacher_resnet56, caplog):
     """KD s0, NormKD s0, NormDKD s1, vanilla s1: one fused group of 4 (two batches), against the same pack unfused."""
     fused = _train(small_cifar_npz, teacher_resnet56, tmp_path / "fused", FOUR, "on", caplog=caplog)
@@ -135,29 +172,36 @@ def test_mixed_pack_fuses_what_it_can_and_trains_the_rest_as_before(
     assert_same_run(fused[3], unfused[3])
 
 
-def test_a_nan_run_in_a_fused_group_fails_alone(tmp_path, small_cifar_npz, teacher_resnet56, monkeypatch):
-    """NormKD's slice turns NaN at epoch 2; it fails at step 1 of 4, the other slices equal the unfused pack's."""
+@pytest.mark.parametrize("bad_epoch", [1, 2])
+def test_a_nan_run_in_a_fused_group_fails_alone(tmp_path, small_cifar_npz, teacher_resnet56, monkeypatch, bad_epoch):
+    """NormKD's slice turns NaN; it fails at step 1 of 4, the other slices equal the unfused pack's.
+
+    At epoch 1 the survivors are fused again for epoch 2, after validation left the students in eval mode:
+    they must train in train mode (batch statistics, running statistics updated) as the unfused runs do.
+    """
     from normkd_plugin.fast.pack import Pack, RunsFailed
 
     real = Pack.train_epoch
 
     def poison(self, runs, epoch):
-        if epoch == 2:
+        if epoch == bad_epoch:
             with torch.no_grad():
                 next(r for r in runs if r.cfg.DISTILLER.TYPE == "NORMKD").distiller.student.fc.weight.fill_(math.nan)
         real(self, runs, epoch)
 
     monkeypatch.setattr(Pack, "train_epoch", poison)
-    runs = FOUR[:3]
-    with pytest.raises(RunsFailed, match="epoch 2 step 1 of 4"):
+    runs, where = FOUR[:3], f"epoch {bad_epoch} step 1 of 4"
+    with pytest.raises(RunsFailed, match=where):
         _train(small_cifar_npz, teacher_resnet56, tmp_path / "fused", runs, "on")
-    with pytest.raises(RunsFailed, match="epoch 2 step 1 of 4"):
+    with pytest.raises(RunsFailed, match=where):
         unfused = _train(small_cifar_npz, teacher_resnet56, tmp_path / "unfused", runs, "off")
     unfused = sorted((tmp_path / "unfused").glob("*/*"))
     fused = sorted((tmp_path / "fused").glob("*/*"))
+    assert len(fused) == len(unfused) == 3
     for a, b in zip(fused, unfused):
         if "normkd" in a.name and "normdkd" not in a.name:
-            assert load_state(a)["epoch"] == 1 and "failed\tepoch 2 step 1 of 4" in (a / "worklog.txt").read_text()
+            assert f"failed\t{where}" in (a / "worklog.txt").read_text()
+            assert load_state(a)["epoch"] == 1 if bad_epoch == 2 else not (a / "latest").exists()
         else:
             assert_close_runs(a, b)
             assert all(torch.isfinite(t).all() for t in load_state(a)["model"].values())
@@ -219,29 +263,92 @@ def test_fuse_key_is_checked_and_is_an_execution_setting():
 
 
 @needs_cuda
-@pytest.mark.parametrize("branches", [False, True])
+@pytest.mark.parametrize("layout", ["nchw", "branches", "channels_last"])
 def test_fused_graph_pack_equals_the_unfused_eager_pack_on_cuda(
-    tmp_path, small_cifar_npz, teacher_resnet56, branches, caplog
+    tmp_path, small_cifar_npz, teacher_resnet56, layout, caplog
 ):
-    """The fused step captured in the CUDA graph (on a forked branch or not) against the unfused eager pack."""
+    """The fused step captured in the CUDA graph (on a forked branch; on channels_last batches, fp32) against the
+    unfused eager pack: no further apart than that pack is from itself in the other memory format."""
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    extra = ("SOLVER.FAST.PACK_BRANCHES", str(branches))
+    cl, other = (("SOLVER.FAST.CHANNELS_LAST", str(v)) for v in (layout == "channels_last", layout != "channels_last"))
+    extra = (*cl, "SOLVER.FAST.PACK_BRANCHES", str(layout == "branches"))
     fused = _train(small_cifar_npz, teacher_resnet56, tmp_path / "f", FOUR, "on", extra, caplog=caplog, device="cuda")
     assert "fused 4 students" in caplog.text and "capture failed" not in caplog.text
     eager = ("SOLVER.FAST.CUDA_GRAPH", "False")
-    unfused = _train(small_cifar_npz, teacher_resnet56, tmp_path / "u", FOUR, "off", eager, device="cuda")
-    for a, b in zip(fused, unfused):
-        assert_close_runs(a, b)
+    unfused = _train(small_cifar_npz, teacher_resnet56, tmp_path / "u", FOUR, "off", (*eager, *cl), device="cuda")
+    switched = _train(small_cifar_npz, teacher_resnet56, tmp_path / "s", FOUR, "off", (*eager, *other), device="cuda")
+    for a, b, c in zip(fused, unfused, switched):
+        assert_as_close_as(a, b, floor=(b, c))
 
 
 @needs_cuda
-def test_fused_bf16_channels_last_pack_trains_in_the_graph(tmp_path, small_cifar_npz, teacher_resnet56, caplog):
+def test_fused_bf16_channels_last_pack_trains_in_the_graph_on_cuda(tmp_path, small_cifar_npz, teacher_resnet56, caplog):
     amp = ("SOLVER.AMP", "True", "SOLVER.FAST.CHANNELS_LAST", "True")
     fused = _train(small_cifar_npz, teacher_resnet56, tmp_path, FOUR, "on", amp, caplog=caplog, device="cuda")
     assert "fused 4 students" in caplog.text and "capture failed" not in caplog.text
     for folder in fused:
         state = load_state(folder)
         assert state["epoch"] == 2 and all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+@pytest.fixture
+def cudnn_batch_norm(monkeypatch):
+    """Batch norm asks its input's layout as cuDNN's does on CUDA: ``input.contiguous(input.suggest_memory_format())``.
+
+    The CPU kernel never asks; under vmap, asking a channels_last batched tensor raises "NYI: querying
+    is_contiguous inside of vmap", as fp32 fused students with channels_last inputs would on CUDA.
+    """
+    from torch._prims_common import suggest_memory_format
+
+    real = torch.nn.functional.batch_norm
+
+    def batch_norm(input, *args, **kwargs):
+        return real(input.contiguous(memory_format=suggest_memory_format(input)), *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "batch_norm", batch_norm)
+
+
+def _fused_resnets(k: int):
+    """k resnet8 students (1x1 downsample convolutions included) fused after a channels_last pack's conversion."""
+    from types import SimpleNamespace
+
+    from mdistiller.models.cifar import resnet8
+
+    from normkd_plugin.fast.layout import FusedStudents
+
+    torch.manual_seed(0)
+    nets = [resnet8(num_classes=100).to(memory_format=torch.channels_last) for _ in range(k)]
+    opts = [torch.optim.SGD(n.parameters(), lr=0.1, momentum=0.9) for n in nets]
+    return FusedStudents(
+        [SimpleNamespace(distiller=SimpleNamespace(student=n), optimizer=o) for n, o in zip(nets, opts)]
+    )
+
+
+def test_fused_students_take_channels_last_batches(cifar_batch, cudnn_batch_norm):
+    """Students and batches in channels_last: training (one batch, a batch per slice) and validation give what
+    they give on NCHW batches (the batch norm of the fixture would refuse a channels_last activation)."""
+    x = cifar_batch[0][:16]
+    per_slice = torch.stack([x[:8], x[8:]])
+    fused = _fused_resnets(2)
+    with torch.no_grad():
+        for nchw, channels_last, batched in (
+            (x, x.contiguous(memory_format=torch.channels_last), False),
+            (per_slice, torch.stack([b.contiguous(memory_format=torch.channels_last) for b in per_slice]), True),
+        ):
+            assert not channels_last.is_contiguous()
+            assert torch.equal(fused(channels_last, batched=batched), fused(nchw, batched=batched))
+        assert torch.equal(fused.evaluate(x.contiguous(memory_format=torch.channels_last)), fused.evaluate(x))
+
+
+def test_fused_channels_last_pack_equals_the_unfused_one(tmp_path, small_cifar_npz, teacher_resnet56, cudnn_batch_norm):
+    """NormKD s0 and NormDKD s1 (a batch per slice) with SOLVER.FAST.CHANNELS_LAST, fused (in NCHW) against
+    unfused (in channels_last): no further apart than the unfused pack in its two memory formats."""
+    runs, cl = FOUR[1:3], ("SOLVER.FAST.CHANNELS_LAST", "True")
+    fused = _train(small_cifar_npz, teacher_resnet56, tmp_path / "fused", runs, "on", cl)
+    unfused = _train(small_cifar_npz, teacher_resnet56, tmp_path / "unfused", runs, "off", cl)
+    nchw = _train(small_cifar_npz, teacher_resnet56, tmp_path / "nchw", runs, "off")
+    for a, b, c in zip(fused, unfused, nchw):
+        assert_as_close_as(a, b, floor=(b, c))
 
 
 def test_fused_students_step_as_their_own_sgd_optimizers(cifar_batch):
@@ -290,3 +397,103 @@ def test_fused_students_step_as_their_own_sgd_optimizers(cifar_batch):
             assert torch.equal(b, theirs[name]) if "num_batches" in name else _rel(b, theirs[name], b) < STAT_TOL, name
     fused.unfuse()
     assert all(p.untyped_storage().nbytes() == p.numel() * 4 for p in nets[0].parameters())  # own storage again
+
+
+def _measured(device="NVIDIA H100 80GB HBM3", precision="fp32", benchmark="off", runs=15, serial=40.0, fused=20.0):
+    from normkd_plugin.fast.fuse_speed import Measurement
+
+    return Measurement(device, "resnet20", precision, benchmark, runs, serial, fused, "2.14.1", "")
+
+
+def test_fuse_auto_fuses_where_the_nearest_measurement_of_this_device_says_fused_is_faster():
+    from normkd_plugin.fast.fuse_speed import choose
+
+    h100, a100 = "NVIDIA H100 80GB HBM3", "NVIDIA A100-SXM4-40GB"
+    rows = [_measured(runs=4, serial=10.0, fused=8.0), _measured(runs=15, serial=30.0, fused=31.0)]
+    rows += [_measured(a100, runs=15, serial=50.0, fused=20.0), _measured(runs=12, fused=math.inf, benchmark="on")]
+
+    def fuses(runs, device=h100, precision="fp32", benchmark="off", student="resnet20"):
+        return choose(rows, device, student, precision, benchmark, runs)[0]
+
+    assert fuses(4) and fuses(5) and fuses(9)  # nearest measured size: 4 (fused faster)
+    assert not fuses(10) and not fuses(15) and not fuses(21)  # nearest: 15 (fused slower)
+    assert fuses(15, device=a100)  # each device by its own measurement
+    assert not fuses(12, benchmark="on")  # fusing failed there (recorded as infinitely slow)
+    for other in ({"device": "NVIDIA L4"}, {"precision": "bf16"}, {"student": "resnet8x4"}):
+        assert not fuses(4, **other)  # nothing measured: not fused
+    assert choose(rows, "NVIDIA L4", "resnet20", "fp32", "off", 4)[1].startswith("auto: no measurement for resnet20")
+    assert "4 runs, fused 8.00 vs serial 10.00 ms per step" in choose(rows, h100, "resnet20", "fp32", "off", 5)[1]
+
+
+def test_fuse_choice_reads_the_packaged_table_and_this_machines_own_first(tmp_path, monkeypatch):
+    """auto on CUDA (the device name stands in): $NORMKD_FUSE_TABLE's rows win over the packaged ones; auto on a
+    CPU never fuses, on anywhere; the packaged table is a valid table."""
+    from normkd_plugin.config import ConfigError, load_config
+    from normkd_plugin.fast.fuse_speed import FuseChoice, measurements, write_table
+    from normkd_plugin.fast.pack import check_pack
+
+    monkeypatch.delenv("NORMKD_FUSE_TABLE", raising=False)
+    packaged = measurements()
+    assert all(m.device and m.runs > 0 for m in packaged)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Some GPU")
+    cfg = load_config(KD, ["SOLVER.FAST.FUSE", "auto", "SOLVER.TRAINER", "fast"])
+    assert FuseChoice.of(cfg, torch.device("cuda")).fuses("resnet20", 15)[0] is False  # not measured
+    write_table(tmp_path / "mine.csv", [_measured("Some GPU", serial=30.0, fused=10.0)])
+    monkeypatch.setenv("NORMKD_FUSE_TABLE", str(tmp_path / "mine.csv"))
+    assert FuseChoice.of(cfg, torch.device("cuda")).fuses("resnet20", 15) == (
+        True,
+        "auto: measured 15 runs, fused 10.00 vs serial 30.00 ms per step on Some GPU",
+    )
+    assert FuseChoice.of(cfg, torch.device("cpu")).fuses("resnet20", 15) == (False, "auto: not on a CPU")
+    on = load_config(KD, ["SOLVER.FAST.FUSE", "on"])
+    assert FuseChoice.of(on, torch.device("cpu")).fuses("resnet20", 15)[0] is True
+    assert not FuseChoice.of(load_config(KD, ["SOLVER.FAST.FUSE", "off"]), torch.device("cpu")).considered()
+    (tmp_path / "mine.csv").write_text("device,serial\n")
+    with pytest.raises(ConfigError, match=f"{tmp_path / 'mine.csv'}: not a fused-speed table"):
+        check_pack([cfg], ["kd"], torch.device("cuda"))  # checked with the configs, before any run folder is made
+
+
+def test_fuse_table_merges_by_key_and_names_what_it_cannot_read(tmp_path):
+    from normkd_plugin.config import ConfigError
+    from normkd_plugin.fast.fuse_speed import main, merge_table, read_table, write_table
+
+    table = tmp_path / "table.csv"
+    merge_table(table, [_measured(runs=15, fused=20.0), _measured(runs=4)])
+    merge_table(table, [_measured(runs=15, fused=50.0), _measured(precision="bf16", runs=15, fused=math.inf)])
+    rows = read_table(table)
+    assert [(r.precision, r.runs, r.fused_ms) for r in rows] == [
+        ("bf16", 15, math.inf),
+        ("fp32", 4, 20.0),
+        ("fp32", 15, 50.0),
+    ]
+    lines = table.read_text().splitlines()
+    (tmp_path / "header.csv").write_text("device,runs\n")
+    (tmp_path / "row.csv").write_text("\n".join([lines[0], lines[1], lines[2].replace(",4,", ",four,")]) + "\n")
+    for name, message in (
+        ("header.csv", "not a fused-speed table"),
+        ("row.csv", "line 3 is not a measurement"),
+        ("missing.csv", "cannot read the fused-speed table"),
+    ):
+        with pytest.raises(ConfigError, match=message) as caught:
+            read_table(tmp_path / name)
+        assert str(tmp_path / name) in str(caught.value)
+    write_table(tmp_path / "new.csv", [_measured(runs=15, fused=5.0)])
+    assert main([str(tmp_path / "new.csv"), str(table)]) == 0
+    assert [r.fused_ms for r in read_table(table)] == [math.inf, 20.0, 5.0]
+    assert main([str(tmp_path / "row.csv"), str(table)]) == 2  # one line on stderr, the table untouched
+    assert [r.fused_ms for r in read_table(table)] == [math.inf, 20.0, 5.0]
+
+
+def test_a_group_that_the_choice_does_not_fuse_trains_as_unfused(
+    tmp_path, small_cifar_npz, teacher_resnet56, caplog, monkeypatch
+):
+    """Runs that could fuse but are not chosen to: trained bitwise as the unfused pack, the log says why."""
+    from normkd_plugin.fast.fuse_speed import FuseChoice
+
+    monkeypatch.setattr(FuseChoice, "fuses", lambda self, student, runs: (False, f"measured slower for {student}"))
+    short = ("SOLVER.EPOCHS", "1", "SOLVER.LR_DECAY_STAGES", "[]", "SOLVER.FAST.ITERS_PER_EPOCH", "2")
+    chosen = _train(small_cifar_npz, teacher_resnet56, tmp_path / "c", FOUR[:2], "on", short, caplog=caplog)
+    assert "2 students of one architecture not fused" in caplog.text and "measured slower for resnet20" in caplog.text
+    unfused = _train(small_cifar_npz, teacher_resnet56, tmp_path / "u", FOUR[:2], "off", short)
+    for a, b in zip(chosen, unfused):
+        assert_same_run(a, b)

@@ -237,6 +237,46 @@ def test_a_run_that_turns_nan_fails_alone(tmp_path, small_cifar_npz, teacher_res
         assert_same_run(folder, solo)
 
 
+def test_the_graph_is_keyed_on_learning_rates_warm_up_factors_and_runs(
+    tmp_path, small_cifar_npz, teacher_resnet56, monkeypatch
+):
+    """The keys a real pack gives its graph over 4 epochs (DKD and NormDKD warm up over 2, the LR decays after 3):
+    a new key at the warm-up's second epoch and at the decay, the same one in between."""
+    from normkd_plugin.fast.graph import StepGraph
+
+    real, keys = StepGraph.run, []
+
+    def run(self, eager_step, batch, full, epoch, key):
+        keys.append(key)
+        return real(self, eager_step, batch, full, epoch, key)
+
+    monkeypatch.setattr(StepGraph, "run", run)
+    runs = (("cifar100/kd/res56_res20", 0), ("cifar100/dkd/res56_res20", 0), ("cifar100/normdkd/res56_res20", 1))
+    extra = ("SOLVER.EPOCHS", "4", "SOLVER.LR_DECAY_STAGES", "[3]", "SOLVER.FAST.ITERS_PER_EPOCH", "1")
+    _train(small_cifar_npz, teacher_resnet56, tmp_path, runs, (*extra, "DKD.WARMUP", "2", "NORMDKD.WARMUP", "2"))
+    assert len(keys) == 4
+    assert keys[0] != keys[1] and keys[1] == keys[2] and keys[2] != keys[3]
+    kd = [key[0] for key in keys]  # KD reads no epoch: its part changes at the decay only
+    assert kd[0] == kd[1] == kd[2] != kd[3]
+    assert [key[1][2] for key in keys] == [0.5, 1.0, 1.0, 1.0]  # DKD's warm-up factor
+    assert [key[2][1] for key in keys] == [(0.05,), (0.05,), (0.05,), (pytest.approx(0.005),)]
+
+
+def test_graph_key_of_an_unknown_distiller_is_its_epoch_and_a_new_set_of_runs_is_a_new_key():
+    from types import SimpleNamespace
+
+    from normkd_plugin.fast.pack import graph_key
+
+    def run(kind):
+        opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.05)
+        return SimpleNamespace(cfg=SimpleNamespace(DISTILLER=SimpleNamespace(TYPE=kind)), optimizer=opt)
+
+    kd, other = run("KD"), run("SOMETHING_NEW")
+    assert graph_key([kd], 1) == graph_key([kd], 100)
+    assert graph_key([kd, other], 1) != graph_key([kd, other], 2)  # it might read the epoch: captured again
+    assert graph_key([kd], 1) != graph_key([kd, other], 1) != graph_key([run("KD"), other], 1)
+
+
 @needs_cuda
 @pytest.mark.parametrize("branches", [False, True])
 def test_packed_graph_equals_solo_eager_runs_on_cuda(tmp_path, small_cifar_npz, teacher_resnet56, branches, caplog):

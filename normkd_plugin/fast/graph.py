@@ -1,9 +1,12 @@
-"""Capture of a training step as one CUDA graph per epoch, and its replay; eager when capture fails.
+"""Capture of a training step as one CUDA graph, and its replay; eager when capture fails.
 
-The step's Python runs once per capture: the learning rate, the ``epoch`` a warm-up reads and the
-set of runs are constants of the graph, so the graph is captured again whenever ``key`` changes
-(each epoch). The capture's warm-up trains the epoch's first batch eagerly on a side stream;
-whatever happens to the capture, training goes on from the second batch, so no batch is trained twice.
+The step's Python runs once per capture: the learning rates, what a warm-up reads of ``epoch`` and
+the set of runs are constants of the graph, so the caller keys the graph on them and it is captured
+again whenever ``key`` changes (at an LR decay, in each epoch of a warm-up, when a run drops out).
+The capture's warm-up trains the epoch's first batch eagerly on a side stream; whatever happens to
+the capture, training goes on from the second batch, so no batch is trained twice. The capture is
+thread-local: a loader's pin-memory thread may allocate pinned memory or query events meanwhile,
+which the default (global) mode would refuse.
 """
 
 from __future__ import annotations
@@ -29,13 +32,14 @@ class StepGraph:
         self.graph: torch.cuda.CUDAGraph | None = None
         self.key = None
         self.static: Batches | None = None
+        self.failure = ""  # why the capture failed (training then goes on eagerly)
 
     def _capture(self, first: Batches, epoch: int, key) -> None:
         self.graph, self.key = None, None
         self.static = ([x.clone() for x in first[0]], [y.clone() for y in first[1]])
         self.zero_grad()  # set_to_none: the captured backward allocates the grads from the graph's pool
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             self.step(*self.static, epoch)
         self.graph, self.key = graph, key
 
@@ -54,7 +58,7 @@ class StepGraph:
                 self._capture(first, epoch, key)
             except RuntimeError as exc:
                 log.warning("CUDA graph capture failed (%s); training eagerly", exc)
-                self.enabled, self.graph = False, None
+                self.enabled, self.graph, self.failure = False, None, (str(exc).splitlines() or [""])[0]
                 torch.cuda.synchronize()
         if self.enabled and self.graph is not None and self.key == key:
             xs, ys = self.static

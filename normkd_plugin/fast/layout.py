@@ -26,18 +26,11 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 from torch.optim.sgd import sgd
-from yacs.config import CfgNode as CN
 
-__all__ = ["FUSABLE_TYPES", "FusedStudents", "fuse_on", "fusion_key", "student_output"]
+__all__ = ["FUSABLE_TYPES", "FusedStudents", "fusion_key", "student_output"]
 
 # Distillers whose loss reads only the student's logits (the host's Vanilla, KD, DKD and this plugin's).
 FUSABLE_TYPES = frozenset({"NONE", "KD", "DKD", "NORMKD", "NORMDKD", "NormKD", "NormKD_W_DKD", "KD_LS", "DKD_LS"})
-
-
-def fuse_on(cfg: CN, device: torch.device) -> bool:
-    """SOLVER.FAST.FUSE: ``on`` fuses on any device, ``auto`` on CUDA only, ``off`` never."""
-    value = str(cfg.SOLVER.FAST.FUSE)
-    return value == "on" or (value == "auto" and device.type == "cuda")
 
 
 def fusion_key(run) -> tuple | None:
@@ -75,8 +68,23 @@ def _set_buffer(module: nn.Module, name: str, value: Tensor) -> None:
     module.get_submodule(owner)._buffers[leaf] = value
 
 
+# The fused students compute in NCHW, inputs and weights alike: a channels_last activation would reach
+# cuDNN's batch norm, which asks its input ``is_contiguous`` in the suggested (channels_last) format,
+# and vmap's batched tensors refuse that query ("NYI: querying is_contiguous inside of vmap").
+
+
+def _nchw(x: Tensor) -> Tensor:
+    """``x`` in the default (NCHW) layout, as the stacked weights are."""
+    return x.contiguous()
+
+
 def _stack(tensors: list[Tensor], grad: bool) -> Tensor:
-    stacked = torch.stack([t.detach() for t in tensors]).contiguous()
+    """The tensors stacked along a new first dimension, with default strides.
+
+    Not ``.contiguous()``: a channels_last 1x1 weight counts as contiguous with its channels_last
+    strides, and a convolution by it returns channels_last activations.
+    """
+    stacked = torch.stack([t.detach() for t in tensors]).clone(memory_format=torch.contiguous_format)
     return stacked.requires_grad_(grad)
 
 
@@ -101,7 +109,9 @@ class FusedStudents:
                 buf = run.optimizer.state.get(p, {}).get("momentum_buffer")
                 bufs.append(torch.zeros_like(p) if buf is None else buf)  # 0·m + g = g: SGD's first step
             self.momentum[name] = _stack(bufs, False)
-        self.base = copy.deepcopy(students[0]).to("meta")  # the structure functional_call runs
+        # The structure functional_call runs, in train mode whatever mode the students are left in (eval,
+        # after a validation, when a group is formed again): only evaluate() runs it in eval mode.
+        self.base = copy.deepcopy(students[0]).to("meta").train()
         self._alias(students)
 
     def _alias(self, students: list[nn.Module]) -> None:
@@ -132,14 +142,14 @@ class FusedStudents:
 
     def __call__(self, x: Tensor, batched: bool) -> Tensor:
         """Logits (K, B, classes): slice k is student k on ``x[k]`` (``batched``) or on the one batch ``x``."""
-        return vmap(self._logits, in_dims=(0, 0, 0 if batched else None))(self.params, self.buffers, x)
+        return vmap(self._logits, in_dims=(0, 0, 0 if batched else None))(self.params, self.buffers, _nchw(x))
 
     @torch.no_grad()
     def evaluate(self, x: Tensor) -> Tensor:
         """Logits (K, B, classes) of every student in eval mode (BN running statistics) on the one batch ``x``."""
         self.base.eval()
         try:
-            return vmap(self._logits, in_dims=(0, 0, None))(self.params, self.buffers, x)
+            return vmap(self._logits, in_dims=(0, 0, None))(self.params, self.buffers, _nchw(x))
         finally:
             self.base.train()
 

@@ -6,9 +6,10 @@ forward and loss -> one backward -> each run's own SGD step -> per-run metric su
 its own student, optimizer, learning-rate schedule, warm-up epoch, data generator, run folder and
 checkpoints, so a packed run trains exactly what the same config trains alone.
 
-On CUDA the whole packed step is captured as one CUDA graph per epoch (see :mod:`.graph`); on a
-CPU it runs eagerly. A run whose loss turns non-finite is found from the epoch's sums (no host
-sync per step), marked failed in its worklog with the epoch and step, and dropped; the others go on.
+On CUDA the whole packed step is captured as one CUDA graph, again only when what it bakes in
+changes (:func:`graph_key`; see :mod:`.graph`); on a CPU it runs eagerly. A run whose loss turns
+non-finite is found from the epoch's sums (no host sync per step), marked failed in its worklog with
+the epoch and step, and dropped; the others go on.
 """
 
 from __future__ import annotations
@@ -32,13 +33,14 @@ from ..errors import RunError, RunsFailed
 from ..progress import QUIET, JobProgress
 from ..runs import NONFINITE_CAUSES, RunFolder, epoch_record
 from ..timelimit import TimeLimit, Unfinished
+from .fuse_speed import FuseChoice
 from .graph import StepGraph
-from .layout import FusedStudents, fuse_on, fusion_key, student_output
+from .layout import FusedStudents, fusion_key, student_output
 from .source import DeviceSplit, LoaderSource
 
 log = logging.getLogger(__name__)
 
-__all__ = ["PackRun", "Pack", "SharedTeacher", "RunsFailed", "check_pack", "decide_starts"]
+__all__ = ["PackRun", "Pack", "SharedTeacher", "RunsFailed", "check_pack", "decide_starts", "graph_key"]
 
 STATE_FORMAT = 1
 # Keys every run of a pack must agree on: the data, the batches and the shape of the schedule.
@@ -98,6 +100,8 @@ def check_pack(cfgs: list[CN], names: list[str], device: torch.device | None = N
             raise ConfigError("DISTILLER.TYPE CRD needs its contrastive sampler: use SOLVER.TRAINER crd (one process)")
         if device is not None:
             check_decode(cfg, device)
+    if device is not None:
+        FuseChoice.of(cfgs[0], device)  # the fused-speed tables SOLVER.FAST.FUSE auto reads, before any folder
     first, first_name = cfgs[0], names[0]
     distilled = [(c, n) for c, n in zip(cfgs, names) if c.DISTILLER.TYPE != "NONE"]
     for cfg, name in zip(cfgs[1:], names[1:]):
@@ -173,6 +177,33 @@ class PackRun:
     best_acc: float = -1.0
     status: str = "active"  # active, finished, failed
     failure: str = ""
+
+
+# What a distiller's loss reads of ``epoch``: these scale a loss by min(epoch / warm-up, 1), the warm-up
+# in the named attribute (mdistiller's DKD and ReviewKD, NormDKD); those do not read it. Any other
+# distiller keys the graph on the epoch itself.
+WARMUP_ATTRIBUTES = {"DKD": "warmup", "REVIEWKD": "warmup_epochs", "NORMDKD": "warmup", "NormKD_W_DKD": "warmup"}
+EPOCH_FREE_TYPES = frozenset(
+    {"NONE", "KD", "AT", "OFD", "RKD", "FITNET", "KDSVD", "CRD", "NST", "PKT", "SP", "VID", "NORMKD", "NormKD"}
+)
+
+
+def graph_key(runs: list[PackRun], epoch: int) -> tuple:
+    """What a captured step of ``runs`` bakes in: per run its identity, learning rates and warm-up factor.
+
+    Equal keys, equal graphs: the step is captured again only at an LR decay, in each epoch of a
+    warm-up, and when the set of runs changes.
+    """
+    return tuple((id(run), tuple(g["lr"] for g in run.optimizer.param_groups), _epoch_term(run, epoch)) for run in runs)
+
+
+def _epoch_term(run: PackRun, epoch: int):
+    kind = run.cfg.DISTILLER.TYPE
+    if kind in EPOCH_FREE_TYPES:
+        return None
+    if kind in WARMUP_ATTRIBUTES:  # the distiller's own expression, to the bit
+        return min(epoch / getattr(run.distiller, WARMUP_ATTRIBUTES[kind]), 1.0)
+    return ("epoch", epoch)
 
 
 def host_optimizer(cfg: CN, distiller: nn.Module) -> torch.optim.Optimizer:
@@ -276,7 +307,7 @@ class Pack:
             raise ConfigError("SOLVER.FAST.PACK_BRANCHES True is not supported on several processes (torchrun)")
         source.check(int(fast.ITERS_PER_EPOCH))
         self._cuda_streams: list = []
-        self.fuse = fuse_on(self.cfg, self.device)
+        self.fuse = FuseChoice.of(self.cfg, self.device)
         self._units: list[tuple[list[int], FusedStudents | None]] = []
         self._units_key = None
         self.graph = StepGraph(
@@ -365,16 +396,22 @@ class Pack:
         self._unfuse()
         groups: dict[object, list[int]] = {}
         for i, run in enumerate(runs):
-            arch = fusion_key(run) if self.fuse else None
+            arch = fusion_key(run) if self.fuse.considered() else None
             groups.setdefault(arch if arch is not None else ("alone", i), []).append(i)
         units = []
         for indices in groups.values():
-            fused = FusedStudents([runs[i] for i in indices]) if len(indices) > 1 else None
-            units.append((indices, fused))
+            if len(indices) == 1:
+                units.append((indices, None))
+                continue
+            fuse, why = self.fuse.fuses(runs[indices[0]].cfg.DISTILLER.STUDENT, len(indices))
+            names = ", ".join(runs[i].name for i in indices)
+            if fuse:
+                units.append((indices, FusedStudents([runs[i] for i in indices])))
+                log.info("fused %d students: %s (%s)", len(indices), names, why)
+            else:
+                units += [([i], None) for i in indices]
+                log.info("%d students of one architecture not fused: %s (%s)", len(indices), names, why)
         self._units, self._units_key = sorted(units, key=lambda unit: unit[0][0]), key
-        for indices, fused in self._units:
-            if fused is not None:
-                log.info("fused %d students: %s", len(indices), ", ".join(runs[i].name for i in indices))
 
     def _unfuse(self) -> None:
         for _, fused in self._units:
@@ -447,7 +484,7 @@ class Pack:
             self.progress.step()  # once per step, from the host: no device sync
             return images, targets
 
-        self.graph.run(self._eager_step, batch, batches.full, epoch, key=(epoch, tuple(id(r) for r in runs)))
+        self.graph.run(self._eager_step, batch, batches.full, epoch, key=graph_key(runs, epoch))
         for step in range(batches.full, batches.steps):  # the last, smaller batch
             self._eager_step(*batch(step), epoch)
         self.ranks.sum_(self._sums)

@@ -11,8 +11,8 @@ run, so a solo run and a packed run share every line of the training code. What 
 * the CIFAR split lives on the device as uint8; each epoch is shuffled, cropped and flipped there
   in a few batched kernels from the run's own ``torch.Generator`` (seeded from EXPERIMENT.SEED),
   and normalised inside the step (the host's pipeline, read from its transform);
-* on CUDA the whole step is captured as one CUDA graph per epoch and replayed (:mod:`.graph`),
-  so the learning rate and the distiller's ``epoch`` (DKD-style warm-up) are exact constants;
+* on CUDA the whole step is captured as one CUDA graph and replayed (:mod:`.graph`), captured again
+  whenever the learning rate or the distiller's warm-up factor changes, so both are exact constants;
 * the last partial batch (50,000 % 64 = 16 images) runs eagerly after the replays, so every image
   is used once per epoch as with the host's DataLoader while shapes stay static;
 * run folders are locked, written atomically and resumed exactly (:mod:`normkd_plugin.runs`); a
@@ -87,7 +87,7 @@ class FastTrainer(BaseTrainer):
         cfg.SOLVER.FAST.EVAL_BATCH_SIZE = 1000
         cfg.SOLVER.FAST.ITERS_PER_EPOCH = 0  # > 0: a short epoch of that many steps (smoke runs only)
         cfg.SOLVER.FAST.PACK_BRANCHES = False  # CUDA: each student of a pack on its own stream (graph branch)
-        cfg.SOLVER.FAST.FUSE = "auto"  # packs: students of one architecture as one network (auto: on CUDA)
+        cfg.SOLVER.FAST.FUSE = "auto"  # packs: students of one architecture as one network (auto: if measured faster)
         return cfg
 
     def __init__(self, experiment_name, distiller, train_loader, val_loader, cfg):
