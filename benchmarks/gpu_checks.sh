@@ -2,7 +2,7 @@
 # The GPU checks and measurements, in stages, for a GPU machine without network access.
 #   setup  : install wheels copied along, the mdistiller checkout and this package; stage the data
 #   stage  : only copy the data into $DATA (layout: $DATA/cifar100/*.npz, $DATA/teachers/cifar100/*.pt)
-#   checks : the 14 CUDA tests (CUDA_TESTS below: fused loss, graph vs eager with mutations, packed graph vs
+#   checks : the 15 CUDA tests (CUDA_TESTS below: fused loss, no host sync for the temperature sums, graph vs eager with mutations, packed graph vs
 #            solo eager, fused students in the graph, fp32 and bf16 channels_last, nvJPEG pipeline) with the staged data
 #   losses : benchmarks/loss_speed.py
 #   train  : benchmarks/trainer_speed.py, then the base-vs-fast accuracy parity runs
@@ -15,11 +15,12 @@
 #   ddp    : one-rank NCCL epochs under torchrun (fast with its CUDA graph; ddp; DATASET.DECODE gpu)
 #            and benchmarks/imagenet_loader.py (host PIL loader vs nvJPEG pipeline), benchmarks/imagenet_pack.py
 #            (a pack of 4 ImageNet runs vs 4 solo runs, compute- and decode-bound; ~6 min)
-#   compare: one chunk of the 240-epoch vanilla/KD/DKD/NormKD/NormDKD x 3 seeds comparison on resnet56 ->
-#            resnet20 (one pack of 15 runs, fused where SOLVER.FAST.FUSE auto finds it measured faster), resumed
+#   compare: one chunk of the 240-epoch vanilla/KD/DKD/KD+LS/DKD+LS/NormKD/NormDKD x 3 seeds comparison on
+#            resnet56 -> resnet20 (one pack of 21 runs, fused where SOLVER.FAST.FUSE auto finds it measured faster), resumed
 #            from results/cifar100-res56_res20/runs/. It stops at an epoch
 #            boundary within $COMPARE_SECONDS (normkd-train --time-limit; exit 3 = unfinished, run the stage
-#            again later) and keeps each run's worklog.txt and config.yaml, plus `latest` (student and
+#            again later) and keeps each run's worklog.txt, config.yaml and provenance.yaml (the SHA-256 of the
+#            teacher and data it learned from, checked on resume), plus `latest` (student and
 #            optimizer, no teacher; ~2.3 MB per run) while the run is unfinished.
 # Inputs live in the ignored folder .dev/ (wheels in .dev/whl, an mdistiller checkout in
 # .dev/mdistiller, data in .dev/d*/: npz shards and resnet56-f2eff4c8.pt, two shards per transfer).
@@ -40,7 +41,7 @@
 #
 # Durations (replace with the measured ones after each GPU run): none measured yet for this sequence.
 # Plan for a 15-minute slot: machine start 1-2 min; command 1 (setup) ~1 min; command 2 ~0.5 min;
-# command 3 (14 CUDA tests + fused benchmark) ~5 min; command 4 with COMPARE_SECONDS = what is left
+# command 3 (15 CUDA tests + fused benchmark) ~5 min; command 4 with COMPARE_SECONDS = what is left
 # less 2 min for the transfers back (about 360).
 #
 # Results are written to $RES and, after every stage, bundled into $OUT as results.tgz.00, .01, ...
@@ -57,9 +58,9 @@ CIFAR=$DATA/cifar100 TEACHER=$DATA/teachers/cifar100/resnet56-f2eff4c8.pt
 EPOCHS=${PARITY_EPOCHS:-20}
 STAGES=${PARITY_STAGES:-[13,15,18]}
 # The checks stage: every test that needs CUDA (tests/test_gpu_checks.py checks this selection on a CPU).
-CUDA_TESTS=(tests/test_fused.py tests/test_fast_trainer.py tests/test_pack.py tests/test_layout.py tests/test_imagenet.py)
+CUDA_TESTS=(tests/test_fused.py tests/test_epoch_temperatures.py tests/test_fast_trainer.py tests/test_pack.py tests/test_layout.py tests/test_imagenet.py)
 CUDA_SELECT="cuda or gpu"
-CUDA_COUNT=14
+CUDA_COUNT=15
 mkdir -p "$OUT" "$RES" "$CIFAR" "$(dirname "$TEACHER")"
 export PYTHONUNBUFFERED=1 NORMKD_DATA=$DATA
 
@@ -151,6 +152,7 @@ for step in "$@"; do
     # The kill is only a backstop: --time-limit ends the chunk at an epoch boundary.
     timeout --signal=KILL $((limit + 60)) normkd-train --resume --time-limit "$limit" --seeds "${COMPARE_SEEDS:-0,1,2}" \
       --cfg cifar100/vanilla/res56_res20 --cfg cifar100/kd/res56_res20 --cfg cifar100/dkd/res56_res20 \
+      --cfg cifar100/kd_ls/res56_res20 --cfg cifar100/dkd_ls/res56_res20 \
       --cfg cifar100/normkd/res56_res20 --cfg cifar100/normdkd/res56_res20 SOLVER.TRAINER fast DATASET.ROOT "$CIFAR" \
       DISTILLER.TEACHER_CKPT "$TEACHER" LOG.PREFIX "$prefix" "${opts[@]}" > "$RES/compare.log" 2>&1
     code=$?
@@ -160,7 +162,10 @@ for step in "$@"; do
       [ -f "$run"worklog.txt ] || continue
       dst="$RES/runs/$(basename "$run")" && mkdir -p "$dst"
       cp "$run"worklog.txt "$run"config.yaml "$dst"/
-      grep -q "^best_acc" "$run"worklog.txt || cp "$run"latest "$dst"/ 2>/dev/null  # compact resume state
+      cp "$run"provenance.yaml "$dst"/ 2>/dev/null
+      # finished as the leaderboard and --resume mean it (normkd_plugin.worklog); else keep the compact resume state
+      status=$(python3 -c 'import sys; from normkd_plugin.worklog import folder_status; print(folder_status(sys.argv[1]))' "$run")
+      [ "$status" = finished ] || cp "$run"latest "$dst"/ 2>/dev/null
       echo "$(basename "$run"): $(grep -c '^epoch:' "$run"worklog.txt) epochs" | tee -a "$RES/compare.log"
     done
     echo "compare chunk: exit $code (0: every run finished; 3: stopped at the time limit, run this stage again)" \

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Unpack what benchmarks/gpu_checks.sh bundled on the GPU machine (results.tgz.00, .01, ...) into DEST.
 # A compare chunk's runs/ replaces RUNS (default results/cifar100-res56_res20/runs): every run's
-# worklog.txt and config.yaml, and `latest` only for the runs still unfinished. A fused-pack
+# worklog.txt, config.yaml and provenance.yaml, and `latest` only for the runs still unfinished. A fused-pack
 # measurement (fuse_speed.csv) is merged into TABLE (default normkd_plugin/fast/fuse_speed.csv, the
 # table SOLVER.FAST.FUSE auto reads), replacing the rows it measured again.
 #   bash benchmarks/gpu_unpack.sh FOLDER_OF_THE_PARTS DEST [RUNS [TABLE]]

@@ -214,7 +214,7 @@ def test_on_two_ranks_the_logged_temperatures_cover_both_ranks_rows(tmp_path, sm
 
 
 @needs_cuda
-def test_recording_the_temperatures_needs_no_host_sync():
+def test_recording_the_temperatures_needs_no_host_sync_on_cuda():
     from normkd_plugin.distillers import EpochTemperatures
     from normkd_plugin.losses import ls_temperature, per_sample_temperature
 

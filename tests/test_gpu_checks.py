@@ -23,7 +23,7 @@ pytestmark = [
     ),
 ]
 
-METHODS = ("vanilla", "kd", "dkd", "normkd", "normdkd")  # the comparison's 5 rows
+METHODS = ("vanilla", "kd", "dkd", "kd_ls", "dkd_ls", "normkd", "normdkd")  # the comparison's 7 rows
 EPOCHS = 5  # of one 16-image step each; a decay in each of the two chunks
 THREADS = 1  # of the chunks and of the reference: a bitwise comparison needs the same number in both
 TINY = f"--device cpu SOLVER.EPOCHS {EPOCHS} SOLVER.LR_DECAY_STAGES [2,4] SOLVER.FAST.ITERS_PER_EPOCH 1 SOLVER.BATCH_SIZE 16"
@@ -123,20 +123,24 @@ def _chunk(tmp_path, data, chunk: int, seconds: int, stage_exit: int = 0, **extr
 
 
 def test_chunks_travel_as_bundles_and_end_as_the_uninterrupted_pack(tmp_path, data):
-    # 5 runs x 10 s per epoch within 160 s: epochs start at 0, 50 and 100 s; a fourth would end at 200 s
-    assert _chunk(tmp_path, data, 1, seconds=160) == 3
+    # 7 runs x 10 s per epoch within 220 s: epochs start at 0, 70 and 140 s; a fourth would end at 280 s
+    assert _chunk(tmp_path, data, 1, seconds=220) == 3
     runs = tmp_path / "repo" / "runs"
     names = sorted(p.name for p in runs.iterdir())
     assert [n.split(",")[0] for n in names] == sorted(METHODS) and all(n.endswith("seed:0") for n in names)
     for name in names:  # only what the next machine needs: `latest` of unfinished runs, never a teacher
-        assert {p.name for p in (runs / name).iterdir()} == {"worklog.txt", "config.yaml", "latest"}
+        assert {p.name for p in (runs / name).iterdir()} == {"worklog.txt", "config.yaml", "provenance.yaml", "latest"}
         assert (runs / name / "worklog.txt").read_text().count("epoch: ") == 3
     log = (tmp_path / "unpacked1" / "compare.log").read_text()
-    assert "stopped at the time limit after 2m30s of 2m40s (longest epoch 50.0s): 5 of 5 run(s) at epoch 3 of 5" in log
+    assert "stopped at the time limit after 3m30s of 3m40s (longest epoch 70.0s): 7 of 7 run(s) at epoch 3 of 5" in log
 
     assert _chunk(tmp_path, data, 2, seconds=600) == 0  # a fresh machine: only the bundle's files
     for name in names:
-        assert {p.name for p in (runs / name).iterdir()} == {"worklog.txt", "config.yaml"}  # finished: no state
+        assert {p.name for p in (runs / name).iterdir()} == {
+            "worklog.txt",
+            "config.yaml",
+            "provenance.yaml",
+        }  # no state
         assert (runs / name / "worklog.txt").read_text().count("epoch: ") == EPOCHS
 
     from normkd_plugin import train
@@ -155,12 +159,12 @@ def test_chunks_travel_as_bundles_and_end_as_the_uninterrupted_pack(tmp_path, da
 
 def test_a_run_that_fails_in_a_chunk_does_not_hold_back_the_others(tmp_path, data):
     """NormDKD turns NaN in epoch 2: the chunk exits 2 (the stage 1), and every run's progress still comes back."""
-    # epochs of 50, 50 (NormDKD fails in it) and 40 s end at 140 s; a fourth would end at 180 s
-    assert _chunk(tmp_path, data, 1, seconds=150, stage_exit=1, POISON="NORMDKD:2") == 2
+    # epochs of 70, 70 (NormDKD fails in it) and 60 s end at 200 s; a fourth would end at 260 s
+    assert _chunk(tmp_path, data, 1, seconds=210, stage_exit=1, POISON="NORMDKD:2") == 2
     runs = tmp_path / "repo" / "runs"
     log = (tmp_path / "unpacked1" / "compare.log").read_text()
     assert "epoch 2 step 1 of 1: non-finite training loss" in log
-    assert "the others stopped at the time limit" in log and "4 of 5 run(s) at epoch 3 of 5" in log
+    assert "the others stopped at the time limit" in log and "6 of 7 run(s) at epoch 3 of 5" in log
     for folder in runs.iterdir():
         text = (folder / "worklog.txt").read_text()
         assert (folder / "latest").is_file()  # unfinished (the failed run keeps its last good state)
