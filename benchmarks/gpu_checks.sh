@@ -40,7 +40,7 @@
 #     and normkd_plugin/fast/fuse_speed.csv
 #
 # Durations (replace with the measured ones after each GPU run): none measured yet for this sequence.
-# Plan for a 15-minute slot: machine start 1-2 min; command 1 (setup) ~1 min; command 2 ~0.5 min;
+# Plan for a 15-minute allocation: machine start 1-2 min; command 1 (setup) ~1 min; command 2 ~0.5 min;
 # command 3 (15 CUDA tests + fused benchmark) ~5 min; command 4 with COMPARE_SECONDS = what is left
 # less 2 min for the transfers back (about 360).
 #

@@ -267,10 +267,26 @@ def train(cfg, experiment_name: str, device: torch.device, resume: bool = False,
         distiller = torch.nn.DataParallel(distiller.to(device))
         trainer = trainer_dict[cfg.SOLVER.TRAINER](experiment_name, distiller, train_loader, val_loader, cfg)
         with run_paths([folder], [mode]), allow_release_types():  # the host's --resume reads numpy floats
+            if resume:
+                _cut_to_host_latest(folder)
             trainer.train(resume=resume)
         return trainer
     finally:
         folder.unlock()
+
+
+def _cut_to_host_latest(folder) -> None:
+    """Before mdistiller's trainer resumes from ``latest``: the worklog keeps the epochs up to latest's only.
+
+    The host writes an epoch's block before its checkpoint and appends ``best_acc`` after its loop, so a run
+    killed between the two writes, or resumed once finished, would otherwise log an epoch or its end twice."""
+    import torch
+
+    try:
+        epoch = int(torch.load(os.path.join(folder.path, "latest"), map_location="cpu", weights_only=True)["epoch"])
+    except Exception:  # the host's own load of latest says what is wrong with it
+        return
+    folder.cut_worklog(epoch)
 
 
 @contextmanager

@@ -72,8 +72,13 @@ def failed_line(reason: str) -> str:
 
 
 def blocks_through(text: str, epoch: int) -> str:
-    """The complete blocks of epochs <= ``epoch``, as written; partial blocks and end lines dropped."""
-    kept, lines = [], None
+    """The complete blocks of epochs <= ``epoch``, as written; partial blocks and end lines dropped.
+
+    A block of epoch k that comes again replaces the earlier blocks from k on: mdistiller's trainer writes
+    an epoch's block before its checkpoint, so a run killed between the two writes that epoch again when
+    it resumes, and the later block is the one its checkpoints continue."""
+    kept: list[tuple[int, list[str]]] = []
+    lines = None
     for line in text.splitlines(keepends=True):
         stripped = line.strip()
         if stripped and set(stripped) == {"-"} and (lines is None or line.endswith("\n")):
@@ -83,11 +88,12 @@ def blocks_through(text: str, epoch: int) -> str:
             lines.append(line)
             number = next((b.split(":", 1)[1] for b in lines if b.startswith("epoch:")), None)
             if number is not None and number.strip().isdigit() and int(number) <= epoch:
-                kept.extend(lines)
+                kept = [(n, block) for n, block in kept if n < int(number)]
+                kept.append((int(number), lines))
             lines = None
         elif lines is not None:
             lines.append(line)
-    return "".join(kept)
+    return "".join(line for _, block in kept for line in block)
 
 
 def records(text: str) -> list[dict]:

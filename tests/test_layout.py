@@ -444,7 +444,7 @@ def test_fuse_choice_reads_the_packaged_table_and_this_machines_own_first(tmp_pa
         True,
         "auto: measured 15 runs, fused 10.00 vs serial 30.00 ms per step on Some GPU",
     )
-    assert FuseChoice.of(cfg, torch.device("cpu")).fuses("resnet20", 15) == (False, "auto: not on a CPU")
+    assert FuseChoice.of(cfg, torch.device("cpu")).fuses("resnet20", 15) == (False, "auto: fuses only on CUDA")
     on = load_config(KD, ["SOLVER.FAST.FUSE", "on"])
     assert FuseChoice.of(on, torch.device("cpu")).fuses("resnet20", 15)[0] is True
     assert not FuseChoice.of(load_config(KD, ["SOLVER.FAST.FUSE", "off"]), torch.device("cpu")).considered()

@@ -760,3 +760,31 @@ def test_mdistillers_trainer_resumes_with_its_teacher_only(tmp_path, small_cifar
         "path": str(copy),
         "sha256": sha(teacher_resnet56),
     }
+
+
+@pytest.mark.parametrize("damage", ["epoch_twice", "then_ended_twice"])
+def test_mdistillers_trainer_resumed_after_a_kill_between_its_block_and_its_checkpoint_ends_finished(
+    tmp_path, small_cifar, teacher_resnet56, damage
+):
+    """The host writes an epoch's block before its `latest`: a kill between the two, then --resume, logs that epoch
+    again, and each later --resume of that unfinished-looking run appends another best_acc. The run still ends finished, its worklog the
+    blocks of latest's epochs and one best_acc line (as the leaderboard and the sweep read it)."""
+    import torch
+
+    from normkd_plugin import train, worklog
+    from normkd_plugin.config import load_config, run_name
+
+    opts = ["SOLVER.EPOCHS", "1", "SOLVER.LR_DECAY_STAGES", "[]", "EXPERIMENT.SEED", "0"]
+    place = ["DATASET.ROOT", str(small_cifar), "DATASET.NUM_WORKERS", "0", "LOG.PREFIX", str(tmp_path / "out")]
+    cfg = load_config("cifar100/kd/res56_res20", [*opts, *place, "DISTILLER.TEACHER_CKPT", str(teacher_resnet56)])
+    name = run_name(cfg, opts)
+    folder, _ = _host_run_after_its_last_epoch(cfg, name, small_cifar, teacher_resnet56)
+    block = (folder / "worklog.txt").read_text()
+    damaged = block + block + ("" if damage == "epoch_twice" else "best_acc\t1.00best_acc\t1.00")
+    (folder / "worklog.txt").write_text(damaged)
+    assert worklog.folder_status(folder) == "started"  # as the host left it: not finished
+
+    trainer = train.train(cfg, name, torch.device("cpu"), resume=True)
+    trainer.tf_writer.close()
+    assert (folder / "worklog.txt").read_text() == block + "best_acc\t1.00"
+    assert worklog.folder_status(folder) == "finished"

@@ -195,3 +195,14 @@ def test_folder_status_reads_the_last_epoch_from_config_yaml(tmp_path):
         None,
         None,
     ]
+
+
+def test_a_block_that_comes_again_replaces_the_earlier_blocks_from_its_epoch_on():
+    """A host run killed between epoch 2's block and its checkpoint resumes from epoch 1 and logs 2 again: the
+    repair view keeps the later history (the one its checkpoints continue), once."""
+    first = [worklog.block(e, 0.05, {**RECORD, "test_acc": 10.0 * e}) for e in (1, 2, 3)]
+    again = [worklog.block(e, 0.05, {**RECORD, "test_acc": 11.0 * e}) for e in (2, 3)]
+    text = "".join(first) + "".join(again) + worklog.best_line(33.0)
+    assert worklog.blocks_through(text, 3) == first[0] + "".join(again)
+    assert worklog.blocks_through(text, 2) == first[0] + again[0]
+    assert [r["epoch"] for r in worklog.records(text)] == [1, 2, 3]

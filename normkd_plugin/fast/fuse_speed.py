@@ -121,7 +121,7 @@ def choose(rows: list[Measurement], device: str, student: str, precision: str, b
 
 @dataclass(frozen=True)
 class FuseChoice:
-    """SOLVER.FAST.FUSE of a pack, the table read once (at the pack's start, so a bad table stops nothing)."""
+    """SOLVER.FAST.FUSE of a pack, the table read once (at the pack's start: a bad table stops the job before any run folder is made)."""
 
     value: str  # auto, on, off
     device: torch.device
@@ -146,7 +146,7 @@ class FuseChoice:
         if self.value != "auto":
             return self.value == "on", f"SOLVER.FAST.FUSE {self.value}"
         if self.device.type != "cuda":
-            return False, "auto: not on a CPU"
+            return False, "auto: fuses only on CUDA"
         name = torch.cuda.get_device_name(self.device)
         return choose(list(self.rows), name, student, self.precision, self.benchmark, runs)
 
