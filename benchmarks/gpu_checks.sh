@@ -6,11 +6,11 @@
 #            solo eager, fused students in the graph, fp32 and bf16 channels_last, nvJPEG pipeline) with the staged data
 #   losses : benchmarks/loss_speed.py
 #   train  : benchmarks/trainer_speed.py, then the base-vs-fast accuracy parity runs
-#   fused  : the short fused-pack benchmark (resnet56 -> resnet20, K = 1 and 15, serial vs fused, fp32 and bf16,
+#   fused  : the short fused-pack benchmark (resnet56 -> resnet20, K = 1 and 21, serial vs fused, fp32 and bf16,
 #            cudnn.benchmark off (as in seeded runs) and on; 12 cases, ~2-3 min). It writes $RES/fuse_speed.csv,
 #            which `SOLVER.FAST.FUSE auto` reads in the later stages ($NORMKD_FUSE_TABLE) and gpu_unpack.sh
 #            merges into normkd_plugin/fast/fuse_speed.csv
-#   pack   : benchmarks/pack_speed.py in full (K = 1, 4, 12, 15, both pairs, fp32 and bf16, serial/branches/fused,
+#   pack   : benchmarks/pack_speed.py in full (K = 1, 4, 12, 15, 21, both pairs, fp32 and bf16, serial/branches/fused,
 #            cudnn.benchmark off), its fused-vs-serial times into $RES/fuse_speed.csv too
 #   ddp    : one-rank NCCL epochs under torchrun (fast with its CUDA graph; ddp; DATASET.DECODE gpu)
 #            and benchmarks/imagenet_loader.py (host PIL loader vs nvJPEG pipeline), benchmarks/imagenet_pack.py
@@ -114,7 +114,7 @@ for step in "$@"; do
       tail -c 300 "$RES/parity-$trainer-worklog.txt"; echo
     done ;;
   fused)
-    python3 benchmarks/pack_speed.py --data "$CIFAR" --pairs res56_res20 --precisions fp32,bf16 --sizes 1,15 \
+    python3 benchmarks/pack_speed.py --data "$CIFAR" --pairs res56_res20 --precisions fp32,bf16 --sizes 1,21 \
       --layouts serial,fused --cudnn-benchmark off,on --iters 100 --out "$RES/pack_speed_fused.md" \
       --table "$RES/fuse_speed.csv" 2>&1 | tee "$RES/pack_speed_fused.log" | grep '^|' ;;
   pack)

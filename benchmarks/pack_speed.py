@@ -5,8 +5,8 @@
 
 For resnet56 -> resnet20 and resnet32x4 -> resnet8x4 (batch 64, real CIFAR-100 from a local
 folder), in float32 and bf16 (+ channels_last): ms per packed step for K = 1, 4 (KD, DKD, NormKD,
-NormDKD; one seed), 12 (the 4 methods x 3 seeds, so 3 distinct batches a step) and 15 (the
-comparison: the vanilla student and the 4 methods x 3 seeds); each run's cost (ms per step / K)
+NormDKD; one seed), 12 (the 4 methods x 3 seeds, so 3 distinct batches a step), 15 (the vanilla
+student and the 4 methods x 3 seeds) and 21 (the comparison: those and KD+LS, DKD+LS x 3 seeds); each run's cost (ms per step / K)
 relative to a solo ``fast`` run of the same precision and to mdistiller's stock ``base`` trainer
 (``cudnn.benchmark`` on, as its tools/train.py sets it) measured in the same process; peak GPU
 memory of the pack alone (the previous pack collected first). Teachers keep a random
@@ -77,7 +77,7 @@ def graph_note(pack, device: torch.device) -> str:
 def bench_pack(stem, k, extra, common, device, iters, warmup, benchmark=False) -> tuple[float, float, str]:
     """(seconds per packed step, peak memory in GiB, note) for a pack of ``k`` runs; the note says what went eager."""
     seeds = (0, 1, 2) if k >= 12 else (0,)
-    methods = ("normkd",) if k == 1 else ("vanilla", *METHODS) if k == 15 else METHODS
+    methods = {1: ("normkd",), 15: ("vanilla", *METHODS), 21: ("vanilla", *METHODS, "kd_ls", "dkd_ls")}.get(k, METHODS)
     cfgs, names = [], []
     for method in methods:
         for seed in seeds:
@@ -119,7 +119,7 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=200)
     ap.add_argument("--warmup", type=int, default=20)
     ap.add_argument("--workers", type=int, default=8)
-    ap.add_argument("--sizes", default="1,4,12,15")
+    ap.add_argument("--sizes", default="1,4,12,15,21")
     ap.add_argument("--layouts", default=",".join(LAYOUTS), help="of K > 1 packs (branches: CUDA only)")
     ap.add_argument("--precisions", default=",".join(PRECISIONS))
     ap.add_argument("--pairs", default=",".join(PAIRS))

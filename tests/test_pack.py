@@ -262,6 +262,39 @@ def test_the_graph_is_keyed_on_learning_rates_warm_up_factors_and_runs(
     assert [key[2][1] for key in keys] == [(0.05,), (0.05,), (0.05,), (pytest.approx(0.005),)]
 
 
+@pytest.mark.parametrize("method", ["vanilla", "kd", "dkd", "normkd", "normdkd", "kd_ls", "dkd_ls"])
+def test_graph_key_reads_of_the_epoch_what_the_distillers_loss_reads(method, cifar_batch):
+    """Each logit distiller a pack trains (fused or not) is known to the key: its loss at epochs 1, 2, 3 is the
+    loss after any warm-up times the key's warm-up factor (none: the very same loss), bit for bit."""
+    from types import SimpleNamespace
+
+    from mdistiller.models.cifar import resnet8
+
+    from normkd_plugin.build import build_distiller
+    from normkd_plugin.config import load_config
+    from normkd_plugin.fast.pack import graph_key
+
+    cfg = load_config(
+        f"cifar100/{method}/res56_res20", ["DISTILLER.STUDENT", "resnet8", "DISTILLER.TEACHER", "resnet8"]
+    )
+    torch.manual_seed(0)
+    teacher = None if cfg.DISTILLER.TYPE == "NONE" else resnet8(num_classes=100)
+    distiller = build_distiller(cfg, resnet8(num_classes=100), teacher, 0).eval()
+    run = SimpleNamespace(cfg=cfg, distiller=distiller, optimizer=torch.optim.SGD(distiller.parameters(), lr=0.05))
+    x, y = cifar_batch
+
+    def distillation_loss(epoch):
+        with torch.no_grad():
+            _, terms = distiller.forward_train(image=x, target=y, epoch=epoch)
+        return sum((v for k, v in terms.items() if k != "loss_ce"), torch.zeros(()))
+
+    after = distillation_loss(10**6)  # far past any warm-up
+    for epoch in (1, 2, 3):
+        factor = graph_key([run], epoch)[0][2]
+        assert factor is None or isinstance(factor, float), f"{cfg.DISTILLER.TYPE}: captured again every epoch"
+        assert torch.equal(distillation_loss(epoch), after if factor is None else factor * after), epoch
+
+
 def test_graph_key_of_an_unknown_distiller_is_its_epoch_and_a_new_set_of_runs_is_a_new_key():
     from types import SimpleNamespace
 

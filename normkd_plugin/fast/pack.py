@@ -180,11 +180,17 @@ class PackRun:
 
 
 # What a distiller's loss reads of ``epoch``: these scale a loss by min(epoch / warm-up, 1), the warm-up
-# in the named attribute (mdistiller's DKD and ReviewKD, NormDKD); those do not read it. Any other
-# distiller keys the graph on the epoch itself.
-WARMUP_ATTRIBUTES = {"DKD": "warmup", "REVIEWKD": "warmup_epochs", "NORMDKD": "warmup", "NormKD_W_DKD": "warmup"}
+# in the named attribute (mdistiller's DKD and ReviewKD, NormDKD, DKD_LS); those do not read it. Any
+# other distiller keys the graph on the epoch itself.
+WARMUP_ATTRIBUTES = {
+    "DKD": "warmup",
+    "REVIEWKD": "warmup_epochs",
+    "NORMDKD": "warmup",
+    "NormKD_W_DKD": "warmup",
+    "DKD_LS": "warmup",
+}
 EPOCH_FREE_TYPES = frozenset(
-    {"NONE", "KD", "AT", "OFD", "RKD", "FITNET", "KDSVD", "CRD", "NST", "PKT", "SP", "VID", "NORMKD", "NormKD"}
+    {"NONE", "KD", "AT", "OFD", "RKD", "FITNET", "KDSVD", "CRD", "NST", "PKT", "SP", "VID", "NORMKD", "NormKD", "KD_LS"}
 )
 
 
