@@ -92,7 +92,9 @@ def data_identity(cfg, train_set=None, val_set=None) -> dict | None:
         root, files = cifar_files(cfg)
         return {
             "root": os.path.abspath(root),
-            "files": {str(f.relative_to(root)): file_sha256(f) for f in files},
+            # by file name (a split's pickle or shard), not by path: both pickle layouts the loader reads
+            # (ROOT/cifar-100-python/train and ROOT/train) hold the same data
+            "files": {f.name: file_sha256(f) for f in files},
         }
     if all(hasattr(ds, "classes") and hasattr(ds, "root") for ds in (train_set, val_set)):
         return {

@@ -94,3 +94,26 @@ def test_differences_name_what_changed_by_content_only():
         f"teacher /a/t.pt (sha256 {'1' * 12}) -> /b/u.pt (sha256 {'2' * 12})",
         "data in /d: classes missing ['c0'], extra ['c3'], val images 3 -> 4",
     ]
+
+
+def test_the_same_pickles_in_either_layout_the_loader_reads_are_the_same_data(tmp_path):
+    """DATASET.ROOT/cifar-100-python/{train,test} and DATASET.ROOT/{train,test}: one identity; other bytes differ."""
+    from yacs.config import CfgNode as CN
+
+    from normkd_plugin.provenance import data_identity, differences
+
+    nested, flat = tmp_path / "a" / "cifar-100-python", tmp_path / "b"
+    nested.mkdir(parents=True)
+    flat.mkdir()
+    for split, payload in (("train", b"train bytes"), ("test", b"test bytes")):
+        (nested / split).write_bytes(payload)
+        (flat / split).write_bytes(payload)
+
+    def identity(root):
+        return data_identity(CN({"DATASET": CN({"TYPE": "cifar100", "ROOT": str(root)})}))
+
+    a, b = identity(tmp_path / "a"), identity(flat)
+    assert sorted(a["files"]) == ["test", "train"] and a["files"] == b["files"]
+    assert differences({"teacher": None, "data": a}, {"teacher": None, "data": b}) == []
+    (flat / "test").write_bytes(b"other test bytes")
+    assert differences({"teacher": None, "data": a}, {"teacher": None, "data": identity(flat)}) != []

@@ -711,7 +711,7 @@ def _host_run_after_its_last_epoch(cfg, name, small_cifar, teacher):
     def sha(path):
         return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
-    files = {f"cifar-100-python/{split}": sha(small_cifar / "cifar-100-python" / split) for split in ("train", "test")}
+    files = {split: sha(small_cifar / "cifar-100-python" / split) for split in ("train", "test")}
     learned = {
         "teacher": {"path": str(teacher), "sha256": sha(teacher)},
         "data": {"root": str(small_cifar), "files": files},
