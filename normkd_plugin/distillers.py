@@ -81,7 +81,10 @@ class EpochTemperatures:
 
 
 class _Temperatures(Distiller):
-    """A distiller that records its per-sample temperatures (``sample_temperatures(logits)``) in ``epoch_scalars``."""
+    """CE_WEIGHT * CE(z_s, y) + min(epoch / WARMUP, 1) * kd_loss(z_s, z_t, y) (no ramp where ``warmup`` is None),
+    recording the per-sample temperatures (``sample_temperatures(logits)``) in ``epoch_scalars``."""
+
+    warmup: float | None = None  # epochs of DKD's linear warm-up of the KD term
 
     def __init__(self, student: nn.Module, teacher: nn.Module):
         super().__init__(student, teacher)
@@ -90,6 +93,24 @@ class _Temperatures(Distiller):
     def sample_temperatures(self, logits: Tensor) -> Tensor:
         """The per-sample temperature this distiller softens ``logits`` with, shape (N, 1)."""
         raise NotImplementedError
+
+    def kd_loss(self, logits_student: Tensor, logits_teacher: Tensor, target: Tensor) -> Tensor:
+        """The distillation term before the warm-up ramp."""
+        raise NotImplementedError
+
+    def forward_train(self, image: Tensor, target: Tensor, **kwargs) -> tuple[Tensor, dict[str, Tensor]]:
+        """Returns (student logits, {"loss_ce", "loss_kd"}), the host's contract; a warm-up needs the trainer's ``epoch=``."""
+        if self.warmup is not None and "epoch" not in kwargs:
+            raise TypeError(f"{type(self).__name__}.forward_train needs epoch= for the warm-up")
+        logits_student, _ = self.student(image)
+        with torch.no_grad():
+            logits_teacher, _ = self.teacher(image)
+        self._record(logits_student, logits_teacher)
+        loss_ce = self.ce_loss_weight * F.cross_entropy(logits_student, target)
+        loss_kd = self.kd_loss(logits_student, logits_teacher, target)
+        if self.warmup is not None:
+            loss_kd = min(kwargs["epoch"] / self.warmup, 1.0) * loss_kd
+        return logits_student, {"loss_ce": loss_ce, "loss_kd": loss_kd}
 
     def _record(self, logits_student: Tensor, logits_teacher: Tensor) -> None:
         with torch.no_grad():
@@ -125,15 +146,9 @@ class NormKD(_Temperatures):
         """T_n = TEMPERATURE_NORM * std(z_n) (floored), shape (N, 1)."""
         return per_sample_temperature(logits, self.t_norm)
 
-    def forward_train(self, image: Tensor, target: Tensor, **kwargs) -> tuple[Tensor, dict[str, Tensor]]:
-        """Returns (student logits, {"loss_ce", "loss_kd"}), the host's contract."""
-        logits_student, _ = self.student(image)
-        with torch.no_grad():
-            logits_teacher, _ = self.teacher(image)
-        self._record(logits_student, logits_teacher)
-        loss_ce = self.ce_loss_weight * F.cross_entropy(logits_student, target)
-        loss_kd = self.kd_loss_weight * normkd_loss(logits_student, logits_teacher, self.t_norm, fused=self.fused)
-        return logits_student, {"loss_ce": loss_ce, "loss_kd": loss_kd}
+    def kd_loss(self, logits_student: Tensor, logits_teacher: Tensor, target: Tensor) -> Tensor:
+        """KD_WEIGHT * normkd_loss(z_s, z_t, TEMPERATURE_NORM)."""
+        return self.kd_loss_weight * normkd_loss(logits_student, logits_teacher, self.t_norm, fused=self.fused)
 
 
 class NormDKD(_Temperatures):
@@ -168,20 +183,11 @@ class NormDKD(_Temperatures):
         """T_n = TEMPERATURE_NORM * std(z_n) (floored), shape (N, 1)."""
         return per_sample_temperature(logits, self.t_norm)
 
-    def forward_train(self, image: Tensor, target: Tensor, **kwargs) -> tuple[Tensor, dict[str, Tensor]]:
-        """Returns (student logits, {"loss_ce", "loss_kd"}); needs the trainer's ``epoch=``."""
-        if "epoch" not in kwargs:
-            raise TypeError(f"{type(self).__name__}.forward_train needs epoch= for the warm-up")
-        logits_student, _ = self.student(image)
-        with torch.no_grad():
-            logits_teacher, _ = self.teacher(image)
-        self._record(logits_student, logits_teacher)
-        loss_ce = self.ce_loss_weight * F.cross_entropy(logits_student, target)
-        ramp = min(kwargs["epoch"] / self.warmup, 1.0)
-        loss_kd = ramp * normdkd_loss(
+    def kd_loss(self, logits_student: Tensor, logits_teacher: Tensor, target: Tensor) -> Tensor:
+        """normdkd_loss(z_s, z_t, y, ALPHA, BETA, TEMPERATURE_NORM)."""
+        return normdkd_loss(
             logits_student, logits_teacher, target, self.alpha, self.beta, self.t_norm, fused=self.fused
         )
-        return logits_student, {"loss_ce": loss_ce, "loss_kd": loss_kd}
 
 
 class NormKDRelease(NormKD):
@@ -234,15 +240,9 @@ class KDLS(_Temperatures):
         """tau * (eps + std(z_n)): the divisor of z_n inside softmax(standardize(z_n) / tau), shape (N, 1)."""
         return ls_temperature(logits, self.temperature)
 
-    def forward_train(self, image: Tensor, target: Tensor, **kwargs) -> tuple[Tensor, dict[str, Tensor]]:
-        """Returns (student logits, {"loss_ce", "loss_kd"}), the host's contract."""
-        logits_student, _ = self.student(image)
-        with torch.no_grad():
-            logits_teacher, _ = self.teacher(image)
-        self._record(logits_student, logits_teacher)
-        loss_ce = self.ce_loss_weight * F.cross_entropy(logits_student, target)
-        loss_kd = self.kd_loss_weight * ls_kd_loss(logits_student, logits_teacher, self.temperature, fused=self.fused)
-        return logits_student, {"loss_ce": loss_ce, "loss_kd": loss_kd}
+    def kd_loss(self, logits_student: Tensor, logits_teacher: Tensor, target: Tensor) -> Tensor:
+        """KD_WEIGHT * ls_kd_loss(z_s, z_t, TEMPERATURE)."""
+        return self.kd_loss_weight * ls_kd_loss(logits_student, logits_teacher, self.temperature, fused=self.fused)
 
 
 class DKDLS(_Temperatures):
@@ -284,17 +284,8 @@ class DKDLS(_Temperatures):
         """tau * (eps + std(z_n)): the divisor of z_n inside softmax(standardize(z_n) / tau), shape (N, 1)."""
         return ls_temperature(logits, self.temperature)
 
-    def forward_train(self, image: Tensor, target: Tensor, **kwargs) -> tuple[Tensor, dict[str, Tensor]]:
-        """Returns (student logits, {"loss_ce", "loss_kd"}); needs the trainer's ``epoch=``."""
-        if "epoch" not in kwargs:
-            raise TypeError(f"{type(self).__name__}.forward_train needs epoch= for the warm-up")
-        logits_student, _ = self.student(image)
-        with torch.no_grad():
-            logits_teacher, _ = self.teacher(image)
-        self._record(logits_student, logits_teacher)
-        loss_ce = self.ce_loss_weight * F.cross_entropy(logits_student, target)
-        ramp = min(kwargs["epoch"] / self.warmup, 1.0)
-        loss_kd = ramp * ls_dkd_loss(
+    def kd_loss(self, logits_student: Tensor, logits_teacher: Tensor, target: Tensor) -> Tensor:
+        """ls_dkd_loss(z_s, z_t, y, ALPHA * KD_WEIGHT, BETA * KD_WEIGHT, T)."""
+        return ls_dkd_loss(
             logits_student, logits_teacher, target, self.alpha, self.beta, self.temperature, fused=self.fused
         )
-        return logits_student, {"loss_ce": loss_ce, "loss_kd": loss_kd}

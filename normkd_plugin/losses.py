@@ -251,6 +251,29 @@ def use_fused(logits_student: Tensor) -> bool:
     return _fused.available()
 
 
+def _dispatch(
+    name: str,
+    reference,
+    logits_student: Tensor,
+    logits_teacher: Tensor,
+    args: tuple,
+    reduction: str,
+    fused: bool | None,
+) -> Tensor:
+    """``_fused.<name>_fused(z_s, z_t, *args, reduction)`` where the fused path applies or is forced (checked
+    here, before a kernel launch), else ``reference(z_s, z_t, *args, reduction)``."""
+    if fused is None:
+        fused = use_fused(logits_student)
+    if not fused:
+        return reference(logits_student, logits_teacher, *args, reduction)
+    from . import _fused
+
+    _check_fused_device(logits_student)
+    _check_logits(logits_student, logits_teacher)
+    _check_reduction(reduction)
+    return getattr(_fused, f"{name}_fused")(logits_student, logits_teacher, *args, reduction)
+
+
 def _check_fused_device(logits: Tensor) -> None:
     if not logits.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError(f"fused=True needs CUDA logits (got device {logits.device}); use fused=None or False")
@@ -272,16 +295,7 @@ def normkd_loss(
         reduction: "mean" (the paper's), "sum" or "none" (per-sample, shape (N,)).
         fused: force (True) or refuse (False) the fused CUDA kernel; None chooses.
     """
-    if fused is None:
-        fused = use_fused(logits_student)
-    if fused:
-        from ._fused import normkd_loss_fused
-
-        _check_fused_device(logits_student)
-        _check_logits(logits_student, logits_teacher)
-        _check_reduction(reduction)
-        return normkd_loss_fused(logits_student, logits_teacher, t_norm, reduction)
-    return normkd_loss_reference(logits_student, logits_teacher, t_norm, reduction)
+    return _dispatch("normkd_loss", normkd_loss_reference, logits_student, logits_teacher, (t_norm,), reduction, fused)
 
 
 def normdkd_loss(
@@ -301,16 +315,20 @@ def normdkd_loss(
     T_x,n = t_norm * std(z_x,n). Arguments as :func:`normkd_loss`, plus the class ``target``
     (N,) and the weights ``alpha`` and ``beta``.
     """
-    if fused is None:
-        fused = use_fused(logits_student)
-    if fused:
-        from ._fused import normdkd_loss_fused
-
-        _check_fused_device(logits_student)
-        _check_logits(logits_student, logits_teacher)
-        _check_reduction(reduction)
-        return normdkd_loss_fused(logits_student, logits_teacher, target, alpha, beta, t_norm, reduction)
-    return normdkd_loss_reference(logits_student, logits_teacher, target, alpha, beta, t_norm, reduction)
+    return _dispatch(
+        "normdkd_loss",
+        normdkd_loss_reference,
+        logits_student,
+        logits_teacher,
+        (
+            target,
+            alpha,
+            beta,
+            t_norm,
+        ),
+        reduction,
+        fused,
+    )
 
 
 def ls_kd_loss(
@@ -326,16 +344,9 @@ def ls_kd_loss(
     is part of the graph. Arguments as :func:`normkd_loss`, with the base temperature
     ``temperature`` (tau) in place of T_norm. The KD weight (LSKD's ``--kd-weight``) is the caller's.
     """
-    if fused is None:
-        fused = use_fused(logits_student)
-    if fused:
-        from ._fused import ls_kd_loss_fused
-
-        _check_fused_device(logits_student)
-        _check_logits(logits_student, logits_teacher)
-        _check_reduction(reduction)
-        return ls_kd_loss_fused(logits_student, logits_teacher, temperature, reduction)
-    return ls_kd_loss_reference(logits_student, logits_teacher, temperature, reduction)
+    return _dispatch(
+        "ls_kd_loss", ls_kd_loss_reference, logits_student, logits_teacher, (temperature,), reduction, fused
+    )
 
 
 def ls_dkd_loss(
@@ -354,13 +365,17 @@ def ls_dkd_loss(
     :func:`standardize`-d logits. Arguments as :func:`normdkd_loss`; LSKD multiplies ``alpha`` and
     ``beta`` by its KD weight before they get here.
     """
-    if fused is None:
-        fused = use_fused(logits_student)
-    if fused:
-        from ._fused import ls_dkd_loss_fused
-
-        _check_fused_device(logits_student)
-        _check_logits(logits_student, logits_teacher)
-        _check_reduction(reduction)
-        return ls_dkd_loss_fused(logits_student, logits_teacher, target, alpha, beta, temperature, reduction)
-    return ls_dkd_loss_reference(logits_student, logits_teacher, target, alpha, beta, temperature, reduction)
+    return _dispatch(
+        "ls_dkd_loss",
+        ls_dkd_loss_reference,
+        logits_student,
+        logits_teacher,
+        (
+            target,
+            alpha,
+            beta,
+            temperature,
+        ),
+        reduction,
+        fused,
+    )
