@@ -13,12 +13,12 @@ setup(
     license="MIT",
     license_files=["LICENSE"],
     python_requires=">=3.9",
-    packages=["normkd_plugin", "normkd_plugin.fast", "normkd_plugin.leaderboard", "normkd_plugin.configs"],
+    packages=["normkd_plugin", "normkd_plugin.engine", "normkd_plugin.leaderboard", "normkd_plugin.configs"],
     package_dir={"normkd_plugin.configs": "configs"},
     package_data={
         "normkd_plugin.configs": ["cifar100/*/*.yaml", "imagenet/*/*.yaml"],
         "normkd_plugin.leaderboard": ["*.csv", "field/*.csv"],
-        "normkd_plugin.fast": ["*.csv"],
+        "normkd_plugin.engine": ["*.csv"],
     },
     install_requires=["torch", "torchvision", "yacs", "tensorboardX", "tqdm", "scipy", "numpy", "pyyaml"],
     extras_require={
@@ -36,8 +36,8 @@ setup(
             "DKD_LS = normkd_plugin.distillers:DKDLS",
         ],
         "mdistiller.trainers": [
-            "fast = normkd_plugin.fast.trainer:FastTrainer",
-            "ddp = normkd_plugin.fast.trainer:LoaderTrainer",
+            "fast = normkd_plugin.engine.trainer:FastTrainer",
+            "ddp = normkd_plugin.engine.trainer:LoaderFedTrainer",
         ],
         "console_scripts": [
             "normkd-train = normkd_plugin.train:main",

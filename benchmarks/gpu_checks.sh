@@ -9,7 +9,7 @@
 #   fused  : the short fused-pack benchmark (resnet56 -> resnet20, K = 1 and 21, serial vs fused, fp32 and bf16,
 #            cudnn.benchmark off (as in seeded runs) and on; 12 cases, ~2-3 min). It writes $RES/fuse_speed.csv,
 #            which `SOLVER.FAST.FUSE auto` reads in the later stages ($NORMKD_FUSE_TABLE) and gpu_unpack.sh
-#            merges into normkd_plugin/fast/fuse_speed.csv
+#            merges into normkd_plugin/engine/fuse_speed.csv
 #   pack   : benchmarks/pack_speed.py in full (K = 1, 4, 12, 15, 21, both pairs, fp32 and bf16, serial/branches/fused,
 #            cudnn.benchmark off), its fused-vs-serial times into $RES/fuse_speed.csv too
 #   ddp    : one-rank NCCL epochs under torchrun (fast with its CUDA graph; ddp; DATASET.DECODE gpu)
@@ -37,7 +37,7 @@
 #   command 3, sending .dev/d3                          : bash benchmarks/gpu_checks.sh stage checks fused
 #   command 4, sending .dev/runs                        : COMPARE_KEEP=.dev/runs bash benchmarks/gpu_checks.sh compare
 #   then: bash benchmarks/gpu_unpack.sh <the returned parts> results/gpu-CARD, commit results/cifar100-res56_res20/runs
-#     and normkd_plugin/fast/fuse_speed.csv
+#     and normkd_plugin/engine/fuse_speed.csv
 #
 # Durations (replace with the measured ones after each GPU run): none measured yet for this sequence.
 # Plan for a 15-minute allocation: machine start 1-2 min; command 1 (setup) ~1 min; command 2 ~0.5 min;
@@ -49,7 +49,7 @@
 # (tracebacks included) in $RES/*.log; the console shows a summary. Unpack them here with
 #   bash benchmarks/gpu_unpack.sh FOLDER_OF_THE_PARTS results/gpu-CARD
 # which also replaces results/cifar100-res56_res20/runs/ with a compare chunk's runs and merges the
-# fused-pack measurement into normkd_plugin/fast/fuse_speed.csv.
+# fused-pack measurement into normkd_plugin/engine/fuse_speed.csv.
 set -uo pipefail
 OUT=${OUT:-results/gpu}
 RES=${RES:-/tmp/normkd-results}

@@ -54,8 +54,8 @@ from imagenet_loader import cpu_model, make_folder  # noqa: E402  (the JPEG fold
 
 from normkd_plugin.build import build_pack  # noqa: E402
 from normkd_plugin.config import load_config, run_name  # noqa: E402
-from normkd_plugin.fast.source import Epoch  # noqa: E402
-from normkd_plugin.runs import RunFolder  # noqa: E402
+from normkd_plugin.engine.source import Epoch  # noqa: E402
+from normkd_plugin.run_folder import RunFolder  # noqa: E402
 
 METHODS = ("kd", "dkd", "normkd", "normdkd")
 PAIR = "imagenet/r34_r18"
@@ -104,7 +104,7 @@ def measure(cfgs, names, prefix: str, device: torch.device, warmup: int, iters: 
             clock["fetch"] += time.perf_counter() - t
             return out
 
-        return Epoch(batches.steps, batches.full, batch)
+        return Epoch(batches.steps, batches.full_steps, batch)
 
     source.epoch = timed_epoch
     try:

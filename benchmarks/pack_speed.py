@@ -17,7 +17,7 @@ and all students as one network ("fused", SOLVER.FAST.FUSE on). ``cudnn.benchmar
 seeded runs (as every run of the comparison is) and on otherwise: ``--cudnn-benchmark`` times
 either or both. A case that fails (a capture that fails, an error, out of memory) says so in its
 row, and the table goes on. ``--table`` merges each K's serial and fused times into the CSV that
-``SOLVER.FAST.FUSE auto`` decides from (:mod:`normkd_plugin.fast.fuse_speed`; a fused case that
+``SOLVER.FAST.FUSE auto`` decides from (:mod:`normkd_plugin.engine.fuse_speed`; a fused case that
 failed is recorded as infinitely slow). Runs on a CPU too (``--device cpu``, eager: serial and
 fused), for checking the script and comparing layouts there. Not a test.
 """
@@ -42,8 +42,8 @@ from trainer_speed import bench_base  # noqa: E402  (the stock trainer's timing,
 from normkd_plugin.build import build_pack  # noqa: E402
 from normkd_plugin.config import load_config, run_name  # noqa: E402
 from normkd_plugin.data import get_dataset  # noqa: E402
-from normkd_plugin.fast.fuse_speed import Measurement, merge_table  # noqa: E402
-from normkd_plugin.runs import RunFolder  # noqa: E402
+from normkd_plugin.engine.fuse_speed import Measurement, merge_table  # noqa: E402
+from normkd_plugin.run_folder import RunFolder  # noqa: E402
 
 METHODS = ("kd", "dkd", "normkd", "normdkd")
 PAIRS = {"res56_res20": ("resnet56", "resnet20"), "res32x4_res8x4": ("resnet32x4", "resnet8x4")}

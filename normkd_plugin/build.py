@@ -9,25 +9,26 @@ from torch import nn
 
 from .checkpoints import load_teacher
 
-__all__ = ["build_student", "build_teacher", "build_models", "build_distiller", "build_pack"]
+__all__ = [
+    "build_student",
+    "build_teacher",
+    "build_models",
+    "build_distiller",
+    "host_optimizer",
+    "build_pack",
+    "assemble_pack",
+]
 
 
-def build_student(cfg, num_classes: int) -> nn.Module:
-    """DISTILLER.STUDENT from mdistiller's model dictionaries, freshly initialised from the global RNG."""
+def build_student(cfg, num_classes: int, name: str | None = None) -> nn.Module:
+    """DISTILLER.STUDENT (or the architecture ``name``) from mdistiller's model dictionaries, freshly initialised
+    from the global RNG, no weights loaded."""
     from mdistiller.models import cifar_model_dict, imagenet_model_dict
 
+    name = name or cfg.DISTILLER.STUDENT
     if cfg.DATASET.TYPE == "imagenet":
-        return imagenet_model_dict[cfg.DISTILLER.STUDENT](pretrained=False)
-    return cifar_model_dict[cfg.DISTILLER.STUDENT][0](num_classes=num_classes)
-
-
-def _teacher_architecture(cfg, num_classes: int) -> nn.Module:
-    """DISTILLER.TEACHER freshly initialised from the global RNG, no weights loaded."""
-    from mdistiller.models import cifar_model_dict, imagenet_model_dict
-
-    if cfg.DATASET.TYPE == "imagenet":
-        return imagenet_model_dict[cfg.DISTILLER.TEACHER](pretrained=False)
-    return cifar_model_dict[cfg.DISTILLER.TEACHER][0](num_classes=num_classes)
+        return imagenet_model_dict[name](pretrained=False)
+    return cifar_model_dict[name][0](num_classes=num_classes)
 
 
 def build_teacher(cfg, num_classes: int) -> nn.Module | None:
@@ -66,53 +67,75 @@ def build_distiller(cfg, student: nn.Module, teacher: nn.Module | None, num_data
     return cls(student, teacher, cfg)
 
 
+def host_optimizer(cfg, distiller: nn.Module):
+    """The optimizer mdistiller's BaseTrainer.init_optimizer builds for ``distiller``."""
+    from types import SimpleNamespace
+
+    from mdistiller.engine.trainer import BaseTrainer
+
+    return BaseTrainer.init_optimizer(SimpleNamespace(distiller=SimpleNamespace(module=distiller)), cfg)
+
+
 def build_pack(cfgs: list, names: list[str], folders: list, device):
-    """A Pack: data and teacher once; then per run, seed, student, distiller and optimizer.
+    """A Pack of ``cfgs``: data and teacher once; then per run, seed, student, distiller and optimizer.
 
     The order is the same for a pack of one, so a run's initialisation depends on its own seed only.
-    The batches come from the CIFAR split on the device (SOLVER.TRAINER fast) or from the host's
-    datasets through a loader (:func:`~.fast.source.source_kind`). Only each run's tensorboard writer
-    is opened (on rank 0); locking and starting the folders is the caller's.
+    Locking and starting the folders is the caller's (:mod:`normkd_plugin.lifecycle`).
     """
     import torch
-    from tensorboardX import SummaryWriter
 
     from .data import get_dataset, seed_everything
-    from .fast.pack import Pack, PackRun, SharedTeacher, data_seed, host_optimizer
-    from .fast.ranks import Ranks
-    from .fast.trainer import make_source
-    from .provenance import learned_from
+    from .distributed import Ranks
+    from .engine.pack import PackRun
+    from .engine.state import data_seed
 
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = all(cfg.EXPERIMENT.SEED < 0 for cfg in cfgs)
-    ranks = Ranks()
     train_loader, val_loader, num_data, num_classes = get_dataset(cfgs[0])
     teacher_cfg = next((cfg for cfg in cfgs if cfg.DISTILLER.TYPE != "NONE"), None)
     teacher = None if teacher_cfg is None else build_teacher(teacher_cfg, num_classes)
-    distillers = []
-    for cfg in cfgs:  # on the CPU, with the plain teacher, as the host builds them (connectors probe shapes)
+    runs = []
+    for cfg, name, folder in zip(cfgs, names, folders):  # on the CPU, with the plain teacher, as the host builds them
         if cfg.EXPERIMENT.SEED >= 0:
             seed_everything(cfg.EXPERIMENT.SEED)
         student = build_student(cfg, num_classes)
         if teacher is not None and cfg.DISTILLER.TYPE != "NONE":
             # normkd-train's path for the host's trainers initialises the teacher here, between student and
             # distiller: draw as much from the global RNG, so a distiller's own modules (connectors) start alike.
-            _teacher_architecture(cfg, num_classes)
-        if cfg.SOLVER.SYNC_BN and ranks.world > 1:
+            build_student(cfg, num_classes, cfg.DISTILLER.TEACHER)
+        if cfg.SOLVER.SYNC_BN and Ranks().world > 1:
             student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
-        distillers.append(build_distiller(cfg, student, teacher if cfg.DISTILLER.TYPE != "NONE" else None, num_data))
+        distiller = build_distiller(cfg, student, teacher if cfg.DISTILLER.TYPE != "NONE" else None, num_data)
+        runs.append(PackRun(name, cfg, folder, distiller, host_optimizer(cfg, distiller), data_seed(cfg)))
+    return assemble_pack(runs, train_loader.dataset, val_loader.dataset, device)
+
+
+def assemble_pack(runs: list, train_set, val_set, device):
+    """The one place a Pack is made, from built runs (``build_pack``, or mdistiller's tools/train.py through
+    ``FastTrainer``): what each run learns from, its batches' source, one shared frozen teacher on ``device``,
+    and (rank 0) a tensorboard writer for each run that has none."""
+    from tensorboardX import SummaryWriter
+
+    from .distributed import Ranks
+    from .engine.pack import Pack
+    from .engine.source import make_source
+    from .engine.teacher import share_teacher
+    from .provenance import learned_from
+
+    ranks = Ranks()
     if ranks.main:  # what each run learns from, recorded and checked by rank 0 (a shared file is hashed once)
-        for cfg, folder in zip(cfgs, folders):
-            folder.provenance = learned_from(cfg, train_loader.dataset, val_loader.dataset)
-    if teacher is not None:
-        teacher.requires_grad_(False)  # frozen: it is never trained, and the gradient all-reduce skips it
-    shared = None if teacher is None else SharedTeacher(teacher).to(device)
-    source = make_source(train_loader, val_loader, cfgs[0], device, ranks)  # may refuse the data: before any writer
-    runs = []
-    for cfg, name, folder, distiller in zip(cfgs, names, folders, distillers):
-        if cfg.DISTILLER.TYPE != "NONE":
-            distiller.teacher = shared
-        distiller.to(device)
-        writer = SummaryWriter(os.path.join(folder.path, "train.events"), flush_secs=60) if ranks.main else None
-        runs.append(PackRun(name, cfg, folder, distiller, host_optimizer(cfg, distiller), data_seed(cfg), writer))
+        for run in runs:
+            run.folder.provenance = learned_from(run.cfg, train_set, val_set)
+    source = make_source(train_set, val_set, runs[0].cfg, device, ranks)  # may refuse the data: before any writer
+    distilled = [run for run in runs if run.cfg.DISTILLER.TYPE != "NONE"]
+    shared = share_teacher(distilled[0].distiller) if distilled else None
+    if shared is not None:
+        shared.net.requires_grad_(False)  # frozen: it is never trained, and the gradient all-reduce skips it
+        shared.to(device)
+    for run in runs:
+        if run in distilled:
+            run.distiller.teacher = shared
+        run.distiller.to(device)
+        if run.writer is None and ranks.main:
+            run.writer = SummaryWriter(os.path.join(run.folder.path, "train.events"), flush_secs=60)
     return Pack(runs, source, shared)

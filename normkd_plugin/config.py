@@ -197,8 +197,8 @@ def _merge_opts(cfg: CN, opts: list[str]) -> None:
         raise ConfigError(f"command-line override {opts[-1]} has no VALUE; overrides are KEY VALUE pairs")
     for key, raw in zip(opts[::2], opts[1::2]):
         where = f"command-line override {key} {raw}"
-        old = _get(cfg, key)
-        if old is _MISSING:
+        old = lookup(cfg, key)
+        if old is MISSING:
             near = difflib.get_close_matches(key, list(flatten(cfg)), n=3)
             raise ConfigError(f"{where}: no such config key" + (f"; did you mean {', '.join(near)}?" if near else ""))
         if isinstance(old, CN):
@@ -225,14 +225,15 @@ def flatten(tree: dict, prefix: str = "") -> dict:
     return out
 
 
-_MISSING = object()
+MISSING = object()
 
 
-def _get(cfg: CN, key: str):
+def lookup(cfg: CN, key: str):
+    """The value of the dotted ``key`` (``SOLVER.LR``) in ``cfg``, or ``MISSING`` when a part of it is absent."""
     node = cfg
     for part in key.split("."):
         if not isinstance(node, CN) or part not in node:
-            return _MISSING
+            return MISSING
         node = node[part]
     return node
 
@@ -310,7 +311,7 @@ DISTILLER_RULES: dict[str, dict[str, Rule]] = {
 
 
 def _choice(cfg: CN, key: str, choices, what: str, origin: _Origin) -> None:
-    value = _get(cfg, key)
+    value = lookup(cfg, key)
     if value not in choices:
         near = difflib.get_close_matches(value, list(choices), n=3, cutoff=0.4)
         hint = f"did you mean {', '.join(near)}?" if near else f"choose from {', '.join(sorted(choices))}"
@@ -367,8 +368,8 @@ def validate(cfg: CN, source: str | Path, opts: list[str] | tuple = ()) -> None:
         _choice(cfg, "DISTILLER.TEACHER", models, model_kind, origin)
     rules = {**COMMON_RULES, **DISTILLER_RULES.get(cfg.DISTILLER.TYPE, {})}
     for key, rule in rules.items():
-        value = _get(cfg, key)
-        if value is not _MISSING and not rule.test(value):
+        value = lookup(cfg, key)
+        if value is not MISSING and not rule.test(value):
             raise ConfigError(f"{origin(key, value)}: expected {rule.expected}")
     _check_stages(cfg, origin)
     _check_log_prefix(cfg, origin)

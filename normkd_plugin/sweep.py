@@ -25,8 +25,7 @@ the device) and ddp for ImageNet (a data loader) implied.
 from __future__ import annotations
 
 import argparse
-import errno
-import fcntl
+import logging
 import os
 import shlex
 import shutil
@@ -37,10 +36,13 @@ import tempfile
 import threading
 from dataclasses import dataclass
 
+from . import run_files
 from ._cli import parse_with_overrides, quiet_pipe, user_errors
 from .errors import Interrupted, UserError
 from .pairs import PAIRS
 from .pairs import methods as dataset_methods
+
+from .run_folder import LOCK  # noqa: E402  (a run folder's lock file)
 
 
 @dataclass(frozen=True)
@@ -140,40 +142,9 @@ def run_folder(cfg_name: str, seed: int, opts: tuple[str, ...]) -> str:
     return folder_of(cfg, run_name(cfg, opts))
 
 
-def is_finished(folder: str) -> bool:
-    """Whether the run in ``folder`` is finished (``worklog.folder_status``); a damaged worklog is not."""
-    from .worklog import folder_status
-
-    return folder_status(folder) == "finished"
-
-
 def lock_holder(folder: str) -> str | None:
     """The PID (as written) of the process holding ``folder``'s run lock, or None when it is free or absent."""
-    try:
-        fd = os.open(os.path.join(folder, ".lock"), os.O_RDONLY)
-    except OSError:
-        return None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except OSError as exc:
-        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-            return os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
-        return None
-    finally:
-        os.close(fd)  # (releases our shared lock, if taken)
-    return None
-
-
-def _wait_for_lock(folder: str) -> None:
-    """Block until no process holds ``folder``'s run lock."""
-    try:
-        fd = os.open(os.path.join(folder, ".lock"), os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH)
-    finally:
-        os.close(fd)
+    return run_files.lock_holder(os.path.join(folder, LOCK))
 
 
 def _folders(job: Job | PackJob) -> list[str]:
@@ -239,21 +210,26 @@ SAME_ERROR_STOP = 2  # the first this many commands failing with one input error
 
 
 def _remaining(job: Job | PackJob) -> tuple[Job | PackJob | None, bool]:
-    """(the job without its finished runs or None, whether to pass --resume).
+    """(the job without the runs ``normkd-train --resume`` would skip as finished, or None; whether to pass --resume).
 
-    A pack gets --resume whenever any of its folders holds a run (finished runs are then skipped
-    and new ones start); a solo job when its own run has started.
+    The run lifecycle decides (``lifecycle.decision``), as normkd-train will. A pack gets --resume whenever any
+    of its folders holds a run (finished runs are then skipped and new ones start); a solo job when its run has.
     """
-    folders = {run: run_folder(run[0], run[1], job.opts) for run in job.runs()}
-    todo = [run for run, folder in folders.items() if not is_finished(folder)]
+    from .lifecycle import decision
+    from .run_folder import RunFolder
+
+    folders = {run: RunFolder(run_folder(run[0], run[1], job.opts)) for run in job.runs()}
+    quiet = logging.getLogger("normkd_plugin.lifecycle")
+    level, quiet.disabled = quiet.disabled, True  # the sweep asks; normkd-train says what it does
+    try:
+        todo = [run for run, folder in folders.items() if decision(folder, resume=True) != "skip"]
+    finally:
+        quiet.disabled = level
     if not todo:
         return None, False
     if isinstance(job, PackJob):  # keep the configs x seeds shape: drop a config only when all its seeds are done
         job = PackJob(tuple(c for c in job.cfgs if any(run[0] == c for run in todo)), job.seeds, job.opts)
-    has_run = [
-        os.path.isfile(os.path.join(folders[run], name)) for run in job.runs() for name in ("worklog.txt", "latest")
-    ]
-    return job, any(has_run)
+    return job, any(folders[run].status() != "new" for run in job.runs())
 
 
 def launcher(nproc: int) -> list[str]:
@@ -337,7 +313,7 @@ def _run_all(jobs, nproc: int, device: str, time_limit, child: _Child) -> list[s
         print(f"normkd-sweep: waiting for {len(elsewhere)} command(s) running elsewhere", file=sys.stderr, flush=True)
     for job, shown in elsewhere:
         for folder in _folders(job):
-            _wait_for_lock(folder)
+            run_files.wait_for_lock(os.path.join(folder, LOCK))
         if _remaining(job)[0] is not None:
             failures.append(f"not finished where it ran (elsewhere): {shown}")
     return failures

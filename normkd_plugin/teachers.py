@@ -346,7 +346,7 @@ def verify_and_stage(tar_path: Path, staging: Path, record: dict[str, str] | Non
 
 def install(tar_path: Path, dest: Path) -> dict[str, str]:
     """Verify ``tar_path`` and move its checkpoints into ``dest``; record their hashes at the first install."""
-    from .runs import atomic_write
+    from .run_files import atomic_write
 
     record = read_record(dest)
     staging = dest / ".cifar_teachers.staging"

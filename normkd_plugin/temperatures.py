@@ -376,7 +376,7 @@ def _run(args, prog: str) -> None:
 
     from .build import build_teacher
     from .checkpoints import teacher_checkpoint_path
-    from .fast.augment import TensorCifar, host_pipeline
+    from .engine.augment import TensorCifar, host_pipeline
 
     classes = 100
     teacher = build_teacher(cfg, classes).to(device)  # the same loading (and errors) as normkd-train's

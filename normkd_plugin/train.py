@@ -6,11 +6,12 @@ normkd-train --cfg cifar100/normkd/res32x4_res8x4 [--resume] [--device cpu] [KEY
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 import sys
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
@@ -114,22 +115,29 @@ def _seeded(opts: list[str], seeds: str) -> list[list[str]]:
     return [[*opts, "EXPERIMENT.SEED", str(seed)] for seed in values]
 
 
-def _how_far() -> str:
-    """Where a stop left the runs of this process, and how to go on (the line after 'interrupted')."""
-    from .runs import committed_epochs
-
-    epochs = sorted(set(committed_epochs().values()))
+def _how_far(lives: list) -> str:
+    """Where a stop left the runs of this command (``lives``), and how to go on (the line after 'interrupted')."""
+    epochs = sorted({life.epoch for life in lives if life.epoch is not None})
     if not epochs:
         return "before this process committed an epoch; run the same command again (with --resume once the run has one)"
     at = f"epoch {epochs[0]}" if len(epochs) == 1 else f"epochs {epochs[0]}-{epochs[-1]} (by run)"
     return f"after {at}; --resume continues"
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None, hooks: Sequence = ()) -> None:
     """Parse, load and validate the config(s), build everything with the host's pieces, train.
 
-    An input error (config, data, checkpoint, run folder) prints one line and exits 2.
+    An input error (config, data, checkpoint, run folder) prints one line and exits 2. ``hooks``
+    (``engine.fit.Hook``) join the engine's own around every epoch of the runs it trains.
     """
+    if os.environ.get("TORCHELASTIC_ERROR_FILE"):  # under torchrun: its error file gets what ended this rank
+        from torch.distributed.elastic.multiprocessing.errors import record
+
+        return record(_main)(argv, hooks)
+    return _main(argv, hooks)
+
+
+def _main(argv: list[str] | None, hooks: Sequence) -> None:
     from ._cli import parse_with_overrides, stop_signals, user_errors
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -140,7 +148,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     if not args.cfg:
         p.error("--cfg is required")
-    with user_errors(p.prog, args.debug), stop_signals(p.prog, _how_far, args.debug):
+    lives: list = []  # the runs this command decided, for the line a stop prints
+    with user_errors(p.prog, args.debug), stop_signals(p.prog, functools.partial(_how_far, lives), args.debug):
         from .config import ConfigError, resolve_config
         from .timelimit import EXIT_UNFINISHED, TimeLimit, Unfinished, parse_duration, report_unfinished
 
@@ -157,9 +166,7 @@ def main(argv: list[str] | None = None) -> None:
         import torch
 
         from .config import load_config, run_folder, run_name
-        from .runs import committed_epochs
 
-        committed_epochs(clear=True)  # the stop line speaks of this command's runs only
         quiet_host_warnings()
         cfgs = [load_config(name, opts) for name, opts in runs]
         names = [run_name(cfg, opts) for cfg, (_, opts) in zip(cfgs, runs)]
@@ -175,10 +182,10 @@ def main(argv: list[str] | None = None) -> None:
             raise ConfigError(f"--device {args.device!r}: {exc}; expected cpu, cuda or cuda:N") from None
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ConfigError(f"--device {args.device}: no CUDA device is available; use --device cpu")
-        from .fast.source import source_kind
+        from .engine.source import uses_engine
 
         for cfg in cfgs:
-            engine = source_kind(cfg) is not None  # this plugin's engine, not one of the host's trainers
+            engine = uses_engine(cfg)  # this plugin's engine, not one of the host's trainers
             if time_limit is not None and not engine:
                 raise ConfigError(
                     f"--time-limit: SOLVER.TRAINER {cfg.SOLVER.TRAINER!r} is mdistiller's trainer, whose epoch loop "
@@ -207,9 +214,9 @@ def main(argv: list[str] | None = None) -> None:
         main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun, one line for the job
         try:
             if len(cfgs) == 1:
-                train(cfgs[0], names[0], device, args.resume, time_limit)
+                train(cfgs[0], names[0], device, args.resume, time_limit, hooks, lives)
             else:
-                train_pack(cfgs, names, device, args.resume, time_limit)
+                train_pack(cfgs, names, device, args.resume, time_limit, hooks, lives)
         except Unfinished as exc:
             if main_rank:
                 report_unfinished(str(exc))
@@ -226,16 +233,17 @@ def quiet_host_warnings() -> None:
     warnings.filterwarnings("ignore", message="size_average and reduce args will be deprecated", category=UserWarning)
 
 
-def train(cfg, experiment_name: str, device: torch.device, resume: bool = False, time_limit=None):
+def train(cfg, experiment_name: str, device: torch.device, resume: bool = False, time_limit=None, hooks=(), lives=None):
     """One run: ``fast``, ``ddp`` (and ``base`` under torchrun or with DATASET.DECODE) as a pack of one of this
     plugin's engine; the host's other trainers with the folder locked and guarded.
 
-    ``time_limit`` (a ``timelimit.TimeLimit``, this engine only) may end training early with ``Unfinished``.
+    ``time_limit`` (a ``timelimit.TimeLimit``, this engine only) may end training early with ``Unfinished``;
+    ``hooks`` join the engine's; ``lives`` (a list) receives the run's ``RunLife``.
     """
-    from .fast.source import source_kind
+    from .engine.source import uses_engine
 
-    if source_kind(cfg) is not None:
-        return train_pack([cfg], [experiment_name], device, resume, time_limit)
+    if uses_engine(cfg):
+        return train_pack([cfg], [experiment_name], device, resume, time_limit, hooks, lives)
     if time_limit is not None:
         raise ValueError(f"time_limit needs SOLVER.TRAINER fast or ddp, not {cfg.SOLVER.TRAINER!r}")
     import torch
@@ -246,33 +254,34 @@ def train(cfg, experiment_name: str, device: torch.device, resume: bool = False,
     from .checkpoints import allow_release_types
     from .data import get_dataset, seed_run
     from .imagenet import check_class_folders
+    from .lifecycle import RunLife, decide_all
     from .provenance import learned_from
-    from .runs import RunFolder
+    from .run_folder import RunFolder
 
-    folder = RunFolder(os.path.join(cfg.LOG.PREFIX, experiment_name))
-    folder.lock()
+    life = RunLife(RunFolder(os.path.join(cfg.LOG.PREFIX, experiment_name), experiment_name, cfg.dump()), resume)
+    (lives if lives is not None else []).append(life)
     try:
-        mode = folder.begin(resume, cfg.dump())
-        if mode == "skip":
+        if decide_all([life]) == ["skip"]:
             return None
-        resume = mode == "resume"  # a run without a checkpoint starts again
+        life.resume_or_start(load=False)  # mdistiller's trainer loads its own latest
+        resume = life.mode == "resume"  # a run without a checkpoint starts again
         seed_run(cfg, device)
         _init_wandb(cfg, experiment_name)
         show_cfg(cfg)
         train_loader, val_loader, num_data, num_classes = get_dataset(cfg)
         check_class_folders(train_loader.dataset, val_loader.dataset)
         student, teacher = build_models(cfg, num_classes)
-        folder.learn_from(learned_from(cfg, train_loader.dataset, val_loader.dataset), resume)
+        life.folder.learn_from(learned_from(cfg, train_loader.dataset, val_loader.dataset), resume)
         distiller = build_distiller(cfg, student, teacher, num_data)
         distiller = torch.nn.DataParallel(distiller.to(device))
         trainer = trainer_dict[cfg.SOLVER.TRAINER](experiment_name, distiller, train_loader, val_loader, cfg)
-        with run_paths([folder], [mode]), allow_release_types():  # the host's --resume reads numpy floats
+        with run_paths([life]), allow_release_types():  # the host's --resume reads numpy floats
             if resume:
-                _cut_to_host_latest(folder)
+                _cut_to_host_latest(life.folder)
             trainer.train(resume=resume)
         return trainer
     finally:
-        folder.unlock()
+        life.close()
 
 
 def _cut_to_host_latest(folder) -> None:
@@ -290,17 +299,17 @@ def _cut_to_host_latest(folder) -> None:
 
 
 @contextmanager
-def run_paths(folders: list, modes: list[str]) -> Iterator[None]:
+def run_paths(lives: list) -> Iterator[None]:
     """Log each run folder's full path as its run starts (or resumes) and again as the block ends: finished,
     failed or unfinished."""
-    paths = [os.path.abspath(folder.path) for folder in folders]
-    for path, mode in zip(paths, modes):
-        log.info("run %s: %s", "resumes" if mode == "resume" else "starts", path)
+    paths = [os.path.abspath(life.folder.path) for life in lives]
+    for path, life in zip(paths, lives):
+        log.info("run %s: %s", "resumes" if life.mode == "resume" else "starts", path)
     try:
         yield
     finally:
-        for folder, path in zip(folders, paths):
-            log.info("run %s: %s", _outcome(folder), path)
+        for life, path in zip(lives, paths):
+            log.info("run %s: %s", _outcome(life.folder), path)
 
 
 def _outcome(folder) -> str:
@@ -321,35 +330,43 @@ def _init_wandb(cfg, experiment_name: str) -> None:
         wandb.init(project=cfg.EXPERIMENT.PROJECT, name=experiment_name, tags=cfg.EXPERIMENT.TAG.split(","))
 
 
-def train_pack(cfgs: list, names: list[str], device: torch.device, resume: bool = False, time_limit=None):
-    """Runs of one teacher trained together by this plugin's engine (``fast/``); each as it would train alone.
+def train_pack(
+    cfgs: list, names: list[str], device: torch.device, resume: bool = False, time_limit=None, hooks=(), lives=None
+):
+    """Runs of one teacher trained together by this plugin's engine (``engine/``); each as it would train alone.
 
-    Under torchrun every rank trains its share of each global batch (see ``fast/ranks.py``). The
-    pack is checked and every run folder locked (by rank 0) and guarded before anything is built.
+    Under torchrun every rank trains its share of each global batch (``distributed.Ranks``). The pack is
+    checked, and every run folder locked (by rank 0) and decided, before anything is built.
     """
-    from . import dist
+    from . import distributed
     from .build import build_pack
-    from .fast.pack import check_pack, decide_starts
-    from .runs import RunFolder
+    from .engine.checks import check_pack
+    from .engine.fit import train_runs
+    from .lifecycle import RunLife, decide_all
+    from .run_folder import RunFolder
 
     check_pack(cfgs, names, device)
-    folders = [RunFolder(os.path.join(cfg.LOG.PREFIX, name), name, cfg.dump()) for cfg, name in zip(cfgs, names)]
-    with dist.job(cfgs, device) as device:
+    with distributed.job(cfgs, device) as device:
+        main = distributed.is_main()
+        mine = [
+            RunLife(RunFolder(os.path.join(c.LOG.PREFIX, n), n, c.dump()), resume, main) for c, n in zip(cfgs, names)
+        ]
+        (lives if lives is not None else []).extend(mine)
         try:
-            modes = decide_starts(folders, resume)  # before anything is built; --resume also starts new runs
-            todo = [(c, n, f) for c, n, f, m in zip(cfgs, names, folders, modes) if m != "skip"]
+            decide_all(mine)  # before anything is built; --resume also starts new runs
+            todo = [(c, n, life) for c, n, life in zip(cfgs, names, mine) if life.mode != "skip"]
             if not todo:
                 return None
-            if dist.is_main():
+            if main:
                 for cfg, name, _ in todo:
                     _init_wandb(cfg, name)
-            pack = build_pack(*map(list, zip(*todo)), device)
-            shown = [(f, m) for f, m in zip(folders, modes) if m != "skip" and dist.is_main()]  # rank 0 speaks
-            with run_paths([f for f, _ in shown], [m for _, m in shown]):
-                return pack.train(resume, True, [m for m in modes if m != "skip"], time_limit)
+            todo_cfgs, todo_names, todo_lives = map(list, zip(*todo))
+            pack = build_pack(todo_cfgs, todo_names, [life.folder for life in todo_lives], device)
+            with run_paths(todo_lives if main else []):  # rank 0 speaks
+                return train_runs(pack, todo_lives, time_limit, hooks)
         finally:
-            for folder in folders:
-                folder.unlock()
+            for life in mine:
+                life.close()
 
 
 if __name__ == "__main__":

@@ -25,7 +25,9 @@ from pathlib import Path
 
 __all__ = [
     "WORKLOG",
+    "NONFINITE_CAUSES",
     "Worklog",
+    "epoch_record",
     "WorklogError",
     "block",
     "best_line",
@@ -45,9 +47,21 @@ __all__ = [
 WORKLOG = "worklog.txt"
 ACCURACIES = ("train_acc", "test_acc", "test_acc_top5", "best_acc")  # the percentages of a worklog
 _DASHES = "-" * 25
+# What a worklog's ``failed`` line suggests after a non-finite loss (both trainers).
+NONFINITE_CAUSES = (
+    "likely causes: a learning rate or loss weight too large, a temperature near 0, "
+    "or non-finite teacher weights or data"
+)
 
 
 # -- writing ------------------------------------------------------------------------------------
+
+
+def epoch_record(train_acc: float, train_loss: float, test_acc: float, test_top5: float, test_loss: float) -> dict:
+    """The host's per-epoch log_dict, in its order: the values of a worklog block and tensorboard."""
+    return OrderedDict(
+        train_acc=train_acc, train_loss=train_loss, test_acc=test_acc, test_acc_top5=test_top5, test_loss=test_loss
+    )
 
 
 def block(epoch: int, lr: float, record: dict[str, float]) -> str:

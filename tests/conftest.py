@@ -160,28 +160,35 @@ def assert_same_run(a, b):
     assert (a / "worklog.txt").read_text() == (b / "worklog.txt").read_text()
 
 
-@contextlib.contextmanager
-def interrupted_at_epoch(epoch: int):
-    """Inside the block, a pack raises KeyboardInterrupt when it reaches ``epoch`` (an interruption it sees)."""
-    from normkd_plugin.fast.pack import Pack
+def interrupted_at(epoch: int):
+    """A hook (``engine.fit.Hook``) that raises KeyboardInterrupt as ``epoch`` starts (an interruption a pack sees)."""
+    from normkd_plugin.engine.fit import Hook
 
-    real = Pack.train_epoch
+    class InterruptAt(Hook):
+        def before_epoch(self, e, runs):
+            if e == epoch:
+                raise KeyboardInterrupt
 
-    def train_epoch(self, runs, e):
-        if e == epoch:
-            raise KeyboardInterrupt
-        real(self, runs, e)
+    return InterruptAt()
 
-    Pack.train_epoch = train_epoch
+
+def train_built_pack(pack, resume: bool = False, time_limit=None, hooks=()):
+    """What normkd-train does with a built pack: decide each run (``lifecycle``), train them, release the folders."""
+    from normkd_plugin.engine.fit import train_runs
+    from normkd_plugin.lifecycle import RunLife, decide_all
+
+    lives = [RunLife(run.folder, resume) for run in pack.runs]
     try:
-        yield
+        decide_all(lives)
+        return train_runs(pack, lives, time_limit, hooks)
     finally:
-        Pack.train_epoch = real
+        for life in lives:
+            life.close()
 
 
 # Processes the tests start (loader workers, spawn_and_wait's ranks) fork from one forkserver per
 # test process, which imports these once: each process then starts in a fraction of a second.
-FORKSERVER_PRELOAD = ["mdistiller.models", "mdistiller.distillers", "normkd_plugin.build", "normkd_plugin.fast.pack"]
+FORKSERVER_PRELOAD = ["mdistiller.models", "mdistiller.distillers", "normkd_plugin.build", "normkd_plugin.engine.pack"]
 
 
 def _preload_forkserver() -> None:

@@ -70,8 +70,8 @@ def main(args: list[str] | None = None) -> None:
         host_cifar.get_cifar100_train_transform = host_cifar.get_cifar100_test_transform
 
     from normkd_plugin import train
-    from normkd_plugin.fast.pack import Pack
-    from normkd_plugin.fast.source import LoaderSource
+    from normkd_plugin.engine.pack import Pack
+    from normkd_plugin.engine.source import LoaderSource
 
     fail = tuple(int(x) for x in a.fail.split(":")) if a.fail else None
     if a.nan:

@@ -15,13 +15,13 @@ pytestmark = needs_mdistiller
 def pipe():
     from mdistiller.dataset.cifar100 import get_cifar100_train_transform
 
-    from normkd_plugin.fast.augment import host_pipeline
+    from normkd_plugin.engine.augment import host_pipeline
 
     return host_pipeline(get_cifar100_train_transform())
 
 
 def _data(arrays, n, pipe):
-    from normkd_plugin.fast.augment import TensorCifar
+    from normkd_plugin.engine.augment import TensorCifar
 
     images, labels = arrays
     return TensorCifar(images[:n], labels[:n], pipe, torch.device("cpu"))
@@ -38,7 +38,7 @@ def test_given_offsets_and_flips_equal_torchvision_exactly(cifar_test_arrays, pi
     from torchvision import transforms as T
     from torchvision.transforms import functional as TF
 
-    from normkd_plugin.fast.augment import Draw
+    from normkd_plugin.engine.augment import Draw
 
     n = 96
     data = _data(cifar_test_arrays, n, pipe)
@@ -69,7 +69,7 @@ def test_eval_split_is_the_host_test_transform_exactly(cifar_test_arrays):
     from mdistiller.dataset.cifar100 import get_cifar100_test_transform
     from PIL import Image
 
-    from normkd_plugin.fast.augment import TensorCifar, host_pipeline
+    from normkd_plugin.engine.augment import TensorCifar, host_pipeline
 
     images, labels = cifar_test_arrays
     tf = get_cifar100_test_transform()
@@ -120,7 +120,7 @@ def test_the_same_generator_state_draws_the_same_epoch(cifar_test_arrays, pipe):
 def test_unsupported_transform_is_refused():
     from torchvision import transforms as T
 
-    from normkd_plugin.fast.augment import host_pipeline
+    from normkd_plugin.engine.augment import host_pipeline
 
     with pytest.raises(ValueError, match="ColorJitter"):
         host_pipeline(T.Compose([T.ColorJitter(0.1), T.ToTensor(), T.Normalize((0.5,) * 3, (0.5,) * 3)]))

@@ -13,7 +13,7 @@ pytestmark = needs_mdistiller
 
 
 def test_pack_speed_times_serial_and_fused_packs_on_a_cpu(tmp_path, small_cifar_npz):
-    from normkd_plugin.fast.fuse_speed import read_table
+    from normkd_plugin.engine.fuse_speed import read_table
 
     out, table = tmp_path / "pack_speed.md", tmp_path / "fuse_speed.csv"
     cmd = [
@@ -54,8 +54,8 @@ def test_a_failing_case_is_a_row_and_a_failed_fused_case_is_infinitely_slow(
 
     import torch
 
-    from normkd_plugin.fast import layout
-    from normkd_plugin.fast.fuse_speed import read_table
+    from normkd_plugin.engine import layout
+    from normkd_plugin.engine.fuse_speed import read_table
 
     spec = importlib.util.spec_from_file_location("pack_speed", REPO / "benchmarks" / "pack_speed.py")
     pack_speed = importlib.util.module_from_spec(spec)

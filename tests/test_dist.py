@@ -34,7 +34,7 @@ N_VAL = 25  # odd: a padded split over 2 ranks would count one image twice
 def test_shard_splits_like_distributed_sampler_without_padding():
     from torch.utils.data import DistributedSampler
 
-    from normkd_plugin.dist import shard
+    from normkd_plugin.distributed import shard
 
     for n, world in ((10, 2), (11, 3), (2, 4), (0, 2)):
         parts = [shard(list(range(n)), r, world) for r in range(world)]
@@ -55,7 +55,7 @@ def _cfg(*opts):
 
 
 def test_check_world_names_the_bad_key(monkeypatch):
-    from normkd_plugin import dist
+    from normkd_plugin import distributed as dist
     from normkd_plugin.config import ConfigError
 
     monkeypatch.setenv("WORLD_SIZE", "3")
@@ -78,7 +78,7 @@ def test_check_world_names_the_bad_key(monkeypatch):
 
 
 def test_outside_torchrun_everything_is_one_process(monkeypatch):
-    from normkd_plugin import dist
+    from normkd_plugin import distributed as dist
 
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(key, raising=False)
@@ -94,7 +94,7 @@ def test_outside_torchrun_everything_is_one_process(monkeypatch):
 
 def test_which_runs_go_to_which_source(monkeypatch):
     from normkd_plugin.config import ConfigError
-    from normkd_plugin.fast.source import source_kind
+    from normkd_plugin.engine.source import source_kind
 
     monkeypatch.setenv("WORLD_SIZE", "1")
     assert source_kind(_cfg()) is None  # base in one process: the host's own trainer
@@ -414,7 +414,7 @@ def here(monkeypatch):
 
 def _record_batches(monkeypatch) -> dict[int, list[list[int]]]:
     """From now on, the sample indices of every training step, by epoch."""
-    from normkd_plugin.fast.source import LoaderSource
+    from normkd_plugin.engine.source import LoaderSource
 
     batches: dict[int, list[list[int]]] = {}
     real = LoaderSource.train_batch
@@ -489,7 +489,7 @@ def test_nonfinite_validation_loss_stops_the_run_before_its_first_checkpoint(
     npz_root, teacher_resnet56, tmp_path, here, monkeypatch, capsys
 ):
     """Weights that turn NaN after the last training step: epoch 1 is not committed, the worklog says why."""
-    from normkd_plugin.fast.pack import Pack
+    from normkd_plugin.engine.pack import Pack
 
     real = Pack.validate
 
@@ -512,7 +512,7 @@ def test_nonfinite_validation_loss_stops_the_run_before_its_first_checkpoint(
 def test_drawn_seed_is_stored_and_a_resume_shuffles_with_it(npz_root, teacher_resnet56, tmp_path, here, monkeypatch):
     """EXPERIMENT.SEED -1: the state keeps the seed the sampler used; a resume shuffles epoch 2 as the
     uninterrupted run with that seed does (a fresh draw would give another order)."""
-    from normkd_plugin.fast.pack import Pack
+    from normkd_plugin.engine.pack import Pack
 
     opts = _opts(npz_root, teacher_resnet56, tmp_path / "runs", 2, "EXPERIMENT.SEED", "-1")
     batches = _record_batches(monkeypatch)
@@ -620,7 +620,7 @@ def test_random_augmentation_resumes_bitwise(
 
 def _stopped_in_epoch_2_then_resumed(monkeypatch, opts: list[str], folder) -> None:
     """Train ``opts`` until the first step of epoch 2 (an exception), check ``folder()`` holds epoch 1, resume."""
-    from normkd_plugin.fast.source import LoaderSource
+    from normkd_plugin.engine.source import LoaderSource
 
     real = LoaderSource.train_batch
 
@@ -640,8 +640,8 @@ def _stopped_in_epoch_2_then_resumed(monkeypatch, opts: list[str], folder) -> No
 def test_a_pack_that_ends_stops_its_loader_workers_and_closes_its_writers(npz_root, teacher_resnet56, tmp_path):
     """Persistent workers and tensorboard writers end with the pack, not when the garbage collector finds them
     (a loader collected in a reference cycle loses its queues first, and then waits 5 s for each worker)."""
-    from normkd_plugin.fast.pack import Pack
-    from normkd_plugin.fast.source import LoaderSource
+    from normkd_plugin.engine.pack import Pack
+    from normkd_plugin.engine.source import LoaderSource
 
     seen: dict = {"workers": []}
     real_train, real_close = Pack.train, LoaderSource.close

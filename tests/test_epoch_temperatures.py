@@ -112,7 +112,7 @@ def test_the_fast_trainer_logs_each_epochs_temperatures_to_tensorboard(tmp_path,
     epoch, the float64 mean and spread over that epoch's training batches (not the validation's, nor the epoch
     before's); KD logs none."""
     from normkd_plugin.config import load_config, run_name
-    from normkd_plugin.fast.pack import Pack
+    from normkd_plugin.engine.pack import Pack
     from normkd_plugin.train import train_pack
 
     methods = ("normkd", "normdkd", "kd_ls", "dkd_ls", "kd")
@@ -147,7 +147,7 @@ def test_the_fast_trainer_logs_each_epochs_temperatures_to_tensorboard(tmp_path,
 def _watch_steps(seen: dict):
     """Patch Pack._step to record, per (run name, epoch), each step's (teacher logits, student logits); returns the
     original to restore."""
-    from normkd_plugin.fast.pack import Pack
+    from normkd_plugin.engine.pack import Pack
 
     original = Pack._step
 
@@ -180,7 +180,7 @@ def _rank(rank, world, root, teacher, prefix, out):
     from normkd_plugin import runs
     from normkd_plugin.build import build_pack
     from normkd_plugin.config import load_config, run_name
-    from normkd_plugin.fast.pack import Pack
+    from normkd_plugin.engine.pack import Pack
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{out}/rendezvous", rank=rank, world_size=world)

@@ -183,10 +183,10 @@ def test_fast_steps_equal_the_host_train_iter_bitwise(tmp_path, small_cifar_npz,
     from normkd_plugin.build import build_distiller, build_student, build_teacher
     from normkd_plugin.config import load_config
     from normkd_plugin.data import get_dataset
-    from normkd_plugin.fast.pack import Pack, PackRun, SharedTeacher, host_optimizer
-    from normkd_plugin.fast.ranks import Ranks
-    from normkd_plugin.fast.trainer import device_split
-    from normkd_plugin.runs import RunFolder
+    from normkd_plugin.engine.pack import Pack, PackRun, SharedTeacher, host_optimizer
+    from normkd_plugin.distributed import Ranks
+    from normkd_plugin.engine.trainer import device_split
+    from normkd_plugin.run_folder import RunFolder
 
     monkeypatch.setattr(torch.Tensor, "cuda", lambda self, *a, **k: self)  # the host's train_iter moves to CUDA
     cfg = load_config(f"cifar100/{method}/res56_res20", fast_opts(small_cifar_npz, teacher_resnet56, tmp_path, 0))
@@ -242,7 +242,7 @@ def test_the_no_recapture_stand_in_has_the_signature_of_step_graph_run():
     """The CUDA test's mutation replaces StepGraph.run: a stale signature would fail that test on the GPU only."""
     import inspect
 
-    from normkd_plugin.fast.graph import StepGraph
+    from normkd_plugin.engine.graph import StepGraph
 
     def shape(fn):  # names, kinds and defaults (annotations aside)
         return [(p.name, p.kind, p.default) for p in inspect.signature(fn).parameters.values()]
@@ -254,8 +254,8 @@ def _graph_vs_eager_state(tmp_path, root, teacher, graph: bool, mutation: str | 
     """Two epochs (LR decay after 1, NormDKD in warm-up, partial last batch) on CUDA; the run's final state."""
     from conftest import fast_opts, load_state
     from normkd_plugin.config import load_config, run_name
-    from normkd_plugin.fast.graph import StepGraph
-    from normkd_plugin.fast.pack import Pack
+    from normkd_plugin.engine.graph import StepGraph
+    from normkd_plugin.engine.pack import Pack
     from normkd_plugin.train import train_pack
 
     opts = fast_opts(root, teacher, tmp_path / f"g{graph}{mutation}", 0, "SOLVER.FAST.CUDA_GRAPH", str(graph))

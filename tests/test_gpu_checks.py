@@ -35,7 +35,7 @@ import os
 import torch
 
 from normkd_plugin import timelimit
-from normkd_plugin.fast.pack import Pack
+from normkd_plugin.engine.pack import Pack
 from normkd_plugin.train import main
 
 
@@ -266,7 +266,7 @@ def test_stages_keep_their_whole_output_and_a_failing_case_does_not_end_the_tabl
 
 
 def test_unpack_merges_a_fused_pack_measurement_into_the_table(tmp_path):
-    from normkd_plugin.fast.fuse_speed import Measurement, read_table, write_table
+    from normkd_plugin.engine.fuse_speed import Measurement, read_table, write_table
 
     def row(runs, fused):
         return Measurement("GPU X", "resnet20", "fp32", "off", runs, 30.0, fused, "2.14.1", "")

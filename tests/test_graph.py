@@ -38,7 +38,7 @@ def _run(graph, log, full=5, key=1):
 
 
 def test_failed_capture_trains_every_batch_once(fake_cuda, monkeypatch):
-    from normkd_plugin.fast.graph import StepGraph
+    from normkd_plugin.engine.graph import StepGraph
 
     graph, log = StepGraph(step=None, zero_grad=lambda: None, enabled=True), []
 
@@ -56,7 +56,7 @@ def test_failed_capture_trains_every_batch_once(fake_cuda, monkeypatch):
 
 
 def test_capture_once_per_key_then_replay(fake_cuda, monkeypatch):
-    from normkd_plugin.fast.graph import StepGraph
+    from normkd_plugin.engine.graph import StepGraph
 
     graph, log = StepGraph(step=None, zero_grad=lambda: None, enabled=True), []
 
@@ -77,7 +77,7 @@ def test_capture_once_per_key_then_replay(fake_cuda, monkeypatch):
 
 
 def test_disabled_or_single_batch_runs_eagerly():
-    from normkd_plugin.fast.graph import StepGraph
+    from normkd_plugin.engine.graph import StepGraph
 
     log = []
     _run(StepGraph(step=None, zero_grad=lambda: None, enabled=False), log)
@@ -92,7 +92,7 @@ def test_capture_is_thread_local(fake_cuda, monkeypatch):
     loader's pin-memory thread may allocate pinned memory or query events during the capture."""
     import inspect
 
-    from normkd_plugin.fast.graph import StepGraph
+    from normkd_plugin.engine.graph import StepGraph
 
     real_graph, calls, log = torch.cuda.graph, [], []
 

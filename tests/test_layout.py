@@ -52,7 +52,7 @@ def _train(root, teacher, prefix, runs, fuse, extra=(), resume=False, caplog=Non
         cfgs.append(load_config(name, opts))
         names.append(run_name(cfgs[-1], opts))
     if caplog is not None:
-        with caplog.at_level(logging.INFO, logger="normkd_plugin.fast.pack"):
+        with caplog.at_level(logging.INFO, logger="normkd_plugin.engine.pack"):
             train_pack(cfgs, names, torch.device(device), resume)
     else:
         train_pack(cfgs, names, torch.device(device), resume)
@@ -179,7 +179,7 @@ def test_a_nan_run_in_a_fused_group_fails_alone(tmp_path, small_cifar_npz, teach
     At epoch 1 the survivors are fused again for epoch 2, after validation left the students in eval mode:
     they must train in train mode (batch statistics, running statistics updated) as the unfused runs do.
     """
-    from normkd_plugin.fast.pack import Pack, RunsFailed
+    from normkd_plugin.engine.pack import Pack, RunsFailed
 
     real = Pack.train_epoch
 
@@ -228,7 +228,7 @@ def test_fusion_key_accepts_logit_distillers_and_sgd_only(small_cifar_npz, teach
 
     from mdistiller.models.cifar import resnet8, resnet20
 
-    from normkd_plugin.fast.layout import fusion_key
+    from normkd_plugin.engine.layout import fusion_key
 
     def run(kind, student, optimizer=None, dropout=False):
         net = student(num_classes=100)
@@ -314,7 +314,7 @@ def _fused_resnets(k: int):
 
     from mdistiller.models.cifar import resnet8
 
-    from normkd_plugin.fast.layout import FusedStudents
+    from normkd_plugin.engine.layout import FusedStudents
 
     torch.manual_seed(0)
     nets = [resnet8(num_classes=100).to(memory_format=torch.channels_last) for _ in range(k)]
@@ -360,7 +360,7 @@ def test_fused_students_step_as_their_own_sgd_optimizers(cifar_batch):
     import torch.nn.functional as F
     from mdistiller.models.cifar import resnet20
 
-    from normkd_plugin.fast.layout import FusedStudents
+    from normkd_plugin.engine.layout import FusedStudents
 
     x, y = cifar_batch  # 32 real images: slice k trains on its own 16 (slices 0 and 2 share theirs)
     batches = [(x[:16], y[:16]), (x[16:], y[16:]), (x[:16], y[:16])]
@@ -400,13 +400,13 @@ def test_fused_students_step_as_their_own_sgd_optimizers(cifar_batch):
 
 
 def _measured(device="NVIDIA H100 80GB HBM3", precision="fp32", benchmark="off", runs=15, serial=40.0, fused=20.0):
-    from normkd_plugin.fast.fuse_speed import Measurement
+    from normkd_plugin.engine.fuse_speed import Measurement
 
     return Measurement(device, "resnet20", precision, benchmark, runs, serial, fused, "2.14.1", "")
 
 
 def test_fuse_auto_fuses_where_the_nearest_measurement_of_this_device_says_fused_is_faster():
-    from normkd_plugin.fast.fuse_speed import choose
+    from normkd_plugin.engine.fuse_speed import choose
 
     h100, a100 = "NVIDIA H100 80GB HBM3", "NVIDIA A100-SXM4-40GB"
     rows = [_measured(runs=4, serial=10.0, fused=8.0), _measured(runs=15, serial=30.0, fused=31.0)]
@@ -429,8 +429,8 @@ def test_fuse_choice_reads_the_packaged_table_and_this_machines_own_first(tmp_pa
     """auto on CUDA (the device name stands in): $NORMKD_FUSE_TABLE's rows win over the packaged ones; auto on a
     CPU never fuses, on anywhere; the packaged table is a valid table."""
     from normkd_plugin.config import ConfigError, load_config
-    from normkd_plugin.fast.fuse_speed import FuseChoice, measurements, write_table
-    from normkd_plugin.fast.pack import check_pack
+    from normkd_plugin.engine.fuse_speed import FuseChoice, measurements, write_table
+    from normkd_plugin.engine.checks import check_pack
 
     monkeypatch.delenv("NORMKD_FUSE_TABLE", raising=False)
     packaged = measurements()
@@ -455,7 +455,7 @@ def test_fuse_choice_reads_the_packaged_table_and_this_machines_own_first(tmp_pa
 
 def test_fuse_table_merges_by_key_and_names_what_it_cannot_read(tmp_path):
     from normkd_plugin.config import ConfigError
-    from normkd_plugin.fast.fuse_speed import main, merge_table, read_table, write_table
+    from normkd_plugin.engine.fuse_speed import main, merge_table, read_table, write_table
 
     table = tmp_path / "table.csv"
     merge_table(table, [_measured(runs=15, fused=20.0), _measured(runs=4)])
@@ -488,7 +488,7 @@ def test_a_group_that_the_choice_does_not_fuse_trains_as_unfused(
     tmp_path, small_cifar_npz, teacher_resnet56, caplog, monkeypatch
 ):
     """Runs that could fuse but are not chosen to: trained bitwise as the unfused pack, the log says why."""
-    from normkd_plugin.fast.fuse_speed import FuseChoice
+    from normkd_plugin.engine.fuse_speed import FuseChoice
 
     monkeypatch.setattr(FuseChoice, "fuses", lambda self, student, runs: (False, f"measured slower for {student}"))
     short = ("SOLVER.EPOCHS", "1", "SOLVER.LR_DECAY_STAGES", "[]", "SOLVER.FAST.ITERS_PER_EPOCH", "2")

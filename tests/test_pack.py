@@ -75,7 +75,7 @@ def test_pack_of_three_equals_three_solo_runs_bitwise(pack_and_solos):
 def one_epoch_seen(tmp_path_factory, small_cifar_npz, teacher_resnet56):
     """One epoch of RUNS as a pack, watched: per step the (distiller type, image tensor, targets) of every run,
     and the batch size of every forward of the teacher network."""
-    from normkd_plugin.fast.pack import Pack, SharedTeacher
+    from normkd_plugin.engine.pack import Pack, SharedTeacher
 
     seen, sizes = [], []
     original_step, original_precompute = Pack._step, SharedTeacher.precompute
@@ -209,7 +209,7 @@ def test_interrupted_pack_resumes_every_run_exactly(tmp_path, small_cifar_npz, t
 
 def test_a_run_that_turns_nan_fails_alone(tmp_path, small_cifar_npz, teacher_resnet56, monkeypatch, pack_and_solos):
     """The poisoned run stops at epoch 2 step 1, keeps its epoch-1 checkpoint; the others equal their solo runs."""
-    from normkd_plugin.fast.pack import Pack, RunsFailed
+    from normkd_plugin.engine.pack import Pack, RunsFailed
 
     real = Pack.train_epoch
 
@@ -242,7 +242,7 @@ def test_the_graph_is_keyed_on_learning_rates_warm_up_factors_and_runs(
 ):
     """The keys a real pack gives its graph over 4 epochs (DKD and NormDKD warm up over 2, the LR decays after 3):
     a new key at the warm-up's second epoch and at the decay, the same one in between."""
-    from normkd_plugin.fast.graph import StepGraph
+    from normkd_plugin.engine.graph import StepGraph
 
     real, keys = StepGraph.run, []
 
@@ -272,7 +272,7 @@ def test_graph_key_reads_of_the_epoch_what_the_distillers_loss_reads(method, cif
 
     from normkd_plugin.build import build_distiller
     from normkd_plugin.config import load_config
-    from normkd_plugin.fast.pack import graph_key
+    from normkd_plugin.engine.step import graph_key
 
     cfg = load_config(
         f"cifar100/{method}/res56_res20", ["DISTILLER.STUDENT", "resnet8", "DISTILLER.TEACHER", "resnet8"]
@@ -298,7 +298,7 @@ def test_graph_key_reads_of_the_epoch_what_the_distillers_loss_reads(method, cif
 def test_graph_key_of_an_unknown_distiller_is_its_epoch_and_a_new_set_of_runs_is_a_new_key():
     from types import SimpleNamespace
 
-    from normkd_plugin.fast.pack import graph_key
+    from normkd_plugin.engine.step import graph_key
 
     def run(kind):
         opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.05)
@@ -356,7 +356,7 @@ def test_resumed_pack_restarts_a_run_that_failed_before_its_first_checkpoint(
 ):
     """KD turns NaN in epoch 1 (no checkpoint), the pack is interrupted at epoch 3; --resume restarts KD from
     scratch, lets it catch up alone, and it ends bitwise equal to a solo KD run; NormKD resumes."""
-    from normkd_plugin.fast.pack import Pack
+    from normkd_plugin.engine.pack import Pack
 
     runs = RUNS[:2]
     extra = ("SOLVER.EPOCHS", "3", "SOLVER.LR_DECAY_STAGES", "[2]")
@@ -392,7 +392,7 @@ def test_a_distillers_own_modules_start_as_on_the_base_path(tmp_path, small_cifa
     from normkd_plugin.build import build_distiller, build_models, build_pack
     from normkd_plugin.config import load_config, run_name
     from normkd_plugin.data import seed_run
-    from normkd_plugin.runs import RunFolder
+    from normkd_plugin.run_folder import RunFolder
 
     opts = fast_opts(small_cifar_npz, teacher_resnet56, tmp_path, 3, "DISTILLER.TYPE", "FITNET")
     cfg = load_config("cifar100/kd/res56_res20", opts)
@@ -414,7 +414,7 @@ def test_a_pack_resumed_with_another_teacher_drops_its_distilled_runs_and_hashes
     """KD and NormKD share the teacher, the vanilla run has none: after a stop at epoch 2, a resume with another
     teacher file refuses both distilled runs and finishes the vanilla one; the pack reads each input file once."""
     from normkd_plugin import provenance
-    from normkd_plugin.fast.pack import RunsFailed
+    from normkd_plugin.errors import RunsFailed
 
     runs = (("cifar100/kd/res56_res20", 0), ("cifar100/normkd/res56_res20", 0), ("cifar100/vanilla/res56_res20", 0))
     extra = ("SOLVER.FAST.ITERS_PER_EPOCH", "1")

@@ -32,7 +32,7 @@ def _worker(
 
     from normkd_plugin import runs
     from normkd_plugin.build import build_pack
-    from normkd_plugin.fast.pack import Pack
+    from normkd_plugin.engine.pack import Pack
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{out}/rendezvous", rank=rank, world_size=world)
@@ -117,7 +117,7 @@ def _reference_steps(root, teacher, cfg):
 
     from normkd_plugin.data import load_cifar100, seed_everything
     from normkd_plugin.distillers import NormKD
-    from normkd_plugin.fast.augment import TensorCifar, host_pipeline
+    from normkd_plugin.engine.augment import TensorCifar, host_pipeline
 
     net = cifar_model_dict["resnet56"][0](num_classes=100)
     net.load_state_dict(torch.load(teacher, weights_only=True))
@@ -178,7 +178,7 @@ def _global_batches(root, epoch):
     from mdistiller.dataset.cifar100 import get_cifar100_train_transform
 
     from normkd_plugin.data import load_cifar100
-    from normkd_plugin.fast.augment import TensorCifar, host_pipeline
+    from normkd_plugin.engine.augment import TensorCifar, host_pipeline
 
     data = TensorCifar(*load_cifar100(root, True), host_pipeline(get_cifar100_train_transform()), torch.device("cpu"))
     generator = torch.Generator().manual_seed(0)
@@ -196,7 +196,7 @@ def _step_gradients(root, teacher, cfg, states, world, weighting):
 
     from normkd_plugin.data import load_cifar100
     from normkd_plugin.distillers import NormKD
-    from normkd_plugin.fast.augment import TensorCifar, host_pipeline
+    from normkd_plugin.engine.augment import TensorCifar, host_pipeline
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the workers: the same float32 rounding

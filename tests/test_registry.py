@@ -19,7 +19,7 @@ def test_register_puts_classes_and_nodes_in_place():
 
     import normkd_plugin
     from normkd_plugin.distillers import DKDLS, KDLS, NormDKD, NormDKDRelease, NormKD, NormKDRelease
-    from normkd_plugin.fast.trainer import FastTrainer
+    from normkd_plugin.engine.trainer import FastTrainer
 
     plugins = normkd_plugin.register()
     assert distiller_dict["NORMKD"] is NormKD and distiller_dict["NORMDKD"] is NormDKD

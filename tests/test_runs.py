@@ -1,7 +1,8 @@
-"""runs.py: atomic writes, the folder lock, start guards, worklog cut-back, resume fallback, and SIGKILL at any moment."""
+"""run_folder.py, run_files.py, lifecycle.py: atomic writes, the folder lock, start guards, worklog cut-back, resume fallback, and SIGKILL at any moment."""
 
 from __future__ import annotations
 
+import io
 import multiprocessing
 import os
 import re
@@ -10,6 +11,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,13 +22,13 @@ BLOCK = "-------------------------\nepoch: {e}\nlr: 0.05\ntest_acc: 1.00\n------
 
 
 def _folder(tmp_path, name="run"):
-    from normkd_plugin.runs import RunFolder
+    from normkd_plugin.run_folder import RunFolder
 
     return RunFolder(tmp_path / name)
 
 
 def test_atomic_write_keeps_the_old_file_when_the_writer_fails(tmp_path):
-    from normkd_plugin.runs import atomic_write
+    from normkd_plugin.run_files import atomic_write
 
     target = tmp_path / "latest"
     target.write_bytes(b"old")
@@ -59,7 +61,7 @@ def test_lock_held_by_another_process(tmp_path):
 
     code = textwrap.dedent(f"""
         import sys, time
-        from normkd_plugin.runs import RunFolder
+        from normkd_plugin.run_folder import RunFolder
         RunFolder({str(tmp_path / "run")!r}).lock()
         print("locked", flush=True)
         time.sleep(60)
@@ -98,23 +100,30 @@ def test_status_and_start_guards(tmp_path, files, status):
     folder.path.mkdir()
     for name, text in files.items():
         (folder.path / name).write_text(text)
+    from normkd_plugin.lifecycle import RunLife, decision
+
     assert folder.status() == status
     if status == "new":
-        assert folder.check_start(resume=False) == "start"
-        assert folder.check_start(resume=True) == "start"  # --resume is resume-or-start
-        with pytest.raises(RunError, match="holds no run to resume; run the same command without --resume"):
-            folder.check_start(resume=True, new_ok=False)
+        assert decision(folder, resume=False) == "start"
+        assert decision(folder, resume=True) == "start"  # --resume is resume-or-start
     else:
         advice = "set EXPERIMENT.NAME" if status == "finished" else "add --resume .* EXPERIMENT.NAME"
         with pytest.raises(RunError, match=f"already holds a {status} run; {advice}"):
-            folder.check_start(resume=False)
+            decision(folder, resume=False)
         has_state = "latest" in files
         expected = {"finished": "skip"}.get(status, "resume" if has_state else "start")  # no checkpoint: again
-        assert folder.check_start(resume=True) == expected
+        assert decision(folder, resume=True) == expected
+        life = RunLife(folder, resume=True)
+        try:  # the lifecycle decides the same, holding the folder's lock
+            assert life.decide() == expected and life.mode == expected
+            with pytest.raises(RunError, match="in use by another run"):
+                _folder(tmp_path).lock()
+        finally:
+            life.close()
 
 
 def test_status_counts_the_epochs_of_this_commands_config(tmp_path):
-    from normkd_plugin.runs import RunFolder
+    from normkd_plugin.run_folder import RunFolder
 
     folder = RunFolder(tmp_path / "run", "run", "SOLVER:\n  EPOCHS: 2\n")
     folder.path.mkdir()
@@ -122,7 +131,9 @@ def test_status_counts_the_epochs_of_this_commands_config(tmp_path):
     (folder.path / "worklog.txt").write_text(BLOCK.format(e=1) + "best_acc\t1.00")
     assert folder.status() == "started"
     (folder.path / "worklog.txt").write_text(BLOCK.format(e=1) + BLOCK.format(e=2) + "best_acc\t1.00")
-    assert folder.status() == "finished" and folder.check_start(resume=True) == "skip"
+    from normkd_plugin.lifecycle import decision
+
+    assert folder.status() == "finished" and decision(folder, resume=True) == "skip"
 
 
 def test_cut_worklog_keeps_complete_blocks_up_to_the_epoch(tmp_path):
@@ -171,7 +182,7 @@ def test_resume_refuses_a_changed_config_but_not_moved_paths(tmp_path):
 
 
 def test_written_files_follow_the_umask(tmp_path):
-    from normkd_plugin.runs import atomic_write
+    from normkd_plugin.run_files import atomic_write
 
     old = os.umask(0o022)
     try:
@@ -191,77 +202,70 @@ def test_stale_temporary_files_are_removed_by_the_lock_holder(tmp_path):
 
 # -- SIGKILL at any moment, then --resume: bitwise the run that was never interrupted ------------
 
-CHILD = textwrap.dedent("""
-    import io, os, sys, time
-    from pathlib import Path
-    from normkd_plugin import runs, train
-    from normkd_plugin.fast import pack
+def _killable(point: str, marker: str, argv: list[str], threads: int) -> None:
+    """``normkd-train argv`` in a process forked by the forkserver (which has imported torch, so it starts in a
+    fraction of a second), on the test's number of threads (the same float rounding as the reference), that
+    stops at ``point`` (writes ``marker``, then waits for the test's SIGKILL)."""
+    from normkd_plugin import run_files, run_folder, train
+    from normkd_plugin.engine.fit import Hook
 
-    point, marker, argv = sys.argv[1], Path(sys.argv[2]), sys.argv[3:]
+    torch.set_num_threads(threads)
 
     def stop_here():
-        marker.write_text("at " + point)
+        Path(marker).write_text("at " + point)
         time.sleep(600)  # the test kills this process now
 
-    calls = {"latest": 0, "step": 0}
-    if point == "mid-step":  # epoch 2, inside its second training step
-        real_step = pack.Pack._step
-        def _step(self, images, targets, epoch):
-            if epoch == 2:
-                calls["step"] += 1
-                if calls["step"] == 2:
-                    stop_here()
-            real_step(self, images, targets, epoch)
-        pack.Pack._step = _step
-    elif point == "mid-write":  # half of epoch 2's `latest` written to its temporary file
-        real_write = runs.atomic_write
+    class StopAt(Hook):
+        def after_batch(self, epoch, step):  # epoch 2, as its second training step starts
+            if point == "mid-step" and epoch == 2 and step == 1:
+                stop_here()
+
+        def before_epoch(self, epoch, runs):  # epoch 2 fully committed, epoch 3 not started
+            if point == "after-epoch" and epoch == 3:
+                stop_here()
+
+    latest_writes = [0]
+    if point == "mid-write":  # half of epoch 2's `latest` written to its temporary file
+        real_write = run_files.atomic_write
+
         def atomic_write(path, write):
             if Path(path).name == "latest":
-                calls["latest"] += 1
-                if calls["latest"] == 2:
+                latest_writes[0] += 1
+                if latest_writes[0] == 2:
                     buf = io.BytesIO()
                     write(buf)
+
                     def half(f):
                         f.write(buf.getvalue()[: len(buf.getvalue()) // 2])
                         f.flush()
                         stop_here()
+
                     return real_write(path, half)
             return real_write(path, write)
-        runs.atomic_write = atomic_write
+
+        run_folder.atomic_write = atomic_write
     elif point == "between-writes":  # epoch 2's `latest` in place; student files, best, worklog not yet
-        real_write = runs.RunFolder.write_bytes
+        real_bytes = run_folder.RunFolder.write_bytes
+
         def write_bytes(self, name, data):
-            real_write(self, name, data)
+            real_bytes(self, name, data)
             if name == "latest":
-                calls["latest"] += 1
-                if calls["latest"] == 2:
+                latest_writes[0] += 1
+                if latest_writes[0] == 2:
                     stop_here()
-        runs.RunFolder.write_bytes = write_bytes
+
+        run_folder.RunFolder.write_bytes = write_bytes
     elif point == "mid-worklog":  # epoch 2's worklog block half appended
-        real_append = runs.RunFolder._append
-        def _append(self, text):
+        real_append = run_folder.RunFolder.append
+
+        def append(self, text):
             if "epoch: 2" in text:
                 real_append(self, text[: len(text) // 2])
                 stop_here()
             real_append(self, text)
-        runs.RunFolder._append = _append
-    elif point == "after-epoch":  # epoch 2 fully committed, epoch 3 not started
-        real_epoch = pack.Pack.train_epoch
-        def train_epoch(self, runs_, epoch):
-            if epoch == 3:
-                stop_here()
-            real_epoch(self, runs_, epoch)
-        pack.Pack.train_epoch = train_epoch
-    train.main(argv)
-""")
 
-
-def _killable(point: str, marker: str, argv: list[str], threads: int) -> None:
-    """CHILD in a process forked by the forkserver, which has imported torch (so it starts in a fraction of a
-    second), on the test's number of threads (the same float rounding as the reference)."""
-    torch.set_num_threads(threads)
-    sys.argv = ["child", point, marker, *argv]
-    exec(CHILD, {"__name__": "__child__"})
+        run_folder.RunFolder.append = append
+    train.main(argv, hooks=[StopAt()])
 
 
 @pytest.fixture(scope="module")
@@ -343,7 +347,7 @@ def test_a_refused_start_leaves_no_empty_folder(tmp_path):
 
 
 def test_a_refused_start_leaves_no_empty_dataset_folder(tmp_path):
-    from normkd_plugin.runs import RunFolder
+    from normkd_plugin.run_folder import RunFolder
 
     prefix = tmp_path / "output"
     folder = RunFolder(prefix / "cifar100" / "normkd,res56,res20")
@@ -373,14 +377,14 @@ def _short_argv(root, teacher, prefix, seed, cfg="cifar100/normkd/res56_res20"):
 @pytest.fixture(scope="module")
 def stopped_runs(tmp_path_factory, small_cifar_npz, teacher_resnet56):
     """Seeds 0 and 1 of a 3-epoch run, each stopped before epoch 3 (latest at epoch 2): {seed: prefix}."""
-    from conftest import interrupted_at_epoch
+    from conftest import interrupted_at
     from normkd_plugin import train
 
     out = {}
     for seed in (0, 1):
         prefix = tmp_path_factory.mktemp(f"stopped{seed}")
-        with interrupted_at_epoch(3), pytest.raises((SystemExit, KeyboardInterrupt)):
-            train.main(_short_argv(small_cifar_npz, teacher_resnet56, prefix, seed))
+        with pytest.raises((SystemExit, KeyboardInterrupt)):
+            train.main(_short_argv(small_cifar_npz, teacher_resnet56, prefix, seed), hooks=[interrupted_at(3)])
         out[seed] = prefix
     return out
 

@@ -23,7 +23,7 @@ PAIR = "imagenet/r34_r18"
 def test_seed_group_batches_are_each_groups_distributed_sampler_batches(n, world, per_rank):
     from torch.utils.data import DataLoader, DistributedSampler
 
-    from normkd_plugin.fast.source import SeedGroupBatches
+    from normkd_plugin.engine.source import SeedGroupBatches
 
     for rank in range(world):
         batches = SeedGroupBatches(n, per_rank, rank, world)
@@ -45,7 +45,7 @@ def test_seed_group_batches_are_each_groups_distributed_sampler_batches(n, world
 
 def test_packs_refuse_what_their_source_cannot_feed(monkeypatch):
     from normkd_plugin.config import ConfigError, load_config
-    from normkd_plugin.fast.pack import check_pack
+    from normkd_plugin.engine.checks import check_pack
 
     monkeypatch.setenv("WORLD_SIZE", "1")
     kd = f"{PAIR}/kd"
@@ -126,7 +126,7 @@ class _Count:
 
     def __init__(self, monkeypatch):
         import normkd_plugin.imagenet as imagenet
-        from normkd_plugin.fast.pack import SharedTeacher
+        from normkd_plugin.engine.pack import SharedTeacher
 
         self.teacher: list[int] = []  # batches per teacher forward
         self.decoded = 0
@@ -184,7 +184,7 @@ def test_loader_pack_of_two_seeds_equals_its_solo_runs(jpeg_root, teacher_r34, t
 
 
 def test_killed_loader_pack_resumes_bitwise(jpeg_root, teacher_r34, tmp_path, monkeypatch, kd_runs):
-    from normkd_plugin.fast.source import LoaderSource
+    from normkd_plugin.engine.source import LoaderSource
 
     _, whole, _ = kd_runs
     argv = [*_cfgs("kd", "normkd"), *_opts(jpeg_root, teacher_r34, tmp_path, "cpu", "EXPERIMENT.SEED", "0")]

@@ -89,8 +89,8 @@ def _ranked_worker(rank, out, root, teacher):
     from normkd_plugin import timelimit
     from normkd_plugin.build import build_pack
     from normkd_plugin.config import load_config, run_name
-    from normkd_plugin.fast.pack import Pack
-    from normkd_plugin.runs import RunFolder
+    from normkd_plugin.engine.pack import Pack
+    from normkd_plugin.run_folder import RunFolder
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{out}/rendezvous", rank=rank, world_size=2)
@@ -144,7 +144,7 @@ def test_pack_stops_in_time_then_resumes_from_travelled_files_bitwise(
     """A 2-epoch pack under a limit that fits one epoch exits 3 after epoch 1; only worklog.txt, config.yaml
     and latest of each run travel to another folder, and --resume there ends bitwise as the uninterrupted pack."""
     from normkd_plugin import train
-    from normkd_plugin.fast.pack import Pack
+    from normkd_plugin.engine.pack import Pack
 
     def argv(prefix):
         return [*PACK, *fast_opts(small_cifar_npz, teacher_resnet56, prefix, 0)]
@@ -181,7 +181,7 @@ def test_a_limit_spent_before_training_still_trains_one_epoch(
     """Building took longer than the limit: the first epoch runs anyway (nothing to estimate it by), so the
     stopped run holds a checkpoint and the suggested --resume continues it."""
     from normkd_plugin import train
-    from normkd_plugin.fast.pack import Pack
+    from normkd_plugin.engine.pack import Pack
 
     real_start = Pack.start
 
@@ -204,7 +204,7 @@ def test_a_limit_spent_before_training_still_trains_one_epoch(
 @needs_mdistiller
 def test_ddp_trainer_stops_in_time_and_resumes(tmp_path, small_cifar_npz, teacher_resnet56, clock, monkeypatch, capsys):
     from normkd_plugin import train
-    from normkd_plugin.fast.pack import Pack
+    from normkd_plugin.engine.pack import Pack
 
     opts = [
         "--cfg", "cifar100/normkd/res56_res20", "--device", "cpu",

@@ -431,7 +431,7 @@ def _main(argv, capsys):
 
 def _filling_the_disk_before_epoch(epoch, where, monkeypatch):
     from conftest import fill_disk
-    from normkd_plugin.fast.pack import Pack
+    from normkd_plugin.engine.pack import Pack
 
     real = Pack.train_epoch
 
@@ -460,7 +460,7 @@ def test_a_full_disk_is_one_line_naming_the_file_and_the_last_epoch_is_kept(
             if how == "real tmpfs":
                 _filling_the_disk_before_epoch(2, disk, m)
             else:  # a file system that reports the full disk when the data reach it (fsync)
-                from normkd_plugin.fast.pack import Pack
+                from normkd_plugin.engine.pack import Pack
 
                 real_epoch = Pack.train_epoch
 

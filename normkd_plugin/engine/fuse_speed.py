@@ -152,7 +152,7 @@ class FuseChoice:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m normkd_plugin.fast.fuse_speed NEW.csv TABLE.csv``: merge a measurement into a table."""
+    """``python -m normkd_plugin.engine.fuse_speed NEW.csv TABLE.csv``: merge a measurement into a table."""
     import argparse
     import sys
 

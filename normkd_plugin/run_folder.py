@@ -1,23 +1,18 @@
-"""One run folder: its lock, atomic writes, the host's worklog format, checkpoints and resume.
+"""One run folder: its files, its checkpoints and worklog, and how an epoch is committed and resumed.
 
-Everything a ``fast`` run (solo or packed) writes goes through :class:`RunFolder`, so a kill at
-any moment leaves a folder that resumes exactly:
+Everything a run of this plugin's engine (solo or packed) writes goes through :class:`RunFolder` (and
+every decision about it through :class:`~.lifecycle.RunLife`), so a kill at any moment leaves a folder
+that resumes exactly:
 
-* every file is written to a temporary file in the same folder, flushed, fsync'ed and moved over
-  the old one with ``os.replace`` (a reader sees the old file or the new one, never half of one);
+* files are written atomically and the folder is locked (:mod:`.run_files`);
 * an epoch is committed in a fixed order: ``latest`` (the commit point, holding the epoch's log
   record), the other checkpoints, then the worklog block. Resume loads ``latest`` and redoes
   what follows it, so files and worklog end as an uninterrupted run leaves them; worklog lines
   past the checkpoint's epoch are cut;
-* ``fcntl.flock`` on ``.lock`` (holder's PID inside) keeps a second process out of the folder;
-* every state knows whose it is: the run's name, seed and config (``identity``) and the records
-  of all its epochs (``records``). ``--resume`` refuses a state of another run or config, rewrites
-  a missing ``config.yaml`` from it and rebuilds a cut, damaged or deleted worklog from the records;
-* every state, and ``provenance.yaml``, records what the run learns from: its teacher file's SHA-256
-  and its data's identity (:mod:`normkd_plugin.provenance`). ``--resume`` refuses another teacher or
-  other data, by content (a moved or copied file is the same one);
-* an OS error while reading or writing the folder is a :class:`FolderError` naming the path and
-  the cause; SIGINT/SIGTERM are held back while an epoch commits, so a stop never half-writes one.
+* every state knows whose it is and what it learned from (:mod:`.run_identity`): ``--resume`` refuses a
+  state of another run, config, teacher or data, rewrites a missing ``config.yaml`` from it and rebuilds
+  a cut, damaged or deleted worklog from the records of all its epochs;
+* SIGINT/SIGTERM are held back while an epoch commits, so a stop never half-writes one.
 
 The worklog keeps the host's format, written and read by :mod:`.worklog` (which also says when a run
 is finished); a run that stops on a non-finite loss ends with ``failed<TAB><reason>`` instead.
@@ -25,34 +20,19 @@ is finished); a run that stops on a non-finite loss ends with ``failed<TAB><reas
 
 from __future__ import annotations
 
-import errno
-import fcntl
-import hashlib
-import json
 import logging
 import os
 import re
-import signal
-import tempfile
-from collections import OrderedDict
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 from . import worklog
 from .errors import RunError
+from .run_files import FolderError, atomic_write, held_signals, os_errors, serialize, take_lock
+from .run_identity import check_learned_from, check_owner, identity, saved_config_problem
 
 log = logging.getLogger(__name__)
 
-__all__ = [
-    "RunFolder",
-    "FolderError",
-    "atomic_write",
-    "epoch_record",
-    "serialize",
-    "committed_epochs",
-    "config_digest",
-]
+__all__ = ["RunFolder", "FolderError"]
 
 WORKLOG = worklog.WORKLOG
 CONFIG = "config.yaml"
@@ -60,136 +40,6 @@ PROVENANCE = "provenance.yaml"  # what the run learns from; config.yaml stays th
 LOCK = ".lock"
 # Full training states a run can resume from, newest first among those readable.
 _STATE_FILE = re.compile(r"^(latest|best|epoch_\d+)$")
-
-
-# What a worklog's ``failed`` line suggests after a non-finite loss (both trainers).
-NONFINITE_CAUSES = (
-    "likely causes: a learning rate or loss weight too large, a temperature near 0, "
-    "or non-finite teacher weights or data"
-)
-
-
-# The last epoch each run folder of this process committed (or resumed from), for the line a stop prints.
-_COMMITTED: dict[str, int] = {}
-
-
-def committed_epochs(clear: bool = False) -> dict[str, int]:
-    """{run folder: last epoch committed or resumed from} for the folders this process trained; ``clear``
-    forgets them (a command line starting)."""
-    out = dict(_COMMITTED)
-    if clear:
-        _COMMITTED.clear()
-    return out
-
-
-class FolderError(RunError, OSError):
-    """An OS error (disk full, read-only, permissions, a dangling link, a name too long) on a run folder's file."""
-
-
-def _reason(exc: OSError) -> str:
-    name = errno.errorcode.get(exc.errno or 0)
-    return f"{exc.strerror or exc}" + (f" ({name})" if name else "")
-
-
-@contextmanager
-def os_errors(path: str | os.PathLike, doing: str) -> Iterator[None]:
-    """Turn an OSError inside into a FolderError ``PATH: cannot DOING: CAUSE (ERRNO)``."""
-    try:
-        yield
-    except FolderError:
-        raise
-    except OSError as exc:
-        where = Path(path)
-        if exc.errno == errno.EEXIST and where.is_symlink() and not where.exists():
-            cause = f"a dangling symbolic link to {os.readlink(where)} stands there"
-        else:
-            cause = _reason(exc)
-        raise FolderError(f"{where}: cannot {doing}: {cause}") from None
-
-
-_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-
-@contextmanager
-def held_signals() -> Iterator[None]:
-    """SIGINT and SIGTERM wait until the block ends (an epoch's commit is never cut in two by a stop)."""
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
-
-
-def trained_config(cfg_text: str | None) -> dict:
-    """The flattened config without the keys that do not change what is trained (UNTRAINED_KEYS)."""
-    import yaml
-
-    from .config import UNTRAINED_KEYS, flatten
-
-    tree = yaml.load(cfg_text or "", Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
-    return {
-        k: v for k, v in flatten(tree if isinstance(tree, dict) else {}).items() if not k.startswith(UNTRAINED_KEYS)
-    }
-
-
-def config_digest(cfg_text: str) -> str:
-    """A short digest of what ``cfg_text`` trains (the keys of ``trained_config``)."""
-    blob = json.dumps(sorted(trained_config(cfg_text).items()), default=repr).encode()
-    return hashlib.sha256(blob).hexdigest()[:16]
-
-
-def _config_changes(before: dict, after: dict) -> str:
-    """'KEY old -> new, ...' of the trained keys that differ (keys one side lacks are not compared), or ''."""
-    changed = [k for k in sorted(before) if k in after and before[k] != after[k]]
-    diffs = ", ".join(f"{k} {before[k]!r} -> {after[k]!r}" for k in changed[:3])
-    return diffs + (", ..." if len(changed) > 3 else "")
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write(path: str | os.PathLike, write) -> None:
-    """Write ``path`` by calling ``write(file_object)`` on a temporary sibling, fsync, then os.replace."""
-    path = Path(path)
-    with os_errors(path, "write it"):
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; the files are as readable as the host's
-        try:
-            with os.fdopen(fd, "wb") as f:
-                write(f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-
-
-def serialize(state: dict) -> bytes:
-    """``torch.save`` of ``state`` into bytes (written to several files without serialising again)."""
-    import io
-
-    import torch
-
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    return buf.getvalue()
-
-
-def epoch_record(train_acc: float, train_loss: float, test_acc: float, test_top5: float, test_loss: float) -> dict:
-    """The host's per-epoch log_dict, in its order: the values of a worklog block and tensorboard."""
-    return OrderedDict(
-        train_acc=train_acc, train_loss=train_loss, test_acc=test_acc, test_acc_top5=test_top5, test_loss=test_loss
-    )
 
 
 class RunFolder:
@@ -216,22 +66,11 @@ class RunFolder:
         self._made = [p for p in [self.path, *self.path.parents] if not p.exists()]  # removed again if left empty
         with os_errors(self.path, "create the run folder"):
             self.path.mkdir(parents=True, exist_ok=True)
-        with os_errors(self.path / LOCK, "open the run folder's lock"):
-            fd = os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
-            os.close(fd)
-            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise RunError(
-                    f"{self.path} is in use by another run (PID {holder}); wait for it or pick another EXPERIMENT.NAME"
-                ) from None
-            raise FolderError(f"{self.path / LOCK}: cannot lock: {_reason(exc)}") from None
-        self._lock_fd = fd
+        self._lock_fd = take_lock(
+            self.path / LOCK,
+            f"{self.path} is in use by another run (PID {{pid}}); wait for it or pick another EXPERIMENT.NAME",
+        )
         with os_errors(self.path, "write in the run folder"):
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
             for stale in self.path.glob(".*.tmp"):  # left by a write that a kill interrupted; ours now
                 stale.unlink()
 
@@ -257,12 +96,11 @@ class RunFolder:
 
     def _read_text(self, name: str) -> str | None:
         """The file ``name`` as text (undecodable bytes replaced), None when absent; FolderError if unreadable."""
-        try:
-            return (self.path / name).read_bytes().decode("utf-8", errors="replace")
-        except FileNotFoundError:
-            return None
-        except OSError as exc:
-            raise FolderError(f"{self.path / name}: cannot read it: {_reason(exc)}") from None
+        with os_errors(self.path / name, "read it"):
+            try:
+                return (self.path / name).read_bytes().decode("utf-8", errors="replace")
+            except FileNotFoundError:
+                return None
 
     def status(self) -> str:
         """The worklog's ``worklog.status`` ('new', 'started', 'finished', 'failed') against this run's
@@ -278,48 +116,6 @@ class RunFolder:
     def _files(self) -> list[Path]:
         with os_errors(self.path, "list the run folder"):
             return [p for p in self.path.iterdir() if p.is_file()] if self.path.is_dir() else []
-
-    def check_start(self, resume: bool, new_ok: bool = True) -> str:
-        """'start', 'resume' or 'skip' (a finished run under --resume); RunError for a start that would clobber.
-
-        --resume is "resume or start" (detectron2's ``resume_or_load``): a folder with no run yet starts
-        fresh, a run that never completed an epoch (no checkpoint) starts again from scratch, a finished
-        run is skipped. So one command starts a job, continues it after a kill and is a no-op once it is
-        done (the one command of a requeued scheduler job). ``new_ok=False`` keeps the old refusal of a
-        --resume with nothing to resume.
-        """
-        status = self.status()
-        if resume and status in ("started", "failed") and not self.has_state():
-            log.warning("%s: %s run without a checkpoint; starting it again", self.path, status)
-            return "start"
-        if resume and status == "new":
-            if new_ok:
-                log.info("%s: no run to resume yet; starting it", self.path)
-                return "start"
-            raise RunError(f"--resume: {self.path} holds no run to resume; run the same command without --resume")
-        if resume and status == "finished":
-            log.info("%s is finished (its worklog ends with best_acc); nothing to do", self.path)
-            return "skip"
-        if not resume and status == "finished":
-            raise RunError(
-                f"{self.path} already holds a finished run; set EXPERIMENT.NAME (or LOG.PREFIX) to train it again"
-            )
-        if not resume and status != "new":
-            raise RunError(
-                f"{self.path} already holds a {status} run; add --resume to continue it, "
-                "or set EXPERIMENT.NAME (or LOG.PREFIX) to start a new one"
-            )
-        return "resume" if resume else "start"
-
-    def begin(self, resume: bool, cfg_text: str) -> str:
-        """check_start, plus: a resume must be under the same config; a run that starts (again) gets a
-        fresh worklog and this config.yaml. Returns 'start', 'resume' or 'skip'."""
-        mode = self.check_start(resume)
-        if mode == "resume":
-            self.check_config(cfg_text)
-        elif mode == "start":
-            self.start_fresh(cfg_text)
-        return mode
 
     def start_fresh(self, cfg_text: str) -> None:
         """A run that starts (again): an empty worklog, no records, this config.yaml and provenance.yaml."""
@@ -351,27 +147,8 @@ class RunFolder:
         return saved if isinstance(saved, dict) else None
 
     def check_provenance(self, recorded: dict | None, source: str | os.PathLike) -> None:
-        """RunError unless this run's teacher and data (``self.provenance``) are the ``recorded`` ones by content,
-        naming both; nothing recorded (a folder from before the records) resumes with a warning and is recorded."""
-        from .provenance import differences
-
-        if self.provenance is None:
-            return
-        if not recorded:
-            log.warning(
-                "%s: no record of the teacher and data it learned from (written before they were recorded); "
-                "resuming unchecked, recorded from now on",
-                source,
-            )
-            return
-        diffs = differences(recorded, self.provenance)
-        if diffs:
-            teacher, data = (any(d.startswith(k) for d in diffs) for k in ("teacher", "data"))
-            what = " and ".join(["with another teacher"] * teacher + ["on other data"] * data)
-            raise RunError(
-                f"--resume: {source} was trained {what} than this command's ({'; '.join(diffs)}); resume with the "
-                "files it started with (moved or copied is fine), or start a new run with another EXPERIMENT.NAME"
-            )
+        """RunError unless this run's teacher and data are the ``recorded`` ones (``check_learned_from``)."""
+        check_learned_from(recorded, self.provenance, source)
 
     def learn_from(self, provenance: dict, resume: bool) -> None:
         """For mdistiller's trainers (their checkpoints do not record it): on a resume, RunError unless
@@ -395,40 +172,18 @@ class RunFolder:
         atomic_write(self.path / name, lambda f: f.write(data))
 
     def check_config(self, cfg_text: str) -> None:
-        """RunError unless ``cfg_text`` trains what the folder's config.yaml trained: keys of UNTRAINED_KEYS
-        may change, and keys the saved file does not have (added by a later version) are not compared.
+        """RunError unless ``cfg_text`` trains what the folder's config.yaml trained (``saved_config_problem``).
 
         A missing, empty or damaged config.yaml is not an error here: the state's own config is then
         checked (``load_state``) and config.yaml rewritten from it.
         """
-        import yaml
-
-        text = self._read_text(CONFIG)
-        try:
-            saved = yaml.load(text or "", Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
-        except yaml.YAMLError:
-            saved = None
-        if not isinstance(saved, dict) or not saved:
-            self._config_gone = "missing" if text is None else "empty" if not text.strip() else "damaged"
-            return
-        self._config_gone = None
-        diffs = _config_changes(trained_config(text), trained_config(cfg_text))
-        if diffs:
-            raise RunError(
-                f"--resume: {self.path} was started with another config ({diffs}); "
-                "resume with the same config, or start a new run with another EXPERIMENT.NAME"
-            )
+        self._config_gone = saved_config_problem(self._read_text(CONFIG), cfg_text, self.path)
 
     _config_gone: str | None = None
 
     def identity(self, seed: int) -> dict:
-        """Whose a state is: the run's name under LOG.PREFIX, its data seed, its config and that config's digest,
-        and what it learns from (``learned_from``: teacher and data, when known)."""
-        config = self.config or ""
-        identity = {"run": self.name, "seed": int(seed), "config": config, "digest": config_digest(config)}
-        if self.provenance is not None:
-            identity["learned_from"] = self.provenance
-        return identity
+        """Whose a state is (``run_identity.identity``): this run's name, seed, config and what it learns from."""
+        return identity(self.name, seed, self.config or "", self.provenance)
 
     def _check_identity(self, state: dict, source: Path) -> None:
         """RunError unless ``state`` is this folder's run under this config, teacher and data (a state without
@@ -449,21 +204,7 @@ class RunFolder:
                 )
                 self.write_text(CONFIG, self.config)
             return
-        seed = self._cfg_seed()
-        if theirs.get("run") != self.name or (seed is not None and seed >= 0 and int(theirs.get("seed", -1)) != seed):
-            mine = f"seed {seed}" if seed is not None and seed >= 0 else "any seed"
-            raise RunError(
-                f"--resume: {source} is a state of run {theirs.get('run')!r} (seed {theirs.get('seed')}), not of this "
-                f"folder's run {self.name!r} ({mine}); put back this run's own checkpoint, or resume that run "
-                "in its own folder"
-            )
-        if self.config is not None and theirs.get("digest") != config_digest(self.config):
-            diffs = _config_changes(trained_config(theirs.get("config")), trained_config(self.config))
-            if diffs:  # (digests of configs that differ only in keys one side lacks: a later version's keys)
-                raise RunError(
-                    f"--resume: {source} was trained with another config than this command's ({diffs}); "
-                    "resume with the same config, or start a new run with another EXPERIMENT.NAME"
-                )
+        check_owner(theirs, source, self.name, self.config)
         # provenance.yaml stands in for a state written before its teacher and data were recorded
         self.check_provenance(theirs.get("learned_from") or self.recorded_provenance(), source)
         if self._config_gone and theirs.get("config"):
@@ -471,19 +212,8 @@ class RunFolder:
             self.write_text(CONFIG, theirs["config"])
             self._config_gone = None
 
-    def _cfg_seed(self) -> int | None:
-        from .config import flatten
-
-        if self.config is None:
-            return None
-        import yaml
-
-        seed = flatten(yaml.load(self.config, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))).get(
-            "EXPERIMENT.SEED"
-        )
-        return int(seed) if isinstance(seed, int) else None
-
-    def _append(self, text: str) -> None:
+    def append(self, text: str) -> None:
+        """Append ``text`` to worklog.txt (fsync'ed)."""
         with os_errors(self.path / WORKLOG, "append to it"), open(self.path / WORKLOG, "a") as f:
             f.write(text)
             f.flush()
@@ -491,7 +221,7 @@ class RunFolder:
 
     def append_epoch(self, epoch: int, lr: float, record: dict[str, float]) -> None:
         """Append the epoch's block to worklog.txt (fsync'ed)."""
-        self._append(worklog.block(epoch, lr, record))
+        self.append(worklog.block(epoch, lr, record))
 
     def has_epoch(self, epoch: int) -> bool:
         """Whether the worklog holds a complete block for ``epoch``."""
@@ -509,7 +239,6 @@ class RunFolder:
             blob = serialize(state)
             self.write_bytes("latest", blob)
             self.records = records
-            _COMMITTED[str(self.path)] = entry["epoch"]
             self._after_latest(state, blob, serialize(student), save_freq)
             self.append_epoch(state["epoch"], state["lr"], state["record"])
 
@@ -517,7 +246,6 @@ class RunFolder:
         """On resume from ``state``: bring the worklog back to its epoch (rebuilt from the state's records when
         it disagrees with them) and redo what follows ``latest``."""
         with held_signals():
-            _COMMITTED[str(self.path)] = int(state["epoch"])
             records = state.get("records")
             if isinstance(records, list) and [r.get("epoch") for r in records] == list(range(1, state["epoch"] + 1)):
                 self._rebuild_worklog(records)
@@ -566,11 +294,11 @@ class RunFolder:
     def finish(self, best_acc: float) -> None:
         """The host's last worklog line: ``best_acc<TAB>NN.NN`` (no newline, as the host writes it)."""
         with held_signals():
-            self._append(worklog.best_line(best_acc))
+            self.append(worklog.best_line(best_acc))
 
     def fail(self, reason: str) -> None:
         """End the worklog with ``failed<TAB>reason``; no checkpoint is touched."""
-        self._append(worklog.failed_line(reason))
+        self.append(worklog.failed_line(reason))
 
     def cut_worklog(self, epoch: int) -> None:
         """Keep only complete blocks of epochs <= ``epoch`` (drops later blocks, half blocks and end lines)."""

@@ -30,15 +30,15 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
-from .. import dist, imagenet
+from .. import distributed, imagenet
 from ..config import ConfigError
 from ..data import SeededSamples, position_seed, worker_options
-from .augment import TensorCifar
-from .ranks import Ranks
+from ..distributed import Ranks
+from .augment import TensorCifar, host_pipeline
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Epoch", "DeviceSplit", "LoaderSource", "SeedGroupBatches", "source_kind"]
+__all__ = ["Epoch", "DeviceSplit", "LoaderSource", "SeedGroupBatches", "source_kind", "uses_engine", "make_source"]
 
 Batches = tuple[list[Tensor], list[Tensor]]
 
@@ -46,7 +46,7 @@ Batches = tuple[list[Tensor], list[Tensor]]
 def source_kind(cfg) -> str | None:
     """'device' (SOLVER.TRAINER fast), 'loader' (ddp; base under torchrun or with DATASET.DECODE) or None: the
     host's own trainer. ConfigError for a host trainer that cannot run as asked."""
-    _, world_size, _, _ = dist.env_world()
+    _, world_size, _, _ = distributed.env_world()
     trainer, decode_mode = cfg.SOLVER.TRAINER, cfg.DATASET.get("DECODE", "host")
     if trainer == "fast":
         if decode_mode != "host":
@@ -68,13 +68,18 @@ def source_kind(cfg) -> str | None:
     return None
 
 
+def uses_engine(cfg) -> bool:
+    """Whether ``cfg`` trains on this plugin's engine (``source_kind`` is not None), not on one of the host's trainers."""
+    return source_kind(cfg) is not None
+
+
 @dataclass(frozen=True)
 class Epoch:
     """One epoch of batches: ``batch(k)`` gives step k's (inputs, targets) per seed group and this rank's share of
-    the global batch; the first ``full`` steps have the static shape a CUDA graph replays."""
+    the global batch; the first ``full_steps`` have the static shape a CUDA graph replays."""
 
     steps: int
-    full: int
+    full_steps: int
     batch: Callable[[int], tuple[list[Tensor], list[Tensor], float]]
 
 
@@ -209,7 +214,7 @@ class LoaderSource:
         # The loader draws its workers' base seeds from this generator, not from the global RNG (samples are
         # seeded from their keys anyway); the JPEG pipeline reseeds it per batch.
         self.generator = torch.Generator().manual_seed(0)
-        val_indices = dist.shard(range(len(val_set)), ranks.rank, ranks.world)
+        val_indices = distributed.shard(range(len(val_set)), ranks.rank, ranks.world)
         self.pipeline = None
         options = worker_options(workers)
         if self.decode != "host":
@@ -306,3 +311,24 @@ class LoaderSource:
                 names = [self._names[1][i] for i in indices.tolist()]
                 image = self.pipeline.val(imagenet.decode(encoded, self.pipeline.device, names))
             yield image.to(self.device, non_blocking=True).float(), target.to(self.device, non_blocking=True)
+
+
+def _tensor_split(dataset: Dataset, what: str, device: torch.device) -> TensorCifar:
+    """A host CIFAR dataset as a device-resident TensorCifar with the dataset's transform."""
+    if not hasattr(dataset, "data") or not hasattr(dataset, "targets"):
+        raise TypeError(
+            f"SOLVER.TRAINER fast needs an in-memory CIFAR-style {what} dataset with .data and "
+            f".targets (got {type(dataset).__name__}); use SOLVER.TRAINER base for folder datasets"
+        )
+    return TensorCifar(dataset.data, dataset.targets, host_pipeline(dataset.transform), device)
+
+
+def make_source(
+    train_set: Dataset, val_set: Dataset, cfg, device: torch.device, ranks: Ranks
+) -> DeviceSplit | LoaderSource:
+    """Where a pack of ``cfg``'s runs takes its batches (:func:`source_kind`): the host's CIFAR splits held on the
+    device (SOLVER.TRAINER fast), or the host's datasets through this engine's loader."""
+    if source_kind(cfg) == "loader":
+        return LoaderSource(train_set, val_set, cfg, device, ranks, int(cfg.DATASET.NUM_WORKERS))
+    train, val = _tensor_split(train_set, "train", device), _tensor_split(val_set, "validation", device)
+    return DeviceSplit(train, val, int(cfg.SOLVER.BATCH_SIZE), int(cfg.SOLVER.FAST.EVAL_BATCH_SIZE), ranks)

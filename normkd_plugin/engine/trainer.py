@@ -15,7 +15,7 @@ run, so a solo run and a packed run share every line of the training code. What 
   whenever the learning rate or the distiller's warm-up factor changes, so both are exact constants;
 * the last partial batch (50,000 % 64 = 16 images) runs eagerly after the replays, so every image
   is used once per epoch as with the host's DataLoader while shapes stay static;
-* run folders are locked, written atomically and resumed exactly (:mod:`normkd_plugin.runs`); a
+* run folders are locked, written atomically and resumed exactly (:mod:`normkd_plugin.run_folder`); a
   non-finite loss stops the run and marks it failed;
 * optional bfloat16 autocast (``SOLVER.AMP``) and channels_last (``SOLVER.FAST.CHANNELS_LAST``);
   validation runs on the device in batches of ``SOLVER.FAST.EVAL_BATCH_SIZE``.
@@ -27,49 +27,7 @@ import torch
 from mdistiller.engine.trainer import BaseTrainer
 from yacs.config import CfgNode as CN
 
-from ..runs import RunFolder
-from .augment import TensorCifar, host_pipeline
-from .pack import Pack, PackRun, SharedTeacher, data_seed
-from .ranks import Ranks
-from .source import DeviceSplit, LoaderSource, source_kind
-
-__all__ = ["FastTrainer", "LoaderTrainer", "tensor_split", "device_split", "make_source"]
-
-
-def tensor_split(loader, what: str, device: torch.device) -> TensorCifar:
-    """The dataset of a host DataLoader as a device-resident TensorCifar with the loader's transform."""
-    ds = loader.dataset
-    if not hasattr(ds, "data") or not hasattr(ds, "targets"):
-        raise TypeError(
-            f"SOLVER.TRAINER fast needs an in-memory CIFAR-style {what} dataset with .data and "
-            f".targets (got {type(ds).__name__}); use SOLVER.TRAINER base for folder datasets"
-        )
-    return TensorCifar(ds.data, ds.targets, host_pipeline(ds.transform), device)
-
-
-def device_split(train_loader, val_loader, cfg, device: torch.device, ranks: Ranks) -> DeviceSplit:
-    """The host loaders' CIFAR splits held on ``device`` as a pack's source."""
-    train, val = tensor_split(train_loader, "train", device), tensor_split(val_loader, "validation", device)
-    return DeviceSplit(train, val, int(cfg.SOLVER.BATCH_SIZE), int(cfg.SOLVER.FAST.EVAL_BATCH_SIZE), ranks)
-
-
-def make_source(train_loader, val_loader, cfg, device: torch.device, ranks: Ranks) -> DeviceSplit | LoaderSource:
-    """Where a pack of ``cfg``'s runs takes its batches (:func:`~.source.source_kind`): the host loaders' CIFAR
-    splits on the device (SOLVER.TRAINER fast), or their datasets through this engine's loader."""
-    if source_kind(cfg) == "loader":
-        workers = int(cfg.DATASET.NUM_WORKERS)
-        return LoaderSource(train_loader.dataset, val_loader.dataset, cfg, device, ranks, workers)
-    return device_split(train_loader, val_loader, cfg, device, ranks)
-
-
-def share_teacher(distiller: torch.nn.Module) -> SharedTeacher | None:
-    """Wrap the distiller's teacher (if any) so a pack can run it once per step for all runs."""
-    teacher = getattr(distiller, "teacher", None)
-    if teacher is None:
-        return None
-    if not isinstance(teacher, SharedTeacher):
-        distiller.teacher = SharedTeacher(teacher)
-    return distiller.teacher
+__all__ = ["FastTrainer", "LoaderFedTrainer"]
 
 
 class FastTrainer(BaseTrainer):
@@ -91,36 +49,38 @@ class FastTrainer(BaseTrainer):
         return cfg
 
     def __init__(self, experiment_name, distiller, train_loader, val_loader, cfg):
+        from ..build import assemble_pack
+        from ..engine.pack import PackRun
+        from ..run_folder import RunFolder
+        from .state import data_seed
+
         super().__init__(experiment_name, distiller, train_loader, val_loader, cfg)
         self.model = distiller.module if isinstance(distiller, torch.nn.DataParallel) else distiller
         self.device = next(self.model.parameters()).device
-        run = PackRun(
-            name=experiment_name,
-            cfg=cfg,
-            folder=RunFolder(self.log_path, experiment_name, cfg.dump()),
-            distiller=self.model,
-            optimizer=self.optimizer,
-            seed=data_seed(cfg),
-            writer=self.tf_writer,
-        )
-        self.run = run
-        source = make_source(train_loader, val_loader, cfg, self.device, Ranks())
-        self.pack = Pack([run], source, share_teacher(self.model))
+        folder = RunFolder(self.log_path, experiment_name, cfg.dump())
+        self.run = PackRun(experiment_name, cfg, folder, self.model, self.optimizer, data_seed(cfg), self.tf_writer)
+        self.pack = assemble_pack([self.run], train_loader.dataset, val_loader.dataset, self.device)
 
-    def train(self, resume: bool = False) -> None:
-        """Train (or resume) the run to SOLVER.EPOCHS; RunsFailed if its loss turned non-finite."""
-        self.pack.train(resume)
-        self.best_acc = self.run.best_acc
+    def train(self, resume: bool = False, hooks=()) -> None:
+        """Train (or resume) the run to SOLVER.EPOCHS (:func:`~.fit.train_runs`, ``hooks`` added to its own);
+        RunsFailed if its loss turned non-finite."""
+        from ..lifecycle import RunLife, decide_all
+        from .fit import train_runs
 
-    def train_epoch(self, epoch: int) -> None:
-        """One epoch of the host's loop: schedule, a pass over the data, validation, worklog, checkpoints."""
-        self.pack.train_epoch([self.run], epoch)
+        life = RunLife(self.run.folder, resume)
+        try:
+            decide_all([life])
+            if life.mode != "skip":
+                train_runs(self.pack, [life], hooks=hooks)
+        finally:
+            life.close()
         self.best_acc = self.run.best_acc
 
 
-class LoaderTrainer(FastTrainer):
+class LoaderFedTrainer(FastTrainer):
     """``SOLVER.TRAINER ddp``: a pack of one fed by the host's datasets through a loader (one process here;
-    ``normkd-train`` runs it under torchrun too)."""
+    ``normkd-train`` runs it under torchrun too). The config's name is the host's; there is no
+    DistributedDataParallel in it: the ranks all-reduce each run's gradients themselves (:mod:`normkd_plugin.distributed`)."""
 
     @classmethod
     def cfg_defaults(cls) -> CN:
