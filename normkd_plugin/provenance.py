@@ -2,7 +2,7 @@
 
 A run records it at its start, in every state it saves (``identity["learned_from"]``) and in
 ``provenance.yaml`` beside ``config.yaml`` (which stays the host's config, loadable with ``--cfg``);
-``--resume`` refuses another teacher or other data (:meth:`~normkd_plugin.runs.RunFolder.check_provenance`).
+``--resume`` refuses another teacher or other data (:func:`~normkd_plugin.run_identity.check_learned_from`).
 Only content counts: a teacher or a data folder moved or copied elsewhere is the same one.
 
 * teacher: ``{"path", "sha256"}`` of the checkpoint file the run loads: DISTILLER.TEACHER_CKPT, else

@@ -41,8 +41,7 @@ from ._cli import parse_with_overrides, quiet_pipe, user_errors
 from .errors import Interrupted, UserError
 from .pairs import PAIRS
 from .pairs import methods as dataset_methods
-
-from .run_folder import LOCK  # noqa: E402  (a run folder's lock file)
+from .run_folder import LOCK  # a run folder's lock file
 
 
 @dataclass(frozen=True)
