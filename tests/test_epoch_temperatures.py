@@ -107,12 +107,13 @@ def test_forward_train_records_the_temperatures_it_softens_with(kind):
     assert got["temperature/teacher_mean"] != pytest.approx(got["temperature/student_mean"], rel=1e-3)
 
 
-def test_the_fast_trainer_logs_each_epochs_temperatures_to_tensorboard(tmp_path, small_cifar_npz, teacher_resnet56):
+def test_the_fast_trainer_logs_each_epochs_temperatures_to_tensorboard(
+    tmp_path, small_cifar_npz, teacher_resnet56, monkeypatch
+):
     """A pack of NormKD, NormDKD, KD+LS, DKD+LS and KD, 2 epochs on real data: each run's event file holds, per
     epoch, the float64 mean and spread over that epoch's training batches (not the validation's, nor the epoch
     before's); KD logs none."""
     from normkd_plugin.config import load_config, run_name
-    from normkd_plugin.engine.pack import Pack
     from normkd_plugin.train import train_pack
 
     methods = ("normkd", "normdkd", "kd_ls", "dkd_ls", "kd")
@@ -122,11 +123,8 @@ def test_the_fast_trainer_logs_each_epochs_temperatures_to_tensorboard(tmp_path,
         cfgs.append(load_config(f"cifar100/{method}/res56_res20", opts))
         names.append(run_name(cfgs[-1], opts))
     seen: dict[tuple[str, int], list] = {}  # (run name, epoch) -> [(teacher logits, student logits) per step]
-    original = _watch_steps(seen)
-    try:
-        train_pack(cfgs, names, torch.device("cpu"))
-    finally:
-        Pack._step = original
+    _watch_steps(seen, monkeypatch)
+    train_pack(cfgs, names, torch.device("cpu"))
     for cfg, name in zip(cfgs, names):
         logged = read_scalars(tmp_path / name / "train.events")
         assert ("test_acc", 2) in logged
@@ -144,15 +142,15 @@ def test_the_fast_trainer_logs_each_epochs_temperatures_to_tensorboard(tmp_path,
         assert logged[(KEYS[2], 1)] != pytest.approx(logged[(KEYS[2], 2)], rel=1e-6)  # the student moved
 
 
-def _watch_steps(seen: dict):
-    """Patch Pack._step to record, per (run name, epoch), each step's (teacher logits, student logits); returns the
-    original to restore."""
-    from normkd_plugin.engine.pack import Pack
+def _watch_steps(seen: dict, monkeypatch) -> None:
+    """Wrap ``PackStep.train_epoch`` so that, per (run name, epoch), each step's (teacher logits, student logits) are
+    recorded: each run's ``forward_train`` is wrapped for the epoch."""
+    from normkd_plugin.engine.step import PackStep
 
-    original = Pack._step
+    original = PackStep.train_epoch
 
-    def watched(self, images, targets, epoch):
-        for run in self._active:
+    def watched(self, runs, epoch, *args, **kwargs):
+        for run in runs:
             forward = run.distiller.forward_train
 
             def record(_f=forward, _r=run, **kw):
@@ -164,36 +162,33 @@ def _watch_steps(seen: dict):
 
             run.distiller.forward_train = record
         try:
-            original(self, images, targets, epoch)
+            return original(self, runs, epoch, *args, **kwargs)
         finally:
-            for run in self._active:
+            for run in runs:
                 del run.distiller.forward_train
 
-    Pack._step = watched
-    return original
+    monkeypatch.setattr(PackStep, "train_epoch", watched)
 
 
 def _rank(rank, world, root, teacher, prefix, out):
     """One torchrun-like process (gloo) training a KD+LS run for an epoch; saves the logits each step saw here."""
     import torch.distributed as dist
 
-    from normkd_plugin import runs
-    from normkd_plugin.build import build_pack
     from normkd_plugin.config import load_config, run_name
-    from normkd_plugin.engine.pack import Pack
+    from normkd_plugin.train import train_pack
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{out}/rendezvous", rank=rank, world_size=world)
     seen = {}
-    original = _watch_steps(seen)
     try:
-        opts = fast_opts(root, teacher, prefix, 0, "SOLVER.EPOCHS", "1", "SOLVER.LR_DECAY_STAGES", "[]")
-        cfg = load_config("cifar100/dkd_ls/res56_res20", opts)
-        name = run_name(cfg, opts)
-        build_pack([cfg], [name], [runs.RunFolder(prefix / name)], torch.device("cpu")).train()
+        with pytest.MonkeyPatch.context() as monkeypatch:
+            _watch_steps(seen, monkeypatch)
+            opts = fast_opts(root, teacher, prefix, 0, "SOLVER.EPOCHS", "1", "SOLVER.LR_DECAY_STAGES", "[]")
+            cfg = load_config("cifar100/dkd_ls/res56_res20", opts)
+            name = run_name(cfg, opts)
+            train_pack([cfg], [name], torch.device("cpu"))  # inside the caller's process group: its ranks
         torch.save({"steps": seen[(name, 1)], "name": name}, out / f"rank{rank}.pt")
     finally:
-        Pack._step = original
         dist.destroy_process_group()
 
 

@@ -19,12 +19,12 @@ def test_register_puts_classes_and_nodes_in_place():
 
     import normkd_plugin
     from normkd_plugin.distillers import DKDLS, KDLS, NormDKD, NormDKDRelease, NormKD, NormKDRelease
-    from normkd_plugin.engine.trainer import FastTrainer
+    from normkd_plugin.engine.trainer import FastTrainer, LoaderFedTrainer
 
     plugins = normkd_plugin.register()
     assert distiller_dict["NORMKD"] is NormKD and distiller_dict["NORMDKD"] is NormDKD
     assert distiller_dict["NormKD"] is NormKDRelease and distiller_dict["NormKD_W_DKD"] is NormDKDRelease
-    assert trainer_dict["fast"] is FastTrainer
+    assert trainer_dict["fast"] is FastTrainer and trainer_dict["ddp"] is LoaderFedTrainer
     assert CFG.NORMKD.TEMPERATURE_NORM == 2.0 and CFG.NORMKD.LOSS.CE_WEIGHT == 0.1 and CFG.NORMKD.LOSS.KD_WEIGHT == 0.9
     assert (CFG.NORMDKD.TEMPERATURE_NORM, CFG.NORMDKD.CE_WEIGHT, CFG.NORMDKD.ALPHA, CFG.NORMDKD.BETA, CFG.NORMDKD.WARMUP) == (
         2.0, 1.0, 1.0, 8.0, 20,
@@ -133,4 +133,4 @@ def test_installed_metadata_declares_our_entry_points():
     got = {(e.group, e.name) for e in eps}
     names = ("NORMKD", "NORMDKD", "NormKD", "NormKD_W_DKD", "KD_LS", "DKD_LS")
     assert {("mdistiller.distillers", n) for n in names} <= got
-    assert ("mdistiller.trainers", "fast") in got
+    assert {("mdistiller.trainers", "fast"), ("mdistiller.trainers", "ddp")} <= got

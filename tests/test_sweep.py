@@ -67,23 +67,34 @@ def _finish(folder) -> None:
         f.write(_finished_worklog())
 
 
+def _decision(folder) -> str:
+    """What ``normkd-train --resume`` does with the run in ``folder``, as the sweep asks it (``lifecycle.decision``)."""
+    from normkd_plugin.lifecycle import decision
+    from normkd_plugin.run_folder import RunFolder
+
+    return decision(RunFolder(folder), resume=True)
+
+
 def test_finished_means_every_epoch_then_best_acc(tmp_path):
-    assert not sweep.is_finished(tmp_path)
+    """A run is skipped as finished only when its worklog holds every epoch and then best_acc, the best test_acc."""
+    assert _decision(tmp_path) == "start"
     (tmp_path / "worklog.txt").write_text("-" * 25 + "\nepoch: 1\ntest_acc: 1.00\n" + "-" * 25 + "\n")
-    assert not sweep.is_finished(tmp_path)
+    assert _decision(tmp_path) == "start"  # started, but with no checkpoint to resume from
     with open(tmp_path / "worklog.txt", "a") as f:
         f.write("best_acc\t1.00")
-    assert sweep.is_finished(tmp_path)
+    assert _decision(tmp_path) == "skip"
     (tmp_path / "config.yaml").write_text("SOLVER:\n  EPOCHS: 2\n")  # the run was to train 2 epochs
-    assert not sweep.is_finished(tmp_path)
+    assert _decision(tmp_path) == "start"
     (tmp_path / "worklog.txt").write_text(_finished_worklog(2))
-    assert sweep.is_finished(tmp_path)
+    assert _decision(tmp_path) == "skip"
     (tmp_path / "worklog.txt").write_text("best_acc\t70.00")  # no epoch at all
-    assert not sweep.is_finished(tmp_path)
+    assert _decision(tmp_path) == "start"
     (tmp_path / "worklog.txt").write_text(_finished_worklog(2).replace("best_acc\t22.00", "best_acc\t70.00"))
-    assert not sweep.is_finished(tmp_path)  # not the best logged test_acc
+    assert _decision(tmp_path) == "start"  # not the best logged test_acc
     (tmp_path / "worklog.txt").write_bytes(b"\xff\xfe\x00\x81" * 64)  # binary: damaged, so not finished
-    assert not sweep.is_finished(tmp_path)
+    assert _decision(tmp_path) == "start"
+    (tmp_path / "latest").write_bytes(b"")  # a checkpoint beside it: resumed (and the worklog rebuilt from it)
+    assert _decision(tmp_path) == "resume"
 
 
 @needs_mdistiller
@@ -468,7 +479,7 @@ def test_two_sweeps_over_one_grid_share_the_work_and_both_exit_0(tmp_path, small
         held = int(sweep.lock_holder(str(folders[0])))
         os.kill(held, signal.SIGSTOP)
         b = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        _wait_for(lambda: sweep.is_finished(str(folders[1])), "B to finish run 1", b)
+        _wait_for(lambda: _decision(folders[1]) == "skip", "B to finish run 1", b)
         assert b.poll() is None  # B waits for the run A holds
         os.kill(held, signal.SIGCONT)
         out_b, err_b = b.communicate(timeout=300)
