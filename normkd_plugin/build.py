@@ -123,6 +123,9 @@ def assemble_pack(runs: list, train_set, val_set, device):
     from .provenance import learned_from
 
     ranks = Ranks()
+    for run in runs:  # the config its folder writes to config.yaml, records in its states and checks on --resume
+        if run.folder.config is None:
+            run.folder.config = run.cfg.dump()
     if ranks.main:  # what each run learns from, recorded and checked by rank 0 (a shared file is hashed once)
         for run in runs:
             run.folder.provenance = learned_from(run.cfg, train_set, val_set)

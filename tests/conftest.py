@@ -173,11 +173,12 @@ def interrupted_at(epoch: int):
 
 
 def train_built_pack(pack, resume: bool = False, time_limit=None, hooks=()):
-    """What normkd-train does with a built pack: decide each run (``lifecycle``), train them, release the folders."""
+    """What normkd-train does with a built pack: decide each run (``lifecycle``), train them, release the folders.
+    Under several processes rank 0 alone reads and writes the folders, as under normkd-train."""
     from normkd_plugin.engine.fit import train_runs
     from normkd_plugin.lifecycle import RunLife, decide_all
 
-    lives = [RunLife(run.folder, resume) for run in pack.runs]
+    lives = [RunLife(run.folder, resume, pack.ranks.main) for run in pack.runs]
     try:
         decide_all(lives)
         return train_runs(pack, lives, time_limit, hooks)

@@ -5,7 +5,7 @@ Runs ``normkd_plugin.train.main(ARGS)`` (the normkd-train command line) with, fo
 
 * ``--fixed-augment``: CIFAR training images get the host's test transform (no random crop or
   flip), so a reference in the test can rebuild every batch from the sample indices alone;
-* ``--fail R:E``: rank R raises at its first step of epoch E;
+* ``--fail R:E``: rank R raises as it takes its first batch of epoch E (a hook of the engine);
 * ``--nan R:E:S``: rank R's training loss is NaN at step S (from 1) of epoch E (see :func:`nan_loss_at`);
 * records per rank in ``DIR/rank<R>.pt``: the sample indices of every step, the metrics each rank's
   validation returned, and the distiller's final state;
@@ -70,6 +70,7 @@ def main(args: list[str] | None = None) -> None:
         host_cifar.get_cifar100_train_transform = host_cifar.get_cifar100_test_transform
 
     from normkd_plugin import train
+    from normkd_plugin.engine.fit import Hook
     from normkd_plugin.engine.pack import Pack
     from normkd_plugin.engine.source import LoaderSource
 
@@ -80,12 +81,9 @@ def main(args: list[str] | None = None) -> None:
             nan_loss_at(nan_epoch, nan_step)
     record: dict = {"batches": {}, "validation": {}}
     now = {"epoch": 0}
-    real_batch, real_validate, real_train = LoaderSource.train_batch, Pack.validate, Pack.train
+    real_batch, real_validate = LoaderSource.train_batch, Pack.validate
 
     def train_batch(self, data, epoch, step):
-        if fail == (self.ranks.rank, epoch):
-            raise RuntimeError(f"injected failure on rank {self.ranks.rank} in epoch {epoch}")
-        now["epoch"] = epoch
         record["batches"].setdefault(epoch, []).append(data[2].tolist())
         return real_batch(self, data, epoch, step)
 
@@ -95,14 +93,26 @@ def main(args: list[str] | None = None) -> None:
             record["validation"][now["epoch"]] = result[0]
         return result
 
-    def train_all(self, *args, **kwargs):
-        real_train(self, *args, **kwargs)
-        ranks = self.ranks
-        record.update(rank=ranks.rank, world=ranks.world, model=self.runs[0].distiller.state_dict())
-        torch.save(record, out / f"rank{ranks.rank}.pt")
+    class Harness(Hook):
+        """--fail's error as the rank's first batch of its epoch is taken; the rank's record once training ends."""
 
-    LoaderSource.train_batch, Pack.validate, Pack.train = train_batch, validate, train_all
-    train.main(argv)
+        def before_fit(self, pack):
+            self.pack = pack
+
+        def before_epoch(self, epoch, runs):
+            now["epoch"] = epoch
+
+        def after_batch(self, epoch, step):
+            if fail == (self.pack.ranks.rank, epoch):
+                raise RuntimeError(f"injected failure on rank {self.pack.ranks.rank} in epoch {epoch}")
+
+        def after_fit(self, finished):
+            ranks = self.pack.ranks
+            record.update(rank=ranks.rank, world=ranks.world, model=self.pack.runs[0].distiller.state_dict())
+            torch.save(record, out / f"rank{ranks.rank}.pt")
+
+    LoaderSource.train_batch, Pack.validate = train_batch, validate
+    train.main(argv, hooks=[Harness()])
 
 
 def _forked_rank(rank: int, world: int, port: int, out: str, args: list[str]) -> None:

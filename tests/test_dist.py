@@ -30,7 +30,7 @@ N_TRAIN, BATCH = SMALL_TRAIN, SMALL_BATCH  # steps of 16, 16, 16, 8 images
 N_VAL = 25  # odd: a padded split over 2 ranks would count one image twice
 
 
-# -- unit: dist.py ---------------------------------------------------------------------------------
+# -- unit: distributed.py --------------------------------------------------------------------------
 def test_shard_splits_like_distributed_sampler_without_padding():
     from torch.utils.data import DistributedSampler
 
@@ -386,7 +386,7 @@ def test_batch_not_divisible_by_world_fails_before_anything_is_written(npz_root,
 
 # -- a non-finite loss and the stored seed: normkd-train in this process (one rank) --------------------
 class _Stop(Exception):
-    """Stands for a kill between two epochs."""
+    """Stands for a kill in the middle of an epoch."""
 
 
 @pytest.fixture
@@ -400,10 +400,10 @@ def here(monkeypatch):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
 
-    def run(opts, *flags) -> int:
-        """The exit status of ``normkd-train *flags *opts`` (0 when main returns)."""
+    def run(opts, *flags, hooks=()) -> int:
+        """The exit status of ``normkd-train *flags *opts`` (0 when main returns), ``hooks`` added to the engine's."""
         try:
-            train.main([*flags, *opts])
+            train.main([*flags, *opts], hooks=hooks)
         except SystemExit as exc:
             return exc.code
         return 0
@@ -425,6 +425,20 @@ def _record_batches(monkeypatch) -> dict[int, list[list[int]]]:
 
     monkeypatch.setattr(LoaderSource, "train_batch", train_batch)
     return batches
+
+
+def _pack_spy():
+    """A hook (``engine.fit.Hook``) that keeps, in its ``packs``, every pack it sees trained."""
+    from normkd_plugin.engine.fit import Hook
+
+    class PackSpy(Hook):
+        def __init__(self):
+            self.packs = []
+
+        def before_fit(self, pack):
+            self.packs.append(pack)
+
+    return PackSpy()
 
 
 def _global_batches(seed: int, epoch: int) -> list[list[int]]:
@@ -512,30 +526,19 @@ def test_nonfinite_validation_loss_stops_the_run_before_its_first_checkpoint(
 def test_drawn_seed_is_stored_and_a_resume_shuffles_with_it(npz_root, teacher_resnet56, tmp_path, here, monkeypatch):
     """EXPERIMENT.SEED -1: the state keeps the seed the sampler used; a resume shuffles epoch 2 as the
     uninterrupted run with that seed does (a fresh draw would give another order)."""
-    from normkd_plugin.engine.pack import Pack
+    from conftest import interrupted_at
 
     opts = _opts(npz_root, teacher_resnet56, tmp_path / "runs", 2, "EXPERIMENT.SEED", "-1")
     batches = _record_batches(monkeypatch)
-    real_epoch = Pack.train_epoch
-
-    def stop_at_2(self, runs, epoch):
-        if epoch == 2:
-            raise _Stop
-        real_epoch(self, runs, epoch)
-
-    monkeypatch.setattr(Pack, "train_epoch", stop_at_2)
-    with pytest.raises(_Stop):
-        here(opts)
+    assert here(opts, hooks=[interrupted_at(2)]) == 130  # stopped as epoch 2 starts
     folder = _run_folder(tmp_path / "runs")
     seed = _load(folder / "latest")["seed"]
     assert isinstance(seed, int) and batches == {1: _global_batches(seed, 1)}  # the seed epoch 1 used
 
-    monkeypatch.setattr(Pack, "train_epoch", real_epoch)
-    packs = []
-    real_train = Pack.train
-    monkeypatch.setattr(Pack, "train", lambda self, *a, **k: (packs.append(self), real_train(self, *a, **k)))
-    assert here(opts, "--resume") == 0
-    assert packs[0].runs[0].seed == seed and packs[0].source.sampler.seeds == [seed]
+    spy = _pack_spy()
+    assert here(opts, "--resume", hooks=[spy]) == 0
+    (pack,) = spy.packs
+    assert pack.runs[0].seed == seed and pack.source.sampler.seeds == [seed]
     assert batches[2] == _global_batches(seed, 2)
     assert _load(folder / "latest")["seed"] == seed
 
@@ -556,14 +559,15 @@ def test_two_ranks_agree_on_the_first_nonfinite_step(npz_root, teacher_resnet56,
 
 
 # -- random augmentation: a pure function of (seed, epoch, sample), so resumes are bitwise ------------
-def _main(opts, *flags) -> None:
-    """normkd-train's main in this process on one thread (as the workers), with the host's random training transform."""
+def _main(opts, *flags, hooks=()) -> None:
+    """normkd-train's main in this process on one thread (as the workers), with the host's random training transform;
+    ``hooks`` added to the engine's."""
     from normkd_plugin import train
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        train.main([*flags, *opts])
+        train.main([*flags, *opts], hooks=hooks)
     finally:
         torch.set_num_threads(threads)
 
@@ -604,9 +608,7 @@ def test_random_augmentation_does_not_depend_on_the_loader_workers(augmented_run
 
 
 @pytest.mark.parametrize("workers", [0, 2])
-def test_random_augmentation_resumes_bitwise(
-    npz_root, teacher_resnet56, tmp_path, monkeypatch, augmented_runs, workers
-):
+def test_random_augmentation_resumes_bitwise(npz_root, teacher_resnet56, tmp_path, augmented_runs, workers):
     """Killed at the first step of epoch 2, then resumed: bitwise the uninterrupted run with the same workers.
 
     Before each sample was seeded from its position, this failed: the resumed epoch 2 drew its crops
@@ -614,53 +616,49 @@ def test_random_augmentation_resumes_bitwise(
     the streams the uninterrupted run had advanced through epoch 1.
     """
     opts = _augmenting_opts(npz_root, teacher_resnet56, tmp_path / "runs", workers)
-    _stopped_in_epoch_2_then_resumed(monkeypatch, opts, lambda: _run_folder(tmp_path / "runs"))
+    _stopped_in_epoch_2_then_resumed(opts, lambda: _run_folder(tmp_path / "runs"))
     _assert_same_run(_run_folder(tmp_path / "runs"), augmented_runs[workers])
 
 
-def _stopped_in_epoch_2_then_resumed(monkeypatch, opts: list[str], folder) -> None:
-    """Train ``opts`` until the first step of epoch 2 (an exception), check ``folder()`` holds epoch 1, resume."""
-    from normkd_plugin.engine.source import LoaderSource
+def _stopped_in_epoch_2_then_resumed(opts: list[str], folder) -> None:
+    """Train ``opts`` until the first step of epoch 2 (an exception as its batch is taken), check ``folder()`` holds
+    epoch 1, resume."""
+    from normkd_plugin.engine.fit import Hook
 
-    real = LoaderSource.train_batch
+    class StopInEpoch2(Hook):
+        def after_batch(self, epoch, step):
+            if epoch == 2:
+                raise _Stop
 
-    def stop_in_epoch_2(self, data, epoch, step):
-        if epoch == 2:
-            raise _Stop
-        return real(self, data, epoch, step)
-
-    monkeypatch.setattr(LoaderSource, "train_batch", stop_in_epoch_2)
     with pytest.raises(_Stop):
-        _main(opts)
+        _main(opts, hooks=[StopInEpoch2()])
     assert _load(folder() / "latest")["epoch"] == 1
-    monkeypatch.setattr(LoaderSource, "train_batch", real)
     _main(opts, "--resume")
 
 
 def test_a_pack_that_ends_stops_its_loader_workers_and_closes_its_writers(npz_root, teacher_resnet56, tmp_path):
     """Persistent workers and tensorboard writers end with the pack, not when the garbage collector finds them
     (a loader collected in a reference cycle loses its queues first, and then waits 5 s for each worker)."""
-    from normkd_plugin.engine.pack import Pack
     from normkd_plugin.engine.source import LoaderSource
 
-    seen: dict = {"workers": []}
-    real_train, real_close = Pack.train, LoaderSource.close
-
-    def train(self, *args, **kwargs):
-        seen["pack"] = self
-        return real_train(self, *args, **kwargs)
+    workers: list = []
+    real_close = LoaderSource.close
 
     def close(self):
-        for loader in (self.train_loader, self.val_loader):
-            seen["workers"] += list(getattr(loader._iterator, "_workers", []))
+        for loader in (
+            self.train_loader,
+            self.val_loader,
+        ):  # the DataLoader's persistent workers, read before they stop
+            workers.extend(getattr(loader._iterator, "_workers", []))
         real_close(self)
 
+    spy = _pack_spy()
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(Pack, "train", train)
         mp.setattr(LoaderSource, "close", close)
-        _main(_opts(npz_root, teacher_resnet56, tmp_path, 1, "DATASET.NUM_WORKERS", "2"))
-    assert len(seen["workers"]) == 4 and not any(w.is_alive() for w in seen["workers"])  # 2 per loader
-    assert all(run.writer.all_writers is None for run in seen["pack"].runs)  # tensorboardX's closed state
+        _main(_opts(npz_root, teacher_resnet56, tmp_path, 1, "DATASET.NUM_WORKERS", "2"), hooks=[spy])
+    assert len(workers) == 4 and not any(w.is_alive() for w in workers)  # 2 per loader
+    (pack,) = spy.packs
+    assert all(run.writer.all_writers is None for run in pack.runs)  # tensorboardX's closed state
 
 
 @pytest.fixture(scope="module")
@@ -681,7 +679,7 @@ def jpeg_root(tmp_path_factory, cifar_test_arrays):
     return root
 
 
-def test_tensor_pipeline_augmentation_resumes_bitwise(jpeg_root, tmp_path, monkeypatch):
+def test_tensor_pipeline_augmentation_resumes_bitwise(jpeg_root, tmp_path):
     """DATASET.DECODE cpu draws each batch's crops and flips from (seed, epoch, step, rank): killed in epoch 2 and
     resumed, a run ends bitwise as the uninterrupted one (before, the resumed epoch 2 repeated epoch 1's draws)."""
 
@@ -694,7 +692,5 @@ def test_tensor_pipeline_augmentation_resumes_bitwise(jpeg_root, tmp_path, monke
         ]  # fmt: skip
 
     _main(opts(tmp_path / "whole"))
-    _stopped_in_epoch_2_then_resumed(
-        monkeypatch, opts(tmp_path / "runs"), lambda: _run_folder(tmp_path / "runs", "imagenet")
-    )
+    _stopped_in_epoch_2_then_resumed(opts(tmp_path / "runs"), lambda: _run_folder(tmp_path / "runs", "imagenet"))
     _assert_same_run(_run_folder(tmp_path / "runs", "imagenet"), _run_folder(tmp_path / "whole", "imagenet"))

@@ -1,4 +1,4 @@
-"""fast/ranks.py: a pack on two processes (gloo, CPU) trains what one process trains on per-rank half batches;
+"""distributed.py's Ranks: a pack on two processes (gloo, CPU) trains what one process trains on per-rank half batches;
 on three, each step's gradient is the global batch mean's, however unevenly the batch splits."""
 
 from __future__ import annotations
@@ -6,7 +6,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import SMALL_BATCH, SMALL_TRAIN, SMALL_VAL, fast_opts, load_state, needs_mdistiller, spawn_and_wait
+from conftest import (
+    SMALL_BATCH,
+    SMALL_TRAIN,
+    SMALL_VAL,
+    fast_opts,
+    interrupted_at,
+    load_state,
+    needs_mdistiller,
+    spawn_and_wait,
+    train_built_pack,
+)
 
 pytestmark = needs_mdistiller
 CFG = "cifar100/normkd/res56_res20"
@@ -25,49 +35,72 @@ def _worker(
 ):
     """One torchrun-like process: init gloo, build and train the pack, record what it saw and wrote.
 
+    ``stop_at``: a KeyboardInterrupt as that epoch starts; ``fail_rank``: that rank raises as its first epoch starts;
     ``slow``: rank 0 waits this many seconds before it writes a run's end (the other ranks are ahead)."""
     import time
 
     import torch.distributed as dist
 
-    from normkd_plugin import runs
+    from normkd_plugin import run_folder
     from normkd_plugin.build import build_pack
-    from normkd_plugin.engine.pack import Pack
+    from normkd_plugin.engine.fit import Hook
+    from normkd_plugin.engine.source import DeviceSplit, Epoch
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{out}/rendezvous", rank=rank, world_size=world)
     seen, writes, steps = [], [], []
-    real_step, real_epoch = Pack._step, Pack.train_epoch
+    real_epoch = DeviceSplit.epoch
 
-    def step(self, images, targets, epoch):
-        seen.append(targets[0].tolist())
-        if len(self.runs) > 1:
-            return real_step(self, images, targets, epoch)
-        student = self.runs[0].distiller.student  # a solo run: its state before the step and reduced gradient
-        before = {k: v.clone() for k, v in student.state_dict().items()}
-        real_step(self, images, targets, epoch)
-        steps.append((before, {k: p.grad.clone() for k, p in student.named_parameters()}))
+    def epoch_batches(self, seeds, epoch, iters):  # each step's targets (of its first seed group) as it takes them
+        batches = real_epoch(self, seeds, epoch, iters)
 
-    def train_epoch(self, runs_, epoch):
-        if epoch == stop_at:
-            raise KeyboardInterrupt
-        if rank == fail_rank:
-            raise ValueError(f"rank {rank} broke")
-        real_epoch(self, runs_, epoch)
+        def batch(k):
+            images, targets, share = batches.batch(k)
+            seen.append(targets[0].tolist())
+            return images, targets, share
 
-    Pack._step, Pack.train_epoch = step, train_epoch
+        return Epoch(batches.steps, batches.full_steps, batch)
+
+    class Harness(Hook):
+        """A failing rank; and in a solo run, each step's starting state and reduced gradient."""
+
+        def before_fit(self, pack):
+            self.runs, self.before = pack.runs, None
+
+        def before_epoch(self, epoch, runs_):
+            if rank == fail_rank:
+                raise ValueError(f"rank {rank} broke")
+
+        def after_batch(self, epoch, step):  # the previous step is done, this one not begun
+            self.step_done()
+            if len(self.runs) == 1:
+                self.before = {k: v.clone() for k, v in self.runs[0].distiller.student.state_dict().items()}
+
+        def after_epoch(self, epoch, results):
+            self.step_done()
+
+        def step_done(self):
+            if self.before is not None:
+                student = self.runs[0].distiller.student
+                steps.append((self.before, {k: p.grad.clone() for k, p in student.named_parameters()}))
+                self.before = None
+
+    DeviceSplit.epoch = epoch_batches
     if rank == 0 and slow:
-        real_finish = runs.RunFolder.finish
-        runs.RunFolder.finish = lambda self, best: (time.sleep(slow), real_finish(self, best))
-    for name in ("write_bytes", "_append", "write_text"):
-        real = getattr(runs.RunFolder, name)
-        setattr(runs.RunFolder, name, lambda self, *a, _real=real, _name=name: (writes.append(_name), _real(self, *a)))
+        real_finish = run_folder.RunFolder.finish
+        run_folder.RunFolder.finish = lambda self, best: (time.sleep(slow), real_finish(self, best))
+    for name in ("write_bytes", "append", "write_text"):
+        real = getattr(run_folder.RunFolder, name)
+        setattr(
+            run_folder.RunFolder, name, lambda self, *a, _real=real, _name=name: (writes.append(_name), _real(self, *a))
+        )
     try:
         cfgs, run_names = zip(*(_cfg(root, teacher, prefix, epochs, n, seed, extra) for n in names))
-        folders = [runs.RunFolder(prefix / n) for n in run_names]
+        folders = [run_folder.RunFolder(prefix / n) for n in run_names]
         pack = build_pack(list(cfgs), list(run_names), folders, torch.device("cpu"))
         try:
-            pack.train(resume=(prefix / run_names[0] / "latest").exists(), new_ok=len(names) > 1)
+            resume = (prefix / run_names[0] / "latest").exists()
+            train_built_pack(pack, resume=resume, hooks=[interrupted_at(stop_at), Harness()])
         except KeyboardInterrupt:
             pass
         student = {k: v.clone() for k, v in pack.runs[0].distiller.student.state_dict().items()}

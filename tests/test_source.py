@@ -1,4 +1,4 @@
-"""The engine fed by a loader (``fast/source.py``): ImageNet-format packs of real JPEGs on the CPU.
+"""The engine fed by a loader (``engine/source.py``): ImageNet-format packs of real JPEGs on the CPU.
 
 A packed run is the same run as alone, bitwise on a CPU: runs that share a seed share every
 decoded, augmented batch and one teacher forward; runs with their own seeds draw their own order
@@ -115,10 +115,10 @@ def _folders(prefix) -> dict[str, object]:
     return {p.name: p for p in (prefix / "imagenet").iterdir()}
 
 
-def _train(argv: list[str]) -> None:
+def _train(argv: list[str], hooks=()) -> None:
     from normkd_plugin import train
 
-    train.main(argv)
+    train.main(argv, hooks=hooks)
 
 
 class _Count:
@@ -126,7 +126,7 @@ class _Count:
 
     def __init__(self, monkeypatch):
         import normkd_plugin.imagenet as imagenet
-        from normkd_plugin.engine.pack import SharedTeacher
+        from normkd_plugin.engine.teacher import SharedTeacher
 
         self.teacher: list[int] = []  # batches per teacher forward
         self.decoded = 0
@@ -183,23 +183,20 @@ def test_loader_pack_of_two_seeds_equals_its_solo_runs(jpeg_root, teacher_r34, t
     assert not torch.equal(a["module.student.fc.weight"], b["module.student.fc.weight"])  # two different runs
 
 
-def test_killed_loader_pack_resumes_bitwise(jpeg_root, teacher_r34, tmp_path, monkeypatch, kd_runs):
-    from normkd_plugin.engine.source import LoaderSource
+def test_killed_loader_pack_resumes_bitwise(jpeg_root, teacher_r34, tmp_path, kd_runs):
+    from normkd_plugin.engine.fit import Hook
 
     _, whole, _ = kd_runs
     argv = [*_cfgs("kd", "normkd"), *_opts(jpeg_root, teacher_r34, tmp_path, "cpu", "EXPERIMENT.SEED", "0")]
-    real = LoaderSource.train_batch
 
-    def killed_in_epoch_2(self, data, epoch, step):
-        if (epoch, step) == (2, 1):
-            raise KeyboardInterrupt  # what a Ctrl-C in the middle of epoch 2 raises
-        return real(self, data, epoch, step)
+    class KilledInEpoch2(Hook):
+        def after_batch(self, epoch, step):
+            if (epoch, step) == (2, 1):
+                raise KeyboardInterrupt  # what a Ctrl-C in the middle of epoch 2 raises
 
-    monkeypatch.setattr(LoaderSource, "train_batch", killed_in_epoch_2)
     with pytest.raises(SystemExit) as stop:
-        _train(argv)
+        _train(argv, hooks=[KilledInEpoch2()])
     assert stop.value.code == 130
-    monkeypatch.setattr(LoaderSource, "train_batch", real)
     folders = _folders(tmp_path)
     for folder in folders.values():
         assert torch.load(folder / "latest", weights_only=True)["epoch"] == 1

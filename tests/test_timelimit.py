@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from conftest import assert_same_run, fast_opts, load_state, needs_mdistiller, spawn_and_wait
+from conftest import assert_same_run, fast_opts, load_state, needs_mdistiller, spawn_and_wait, train_built_pack
 
 
 @pytest.mark.parametrize(
@@ -45,6 +45,19 @@ def clock(monkeypatch):
     fake = FakeClock()
     monkeypatch.setattr(timelimit, "time", fake)
     return fake
+
+
+def epochs_take(clock: FakeClock, seconds: float):
+    """A hook (``engine.fit.Hook``) by which every epoch takes ``seconds`` of ``clock``: it advances the clock as the
+    epoch's first batch is taken, after the time limit marked the epoch's start and before it marks its end."""
+    from normkd_plugin.engine.fit import Hook
+
+    class EpochsTake(Hook):
+        def after_batch(self, epoch, step):
+            if step == 0:
+                clock.now += seconds
+
+    return EpochsTake()
 
 
 def test_an_epoch_starts_only_if_the_longest_epoch_so_far_still_fits(clock):
@@ -89,26 +102,19 @@ def _ranked_worker(rank, out, root, teacher):
     from normkd_plugin import timelimit
     from normkd_plugin.build import build_pack
     from normkd_plugin.config import load_config, run_name
-    from normkd_plugin.engine.pack import Pack
     from normkd_plugin.run_folder import RunFolder
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{out}/rendezvous", rank=rank, world_size=2)
     clock = FakeClock()
     timelimit.time = clock
-    real = Pack.train_epoch
-
-    def train_epoch(self, runs, epoch):
-        real(self, runs, epoch)
-        clock.now += 1.0 if rank == 0 else 1000.0
-
-    Pack.train_epoch = train_epoch
     try:
         opts = fast_opts(root, teacher, out / "runs", 0, "SOLVER.FAST.ITERS_PER_EPOCH", "1")
         cfg = load_config("cifar100/normkd/res56_res20", opts)
         name = run_name(cfg, opts)
         pack = build_pack([cfg], [name], [RunFolder(out / "runs" / name)], torch.device("cpu"))
-        pack.train(time_limit=timelimit.TimeLimit(100))
+        hooks = [epochs_take(clock, 1.0 if rank == 0 else 1000.0)]
+        train_built_pack(pack, time_limit=timelimit.TimeLimit(100), hooks=hooks)
         (out / f"rank{rank}").write_text(str(pack.runs[0].epoch))
     finally:
         dist.destroy_process_group()
@@ -123,36 +129,24 @@ def test_every_rank_follows_rank_0s_decision(tmp_path, small_cifar_npz, teacher_
     assert (folder / "worklog.txt").read_text().count("best_acc") == 1
 
 
-def _epochs_take(monkeypatch, clock, cls, seconds: float) -> None:
-    """Every epoch of ``cls`` (a Pack) advances the fake clock by ``seconds``."""
-    real = cls.train_epoch
-
-    def train_epoch(self, *args):
-        real(self, *args)
-        clock.now += seconds
-
-    monkeypatch.setattr(cls, "train_epoch", train_epoch)
-
-
 PACK = ("--cfg", "cifar100/normkd/res56_res20", "--cfg", "cifar100/normdkd/res56_res20", "--device", "cpu")
 
 
 @needs_mdistiller
 def test_pack_stops_in_time_then_resumes_from_travelled_files_bitwise(
-    tmp_path, small_cifar_npz, teacher_resnet56, clock, monkeypatch, capsys
+    tmp_path, small_cifar_npz, teacher_resnet56, clock, capsys
 ):
     """A 2-epoch pack under a limit that fits one epoch exits 3 after epoch 1; only worklog.txt, config.yaml
     and latest of each run travel to another folder, and --resume there ends bitwise as the uninterrupted pack."""
     from normkd_plugin import train
-    from normkd_plugin.engine.pack import Pack
 
     def argv(prefix):
         return [*PACK, *fast_opts(small_cifar_npz, teacher_resnet56, prefix, 0)]
 
     train.main(argv(tmp_path / "whole"))
-    _epochs_take(monkeypatch, clock, Pack, 40.0)
+    hooks = [epochs_take(clock, 40.0)]
     with pytest.raises(SystemExit) as stop:
-        train.main(["--time-limit", "1m", *argv(tmp_path / "chunk")])
+        train.main(["--time-limit", "1m", *argv(tmp_path / "chunk")], hooks=hooks)
     assert stop.value.code == 3
     message = capsys.readouterr().err.strip().splitlines()[-1]
     assert message.startswith("normkd-train: stopped at the time limit after 0m40s of 1m00s (longest epoch 40.0s)")
@@ -169,31 +163,28 @@ def test_pack_stops_in_time_then_resumes_from_travelled_files_bitwise(
         moved.mkdir(parents=True)
         for kept in ("worklog.txt", "config.yaml", "latest"):  # what a chunk carries to the next machine
             shutil.copy(chunk / kept, moved / kept)
-    train.main(["--resume", "--time-limit", "1m", *argv(tmp_path / "moved")])  # a fresh budget: epoch 2 fits
+    # a fresh budget: epoch 2 fits
+    train.main(["--resume", "--time-limit", "1m", *argv(tmp_path / "moved")], hooks=hooks)
     for name in runs:
         assert_same_run(tmp_path / "whole" / name, tmp_path / "moved" / name)
 
 
 @needs_mdistiller
 def test_a_limit_spent_before_training_still_trains_one_epoch(
-    tmp_path, small_cifar_npz, teacher_resnet56, clock, monkeypatch, capsys
+    tmp_path, small_cifar_npz, teacher_resnet56, clock, capsys
 ):
     """Building took longer than the limit: the first epoch runs anyway (nothing to estimate it by), so the
     stopped run holds a checkpoint and the suggested --resume continues it."""
     from normkd_plugin import train
-    from normkd_plugin.engine.pack import Pack
+    from normkd_plugin.engine.fit import Hook
 
-    real_start = Pack.start
+    class SlowStart(Hook):
+        def before_fit(self, pack):  # the runs' folders are decided and started: 100 s have gone by
+            clock.now += 100
 
-    def slow_start(self, *args):
-        real_start(self, *args)
-        clock.now += 100
-
-    monkeypatch.setattr(Pack, "start", slow_start)
-    _epochs_take(monkeypatch, clock, Pack, 5.0)
     argv = [PACK[0], PACK[1], "--device", "cpu", *fast_opts(small_cifar_npz, teacher_resnet56, tmp_path, 0)]
     with pytest.raises(SystemExit) as stop:
-        train.main(["--time-limit", "30s", *argv])
+        train.main(["--time-limit", "30s", *argv], hooks=[SlowStart(), epochs_take(clock, 5.0)])
     assert stop.value.code == 3 and "1 of 1 run(s) at epoch 1 of 2" in capsys.readouterr().err
     (folder,) = tmp_path.glob("*/*")
     assert load_state(folder)["epoch"] == 1
@@ -202,22 +193,22 @@ def test_a_limit_spent_before_training_still_trains_one_epoch(
 
 
 @needs_mdistiller
-def test_ddp_trainer_stops_in_time_and_resumes(tmp_path, small_cifar_npz, teacher_resnet56, clock, monkeypatch, capsys):
+def test_ddp_trainer_stops_in_time_and_resumes(tmp_path, small_cifar_npz, teacher_resnet56, clock, capsys):
     from normkd_plugin import train
-    from normkd_plugin.engine.pack import Pack
 
     opts = [
         "--cfg", "cifar100/normkd/res56_res20", "--device", "cpu",
         *fast_opts(small_cifar_npz, teacher_resnet56, tmp_path, 0, "SOLVER.TRAINER", "ddp", "DATASET.NUM_WORKERS", "0"),
     ]  # fmt: skip
-    _epochs_take(monkeypatch, clock, Pack, 25.0)
+    hooks = [epochs_take(clock, 25.0)]
     with pytest.raises(SystemExit) as stop:
-        train.main(["--time-limit", "45s", *opts])
+        train.main(["--time-limit", "45s", *opts], hooks=hooks)
     assert stop.value.code == 3
     assert "at epoch 1 of 2; run the same command with --resume" in capsys.readouterr().err
     (folder,) = tmp_path.glob("*/*")
     assert load_state(folder)["epoch"] == 1 and "best_acc" not in (folder / "worklog.txt").read_text()
-    train.main(["--resume", "--time-limit", "45s", *opts])  # a fresh budget: 25 s fits, then 50 s + 25 s does not
+    # a fresh budget: 25 s fits, then 50 s + 25 s does not
+    train.main(["--resume", "--time-limit", "45s", *opts], hooks=hooks)
     text = (folder / "worklog.txt").read_text()
     assert [int(b.split()[0]) for b in text.split("epoch: ")[1:]] == [1, 2] and text.count("best_acc\t") == 1
 
