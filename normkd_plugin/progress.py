@@ -121,10 +121,6 @@ class JobProgress:
             self._shown = done
             self.bar.set_postfix_str(self.summary(done), refresh=False)
 
-    def set_description(self, text: str) -> None:
-        if self.bar is not None:
-            self.bar.set_description(text, refresh=False)
-
     def end_epoch(self, steps: int | None = None) -> None:
         """The epoch's steps are done (the caller has synced, e.g. to read its sums)."""
         steps = int(steps if steps is not None else self.epoch_steps)
