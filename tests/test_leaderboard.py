@@ -19,7 +19,7 @@ import yaml
 from conftest import needs_mdistiller
 from normkd_plugin.leaderboard import cli
 from normkd_plugin.leaderboard.render import curves_figure, plot_curves
-from normkd_plugin.leaderboard.runs import discover_runs
+from normkd_plugin.leaderboard.results import discover_runs
 from normkd_plugin.leaderboard.table import aggregate, split_duplicates
 
 
@@ -974,7 +974,7 @@ def test_a_junk_worklog_is_quoted_at_most_200_characters(tmp_path, capsys):
 @needs_mdistiller
 def test_config_sections_are_read_as_a_whole_parse_reads_them(tmp_path):
     from normkd_plugin.config import load_config
-    from normkd_plugin.leaderboard.runs import load_config_text
+    from normkd_plugin.leaderboard.results import load_config_text
 
     text = load_config("cifar100/normdkd/res56_res20", ["EXPERIMENT.SEED", "4"]).dump()
     assert "&id001" in text  # an alias across sections the reader does not need
@@ -990,7 +990,7 @@ def test_configs_one_key_apart_read_apart_and_no_two_reads_share_a_section():
     """Dumps one key apart, in a section read (SOLVER.LR) or in the method's node (NORMDKD.BETA), read as their
     whole parses in any order; a read shares nothing with another read of the same text (runs stay apart)."""
     from normkd_plugin.config import load_config
-    from normkd_plugin.leaderboard.runs import load_config_text
+    from normkd_plugin.leaderboard.results import load_config_text
 
     texts = [
         load_config("cifar100/normdkd/res56_res20", opts).dump()
