@@ -20,6 +20,8 @@ setup(
         "normkd_plugin.leaderboard": ["*.csv", "field/*.csv"],
         "normkd_plugin.engine": ["*.csv"],
     },
+    # scipy is mdistiller's: importing mdistiller.distillers (which every distiller here subclasses) imports
+    # scipy.stats (OFD.py), and mdistiller's setup.py and requirements.txt do not declare it
     install_requires=["torch", "torchvision", "yacs", "tensorboardX", "tqdm", "scipy", "numpy", "pyyaml"],
     extras_require={
         "test": ["pytest", "pytest-xdist", "matplotlib", "ruff"],

@@ -25,13 +25,14 @@ import platform
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 import torchvision
 from PIL import Image
-from torch.utils.data import DataLoader, RandomSampler
+from torch.utils.data import DataLoader, RandomSampler, Sampler
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("NORMKD_DATA", REPO.parent / "shared" / "data"))
@@ -102,11 +103,28 @@ def host_rate(root: Path, split: str, batch: int, workers: int, device: torch.de
     return _time(loader, consume, device)
 
 
+def jpeg_loader(
+    samples: Sequence[tuple[str, int]], batch_size: int, sampler: Sampler | Sequence[int], num_workers: int
+) -> DataLoader:
+    """A DataLoader whose workers only read file bytes, in the order of ``sampler``."""
+    from normkd_plugin.data import worker_options
+    from normkd_plugin.imagenet import JpegFiles, collate_jpeg
+
+    return DataLoader(
+        JpegFiles(samples),
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=num_workers,
+        collate_fn=collate_jpeg,
+        **worker_options(num_workers),
+    )
+
+
 def tensor_rate(root: Path, split: str, batch: int, workers: int, device: torch.device) -> float:
     """Byte-reading workers, batched decode and the host's augmentation on ``device``."""
     from torchvision.datasets import ImageFolder
 
-    from normkd_plugin.imagenet import DevicePipeline, HostAugment, decode, jpeg_loader
+    from normkd_plugin.imagenet import DevicePipeline, HostAugment, decode
 
     samples = ImageFolder(str(root / split)).samples
     sampler = RandomSampler(samples) if split == "train" else list(range(len(samples)))

@@ -74,45 +74,56 @@ def stop_signals(prog: str, where: Callable[[], str], debug: bool = False) -> It
         signal.signal(signal.SIGINT, old_int)
 
 
-def parse_with_overrides(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
-    """Parse ``parser``'s flags wherever they stand; every other token starts a KEY VALUE pair, kept in ``.opts``.
+class _Token(str):
+    """A command-line token that remembers where it stood."""
 
-    A token after a KEY is its VALUE (so ``EXPERIMENT.SEED -1`` works) unless it is one of the parser's
-    flags spelt in full: then the KEY has no VALUE, and the first such KEY is ``.key_without_value``
-    (None when every KEY has one), so a flag is never taken for a VALUE. A token after a flag that takes
-    an argument is that argument. ``--`` ends the flags: the rest are overrides.
-    (``parse_intermixed_args`` would take a VALUE such as ``-1e-3`` or ``-inf`` for an unknown flag, and
-    a trailing ``argparse.REMAINDER``, as detectron2 has, swallows the flags after the overrides; argparse
-    has no public list of a parser's flags, hence ``_actions``.)
+    def __new__(cls, text: str, at: int):
+        token = super().__new__(cls, text)
+        token.at = at
+        return token
+
+
+def parse_with_overrides(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse ``parser``'s flags wherever they stand; the other tokens are KEY VALUE pairs, kept in ``.opts``.
+
+    argparse itself decides which tokens are flags and flag arguments (``parse_known_args``); the tokens
+    it leaves (its positionals and the flags it does not know) pair up where they stand side by side. So
+    the token after a KEY is its VALUE, even one argparse calls an unknown flag (``SOLVER.LR -1e-3``,
+    ``EXPERIMENT.NAME -x``), unless argparse reads it as one of the parser's flags (``--resume``, also
+    abbreviated: ``--res``): then the KEY has no VALUE, and the first such KEY is ``.key_without_value``
+    (None when every KEY has one). An unknown flag where a KEY would stand is refused as argparse
+    refuses it. ``--`` ends the flags: the rest are overrides. (``parse_intermixed_args`` alone would
+    refuse ``-1e-3`` or ``-x`` as unknown flags, and a trailing ``argparse.REMAINDER``, as detectron2
+    has, swallows the flags after the overrides.) The parser's only positional, if any, is ``opts``.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
-    takes_arg = {s: a.nargs != 0 for a in parser._actions for s in a.option_strings}
+    end = argv.index("--") if "--" in argv else len(argv)
+    head, tail = argv[:end], argv[end + 1 :]
+    # argparse hands back the tokens it leaves as the objects it was given: each says where it stood
+    probe, unknown = parser.parse_known_args([_Token(tok, at) for at, tok in enumerate(head)])
+    left = {tok.at for tok in [*(getattr(probe, "opts", None) or []), *unknown]}
     flags: list[str] = []
     opts: list[str] = []
     unpaired: list[str] = []
+    stray: list[str] = []
     i = 0
-    while i < len(argv):
-        tok = argv[i]
-        if tok == "--":
-            rest = argv[i + 1 :]
-            opts += rest[: len(rest) // 2 * 2]
-            unpaired += rest[len(rest) // 2 * 2 :]
-            break
-        if tok.startswith("-") and len(tok) > 1:
-            name = tok.split("=", 1)[0]
-            hits = [s for s in takes_arg if s == name]
-            if not hits and parser.allow_abbrev:
-                hits = [s for s in takes_arg if s.startswith(name)]
-            width = 2 if "=" not in tok and len(hits) == 1 and takes_arg[hits[0]] else 1
-            flags += argv[i : i + width]
-        elif i + 1 < len(argv) and argv[i + 1].split("=", 1)[0] not in takes_arg:
-            width = 2
-            opts += argv[i : i + width]
+    while i < len(head):
+        tok = head[i]
+        if i not in left:
+            flags.append(tok)
+        elif tok.startswith("-") and len(tok) > 1:
+            stray.append(tok)
+        elif i + 1 in left:
+            opts += head[i : i + 2]
+            i += 1
         else:
-            width = 1
             unpaired.append(tok)
-        i += width
+        i += 1
     args = parser.parse_args(flags)
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    opts += tail[: len(tail) // 2 * 2]
+    unpaired += tail[len(tail) // 2 * 2 :]
     args.opts = opts
     args.key_without_value = unpaired[0] if unpaired else None
     return args

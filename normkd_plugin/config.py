@@ -28,6 +28,7 @@ __all__ = [
     "ConfigError",
     "plugin_defaults",
     "resolve_config",
+    "parse_seeds",
     "packaged_configs",
     "load_config",
     "validate",
@@ -110,6 +111,18 @@ def resolve_config(name_or_path: str, flag: str = "--cfg") -> Path:
     near = difflib.get_close_matches(stem, list(names), n=5, cutoff=0.5)
     hint = f" Close packaged names: {', '.join(near)}." if near else " List them with normkd-configs."
     raise ConfigError(f"{flag} {name_or_path!r} is neither a file nor a packaged config.{hint}")
+
+
+def parse_seeds(text: str, flag: str = "--seeds") -> list[int]:
+    """The integers of a comma-separated list (``0,1,2``; blanks between commas are skipped); ``flag`` names it in
+    errors."""
+    try:
+        seeds = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise ConfigError(f"{flag} {text!r}: expected comma-separated integers such as 0,1,2") from None
+    if not seeds:
+        raise ConfigError(f"{flag} {text!r}: no seed given; expected comma-separated integers such as 0,1,2")
+    return seeds
 
 
 class _DuplicateKey(Exception):

@@ -35,11 +35,11 @@ import torch
 import torchvision.transforms as T
 import torchvision.transforms.functional as F
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import Dataset
 from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 
 from .config import ConfigError
-from .data import DataError, worker_options
+from .data import DataError
 
 __all__ = [
     "DECODE_CHOICES",
@@ -48,7 +48,6 @@ __all__ = [
     "collate_jpeg",
     "decode",
     "DevicePipeline",
-    "jpeg_loader",
     "check_decode",
     "check_class_folders",
 ]
@@ -217,20 +216,6 @@ class DevicePipeline:
             for img in images
         ]
         return self.normalize(torch.stack(out))
-
-
-def jpeg_loader(
-    samples: Sequence[tuple[str, int]], batch_size: int, sampler: Sampler | Sequence[int], num_workers: int
-) -> DataLoader:
-    """A DataLoader whose workers only read file bytes, in the order of ``sampler``."""
-    return DataLoader(
-        JpegFiles(samples),
-        batch_size=batch_size,
-        sampler=sampler,
-        num_workers=num_workers,
-        collate_fn=collate_jpeg,
-        **worker_options(num_workers),
-    )
 
 
 def check_decode(cfg, device: torch.device) -> str:

@@ -16,21 +16,11 @@ import time
 
 import torch
 
+from .timelimit import format_seconds
+
 log = logging.getLogger(__name__)
 
-__all__ = ["JobProgress", "QUIET", "format_seconds"]
-
-
-def format_seconds(seconds: float) -> str:
-    """``1h02m``, ``4m05s``, ``12s``."""
-    seconds = max(0, int(round(seconds)))
-    hours, rest = divmod(seconds, 3600)
-    minutes, secs = divmod(rest, 60)
-    if hours:
-        return f"{hours}h{minutes:02d}m"
-    if minutes:
-        return f"{minutes}m{secs:02d}s"
-    return f"{secs}s"
+__all__ = ["JobProgress", "QUIET"]
 
 
 class JobProgress:
@@ -120,10 +110,6 @@ class JobProgress:
             self.bar.update(done - self._shown)
             self._shown = done
             self.bar.set_postfix_str(self.summary(done), refresh=False)
-
-    def set_description(self, text: str) -> None:
-        if self.bar is not None:
-            self.bar.set_description(text, refresh=False)
 
     def end_epoch(self, steps: int | None = None) -> None:
         """The epoch's steps are done (the caller has synced, e.g. to read its sums)."""

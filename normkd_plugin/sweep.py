@@ -370,12 +370,9 @@ def main(argv: list[str] | None = None) -> None:
             raise ValueError(
                 f"command-line override {args.key_without_value} has no VALUE; overrides are KEY VALUE pairs"
             )
-        try:
-            seeds = [int(s) for s in _split(args.seeds)]
-        except ValueError:
-            raise ValueError(f"--seeds {args.seeds!r}: expected comma-separated integers such as 0,1,2") from None
-        if not seeds:
-            raise ValueError(f"--seeds {args.seeds!r}: no seed given; expected comma-separated integers such as 0,1,2")
+        from .config import parse_seeds
+
+        seeds = parse_seeds(args.seeds)
         chosen = _split(args.methods) if args.methods is not None else list(dataset_methods(args.dataset))
         jobs = grid(args.dataset, chosen, _split(args.pairs), seeds, list(args.opts))
         if args.pack:

@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 from .config import ConfigError
 
-__all__ = ["EXIT_UNFINISHED", "TimeLimit", "Unfinished", "parse_duration", "report_unfinished"]
+__all__ = ["EXIT_UNFINISHED", "TimeLimit", "Unfinished", "format_seconds", "parse_duration", "report_unfinished"]
 
 EXIT_UNFINISHED = 3  # the job stopped at its time limit; run the same command with --resume to continue
 UNFINISHED_FILE_ENV = "NORMKD_UNFINISHED_FILE"
@@ -45,6 +45,18 @@ def parse_duration(text: str, flag: str = "--time-limit") -> float:
     if seconds <= 0:
         raise ConfigError(f"{flag} {text!r}: the limit must be positive")
     return seconds
+
+
+def format_seconds(seconds: float, exact: bool = False) -> str:
+    """Whole seconds as text: the two leading units for an estimate (``1h02m``, ``4m05s``, ``12s``);
+    ``exact``: down to the second with minutes always shown, for a report (``1h02m03s``, ``4m05s``, ``0m40s``)."""
+    minutes, secs = divmod(max(0, int(round(seconds))), 60)
+    hours, minutes = divmod(minutes, 60)
+    if hours:
+        return f"{hours}h{minutes:02d}m{secs:02d}s" if exact else f"{hours}h{minutes:02d}m"
+    if minutes or exact:
+        return f"{minutes}m{secs:02d}s"
+    return f"{secs}s"
 
 
 class TimeLimit:
@@ -91,7 +103,7 @@ class TimeLimit:
 
     def describe(self) -> str:
         """'after 7m58s of 8m00s (longest epoch 41.2s)'; the epoch part once an epoch was measured."""
-        text = f"after {_clock(self.seconds - self.left())} of {_clock(self.seconds)}"
+        text = f"after {format_seconds(self.seconds - self.left(), exact=True)} of {format_seconds(self.seconds, exact=True)}"
         return text + (f" (longest epoch {self.longest:.1f}s)" if self.longest else "")
 
 
@@ -103,9 +115,3 @@ def report_unfinished(message: str, failed: bool = False) -> None:
     if path:
         with open(path, "w") as f:
             f.write(("failed\n" if failed else "") + message + "\n")
-
-
-def _clock(seconds: float) -> str:
-    minutes, secs = divmod(int(round(seconds)), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s"

@@ -100,19 +100,13 @@ def _list_distillers() -> None:
 
 def _seeded(opts: list[str], seeds: str) -> list[list[str]]:
     """The override list of each seed of ``--seeds`` (just ``opts`` without the flag)."""
-    from .config import ConfigError
+    from .config import ConfigError, parse_seeds
 
     if not seeds:
         return [list(opts)]
     if "EXPERIMENT.SEED" in opts[::2]:
         raise ConfigError("give the seeds either with --seeds or with EXPERIMENT.SEED, not both")
-    try:
-        values = [int(s) for s in seeds.split(",") if s.strip()]
-    except ValueError:
-        raise ConfigError(f"--seeds {seeds!r}: expected comma-separated integers such as 0,1,2") from None
-    if not values:
-        raise ConfigError(f"--seeds {seeds!r}: no seed given; expected comma-separated integers such as 0,1,2")
-    return [[*opts, "EXPERIMENT.SEED", str(seed)] for seed in values]
+    return [[*opts, "EXPERIMENT.SEED", str(seed)] for seed in parse_seeds(seeds)]
 
 
 def _how_far(lives: list) -> str:

@@ -115,3 +115,22 @@ def test_imagenet_pack_times_packs_and_solo_runs_in_both_settings_on_a_cpu(tmp_p
         assert abs(ratio - pack / solo) < 1e-3 + 1e-3 * ratio  # the ratio is pack / solo as printed
         assert all(0 <= int(m.group(i)) <= 100 for i in (5, 6))
     assert "kd,normkd" in out.read_text() and "Load average" in out.read_text()
+
+
+def test_imagenet_loader_times_the_host_loader_and_the_tensor_pipeline_on_a_cpu(tmp_path):
+    out = tmp_path / "imagenet_loader.md"
+    cmd = [
+        sys.executable, "benchmarks/imagenet_loader.py", "--device", "cpu", "--images", "32", "--batch-size", "4",
+        "--workers", "0,1", "--out", str(out),
+    ]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = re.findall(r"^\| (train|val) \| (\d) \| (\d+) \| (\d+) \| ([\d.]+)x \|$", out.read_text(), re.M)
+    assert [(split, workers) for split, workers, *_ in rows] == [
+        ("train", "0"),
+        ("train", "1"),
+        ("val", "0"),
+        ("val", "1"),
+    ]
+    assert all(int(host) > 0 and int(tensor) > 0 for _, _, host, tensor, _ in rows), out.read_text()

@@ -188,6 +188,32 @@ def test_unknown_key_in_file_names_file_and_key(tmp_path):
         load_config(str(bad))
 
 
+@pytest.mark.parametrize(
+    ("text", "seeds"), [("0,1,2", [0, 1, 2]), (" 3 , 4 ", [3, 4]), ("5,,6,", [5, 6]), ("-1", [-1])]
+)
+def test_parse_seeds_reads_comma_separated_integers(text, seeds):
+    from normkd_plugin.config import parse_seeds
+
+    assert parse_seeds(text) == seeds
+
+
+@pytest.mark.parametrize(
+    ("text", "flag", "message"),
+    [
+        ("0,x", "--seeds", "--seeds '0,x': expected comma-separated integers such as 0,1,2"),
+        ("1.5", "--seeds", "--seeds '1.5': expected comma-separated integers such as 0,1,2"),
+        (",", "--seeds", "--seeds ',': no seed given; expected comma-separated integers such as 0,1,2"),
+        ("", "--other", "--other '': no seed given; expected comma-separated integers such as 0,1,2"),
+    ],
+)
+def test_parse_seeds_refuses_in_one_line_naming_the_flag_and_value(text, flag, message):
+    from normkd_plugin.config import ConfigError, parse_seeds
+
+    with pytest.raises(ConfigError) as exc:
+        parse_seeds(text, flag)
+    assert str(exc.value) == message
+
+
 def test_bad_overrides_name_the_one_command_line_pair():
     from normkd_plugin.config import ConfigError, load_config
 

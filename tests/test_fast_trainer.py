@@ -141,7 +141,7 @@ def test_run_files_and_worklog_format(tmp_path, small_cifar_npz, teacher_resnet5
     from mdistiller.engine.utils import load_checkpoint
     from mdistiller.models import cifar_model_dict
 
-    from normkd_plugin.leaderboard.runs import parse_worklog
+    from normkd_plugin.leaderboard.results import parse_worklog
 
     cfg = _cfg(
         small_cifar_npz, teacher_resnet56, tmp_path, **{"SOLVER.FAST.ITERS_PER_EPOCH": 2, "LOG.SAVE_CHECKPOINT_FREQ": 2}

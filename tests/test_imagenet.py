@@ -22,12 +22,22 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import needs_cuda, needs_mdistiller
+from conftest import REPO, needs_cuda, needs_mdistiller
 
 pytestmark = needs_mdistiller
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 LEVEL = 1 / 255
+
+
+def _benchmark(name: str):
+    """The script benchmarks/NAME.py as a module."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(scope="module")
@@ -175,8 +185,7 @@ def test_byte_loader_shards_and_keeps_the_hosts_labels(image_root):
     from mdistiller.dataset.imagenet import ImageNet
     from torch.utils.data import DistributedSampler
 
-    from normkd_plugin.imagenet import jpeg_loader
-
+    jpeg_loader = _benchmark("imagenet_loader").jpeg_loader
     host = ImageNet(str(image_root / "train"))
     seen = []
     for rank in range(2):

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import ast
 import os
 import subprocess
 import sys
 
-from conftest import REPO
+from conftest import REPO, needs_mdistiller
 
 COMMIT = "a08d46f10d6102bd6e3f258ca5ac880b020ea259"
 
@@ -40,6 +41,24 @@ def test_a_folder_that_is_no_checkout_is_refused(tmp_path):
 
 def test_the_pinned_commit_is_the_one_setup_py_names():
     assert COMMIT in (REPO / "setup.py").read_text() and COMMIT in (REPO / "install.py").read_text()
+
+
+def _install_requires() -> list[str]:
+    """setup.py's install_requires, read from its source."""
+    for node in ast.walk(ast.parse((REPO / "setup.py").read_text())):
+        if isinstance(node, ast.keyword) and node.arg == "install_requires":
+            return ast.literal_eval(node.value)
+    raise AssertionError("setup.py has no install_requires")
+
+
+@needs_mdistiller
+def test_scipy_is_required_because_mdistillers_distillers_import_it():
+    """mdistiller needs scipy to import its distillers and does not declare it; this package must install it."""
+    code = "import sys; sys.modules['scipy'] = None; import {}"
+    for module, needs_scipy in (("mdistiller.distillers", True), ("mdistiller.engine.trainer", False)):
+        proc = subprocess.run([sys.executable, "-c", code.format(module)], capture_output=True, text=True)
+        assert (proc.returncode != 0 and "No module named 'scipy" in proc.stderr) == needs_scipy, (module, proc.stderr)
+    assert "scipy" in _install_requires()
 
 
 def test_ci_runs_the_two_set_up_commands_the_readme_shows_first():

@@ -19,7 +19,7 @@ import yaml
 from conftest import needs_mdistiller
 from normkd_plugin.leaderboard import cli
 from normkd_plugin.leaderboard.render import curves_figure, plot_curves
-from normkd_plugin.leaderboard.runs import discover_runs
+from normkd_plugin.leaderboard.results import discover_runs
 from normkd_plugin.leaderboard.table import aggregate, split_duplicates
 
 
@@ -974,7 +974,7 @@ def test_a_junk_worklog_is_quoted_at_most_200_characters(tmp_path, capsys):
 @needs_mdistiller
 def test_config_sections_are_read_as_a_whole_parse_reads_them(tmp_path):
     from normkd_plugin.config import load_config
-    from normkd_plugin.leaderboard.runs import load_config_text
+    from normkd_plugin.leaderboard.results import load_config_text
 
     text = load_config("cifar100/normdkd/res56_res20", ["EXPERIMENT.SEED", "4"]).dump()
     assert "&id001" in text  # an alias across sections the reader does not need
@@ -983,3 +983,24 @@ def test_config_sections_are_read_as_a_whole_parse_reads_them(tmp_path):
     assert set(part) == {"DATASET", "DISTILLER", "EXPERIMENT", "SOLVER", "NORMDKD"}
     assert all(part[k] == full[k] for k in part)
     assert load_config_text("- not\n- a mapping\n") == {}
+
+
+@needs_mdistiller
+def test_configs_one_key_apart_read_apart_and_no_two_reads_share_a_section():
+    """Dumps one key apart, in a section read (SOLVER.LR) or in the method's node (NORMDKD.BETA), read as their
+    whole parses in any order; a read shares nothing with another read of the same text (runs stay apart)."""
+    from normkd_plugin.config import load_config
+    from normkd_plugin.leaderboard.results import load_config_text
+
+    texts = [
+        load_config("cifar100/normdkd/res56_res20", opts).dump()
+        for opts in ([], ["SOLVER.LR", "0.07"], ["NORMDKD.BETA", "3.0"])
+    ]
+    full = [yaml.safe_load(text) for text in texts]
+    assert full[0]["SOLVER"] != full[1]["SOLVER"] and full[0]["NORMDKD"] != full[2]["NORMDKD"]
+    for k in [0, 1, 2, 2, 1, 0]:
+        part = load_config_text(texts[k])
+        assert all(part[name] == full[k][name] for name in ("SOLVER", "NORMDKD")), k
+    first, second = load_config_text(texts[0]), load_config_text(texts[0])
+    first["SOLVER"]["LR"], first["NORMDKD"]["BETA"] = -1.0, -1.0
+    assert second["SOLVER"] == full[0]["SOLVER"] and second["NORMDKD"] == full[0]["NORMDKD"]

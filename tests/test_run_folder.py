@@ -501,7 +501,7 @@ def test_resume_rebuilds_a_worklog_that_disagrees_with_the_records(
     assert final == _worklog_of_records(folder) + final[final.rindex("best_acc") :]
     assert [int(x.split()[0]) for x in final.split("epoch: ")[1:]] == [1, 2, 3]
 
-    from normkd_plugin.leaderboard.runs import read_run  # the leaderboard counts the run, whole
+    from normkd_plugin.leaderboard.results import read_run  # the leaderboard counts the run, whole
 
     assert read_run(folder) is not None
 

@@ -159,6 +159,18 @@ def test_a_flag_it_does_not_know_or_a_key_without_value_is_refused(argv, expecte
     assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith(expected) and not proc.stdout
 
 
+@pytest.mark.parametrize("seeds", ["0,x", ","])
+def test_bad_seeds_are_refused_with_normkd_trains_line(seeds, capsys):
+    from normkd_plugin.config import ConfigError, parse_seeds
+
+    with pytest.raises(SystemExit) as exc:
+        sweep.main(["--pairs", "res56_res20", "--seeds", seeds])
+    with pytest.raises(ConfigError) as train_error:  # what normkd-train --seeds says
+        parse_seeds(seeds)
+    assert exc.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines() == [f"normkd-sweep: {train_error.value}"]
+
+
 def test_pack_groups_runs_by_teacher_with_seeds():
     jobs = sweep.grid("cifar100", ["kd", "normkd"], ["res32x4_res8x4", "res56_res20", "res32x4_shuv2"], [0, 1], [])
     packs = sweep.packs(jobs)

@@ -28,6 +28,23 @@ def test_bad_duration_names_flag_and_value(text):
         parse_duration(text)
 
 
+def test_format_seconds_estimates_in_two_units_and_reports_to_the_second():
+    """The ETA keeps the two leading units; --time-limit's report is exact, minutes always shown."""
+    from normkd_plugin.timelimit import format_seconds
+
+    seconds = (0, 12.4, 40, 245, 3720, 3723, 86399)
+    assert [format_seconds(s) for s in seconds] == ["0s", "12s", "40s", "4m05s", "1h02m", "1h02m", "23h59m"]
+    assert [format_seconds(s, exact=True) for s in seconds] == [
+        "0m00s",
+        "0m12s",
+        "0m40s",
+        "4m05s",
+        "1h02m00s",
+        "1h02m03s",
+        "23h59m59s",
+    ]
+
+
 class FakeClock:
     """time.monotonic for normkd_plugin.timelimit: advanced by hand (or by an epoch) in the test."""
 

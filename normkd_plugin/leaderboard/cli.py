@@ -57,7 +57,7 @@ from .._cli import quiet_pipe
 from ..errors import UserError
 from .field import FieldError, tables
 from .render import field_json, field_markdown, latex, markdown, plot_bars, plot_curves, to_csv, to_json
-from .runs import discover_runs
+from .results import discover_runs
 from .table import Row, aggregate, baseline_row, compare_rows
 
 log = logging.getLogger("normkd_plugin.leaderboard")

@@ -7,7 +7,7 @@ import io
 import json
 
 from .field import Placed, Table, display_name, placed_row, protocol_of
-from .runs import Run
+from .results import Run
 from .stats import Diff
 from .table import Row, _published_schedule, groups, method_label, published, split_duplicates
 

@@ -8,7 +8,7 @@ import math
 import statistics
 from dataclasses import asdict, dataclass, field, fields, replace
 
-from .runs import SHARED_SECTIONS, Run
+from .results import SHARED_SECTIONS, Run
 from .stats import Diff, compare
 
 __all__ = [

@@ -140,20 +140,13 @@ def trained_settings(cfg: dict) -> dict:
 # libyaml's parser where PyYAML was built with it (about 10x the pure-Python one); the same safe constructor.
 _LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
-
-@functools.lru_cache(maxsize=4096)
-def _section(text: str):
-    return yaml.load(text, Loader=_LOADER)
-
-
 _READ = ("DATASET", "DISTILLER", "EXPERIMENT", "SOLVER")  # the sections the leaderboard reads, + the method's own
 
 
 def load_config_text(text: str) -> dict:
     """The sections of a config.yaml the leaderboard reads (DATASET, DISTILLER, EXPERIMENT, SOLVER and the
-    method's own node), each parsed once per distinct text: runs of a grid share all but EXPERIMENT. A file
-    that does not split into top-level sections (or uses an alias across them) is parsed whole.
-    Do not mutate the result: sections are shared between runs."""
+    method's own node), parsed alone: a dump holds every method's node, and the rest is not read. A file
+    that does not split into top-level sections (or uses an alias across them) is parsed whole."""
     sections = {}
     for piece in re.split(r"\n(?=\S)", text):
         name = piece.split(":", 1)[0]
@@ -163,10 +156,10 @@ def load_config_text(text: str) -> dict:
         out = {}
         for name in _READ:
             for piece in sections.get(name, []):
-                out.update(_section(piece) or {})
+                out.update(yaml.load(piece, Loader=_LOADER) or {})
         own = str((out.get("DISTILLER") or {}).get("TYPE", ""))
         for piece in sections.get(own, []) if own not in _READ else []:
-            out.update(_section(piece) or {})
+            out.update(yaml.load(piece, Loader=_LOADER) or {})
         if all(isinstance(v, dict) for v in out.values()):
             return out
     except (yaml.YAMLError, TypeError, ValueError, AttributeError):
