@@ -11,7 +11,7 @@ from contextlib import contextmanager
 
 from .errors import Interrupted, UserError
 
-__all__ = ["user_errors", "parse_with_overrides", "quiet_pipe", "stop_signals"]
+__all__ = ["user_errors", "OverrideParser", "parse_with_overrides", "quiet_pipe", "stop_signals"]
 
 
 @contextmanager
@@ -74,51 +74,61 @@ def stop_signals(prog: str, where: Callable[[], str], debug: bool = False) -> It
         signal.signal(signal.SIGINT, old_int)
 
 
-class _Token(str):
-    """A command-line token that remembers where it stood."""
+class OverrideParser(argparse.ArgumentParser):
+    """An ArgumentParser that knows its flags and whether each takes a value (from the Actions that
+    ``add_argument`` returns), so :func:`parse_with_overrides` can mix them with KEY VALUE overrides."""
 
-    def __new__(cls, text: str, at: int):
-        token = super().__new__(cls, text)
-        token.at = at
-        return token
+    def add_argument(self, *args, **kwargs) -> argparse.Action:
+        """``ArgumentParser.add_argument``, recording the flag's option strings and whether it takes a value."""
+        action = super().add_argument(*args, **kwargs)
+        vars(self).setdefault("takes_value", {}).update(dict.fromkeys(action.option_strings, action.nargs != 0))
+        return action
+
+    def flag(self, token: str) -> str | None:
+        """The flag ``token`` names (in full, with ``=value``, or a unique abbreviation of a long flag), or None."""
+        if not token.startswith("-") or token in ("-", "--"):
+            return None
+        name = token.split("=", 1)[0]
+        if name in self.takes_value:
+            return name
+        hits = [s for s in self.takes_value if s.startswith(name)] if self.allow_abbrev and name[:2] == "--" else []
+        return hits[0] if len(hits) == 1 else None
 
 
-def parse_with_overrides(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
+def parse_with_overrides(parser: OverrideParser, argv: list[str] | None = None) -> argparse.Namespace:
     """Parse ``parser``'s flags wherever they stand; the other tokens are KEY VALUE pairs, kept in ``.opts``.
 
-    argparse itself decides which tokens are flags and flag arguments (``parse_known_args``); the tokens
-    it leaves (its positionals and the flags it does not know) pair up where they stand side by side. So
-    the token after a KEY is its VALUE, even one argparse calls an unknown flag (``SOLVER.LR -1e-3``,
-    ``EXPERIMENT.NAME -x``), unless argparse reads it as one of the parser's flags (``--resume``, also
-    abbreviated: ``--res``): then the KEY has no VALUE, and the first such KEY is ``.key_without_value``
-    (None when every KEY has one). An unknown flag where a KEY would stand is refused as argparse
-    refuses it. ``--`` ends the flags: the rest are overrides. (``parse_intermixed_args`` alone would
-    refuse ``-1e-3`` or ``-x`` as unknown flags, and a trailing ``argparse.REMAINDER``, as detectron2
-    has, swallows the flags after the overrides.) The parser's only positional, if any, is ``opts``.
+    The token after a KEY is its VALUE, even one that starts with a dash (``SOLVER.LR -1e-3``,
+    ``EXPERIMENT.NAME -x``), unless it is one of the parser's flags (``--resume``, also abbreviated:
+    ``--res``): then the KEY has no VALUE, and the first such KEY is ``.key_without_value`` (None when
+    every KEY has one). A dash token where a KEY would stand is refused as argparse refuses an unknown
+    flag. ``--`` ends the flags: the rest are overrides. (``parse_intermixed_args`` would refuse
+    ``-1e-3`` or ``-x`` as unknown flags, and a trailing ``argparse.REMAINDER``, as detectron2 has,
+    swallows the flags after the overrides.)
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     end = argv.index("--") if "--" in argv else len(argv)
     head, tail = argv[:end], argv[end + 1 :]
-    # argparse hands back the tokens it leaves as the objects it was given: each says where it stood
-    probe, unknown = parser.parse_known_args([_Token(tok, at) for at, tok in enumerate(head)])
-    left = {tok.at for tok in [*(getattr(probe, "opts", None) or []), *unknown]}
     flags: list[str] = []
     opts: list[str] = []
     unpaired: list[str] = []
     stray: list[str] = []
     i = 0
     while i < len(head):
-        tok = head[i]
-        if i not in left:
-            flags.append(tok)
-        elif tok.startswith("-") and len(tok) > 1:
-            stray.append(tok)
-        elif i + 1 in left:
+        token, flag = head[i], parser.flag(head[i])
+        if flag is not None:
+            width = 2 if "=" not in token and parser.takes_value[flag] else 1
+            flags += head[i : i + width]
+        elif token.startswith("-") and len(token) > 1:
+            width = 1
+            stray.append(token)
+        elif i + 1 < len(head) and parser.flag(head[i + 1]) is None:
+            width = 2
             opts += head[i : i + 2]
-            i += 1
         else:
-            unpaired.append(tok)
-        i += 1
+            width = 1
+            unpaired.append(token)
+        i += width
     args = parser.parse_args(flags)
     if stray:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")

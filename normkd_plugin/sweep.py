@@ -37,7 +37,7 @@ import threading
 from dataclasses import dataclass
 
 from . import run_files
-from ._cli import parse_with_overrides, quiet_pipe, user_errors
+from ._cli import OverrideParser, parse_with_overrides, quiet_pipe, user_errors
 from .errors import Interrupted, UserError
 from .pairs import PAIRS
 from .pairs import methods as dataset_methods
@@ -341,7 +341,7 @@ def _unfinished(where: str, time_limit, failures: list[str]):
 
 def main(argv: list[str] | None = None) -> None:
     """Print or run the grid."""
-    ap = argparse.ArgumentParser(
+    ap = OverrideParser(
         prog="normkd-sweep",
         description=__doc__.splitlines()[0],
         epilog=__doc__.split("\n", 2)[2],

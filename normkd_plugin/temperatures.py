@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from ._cli import parse_with_overrides, quiet_pipe, user_errors
+from ._cli import OverrideParser, parse_with_overrides, quiet_pipe, user_errors
 from .errors import UserError
 from .pairs import PAIRS, Pair
 
@@ -209,7 +209,7 @@ def logits(model: torch.nn.Module, images: Tensor, normalize, device: torch.devi
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = OverrideParser(
         prog="normkd-temperatures",
         usage="%(prog)s PAIR [--student-ckpt FILE] [--split test|train] [--device D] [--png FILE] [--json FILE] "
         "[--per-class] [KEY VALUE ...]",

@@ -15,6 +15,8 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
+from ._cli import OverrideParser
+
 if TYPE_CHECKING:
     import torch
 
@@ -41,7 +43,7 @@ def parser() -> argparse.ArgumentParser:
 
     Flags may stand before, between or after the KEY VALUE overrides (see ``_cli.parse_with_overrides``).
     """
-    p = argparse.ArgumentParser(
+    p = OverrideParser(
         prog="normkd-train",
         description="Train a distiller with mdistiller's trainers (plugins registered).",
         epilog=EPILOG,
