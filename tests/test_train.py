@@ -560,6 +560,40 @@ def test_sigint_and_sigterm_end_a_run_with_one_line_after_its_last_epoch(
     assert text.endswith("-" * 25 + "\n") and not any(p.name.endswith(".tmp") for p in worklog.parent.iterdir())
 
 
+@pytest.mark.parametrize("taken", ["after the commit", "at once"])
+def test_a_stop_while_an_epoch_commits_names_it_once_its_latest_is_written(
+    tmp_path, small_cifar, teacher_resnet56, monkeypatch, capsys, taken
+):
+    """A stop arrives as epoch 2 commits, after its `latest` (the commit point): the line names epoch 2, the epoch
+    `latest` holds and --resume continues from. SIGINT sent to the main thread waits for the end of the commit;
+    a process's SIGINT taken by another thread interrupts at once, the rest of the epoch's files unwritten."""
+    import threading
+
+    from conftest import load_state
+    from normkd_plugin.run_folder import RunFolder
+
+    real, latest = RunFolder.write_bytes, []
+
+    def write_bytes(self, name, data):
+        real(self, name, data)
+        latest.extend([name] if name == "latest" else [])
+        if name == "student_latest" and len(latest) == 2:  # the first file after epoch 2's latest
+            if taken == "at once":
+                raise KeyboardInterrupt
+            signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+
+    argv = _tiny_argv(small_cifar, teacher_resnet56, tmp_path / "out")
+    with monkeypatch.context() as m:
+        m.setattr(RunFolder, "write_bytes", write_bytes)
+        code, err = _main(argv, capsys)
+    assert (code, err[-1:]) == (130, ["normkd-train: interrupted after epoch 2; --resume continues"])
+    folder = _run_dir(tmp_path / "out")
+    assert load_state(folder)["epoch"] == 2
+    assert _main(["--resume", *argv], capsys)[0] == 0
+    text = (folder / "worklog.txt").read_text()
+    assert [int(x.split()[0]) for x in text.split("epoch: ")[1:]] == [1, 2, 3] and text.count("best_acc") == 1
+
+
 def test_a_machine_without_a_gpu_refuses_the_gpu_command_and_says_how_to_use_the_cpu(
     tmp_path, monkeypatch, fake_train, capsys
 ):
