@@ -38,7 +38,6 @@ It prints a markdown table with the command line, the CPU model and the load ave
 from __future__ import annotations
 
 import argparse
-import gc
 import os
 import shlex
 import sys
@@ -108,15 +107,14 @@ def measure(cfgs, names, prefix: str, device: torch.device, warmup: int, iters: 
 
     source.epoch = timed_epoch
     try:
-        steps = pack.train_iterations(pack.runs, 1, warmup + iters)
+        steps = pack.step.train_epoch(pack.runs, 1, warmup + iters)
         _sync(device)
         end = time.perf_counter()
     finally:
+        pack.close()  # its loaders' persistent workers stop before the next measurement
         for run in pack.runs:
             if run.writer is not None:
                 run.writer.close()
-        del pack, source
-        gc.collect()  # shut the loaders' persistent workers down before the next measurement
     if steps <= warmup or clock["start"] is None:
         raise SystemExit(f"imagenet_pack: only {steps} steps ran; give --images >= (warmup + iters) x batch")
     return end - clock["start"], clock["fetch"], (steps - warmup) * int(cfgs[0].SOLVER.BATCH_SIZE)

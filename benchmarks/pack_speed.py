@@ -67,11 +67,11 @@ def _collect(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def graph_note(pack, device: torch.device) -> str:
-    """'' when the pack's steps were replayed from its CUDA graph (or the device has none), else why not."""
-    if device.type != "cuda" or pack.graph.graph is not None:
+def graph_note(step, device: torch.device) -> str:
+    """'' when a pack's steps (``pack.step``) were replayed from its CUDA graph (or the device has none), else why not."""
+    if device.type != "cuda" or step.graph.graph is not None:
         return ""
-    return f"eager: graph capture failed ({pack.graph.failure})" if pack.graph.failure else "eager: no graph"
+    return f"eager: graph capture failed ({step.graph.failure})" if step.graph.failure else "eager: no graph"
 
 
 def bench_pack(stem, k, extra, common, device, iters, warmup, benchmark=False) -> tuple[float, float, str]:
@@ -94,14 +94,14 @@ def bench_pack(stem, k, extra, common, device, iters, warmup, benchmark=False) -
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = benchmark  # build_pack turned it off: the runs are seeded
         torch.cuda.reset_peak_memory_stats()
-    pack.train_iterations(pack.runs, 1, warmup)  # includes the graph capture
+    pack.step.train_epoch(pack.runs, 1, warmup)  # includes the graph capture
     _sync(device)
     t0 = time.perf_counter()
-    steps = pack.train_iterations(pack.runs, 1, iters)  # same epoch: the captured graph is replayed
+    steps = pack.step.train_epoch(pack.runs, 1, iters)  # same epoch: the captured graph is replayed
     _sync(device)
     sec = (time.perf_counter() - t0) / steps
     mem = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
-    return sec, mem, graph_note(pack, device)
+    return sec, mem, graph_note(pack.step, device)
 
 
 def _teacher_ckpt(name: str, folder: str) -> str:

@@ -102,10 +102,15 @@ class RunLife:
             self.folder.redo_epoch(state, student, save_freq)
 
     def commit(self, state: dict, student: dict, save_freq: int) -> None:
-        """The epoch of ``state`` committed (``RunFolder.commit_epoch``)."""
-        if self.main:
-            self.folder.commit_epoch(state, student, save_freq)
-        self.epoch = int(state["epoch"])
+        """The epoch of ``state`` committed (``RunFolder.commit_epoch``); ``epoch`` names it from its ``latest`` on."""
+        epoch = int(state["epoch"])
+        try:
+            if self.main:
+                self.folder.commit_epoch(state, student, save_freq)
+        finally:  # a stop that cut the files after `latest` (resume redoes them) leaves the epoch committed
+            committed = self.folder.records[-1]["epoch"] if self.folder.records else None
+            if not self.main or committed == epoch:
+                self.epoch = epoch
 
     def fail(self, reason: str) -> None:
         """The worklog ends with ``failed<TAB>reason``; every checkpoint is kept."""

@@ -61,10 +61,10 @@ def test_a_failing_case_is_a_row_and_a_failed_fused_case_is_infinitely_slow(
     pack_speed = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(pack_speed)
 
-    def out_of_memory(self, runs):
+    def out_of_memory(self):
         raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore details")
 
-    monkeypatch.setattr(layout.FusedStudents, "__init__", out_of_memory)
+    monkeypatch.setattr(layout.FusedStudents, "step", out_of_memory)  # the fused students' SGD step
     out, table = tmp_path / "pack_speed.md", tmp_path / "fuse_speed.csv"
     monkeypatch.setattr(sys, "argv", [
         "pack_speed.py", "--device", "cpu", "--data", str(small_cifar_npz), "--pairs", "res56_res20",

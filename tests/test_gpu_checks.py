@@ -28,14 +28,14 @@ EPOCHS = 5  # of one 16-image step each; a decay in each of the two chunks
 THREADS = 1  # of the chunks and of the reference: a bitwise comparison needs the same number in both
 TINY = f"--device cpu SOLVER.EPOCHS {EPOCHS} SOLVER.LR_DECAY_STAGES [2,4] SOLVER.FAST.ITERS_PER_EPOCH 1 SOLVER.BATCH_SIZE 16"
 # normkd-train as the stage finds it on PATH, on a clock where each run's epoch takes 10 s: a chunk's
-# stop depends on the limit alone, not on this machine's speed.
+# stop depends on the limit alone, not on this machine's speed. POISON=TYPE:EPOCH turns that run's weights NaN.
 TIMED_TRAIN = """#!{python}
 import os
 
 import torch
 
 from normkd_plugin import timelimit
-from normkd_plugin.engine.pack import Pack
+from normkd_plugin.engine.fit import Hook
 from normkd_plugin.train import main
 
 
@@ -46,22 +46,22 @@ class Clock:
         return self.now
 
 
+class TenSecondsPerRun(Hook):
+    def before_epoch(self, epoch, runs):
+        kind, _, at = os.environ.get("POISON", "::").partition(":")
+        for run in runs:
+            if run.cfg.DISTILLER.TYPE == kind and epoch == int(at):
+                with torch.no_grad():
+                    next(run.distiller.student.parameters()).fill_(float("nan"))
+        self.runs = len(runs)
+
+    def after_batch(self, epoch, step):  # inside the epoch the time limit measures
+        if step == 0:
+            clock.now += 10.0 * self.runs
+
+
 timelimit.time = clock = Clock()
-real = Pack.train_epoch
-
-
-def train_epoch(self, runs, epoch):
-    kind, _, at = os.environ.get("POISON", "::").partition(":")  # TYPE:EPOCH: that run's weights turn NaN
-    for run in runs:
-        if run.cfg.DISTILLER.TYPE == kind and epoch == int(at):
-            with torch.no_grad():
-                next(run.distiller.student.parameters()).fill_(float("nan"))
-    real(self, runs, epoch)
-    clock.now += 10.0 * len(runs)
-
-
-Pack.train_epoch = train_epoch
-main()
+main(hooks=[TenSecondsPerRun()])
 """
 
 

@@ -1,4 +1,4 @@
-"""fast/layout.py: a fused pack trains what the same pack trains unfused, to float32 rounding (CPU, real data).
+"""engine/layout.py: a fused pack trains what the same pack trains unfused, to float32 rounding (CPU, real data).
 
 Fused students run as grouped convolutions, which sum in another order than K separate ones, so
 runs agree to rounding, not bitwise. How far rounding carries is measured, not guessed: BatchNorm's
@@ -28,7 +28,7 @@ import math
 import pytest
 import torch
 
-from conftest import assert_same_run, fast_opts, interrupted_at_epoch, load_state, needs_cuda, needs_mdistiller
+from conftest import assert_same_run, fast_opts, interrupted_at, load_state, needs_cuda, needs_mdistiller
 
 pytestmark = needs_mdistiller
 
@@ -41,8 +41,8 @@ KD, NORMKD, NORMDKD = "cifar100/kd/res56_res20", "cifar100/normkd/res56_res20", 
 FOUR = ((KD, 0, ()), (NORMKD, 0, ()), (NORMDKD, 1, ()), (KD, 1, ("DISTILLER.TYPE", "NONE")))
 
 
-def _train(root, teacher, prefix, runs, fuse, extra=(), resume=False, caplog=None, device="cpu"):
-    """Train ``runs`` ((config, seed, overrides) each) as one pack; returns the run folders."""
+def _train(root, teacher, prefix, runs, fuse, extra=(), resume=False, caplog=None, device="cpu", hooks=()):
+    """Train ``runs`` ((config, seed, overrides) each) as one pack (``hooks`` joining the engine's); the run folders."""
     from normkd_plugin.config import load_config, run_name
     from normkd_plugin.train import train_pack
 
@@ -52,10 +52,10 @@ def _train(root, teacher, prefix, runs, fuse, extra=(), resume=False, caplog=Non
         cfgs.append(load_config(name, opts))
         names.append(run_name(cfgs[-1], opts))
     if caplog is not None:
-        with caplog.at_level(logging.INFO, logger="normkd_plugin.engine.pack"):
-            train_pack(cfgs, names, torch.device(device), resume)
+        with caplog.at_level(logging.INFO, logger="normkd_plugin.engine"):
+            train_pack(cfgs, names, torch.device(device), resume, hooks=hooks)
     else:
-        train_pack(cfgs, names, torch.device(device), resume)
+        train_pack(cfgs, names, torch.device(device), resume, hooks=hooks)
     return [prefix / n for n in names]
 
 
@@ -173,28 +173,27 @@ def test_mixed_pack_fuses_what_it_can_and_trains_the_rest_as_before(
 
 
 @pytest.mark.parametrize("bad_epoch", [1, 2])
-def test_a_nan_run_in_a_fused_group_fails_alone(tmp_path, small_cifar_npz, teacher_resnet56, monkeypatch, bad_epoch):
+def test_a_nan_run_in_a_fused_group_fails_alone(tmp_path, small_cifar_npz, teacher_resnet56, bad_epoch):
     """NormKD's slice turns NaN; it fails at step 1 of 4, the other slices equal the unfused pack's.
 
     At epoch 1 the survivors are fused again for epoch 2, after validation left the students in eval mode:
     they must train in train mode (batch statistics, running statistics updated) as the unfused runs do.
     """
-    from normkd_plugin.engine.pack import Pack, RunsFailed
+    from normkd_plugin.engine.fit import Hook
+    from normkd_plugin.errors import RunsFailed
 
-    real = Pack.train_epoch
+    class Poison(Hook):
+        def before_epoch(self, epoch, runs):
+            if epoch == bad_epoch:
+                with torch.no_grad():
+                    victim = next(r for r in runs if r.cfg.DISTILLER.TYPE == "NORMKD")
+                    victim.distiller.student.fc.weight.fill_(math.nan)
 
-    def poison(self, runs, epoch):
-        if epoch == bad_epoch:
-            with torch.no_grad():
-                next(r for r in runs if r.cfg.DISTILLER.TYPE == "NORMKD").distiller.student.fc.weight.fill_(math.nan)
-        real(self, runs, epoch)
-
-    monkeypatch.setattr(Pack, "train_epoch", poison)
     runs, where = FOUR[:3], f"epoch {bad_epoch} step 1 of 4"
     with pytest.raises(RunsFailed, match=where):
-        _train(small_cifar_npz, teacher_resnet56, tmp_path / "fused", runs, "on")
+        _train(small_cifar_npz, teacher_resnet56, tmp_path / "fused", runs, "on", hooks=[Poison()])
     with pytest.raises(RunsFailed, match=where):
-        unfused = _train(small_cifar_npz, teacher_resnet56, tmp_path / "unfused", runs, "off")
+        _train(small_cifar_npz, teacher_resnet56, tmp_path / "unfused", runs, "off", hooks=[Poison()])
     unfused = sorted((tmp_path / "unfused").glob("*/*"))
     fused = sorted((tmp_path / "fused").glob("*/*"))
     assert len(fused) == len(unfused) == 3
@@ -211,10 +210,10 @@ def test_resume_fused_then_unfused_then_fused_equals_the_uninterrupted_run(tmp_p
     runs, three = FOUR[1:3], ("SOLVER.EPOCHS", "3", "SOLVER.LR_DECAY_STAGES", "[2]")
     whole = _train(small_cifar_npz, teacher_resnet56, tmp_path / "whole", runs, "off", three)
     cut = tmp_path / "cut"
-    with interrupted_at_epoch(2), pytest.raises(KeyboardInterrupt):
-        _train(small_cifar_npz, teacher_resnet56, cut, runs, "on", three)
-    with interrupted_at_epoch(3), pytest.raises(KeyboardInterrupt):
-        _train(small_cifar_npz, teacher_resnet56, cut, runs, "off", three, resume=True)
+    with pytest.raises(KeyboardInterrupt):
+        _train(small_cifar_npz, teacher_resnet56, cut, runs, "on", three, hooks=[interrupted_at(2)])
+    with pytest.raises(KeyboardInterrupt):
+        _train(small_cifar_npz, teacher_resnet56, cut, runs, "off", three, resume=True, hooks=[interrupted_at(3)])
     assert load_state(cut / whole[0].relative_to(tmp_path / "whole"))["epoch"] == 2
     resumed = _train(small_cifar_npz, teacher_resnet56, cut, runs, "on", three, resume=True)
     for a, b in zip(resumed, whole):
@@ -429,8 +428,8 @@ def test_fuse_choice_reads_the_packaged_table_and_this_machines_own_first(tmp_pa
     """auto on CUDA (the device name stands in): $NORMKD_FUSE_TABLE's rows win over the packaged ones; auto on a
     CPU never fuses, on anywhere; the packaged table is a valid table."""
     from normkd_plugin.config import ConfigError, load_config
-    from normkd_plugin.engine.fuse_speed import FuseChoice, measurements, write_table
     from normkd_plugin.engine.checks import check_pack
+    from normkd_plugin.engine.fuse_speed import FuseChoice, measurements, write_table
 
     monkeypatch.delenv("NORMKD_FUSE_TABLE", raising=False)
     packaged = measurements()

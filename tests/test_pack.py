@@ -1,4 +1,4 @@
-"""fast/pack.py: a packed run trains exactly what the same config trains alone (CPU, real data and teacher)."""
+"""engine/: a packed run trains exactly what the same config trains alone (CPU, real data and teacher)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from conftest import (
     SMALL_TRAIN,
     assert_same_run,
     fast_opts,
-    interrupted_at_epoch,
+    interrupted_at,
     load_state,
     needs_cuda,
     needs_mdistiller,
@@ -36,12 +36,27 @@ def _configs(root, teacher, prefix, runs=RUNS, extra=()):
     return cfgs, names
 
 
-def _train(root, teacher, prefix, runs=RUNS, extra=(), resume=False):
+def _train(root, teacher, prefix, runs=RUNS, extra=(), resume=False, hooks=()):
     from normkd_plugin.train import train_pack
 
     cfgs, names = _configs(root, teacher, prefix, runs, extra)
-    train_pack(cfgs, names, torch.device("cpu"), resume)
+    train_pack(cfgs, names, torch.device("cpu"), resume, hooks=hooks)
     return [prefix / n for n in names]
+
+
+def nan_weights_at(epoch: int, kind: str):
+    """A hook (``engine.fit.Hook``) that fills the classifier weights of the DISTILLER.TYPE ``kind`` run with NaN
+    as ``epoch`` starts (that run must be in the epoch)."""
+    from normkd_plugin.engine.fit import Hook
+
+    class NanWeights(Hook):
+        def before_epoch(self, e, runs):
+            if e == epoch:
+                victim = next(r for r in runs if r.cfg.DISTILLER.TYPE == kind)
+                with torch.no_grad():
+                    victim.distiller.student.fc.weight.fill_(math.nan)
+
+    return NanWeights()
 
 
 @pytest.fixture(scope="module")
@@ -73,36 +88,27 @@ def test_pack_of_three_equals_three_solo_runs_bitwise(pack_and_solos):
 
 @pytest.fixture(scope="module")
 def one_epoch_seen(tmp_path_factory, small_cifar_npz, teacher_resnet56):
-    """One epoch of RUNS as a pack, watched: per step the (distiller type, image tensor, targets) of every run,
-    and the batch size of every forward of the teacher network."""
-    from normkd_plugin.engine.pack import Pack, SharedTeacher
+    """One epoch of RUNS as a pack, watched through a hook: per step the (distiller type, image tensor, targets) of
+    every run's training forward, and the batch size of every forward of the teacher network."""
+    from normkd_plugin.engine.fit import Hook
 
     seen, sizes = [], []
-    original_step, original_precompute = Pack._step, SharedTeacher.precompute
 
-    def spy(self, images, targets, epoch):
-        for run in self._active:
-            forward = run.distiller.forward_train
-            run.distiller.forward_train = lambda _f=forward, _r=run, **kw: (
-                seen[-1].append((_r.cfg.DISTILLER.TYPE, kw["image"], kw["target"])),
-                _f(**kw),
-            )[1]
-        seen.append([])
-        original_step(self, images, targets, epoch)
-        for run in self._active:
-            del run.distiller.forward_train
+    class Watch(Hook):
+        def before_fit(self, pack):
+            pack.teacher.net.register_forward_hook(lambda m, inp, out: sizes.append(inp[0].shape[0]))
+            for run in pack.runs:  # the host's Distiller.forward calls forward_train while training
+                forward = run.distiller.forward_train
+                run.distiller.forward_train = lambda _f=forward, _r=run, **kw: (
+                    seen[-1].append((_r.cfg.DISTILLER.TYPE, kw["image"], kw["target"])),
+                    _f(**kw),
+                )[1]
 
-    def count(self, batches):
-        if not getattr(self.net, "_counted", False):
-            self.net.register_forward_hook(lambda m, inp, out: sizes.append(inp[0].shape[0]))
-            self.net._counted = True
-        original_precompute(self, batches)
+        def after_batch(self, epoch, step):  # a step's batch is taken: its forwards follow
+            seen.append([])
 
-    Pack._step, SharedTeacher.precompute = spy, count
-    try:
-        _train(small_cifar_npz, teacher_resnet56, tmp_path_factory.mktemp("one_epoch"), extra=("SOLVER.EPOCHS", "1"))
-    finally:
-        Pack._step, SharedTeacher.precompute = original_step, original_precompute
+    prefix = tmp_path_factory.mktemp("one_epoch")
+    _train(small_cifar_npz, teacher_resnet56, prefix, extra=("SOLVER.EPOCHS", "1"), hooks=[Watch()])
     return seen, sizes
 
 
@@ -200,30 +206,19 @@ def test_vanilla_pack_of_different_architectures(tmp_path, small_cifar_npz, teac
 
 def test_interrupted_pack_resumes_every_run_exactly(tmp_path, small_cifar_npz, teacher_resnet56, pack_and_solos):
     whole, _ = pack_and_solos  # the uninterrupted pack
-    with interrupted_at_epoch(2), pytest.raises(KeyboardInterrupt):
-        _train(small_cifar_npz, teacher_resnet56, tmp_path / "cut")
+    with pytest.raises(KeyboardInterrupt):
+        _train(small_cifar_npz, teacher_resnet56, tmp_path / "cut", hooks=[interrupted_at(2)])
     cut = _train(small_cifar_npz, teacher_resnet56, tmp_path / "cut", resume=True)
     for a, b in zip(whole, cut):
         assert_same_run(a, b)
 
 
-def test_a_run_that_turns_nan_fails_alone(tmp_path, small_cifar_npz, teacher_resnet56, monkeypatch, pack_and_solos):
+def test_a_run_that_turns_nan_fails_alone(tmp_path, small_cifar_npz, teacher_resnet56, pack_and_solos):
     """The poisoned run stops at epoch 2 step 1, keeps its epoch-1 checkpoint; the others equal their solo runs."""
-    from normkd_plugin.engine.pack import Pack, RunsFailed
+    from normkd_plugin.errors import RunsFailed
 
-    real = Pack.train_epoch
-
-    def poison(self, runs, epoch):
-        if epoch == 2:
-            victim = next(r for r in runs if r.cfg.DISTILLER.TYPE == "KD")
-            with torch.no_grad():
-                victim.distiller.student.fc.weight.fill_(math.nan)
-        real(self, runs, epoch)
-
-    monkeypatch.setattr(Pack, "train_epoch", poison)
     with pytest.raises(RunsFailed, match=r"epoch 2 step 1 of 4: non-finite training loss.*1 of 3 runs failed"):
-        _train(small_cifar_npz, teacher_resnet56, tmp_path / "pack")
-    monkeypatch.setattr(Pack, "train_epoch", real)
+        _train(small_cifar_npz, teacher_resnet56, tmp_path / "pack", hooks=[nan_weights_at(2, "KD")])
     folders = [tmp_path / "pack" / n for n in _configs(small_cifar_npz, teacher_resnet56, tmp_path / "pack")[1]]
     kd = folders[1]
     text = (kd / "worklog.txt").read_text()
@@ -356,25 +351,11 @@ def test_resumed_pack_restarts_a_run_that_failed_before_its_first_checkpoint(
 ):
     """KD turns NaN in epoch 1 (no checkpoint), the pack is interrupted at epoch 3; --resume restarts KD from
     scratch, lets it catch up alone, and it ends bitwise equal to a solo KD run; NormKD resumes."""
-    from normkd_plugin.engine.pack import Pack
-
     runs = RUNS[:2]
     extra = ("SOLVER.EPOCHS", "3", "SOLVER.LR_DECAY_STAGES", "[2]")
-    real = Pack.train_epoch
-
-    def poison(self, runs_, epoch):
-        for run in runs_:
-            if run.cfg.DISTILLER.TYPE == "KD" and epoch == 1:
-                with torch.no_grad():
-                    run.distiller.student.fc.weight.fill_(math.nan)
-        real(self, runs_, epoch)
-
-    Pack.train_epoch = poison
-    try:
-        with interrupted_at_epoch(3), pytest.raises(KeyboardInterrupt):
-            _train(small_cifar_npz, teacher_resnet56, tmp_path / "pack", runs, extra)
-    finally:
-        Pack.train_epoch = real
+    with pytest.raises(KeyboardInterrupt):
+        hooks = [nan_weights_at(1, "KD"), interrupted_at(3)]
+        _train(small_cifar_npz, teacher_resnet56, tmp_path / "pack", runs, extra, hooks=hooks)
     normkd, kd = [
         tmp_path / "pack" / n for n in _configs(small_cifar_npz, teacher_resnet56, tmp_path / "pack", runs, extra)[1]
     ]
@@ -418,8 +399,8 @@ def test_a_pack_resumed_with_another_teacher_drops_its_distilled_runs_and_hashes
 
     runs = (("cifar100/kd/res56_res20", 0), ("cifar100/normkd/res56_res20", 0), ("cifar100/vanilla/res56_res20", 0))
     extra = ("SOLVER.FAST.ITERS_PER_EPOCH", "1")
-    with interrupted_at_epoch(2), pytest.raises(KeyboardInterrupt):
-        _train(small_cifar_npz, teacher_resnet56, tmp_path / "pack", runs, extra)
+    with pytest.raises(KeyboardInterrupt):
+        _train(small_cifar_npz, teacher_resnet56, tmp_path / "pack", runs, extra, hooks=[interrupted_at(2)])
     weights = torch.load(teacher_resnet56, map_location="cpu", weights_only=True)
     weights["fc.bias"] = weights["fc.bias"] + 0.5
     other = tmp_path / "other.pt"

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import interrupted_at_epoch, mdistiller_checkout, needs_mdistiller
+from conftest import interrupted_at, mdistiller_checkout, needs_mdistiller
 
 pytestmark = needs_mdistiller
 
@@ -103,14 +103,13 @@ def test_interrupted_run_resumes_through_the_cli(tmp_path, small_cifar, teacher_
         "DATASET.ROOT", str(small_cifar), "DISTILLER.TEACHER_CKPT", str(teacher_resnet56),
         "LOG.PREFIX", str(tmp_path / "o"), "EXPERIMENT.NAME", "r",
     ]  # fmt: skip
-    with interrupted_at_epoch(3):  # one command, --resume included, starts the job (nothing to resume yet)
-        with pytest.raises(SystemExit) as info:
-            train.main(["--resume", *argv])
-        assert info.value.code == 130
-        assert capsys.readouterr().err.endswith("normkd-train: interrupted after epoch 2; --resume continues\n")
-        with pytest.raises(SystemExit):
-            train.main(argv)
-        assert "already holds a started run; add --resume" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as info:  # one command, --resume included, starts the job (nothing to resume yet)
+        train.main(["--resume", *argv], hooks=[interrupted_at(3)])
+    assert info.value.code == 130
+    assert capsys.readouterr().err.endswith("normkd-train: interrupted after epoch 2; --resume continues\n")
+    with pytest.raises(SystemExit):
+        train.main(argv)
+    assert "already holds a started run; add --resume" in capsys.readouterr().err
     train.main(["--resume", *argv])  # the same command continues it
     (folder,) = list((tmp_path / "o" / "cifar100").iterdir())
     text = (folder / "worklog.txt").read_text()
@@ -145,17 +144,15 @@ def fake_train(monkeypatch):
     from normkd_plugin import train
 
     calls = []
-    monkeypatch.setattr(
-        train,
-        "train",
-        lambda cfg, name, device, resume, limit=None: calls.append(("train", cfg, name, device, resume, limit)),
-    )
-    monkeypatch.setattr(
-        train,
-        "train_pack",
-        lambda cfgs, names, device, resume, limit=None: calls.append(("pack", cfgs, names, device, resume, limit)),
-        raising=False,
-    )
+
+    def recorder(kind):
+        def record(cfgs, names, device, resume, limit=None, hooks=(), lives=None):
+            calls.append((kind, cfgs, names, device, resume, limit))
+
+        return record
+
+    monkeypatch.setattr(train, "train", recorder("train"))
+    monkeypatch.setattr(train, "train_pack", recorder("pack"))
     return calls
 
 
@@ -417,30 +414,28 @@ def _run_dir(prefix, epochs=3):
     )
 
 
-def _main(argv, capsys):
-    """train.main(argv): (exit code, stderr lines)."""
+def _main(argv, capsys, hooks=()):
+    """train.main(argv, hooks): (exit code, stderr lines)."""
     from normkd_plugin import train
 
     try:
-        train.main(argv)
+        train.main(argv, hooks=hooks)
         code = 0
     except SystemExit as exc:
         code = exc.code
     return code, capsys.readouterr().err.strip().splitlines()
 
 
-def _filling_the_disk_before_epoch(epoch, where, monkeypatch):
-    from conftest import fill_disk
-    from normkd_plugin.engine.pack import Pack
+def _before_epoch(epoch, action):
+    """A hook (``engine.fit.Hook``) that calls ``action()`` as ``epoch`` starts."""
+    from normkd_plugin.engine.fit import Hook
 
-    real = Pack.train_epoch
+    class BeforeEpoch(Hook):
+        def before_epoch(self, e, runs):
+            if e == epoch:
+                action()
 
-    def train_epoch(self, runs, e):
-        if e == epoch:
-            fill_disk(where)
-        real(self, runs, e)
-
-    monkeypatch.setattr(Pack, "train_epoch", train_epoch)
+    return BeforeEpoch()
 
 
 @pytest.mark.parametrize("how", ["real tmpfs", "simulated"])
@@ -449,8 +444,9 @@ def test_a_full_disk_is_one_line_naming_the_file_and_the_last_epoch_is_kept(
 ):
     import contextlib
     import errno
+    import threading
 
-    from conftest import load_state, mounted_tmpfs
+    from conftest import fill_disk, load_state, mounted_tmpfs
 
     disk = tmp_path / "disk"
     with mounted_tmpfs(disk, "24m") if how == "real tmpfs" else contextlib.nullcontext(disk):
@@ -458,14 +454,8 @@ def test_a_full_disk_is_one_line_naming_the_file_and_the_last_epoch_is_kept(
         argv = _tiny_argv(small_cifar, teacher_resnet56, disk / "out")
         with monkeypatch.context() as m:
             if how == "real tmpfs":
-                _filling_the_disk_before_epoch(2, disk, m)
+                fills = _before_epoch(2, lambda: fill_disk(disk))
             else:  # a file system that reports the full disk when the data reach it (fsync)
-                from normkd_plugin.engine.pack import Pack
-
-                real_epoch = Pack.train_epoch
-
-                import threading
-
                 real_fsync = os.fsync
 
                 def full(fd):
@@ -473,13 +463,8 @@ def test_a_full_disk_is_one_line_naming_the_file_and_the_last_epoch_is_kept(
                         return real_fsync(fd)  # tensorboardX's writer thread: not the run folder's writes
                     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-                def train_epoch(self, runs, e):
-                    if e == 2:
-                        m.setattr(os, "fsync", full)
-                    real_epoch(self, runs, e)
-
-                m.setattr(Pack, "train_epoch", train_epoch)
-            code, err = _main(argv, capsys)
+                fills = _before_epoch(2, lambda: m.setattr(os, "fsync", full))
+            code, err = _main(argv, capsys, hooks=[fills])
         folder = _run_dir(disk / "out")
         assert code == 2
         assert err[-1] == f"normkd-train: {folder}/latest: cannot write it: No space left on device (ENOSPC)"
@@ -494,11 +479,8 @@ def test_a_full_disk_is_one_line_naming_the_file_and_the_last_epoch_is_kept(
 
 
 def test_a_read_only_run_folder_is_one_line(tmp_path, small_cifar, teacher_resnet56, capsys):
-    from conftest import interrupted_at_epoch
-
     argv = _tiny_argv(small_cifar, teacher_resnet56, tmp_path / "out")
-    with interrupted_at_epoch(2):
-        code, _ = _main(argv, capsys)
+    code, _ = _main(argv, capsys, hooks=[interrupted_at(2)])
     assert code == 130
     folder = _run_dir(tmp_path / "out")
     bind = subprocess.run(["mount", "--bind", str(folder), str(folder)], capture_output=True, text=True)
@@ -578,6 +560,40 @@ def test_sigint_and_sigterm_end_a_run_with_one_line_after_its_last_epoch(
     assert text.endswith("-" * 25 + "\n") and not any(p.name.endswith(".tmp") for p in worklog.parent.iterdir())
 
 
+@pytest.mark.parametrize("taken", ["after the commit", "at once"])
+def test_a_stop_while_an_epoch_commits_names_it_once_its_latest_is_written(
+    tmp_path, small_cifar, teacher_resnet56, monkeypatch, capsys, taken
+):
+    """A stop arrives as epoch 2 commits, after its `latest` (the commit point): the line names epoch 2, the epoch
+    `latest` holds and --resume continues from. SIGINT sent to the main thread waits for the end of the commit;
+    a process's SIGINT taken by another thread interrupts at once, the rest of the epoch's files unwritten."""
+    import threading
+
+    from conftest import load_state
+    from normkd_plugin.run_folder import RunFolder
+
+    real, latest = RunFolder.write_bytes, []
+
+    def write_bytes(self, name, data):
+        real(self, name, data)
+        latest.extend([name] if name == "latest" else [])
+        if name == "student_latest" and len(latest) == 2:  # the first file after epoch 2's latest
+            if taken == "at once":
+                raise KeyboardInterrupt
+            signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+
+    argv = _tiny_argv(small_cifar, teacher_resnet56, tmp_path / "out")
+    with monkeypatch.context() as m:
+        m.setattr(RunFolder, "write_bytes", write_bytes)
+        code, err = _main(argv, capsys)
+    assert (code, err[-1:]) == (130, ["normkd-train: interrupted after epoch 2; --resume continues"])
+    folder = _run_dir(tmp_path / "out")
+    assert load_state(folder)["epoch"] == 2
+    assert _main(["--resume", *argv], capsys)[0] == 0
+    text = (folder / "worklog.txt").read_text()
+    assert [int(x.split()[0]) for x in text.split("epoch: ")[1:]] == [1, 2, 3] and text.count("best_acc") == 1
+
+
 def test_a_machine_without_a_gpu_refuses_the_gpu_command_and_says_how_to_use_the_cpu(
     tmp_path, monkeypatch, fake_train, capsys
 ):
@@ -629,8 +645,7 @@ def test_a_run_logs_its_folders_full_path_when_it_starts_and_ends(
     monkeypatch.chdir(tmp_path)  # LOG.PREFIX relative to the working folder, the default's way (./output)
     argv = _tiny_argv(small_cifar, teacher_resnet56, Path("out"), 2)
     folder = str(tmp_path / _run_dir(Path("out"), 2))
-    with interrupted_at_epoch(2):
-        assert _main(argv, capsys)[0] == 130
+    assert _main(argv, capsys, hooks=[interrupted_at(2)])[0] == 130
     assert _run_lines(caplog) == [f"run starts: {folder}", f"run ended unfinished: {folder}"]
     caplog.clear()
     assert _main(["--resume", *argv], capsys)[0] == 0
