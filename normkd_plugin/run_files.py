@@ -14,6 +14,7 @@ import fcntl
 import os
 import signal
 import tempfile
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -62,12 +63,29 @@ _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 @contextmanager
 def held_signals() -> Iterator[None]:
-    """SIGINT and SIGTERM wait until the block ends (an epoch's commit is never cut in two by a stop)."""
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+    """SIGINT and SIGTERM wait until the block ends (an epoch's commit is never cut in two by a stop).
+
+    In the main thread their handlers only note them inside the block, then each noted signal is raised
+    again: a mask would hold them from this thread alone, and the kernel gives a signal sent to the
+    process to any thread that does not block it (tensorboard's, the loader's), whose Python handler then
+    runs in the main thread at once. Elsewhere (no Python handler runs there) this thread masks them.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+        try:
+            yield
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+        return
+    noted: list[int] = []
+    old = {s: signal.signal(s, lambda signum, frame: noted.append(signum)) for s in _STOP_SIGNALS}
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        for s, handler in old.items():
+            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
+        for s in dict.fromkeys(noted):
+            signal.raise_signal(s)
 
 
 def _umask() -> int:

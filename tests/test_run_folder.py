@@ -202,6 +202,7 @@ def test_stale_temporary_files_are_removed_by_the_lock_holder(tmp_path):
 
 # -- SIGKILL at any moment, then --resume: bitwise the run that was never interrupted ------------
 
+
 def _killable(point: str, marker: str, argv: list[str], threads: int) -> None:
     """``normkd-train argv`` in a process forked by the forkserver (which has imported torch, so it starts in a
     fraction of a second), on the test's number of threads (the same float rounding as the reference), that
@@ -657,3 +658,35 @@ def test_a_folder_from_before_the_records_resumes_and_records_them(
     assert "no record of the teacher and data it learned from" in caplog.text
     assert load_state(folder)["identity"]["learned_from"] == _learned(teacher_resnet56, small_cifar_npz)
     assert yaml.safe_load((folder / "provenance.yaml").read_text()) == _learned(teacher_resnet56, small_cifar_npz)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_stop_sent_to_the_process_waits_for_the_commit_while_other_threads_run(signum):
+    """The kernel may give a process-directed signal to any thread (tensorboard's, a loader's): it still waits."""
+    import threading
+
+    from normkd_plugin.errors import Interrupted
+    from normkd_plugin.run_files import held_signals
+
+    def on_term(signum, frame):
+        raise Interrupted(signum)
+
+    old = signal.signal(signal.SIGTERM, on_term)  # as normkd-train's stop_signals turns SIGTERM into a stop
+    release = threading.Event()
+    others = [threading.Thread(target=release.wait) for _ in range(4)]
+    for thread in others:
+        thread.start()
+    done = []
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with held_signals():
+                os.kill(os.getpid(), signum)
+                for _ in range(20):  # bytecode boundaries at which a pending Python handler would run
+                    time.sleep(0.01)
+                done.append("block ended")
+    finally:
+        release.set()
+        for thread in others:
+            thread.join()
+        signal.signal(signal.SIGTERM, old)
+    assert done == ["block ended"]
