@@ -1,4 +1,4 @@
-"""fast/augment.py: the device augmentation equals the host's torchvision pipeline, exactly."""
+"""engine/augment.py: the device augmentation equals the host's torchvision pipeline, exactly."""
 
 from __future__ import annotations
 

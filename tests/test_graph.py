@@ -1,4 +1,4 @@
-"""fast/graph.py: which batches run eagerly, captured or replayed; a failed capture never re-trains a batch."""
+"""engine/graph.py: which batches run eagerly, captured or replayed; a failed capture never re-trains a batch."""
 
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ def test_failed_capture_trains_every_batch_once(fake_cuda, monkeypatch):
     def broken(*args):
         raise RuntimeError("operation not permitted when stream is capturing")
 
-    monkeypatch.setattr(graph, "_capture", broken)
+    monkeypatch.setattr(graph, "capture", broken)
     assert _run(graph, log) == 5
     assert log == [0, 1, 2, 3, 4]  # batch 0 trained once, by the capture's warm-up
     assert not graph.enabled and graph.graph is None
@@ -65,7 +65,7 @@ def test_capture_once_per_key_then_replay(fake_cuda, monkeypatch):
         graph.graph, graph.key = _Graph(log), key
         graph.static = ([torch.zeros(1, dtype=torch.long)], [torch.zeros(1, dtype=torch.long)])
 
-    monkeypatch.setattr(graph, "_capture", capture)
+    monkeypatch.setattr(graph, "capture", capture)
     _run(graph, log, key=1)
     assert log == [0, "capture", "replay", "replay", "replay", "replay"]
     log.clear()

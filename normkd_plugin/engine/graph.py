@@ -34,7 +34,8 @@ class StepGraph:
         self.static: Batches | None = None
         self.failure = ""  # why the capture failed (training then goes on eagerly)
 
-    def _capture(self, first: Batches, epoch: int, key) -> None:
+    def capture(self, first: Batches, epoch: int, key) -> None:
+        """Capture ``step`` on copies of the batch ``first`` (its static inputs) as the graph of ``key``."""
         self.graph, self.key = None, None
         self.static = ([x.clone() for x in first[0]], [y.clone() for y in first[1]])
         self.zero_grad()  # set_to_none: the captured backward allocates the grads from the graph's pool
@@ -55,7 +56,7 @@ class StepGraph:
             torch.cuda.current_stream().wait_stream(stream)
             start = 1
             try:
-                self._capture(first, epoch, key)
+                self.capture(first, epoch, key)
             except RuntimeError as exc:
                 log.warning("CUDA graph capture failed (%s); training eagerly", exc)
                 self.enabled, self.graph, self.failure = False, None, (str(exc).splitlines() or [""])[0]
