@@ -176,11 +176,9 @@ def test_flags_may_follow_the_overrides(tmp_path, fake_train):
 
 
 def test_parse_with_overrides_keeps_pairs_and_negative_values():
-    import argparse
+    from normkd_plugin._cli import OverrideParser, parse_with_overrides
 
-    from normkd_plugin._cli import parse_with_overrides
-
-    p = argparse.ArgumentParser()
+    p = OverrideParser()
     p.add_argument("--cfg", action="append", default=[])
     p.add_argument("--resume", action="store_true")
     p.add_argument("opts", nargs="*")
@@ -191,11 +189,9 @@ def test_parse_with_overrides_keeps_pairs_and_negative_values():
 
 
 def test_a_flag_where_a_value_should_be_leaves_its_key_without_value(tmp_path, fake_train, capsys):
-    import argparse
+    from normkd_plugin._cli import OverrideParser, parse_with_overrides
 
-    from normkd_plugin._cli import parse_with_overrides
-
-    p = argparse.ArgumentParser()
+    p = OverrideParser()
     p.add_argument("--resume", action="store_true")
     args = parse_with_overrides(p, ["A", "1", "B", "--resume", "C", "2", "D"])
     assert (args.opts, args.key_without_value, args.resume) == (["A", "1", "C", "2"], "B", True)
