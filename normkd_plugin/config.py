@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import difflib
 import importlib.resources
-import math
 import os
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,12 +29,8 @@ __all__ = [
     "parse_seeds",
     "packaged_configs",
     "load_config",
-    "validate",
     "run_name",
     "run_folder",
-    "Rule",
-    "COMMON_RULES",
-    "DISTILLER_RULES",
 ]
 
 
@@ -189,23 +183,10 @@ def _merge_file(cfg: CN, path: Path) -> None:
         raise ConfigError(f"{path}: {exc}") from exc
 
 
-class _Origin:
-    """Where a value came from, for messages: the command line (its one KEY VALUE pair) or the config file."""
-
-    def __init__(self, path: Path, opts: list[str]):
-        self.path = path
-        self.overrides = dict(zip(opts[::2], opts[1::2]))
-
-    def __call__(self, key: str, value, *related: str) -> str:
-        """'command-line override K V' for the first of key, *related overridden; else 'FILE: KEY VALUE'."""
-        for k in (key, *related):
-            if k in self.overrides:
-                return f"command-line override {k} {self.overrides[k]}"
-        return f"{self.path}: {key} {value!r}"
-
-
 def _merge_opts(cfg: CN, opts: list[str]) -> None:
     """Merge KEY VALUE overrides one pair at a time; an error shows only the pair at fault."""
+    from .config_rules import is_int
+
     if len(opts) % 2:
         raise ConfigError(f"command-line override {opts[-1]} has no VALUE; overrides are KEY VALUE pairs")
     for key, raw in zip(opts[::2], opts[1::2]):
@@ -222,7 +203,7 @@ def _merge_opts(cfg: CN, opts: list[str]) -> None:
             new = CN._decode_cfg_value(raw)
             if type(new) is type(old):
                 raise ConfigError(f"{where}: {exc}") from None
-            hint = f" (write {float(new)!r})" if isinstance(old, float) and _is_int(new) else ""
+            hint = f" (write {float(new)!r})" if isinstance(old, float) and is_int(new) else ""
             expected = f"a value of type {type(old).__name__} (like {old!r})"
             raise ConfigError(f"{where}: expected {expected}, got {type(new).__name__} {new!r}{hint}") from None
 
@@ -251,148 +232,12 @@ def lookup(cfg: CN, key: str):
     return node
 
 
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value) -> bool:
-    return (_is_int(value) or isinstance(value, float)) and math.isfinite(value)
-
-
-@dataclass(frozen=True)
-class Rule:
-    """A value check: ``test(value)`` must hold; ``expected`` says what is wanted, for the message."""
-
-    test: Callable[[object], bool]
-    expected: str
-
-
-TEMPERATURE = Rule(lambda v: _is_number(v) and v > 0, "a finite temperature > 0")
-WEIGHT = Rule(lambda v: _is_number(v) and v >= 0, "a finite weight >= 0")
-WARMUP = Rule(lambda v: _is_number(v) and v > 0, "a warm-up > 0 (epochs)")
-AT_LEAST_ONE = Rule(lambda v: _is_int(v) and v >= 1, "an integer >= 1")
-LEARNING_RATE = Rule(lambda v: _is_number(v) and v > 0, "a finite learning rate > 0")
-ITERATIONS = Rule(lambda v: _is_int(v) and v >= 0, "an integer >= 0 (0: full epochs)")
-SEED = Rule(lambda v: _is_int(v) and v < 2**63, "an integer below 2**63 (< 0: a random seed)")
-
-COMMON_RULES: dict[str, Rule] = {
-    "SOLVER.BATCH_SIZE": AT_LEAST_ONE,
-    "DATASET.TEST.BATCH_SIZE": AT_LEAST_ONE,
-    "SOLVER.EPOCHS": AT_LEAST_ONE,
-    "SOLVER.LR": LEARNING_RATE,
-    "SOLVER.FAST.EVAL_BATCH_SIZE": AT_LEAST_ONE,  # only where the fast trainer is registered
-    "SOLVER.FAST.ITERS_PER_EPOCH": ITERATIONS,
-    "SOLVER.FAST.FUSE": Rule(lambda v: v in ("auto", "on", "off"), "auto, on or off"),
-    "EXPERIMENT.SEED": SEED,
-}
-"""Keys every run reads; a key missing from the config is skipped."""
-
-
-def _normkd_rules(node: str) -> dict[str, Rule]:
-    return {f"{node}.TEMPERATURE_NORM": TEMPERATURE, f"{node}.LOSS.CE_WEIGHT": WEIGHT, f"{node}.LOSS.KD_WEIGHT": WEIGHT}
-
-
-def _normdkd_rules(node: str) -> dict[str, Rule]:
-    keys = {"TEMPERATURE_NORM": TEMPERATURE, "WARMUP": WARMUP, "CE_WEIGHT": WEIGHT, "ALPHA": WEIGHT, "BETA": WEIGHT}
-    return {f"{node}.{k}": rule for k, rule in keys.items()}
-
-
-DISTILLER_RULES: dict[str, dict[str, Rule]] = {
-    "KD": {"KD.TEMPERATURE": TEMPERATURE, "KD.LOSS.CE_WEIGHT": WEIGHT, "KD.LOSS.KD_WEIGHT": WEIGHT},
-    "DKD": {
-        "DKD.T": TEMPERATURE,
-        "DKD.WARMUP": WARMUP,
-        "DKD.CE_WEIGHT": WEIGHT,
-        "DKD.ALPHA": WEIGHT,
-        "DKD.BETA": WEIGHT,
-    },
-    "NORMKD": _normkd_rules("NORMKD"),
-    "NormKD": _normkd_rules("NormKD"),  # the authors' release node names
-    "NORMDKD": _normdkd_rules("NORMDKD"),
-    "NormKD_W_DKD": _normdkd_rules("NormKD_W_DKD"),
-    "KD_LS": {"KD_LS.TEMPERATURE": TEMPERATURE, "KD_LS.LOSS.CE_WEIGHT": WEIGHT, "KD_LS.LOSS.KD_WEIGHT": WEIGHT},
-    "DKD_LS": {
-        "DKD_LS.T": TEMPERATURE,
-        "DKD_LS.WARMUP": WARMUP,
-        "DKD_LS.CE_WEIGHT": WEIGHT,
-        "DKD_LS.ALPHA": WEIGHT,
-        "DKD_LS.BETA": WEIGHT,
-        "DKD_LS.KD_WEIGHT": WEIGHT,
-    },
-}
-"""DISTILLER.TYPE -> the keys of the node that distiller reads; only the selected type's keys are checked."""
-
-
-def _choice(cfg: CN, key: str, choices, what: str, origin: _Origin) -> None:
-    value = lookup(cfg, key)
-    if value not in choices:
-        near = difflib.get_close_matches(value, list(choices), n=3, cutoff=0.4)
-        hint = f"did you mean {', '.join(near)}?" if near else f"choose from {', '.join(sorted(choices))}"
-        raise ConfigError(f"{origin(key, value)}: not a registered {what}; {hint}")
-
-
-def _check_stages(cfg: CN, origin: _Origin) -> None:
-    stages, epochs = list(cfg.SOLVER.LR_DECAY_STAGES), cfg.SOLVER.EPOCHS
-    whole = all(_is_int(s) for s in stages)
-    inside = whole and all(1 <= s <= epochs for s in stages)
-    if inside and all(a < b for a, b in zip(stages, stages[1:])):
-        return
-    where = origin("SOLVER.LR_DECAY_STAGES", stages, "SOLVER.EPOCHS")
-    hint = "" if inside or not whole else "; for a short run also set SOLVER.LR_DECAY_STAGES, e.g. '[]' for no decay"
-    raise ConfigError(
-        f"{where}: expected SOLVER.LR_DECAY_STAGES {stages} to be strictly increasing whole epochs "
-        f"within 1..{epochs} (SOLVER.EPOCHS){hint}"
-    )
-
-
-def _check_log_prefix(cfg: CN, origin: _Origin) -> None:
-    prefix = cfg.LOG.PREFIX
-    folder = Path(prefix).expanduser().absolute()
-    while not folder.exists() and folder != folder.parent:
-        folder = folder.parent
-    if not folder.is_dir():
-        problem = f"{folder} is a file"
-    elif not os.access(folder, os.W_OK | os.X_OK):
-        problem = f"{folder} is not writable"
-    else:
-        return
-    raise ConfigError(f"{origin('LOG.PREFIX', prefix)}: expected a folder that can be written or created ({problem})")
-
-
-def validate(cfg: CN, source: str | Path, opts: list[str] | tuple = ()) -> None:
-    """Check names against the host's registries and values against their ranges, before anything is built.
-
-    Each message names the key, its value and what is expected, and says whether the value came
-    from the command line (``opts``, shown as the one KEY VALUE pair) or from the file ``source``.
-    """
-    from mdistiller.distillers import distiller_dict
-    from mdistiller.engine import trainer_dict
-    from mdistiller.models import cifar_model_dict, imagenet_model_dict
-
-    origin = _Origin(Path(source), list(opts))
-    _choice(cfg, "DISTILLER.TYPE", distiller_dict, "distiller", origin)
-    _choice(cfg, "SOLVER.TRAINER", trainer_dict, "trainer", origin)
-    if cfg.DATASET.TYPE not in ("cifar100", "imagenet"):
-        raise ConfigError(f"{origin('DATASET.TYPE', cfg.DATASET.TYPE)}: expected cifar100 or imagenet")
-    models = imagenet_model_dict if cfg.DATASET.TYPE == "imagenet" else cifar_model_dict
-    model_kind = f"{cfg.DATASET.TYPE} model"
-    _choice(cfg, "DISTILLER.STUDENT", models, model_kind, origin)
-    if cfg.DISTILLER.TYPE != "NONE":
-        _choice(cfg, "DISTILLER.TEACHER", models, model_kind, origin)
-    rules = {**COMMON_RULES, **DISTILLER_RULES.get(cfg.DISTILLER.TYPE, {})}
-    for key, rule in rules.items():
-        value = lookup(cfg, key)
-        if value is not MISSING and not rule.test(value):
-            raise ConfigError(f"{origin(key, value)}: expected {rule.expected}")
-    _check_stages(cfg, origin)
-    _check_log_prefix(cfg, origin)
-
-
 def load_config(name_or_path: str, opts: list[str] | tuple = ()) -> CN:
     """register(); CFG.clone(); merge file and KEY VALUE overrides; validate; freeze."""
     from mdistiller.engine.cfg import CFG
 
     from . import register
+    from .config_rules import validate
 
     register()
     path = resolve_config(name_or_path)
