@@ -17,7 +17,7 @@ from yacs.config import CfgNode as CN
 
 from .config import MISSING, ConfigError, lookup
 
-__all__ = ["Rule", "COMMON_RULES", "DISTILLER_RULES", "validate", "is_int"]
+__all__ = ["Rule", "COMMON_RULES", "DISTILLER_RULES", "validate", "is_int", "batch_source"]
 
 
 class _Origin:
@@ -171,3 +171,28 @@ def validate(cfg: CN, source: str | Path, opts: list[str] | tuple = ()) -> None:
             raise ConfigError(f"{origin(key, value)}: expected {rule.expected}")
     _check_stages(cfg, origin)
     _check_log_prefix(cfg, origin)
+
+
+def batch_source(trainer: str, decode_mode: str = "host", world_size: int = 1) -> str | None:
+    """Which trainer trains SOLVER.TRAINER ``trainer`` with DATASET.DECODE ``decode_mode`` on ``world_size``
+    processes: this plugin's engine with the CIFAR split on the device ('device': fast) or fed by a loader
+    ('loader': ddp; base under torchrun or with DATASET.DECODE), or None: the host's own trainer.
+    ConfigError for a host trainer that cannot run as asked."""
+    if trainer == "fast":
+        if decode_mode != "host":
+            raise ConfigError(
+                f"DATASET.DECODE {decode_mode!r} needs SOLVER.TRAINER base or ddp, not 'fast' (in-memory CIFAR)"
+            )
+        return "device"
+    if trainer == "ddp" or (trainer == "base" and (world_size > 1 or decode_mode != "host")):
+        return "loader"
+    if trainer == "base":
+        return None
+    if world_size > 1:
+        raise ConfigError(
+            f"SOLVER.TRAINER {trainer!r} has no multi-process version (WORLD_SIZE={world_size} under torchrun); "
+            "use SOLVER.TRAINER base or ddp (this plugin's engine, fed by a data loader) or launch one process without torchrun"
+        )
+    if decode_mode != "host":
+        raise ConfigError(f"DATASET.DECODE {decode_mode!r} needs SOLVER.TRAINER base or ddp, not {trainer!r}")
+    return None

@@ -273,6 +273,7 @@ def main(argv: list[str] | None = None) -> None:
                 f"command-line override {args.key_without_value} has no VALUE; overrides are KEY VALUE pairs"
             )
         from .config import parse_seeds
+        from .config_rules import batch_source
 
         seeds = parse_seeds(args.seeds)
         chosen = split_names(args.methods) if args.methods is not None else list(dataset_methods(args.dataset))
@@ -292,8 +293,9 @@ def main(argv: list[str] | None = None) -> None:
             from .timelimit import TimeLimit, parse_duration
 
             time_limit = TimeLimit(parse_duration(args.time_limit))
-            trainer = dict(zip(args.opts[::2], args.opts[1::2])).get("SOLVER.TRAINER", "fast" if args.pack else "base")
-            if trainer not in ("fast", "ddp") and not (trainer == "base" and args.nproc_per_node > 1):  # ddp there
+            given = dict(zip(args.opts[::2], args.opts[1::2]))
+            trainer = given.get("SOLVER.TRAINER", "fast" if args.pack else "base")
+            if batch_source(trainer, given.get("DATASET.DECODE", "host"), args.nproc_per_node) is None:
                 raise ValueError(
                     f"--time-limit: SOLVER.TRAINER {trainer!r} is mdistiller's trainer, whose epoch loop cannot stop "
                     "early; add SOLVER.TRAINER fast (or ddp)"

@@ -32,6 +32,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from .. import distributed, imagenet
 from ..config import ConfigError
+from ..config_rules import batch_source
 from ..data import SeededSamples, position_seed, worker_options
 from ..distributed import Ranks
 from .augment import TensorCifar, host_pipeline
@@ -44,28 +45,9 @@ Batches = tuple[list[Tensor], list[Tensor]]
 
 
 def source_kind(cfg) -> str | None:
-    """'device' (SOLVER.TRAINER fast), 'loader' (ddp; base under torchrun or with DATASET.DECODE) or None: the
-    host's own trainer. ConfigError for a host trainer that cannot run as asked."""
+    """Where this engine takes ``cfg``'s batches from, in torchrun's world (``config_rules.batch_source``)."""
     _, world_size, _, _ = distributed.env_world()
-    trainer, decode_mode = cfg.SOLVER.TRAINER, cfg.DATASET.get("DECODE", "host")
-    if trainer == "fast":
-        if decode_mode != "host":
-            raise ConfigError(
-                f"DATASET.DECODE {decode_mode!r} needs SOLVER.TRAINER base or ddp, not 'fast' (in-memory CIFAR)"
-            )
-        return "device"
-    if trainer == "ddp" or (trainer == "base" and (world_size > 1 or decode_mode != "host")):
-        return "loader"
-    if trainer == "base":
-        return None
-    if world_size > 1:
-        raise ConfigError(
-            f"SOLVER.TRAINER {trainer!r} has no multi-process version (WORLD_SIZE={world_size} under torchrun); "
-            "use SOLVER.TRAINER base or ddp (this plugin's engine, fed by a data loader) or launch one process without torchrun"
-        )
-    if decode_mode != "host":
-        raise ConfigError(f"DATASET.DECODE {decode_mode!r} needs SOLVER.TRAINER base or ddp, not {trainer!r}")
-    return None
+    return batch_source(cfg.SOLVER.TRAINER, cfg.DATASET.get("DECODE", "host"), world_size)
 
 
 def uses_engine(cfg) -> bool:
