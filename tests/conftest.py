@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from pathlib import Path
 
@@ -170,6 +171,21 @@ def interrupted_at(epoch: int):
                 raise KeyboardInterrupt
 
     return InterruptAt()
+
+
+def nan_weights_at(epoch: int, kind: str):
+    """A hook (``engine.fit.Hook``) that fills the classifier weights of the DISTILLER.TYPE ``kind`` run with NaN
+    as ``epoch`` starts (that run must be in the epoch)."""
+    from normkd_plugin.engine.fit import Hook
+
+    class NanWeights(Hook):
+        def before_epoch(self, e, runs):
+            if e == epoch:
+                victim = next(r for r in runs if r.cfg.DISTILLER.TYPE == kind)
+                with torch.no_grad():
+                    victim.distiller.student.fc.weight.fill_(math.nan)
+
+    return NanWeights()
 
 
 def train_built_pack(pack, resume: bool = False, time_limit=None, hooks=()):

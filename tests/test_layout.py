@@ -28,7 +28,15 @@ import math
 import pytest
 import torch
 
-from conftest import assert_same_run, fast_opts, interrupted_at, load_state, needs_cuda, needs_mdistiller
+from conftest import (
+    assert_same_run,
+    fast_opts,
+    interrupted_at,
+    load_state,
+    nan_weights_at,
+    needs_cuda,
+    needs_mdistiller,
+)
 
 pytestmark = needs_mdistiller
 
@@ -179,21 +187,27 @@ def test_a_nan_run_in_a_fused_group_fails_alone(tmp_path, small_cifar_npz, teach
     At epoch 1 the survivors are fused again for epoch 2, after validation left the students in eval mode:
     they must train in train mode (batch statistics, running statistics updated) as the unfused runs do.
     """
-    from normkd_plugin.engine.fit import Hook
     from normkd_plugin.errors import RunsFailed
-
-    class Poison(Hook):
-        def before_epoch(self, epoch, runs):
-            if epoch == bad_epoch:
-                with torch.no_grad():
-                    victim = next(r for r in runs if r.cfg.DISTILLER.TYPE == "NORMKD")
-                    victim.distiller.student.fc.weight.fill_(math.nan)
 
     runs, where = FOUR[:3], f"epoch {bad_epoch} step 1 of 4"
     with pytest.raises(RunsFailed, match=where):
-        _train(small_cifar_npz, teacher_resnet56, tmp_path / "fused", runs, "on", hooks=[Poison()])
+        _train(
+            small_cifar_npz,
+            teacher_resnet56,
+            tmp_path / "fused",
+            runs,
+            "on",
+            hooks=[nan_weights_at(bad_epoch, "NORMKD")],
+        )
     with pytest.raises(RunsFailed, match=where):
-        _train(small_cifar_npz, teacher_resnet56, tmp_path / "unfused", runs, "off", hooks=[Poison()])
+        _train(
+            small_cifar_npz,
+            teacher_resnet56,
+            tmp_path / "unfused",
+            runs,
+            "off",
+            hooks=[nan_weights_at(bad_epoch, "NORMKD")],
+        )
     unfused = sorted((tmp_path / "unfused").glob("*/*"))
     fused = sorted((tmp_path / "fused").glob("*/*"))
     assert len(fused) == len(unfused) == 3

@@ -14,6 +14,7 @@ from conftest import (
     fast_opts,
     interrupted_at,
     load_state,
+    nan_weights_at,
     needs_cuda,
     needs_mdistiller,
 )
@@ -42,21 +43,6 @@ def _train(root, teacher, prefix, runs=RUNS, extra=(), resume=False, hooks=()):
     cfgs, names = _configs(root, teacher, prefix, runs, extra)
     train_pack(cfgs, names, torch.device("cpu"), resume, hooks=hooks)
     return [prefix / n for n in names]
-
-
-def nan_weights_at(epoch: int, kind: str):
-    """A hook (``engine.fit.Hook``) that fills the classifier weights of the DISTILLER.TYPE ``kind`` run with NaN
-    as ``epoch`` starts (that run must be in the epoch)."""
-    from normkd_plugin.engine.fit import Hook
-
-    class NanWeights(Hook):
-        def before_epoch(self, e, runs):
-            if e == epoch:
-                victim = next(r for r in runs if r.cfg.DISTILLER.TYPE == kind)
-                with torch.no_grad():
-                    victim.distiller.student.fc.weight.fill_(math.nan)
-
-    return NanWeights()
 
 
 @pytest.fixture(scope="module")
