@@ -1,6 +1,6 @@
 """engine/fit.py: the order in which fit calls the hooks, a hook that stops the job, and closing after an error.
 
-The pack here is a stand-in with the four things fit reads of one (``runs``, ``epochs``, ``behind``,
+The pack here is a stand-in with what fit reads of one (``runs``, ``epochs``, ``behind``,
 ``run_epoch``, ``close``): what trains is tested against the host and the solo runs elsewhere.
 """
 
