@@ -185,8 +185,8 @@ def _peer_lost(exc: BaseException) -> bool:
 def job(cfgs: Sequence, device: torch.device) -> Iterator[torch.device]:
     """Check the world for every config; inside torchrun join the process group; yield this rank's device.
 
-    A rank that raises ends the job with its own error (torch's ``@record`` on normkd-train's main writes it to
-    torchrun's error file); a rank that only lost a peer waits up to PEER_GRACE_S for torchrun to stop it. Outside torchrun (or
+    A rank that raises ends the job with its own error (written to torchrun's error file by torch's error
+    handler); a rank that only lost a peer waits up to PEER_GRACE_S for torchrun to stop it. Outside torchrun (or
     inside a process group made by the caller) it yields ``device`` and does nothing else.
     """
     owned = under_torchrun() and not dist.is_initialized()
@@ -204,6 +204,12 @@ def job(cfgs: Sequence, device: torch.device) -> Iterator[torch.device]:
         if world() > 1 and _peer_lost(exc):
             log.error("rank %d lost a peer (%s); torchrun reports the failing rank", rank(), exc)
             time.sleep(PEER_GRACE_S)
+        elif os.environ.get("TORCHELASTIC_ERROR_FILE"):
+            # What ``@record`` on a main would write, here: normkd-train turns an input error into one line and
+            # exit 2 before a decorator on its main could see it, and a time-limit stop is not a failure.
+            from torch.distributed.elastic.multiprocessing.errors import get_error_handler
+
+            get_error_handler().record_exception(exc)
         raise
     if owned and dist.is_initialized():
         dist.destroy_process_group()

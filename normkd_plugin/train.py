@@ -126,14 +126,6 @@ def main(argv: list[str] | None = None, hooks: Sequence = ()) -> None:
     An input error (config, data, checkpoint, run folder) prints one line and exits 2. ``hooks``
     (``engine.fit.Hook``) join the engine's own around every epoch of the runs it trains.
     """
-    if os.environ.get("TORCHELASTIC_ERROR_FILE"):  # under torchrun: its error file gets what ended this rank
-        from torch.distributed.elastic.multiprocessing.errors import record
-
-        return record(_main)(argv, hooks)
-    return _main(argv, hooks)
-
-
-def _main(argv: list[str] | None, hooks: Sequence) -> None:
     from ._cli import parse_with_overrides, stop_signals, user_errors
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

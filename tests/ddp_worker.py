@@ -6,6 +6,7 @@ Runs ``normkd_plugin.train.main(ARGS)`` (the normkd-train command line) with, fo
 * ``--fixed-augment``: CIFAR training images get the host's test transform (no random crop or
   flip), so a reference in the test can rebuild every batch from the sample indices alone;
 * ``--fail R:E``: rank R raises as it takes its first batch of epoch E (a hook of the engine);
+* ``--fail-disk R:E``: the same with a full disk's FolderError (an input error: one line and exit 2);
 * ``--nan R:E:S``: rank R's training loss is NaN at step S (from 1) of epoch E (see :func:`nan_loss_at`);
 * records per rank in ``DIR/rank<R>.pt``: the sample indices of every step, the metrics each rank's
   validation returned, and the distiller's final state;
@@ -52,6 +53,7 @@ def main(args: list[str] | None = None) -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--fixed-augment", action="store_true")
     p.add_argument("--fail", default="")
+    p.add_argument("--fail-disk", default="")
     p.add_argument("--nan", default="")
     p.add_argument("args", nargs=argparse.REMAINDER)
     a = p.parse_args(args)
@@ -75,6 +77,7 @@ def main(args: list[str] | None = None) -> None:
     from normkd_plugin.engine.source import LoaderSource
 
     fail = tuple(int(x) for x in a.fail.split(":")) if a.fail else None
+    disk = tuple(int(x) for x in a.fail_disk.split(":")) if a.fail_disk else None
     if a.nan:
         nan_rank, nan_epoch, nan_step = (int(x) for x in a.nan.split(":"))
         if rank == nan_rank:
@@ -105,6 +108,10 @@ def main(args: list[str] | None = None) -> None:
         def after_batch(self, epoch, step):
             if fail == (self.pack.ranks.rank, epoch):
                 raise RuntimeError(f"injected failure on rank {self.pack.ranks.rank} in epoch {epoch}")
+            if disk == (self.pack.ranks.rank, epoch):
+                from normkd_plugin.run_files import FolderError
+
+                raise FolderError(f"{Path.cwd()}/latest: cannot write it: No space left on device (ENOSPC)")
 
         def after_fit(self, finished):
             ranks = self.pack.ranks

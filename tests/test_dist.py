@@ -344,6 +344,17 @@ def test_failing_rank_ends_the_job_and_the_run_resumes_on_one_rank(npz_root, tea
     assert [int(x.split()[0]) for x in text.split("epoch: ")[1:]] == [1, 2] and text.count("best_acc\t") == 1
 
 
+def test_an_input_error_on_one_rank_is_torchruns_root_cause_in_one_line(npz_root, teacher_resnet56, tmp_path):
+    """A full disk (one line and exit 2 on that rank) is what torchrun's summary names, not a bare exit code."""
+    opts = _opts(npz_root, teacher_resnet56, tmp_path / "runs")
+    proc = _job(2, tmp_path / "a", opts, "--fixed-augment", "--fail-disk", "1:2", launcher="torchrun")
+    assert proc.returncode != 0
+    root = _root_cause(proc.stderr)
+    assert re.search(r"rank\s*: 1 \(local_rank: 1\)", root) and "exitcode  : 2" in root
+    assert "FolderError" in root and "latest: cannot write it: No space left on device (ENOSPC)" in root
+    assert "normkd-train: " in proc.stderr and "No space left on device (ENOSPC)" in proc.stderr  # its one line
+
+
 def test_one_rank_run_resumes_on_two_ranks(npz_root, teacher_resnet56, tmp_path, reference):
     prefix = tmp_path / "runs"
     opts = _opts(npz_root, teacher_resnet56, prefix)
