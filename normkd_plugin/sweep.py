@@ -115,22 +115,33 @@ def _remaining(job: Job | PackJob) -> tuple[Job | PackJob | None, bool]:
 
     The run lifecycle decides (``lifecycle.decision``), as normkd-train will. A pack gets --resume whenever any
     of its folders holds a run (finished runs are then skipped and new ones start); a solo job when its run has.
+    A folder that cannot be read is left to normkd-train, which says what is wrong with it (a failed command:
+    the sweep goes on with the next).
     """
-    from .lifecycle import decision
-    from .run_folder import RunFolder
-
-    folders = {run: RunFolder(run_folder(run[0], run[1], job.opts)) for run in job.runs()}
-    quiet = logging.getLogger("normkd_plugin.lifecycle")
-    level, quiet.disabled = quiet.disabled, True  # the sweep asks; normkd-train says what it does
-    try:
-        todo = [run for run, folder in folders.items() if decision(folder, resume=True) != "skip"]
-    finally:
-        quiet.disabled = level
+    plans = {run: _plan(run_folder(run[0], run[1], job.opts)) for run in job.runs()}
+    todo = [run for run, (mode, _) in plans.items() if mode != "skip"]
     if not todo:
         return None, False
     if isinstance(job, PackJob):  # keep the configs x seeds shape: drop a config only when all its seeds are done
         job = PackJob(tuple(c for c in job.cfgs if any(run[0] == c for run in todo)), job.seeds, job.opts)
-    return job, any(folders[run].status() != "new" for run in job.runs())
+    return job, any(plans[run][1] for run in job.runs())
+
+
+def _plan(path: str) -> tuple[str, bool]:
+    """(what ``--resume`` does with the run folder ``path``: start, resume or skip; whether it holds a run)."""
+    from .errors import RunError
+    from .lifecycle import decision
+    from .run_folder import RunFolder
+
+    folder = RunFolder(path)
+    quiet = logging.getLogger("normkd_plugin.lifecycle")
+    disabled, quiet.disabled = quiet.disabled, True  # the sweep asks; normkd-train says what it does
+    try:
+        return decision(folder, resume=True), folder.status() != "new"
+    except RunError:  # unreadable: normkd-train reports it in one line
+        return "resume", True
+    finally:
+        quiet.disabled = disabled
 
 
 def launcher(nproc: int) -> list[str]:

@@ -112,6 +112,23 @@ def test_run_over_a_grid_holding_a_binary_worklog_resumes_that_run(tmp_path, mon
 
 
 @needs_mdistiller
+def test_a_run_folder_that_cannot_be_read_fails_its_command_and_the_sweep_goes_on(tmp_path, monkeypatch, capsys):
+    opts = ["LOG.PREFIX", str(tmp_path)]
+    broken = sweep.run_folder("cifar100/kd/res56_res20", 0, tuple(opts))
+    os.makedirs(os.path.join(broken, "worklog.txt"))  # reading it fails: EISDIR (as EACCES on a shared disk)
+    launched = []
+    monkeypatch.setattr(
+        sweep, "launch", lambda argv, env=None: launched.append(argv) or (2 if len(launched) == 1 else 0)
+    )
+    with pytest.raises(SystemExit) as exc:
+        sweep.main(["--methods", "kd", "--pairs", "res56_res20", "--seeds", "0,1", "--run", *opts])
+    assert str(exc.value.code).startswith("normkd-sweep: 1 of 2 commands failed:")  # its one failed command
+    assert len(launched) == 2 and "--resume" in launched[0]  # normkd-train says what is wrong with the folder
+    assert "EXPERIMENT.SEED" in launched[1] and launched[1][launched[1].index("EXPERIMENT.SEED") + 1] == "1"
+    assert "going on with the next" in capsys.readouterr().err
+
+
+@needs_mdistiller
 def test_run_skips_finished_and_launches_the_rest(tmp_path, monkeypatch):
     jobs = sweep.grid("cifar100", ["kd", "normkd"], ["res56_res20"], [0], ["LOG.PREFIX", str(tmp_path)])
     done = sweep.run_folder(jobs[0].cfg, jobs[0].seed, jobs[0].opts)
