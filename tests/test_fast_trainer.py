@@ -192,8 +192,18 @@ def test_resume_of_a_finished_run_changes_nothing(tmp_path, small_cifar_npz, tea
     _trainer(cfg).train()
     folder = tmp_path / "run"
     before = {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
-    _trainer(cfg).train(resume=True)
+    again = _trainer(cfg)
+    again.train(resume=True)
     assert {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()} == before
+    assert again.tf_writer.all_writers is None  # its tensorboard writer (and thread) closed, as after training
+    with pytest.raises(RuntimeError, match="already holds a finished run"):
+        refused = _trainer(cfg)
+        try:
+            refused.train(resume=False)
+        finally:
+            assert refused.tf_writer.all_writers is None
+    with pytest.raises(NotImplementedError, match=r"whole schedule with train\(resume=...\)"):
+        again.train_epoch(1)  # not mdistiller's epoch on CUDA without the run's lock
 
 
 @pytest.mark.parametrize("method", ["normkd", "normdkd", "kd_ls", "dkd_ls"])

@@ -65,16 +65,26 @@ class FastTrainer(BaseTrainer):
         """Train (or resume) the run to SOLVER.EPOCHS (:func:`~.fit.train_runs`, ``hooks`` added to its own);
         RunsFailed if its loss turned non-finite."""
         from ..lifecycle import RunLife, decide_all
-        from .fit import train_runs
+        from .fit import Tensorboard, train_runs
 
         life = RunLife(self.run.folder, resume)
+        trained = False
         try:
             decide_all([life])
             if life.mode != "skip":
+                trained = True  # train_runs closes the pack and the writer, whatever happens
                 train_runs(self.pack, [life], hooks=hooks)
         finally:
+            if not trained:  # skipped as finished, or refused
+                Tensorboard([self.run]).close()
+                self.pack.close()
             life.close()
         self.best_acc = self.run.best_acc
+
+    def train_epoch(self, epoch: int) -> None:
+        """Not this trainer's: mdistiller's BaseTrainer.train_epoch trains one epoch on CUDA without the run's lock;
+        ``train(resume)`` trains (or resumes) the whole schedule, epoch by epoch."""
+        raise NotImplementedError("FastTrainer trains the whole schedule with train(resume=...), not epoch by epoch")
 
 
 class LoaderFedTrainer(FastTrainer):
