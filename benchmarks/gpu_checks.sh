@@ -164,7 +164,7 @@ for step in "$@"; do
       cp "$run"worklog.txt "$run"config.yaml "$dst"/
       cp "$run"provenance.yaml "$dst"/ 2>/dev/null
       # finished as the leaderboard and --resume mean it (normkd_plugin.worklog); else keep the compact resume state
-      status=$(python3 -c 'import sys; from normkd_plugin.worklog import folder_status; print(folder_status(sys.argv[1]))' "$run")
+      status=$(python3 -c 'import sys; from normkd_plugin.run_folder import RunFolder; print(RunFolder(sys.argv[1]).status())' "$run")
       [ "$status" = finished ] || cp "$run"latest "$dst"/ 2>/dev/null
       echo "$(basename "$run"): $(grep -c '^epoch:' "$run"worklog.txt) epochs" | tee -a "$RES/compare.log"
     done

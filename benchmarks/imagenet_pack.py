@@ -107,7 +107,7 @@ def measure(cfgs, names, prefix: str, device: torch.device, warmup: int, iters: 
 
     source.epoch = timed_epoch
     try:
-        steps = pack.step.train_epoch(pack.runs, 1, warmup + iters)
+        steps = pack.step.train_steps(pack.runs, 1, warmup + iters)
         _sync(device)
         end = time.perf_counter()
     finally:

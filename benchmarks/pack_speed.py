@@ -94,10 +94,10 @@ def bench_pack(stem, k, extra, common, device, iters, warmup, benchmark=False) -
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = benchmark  # build_pack turned it off: the runs are seeded
         torch.cuda.reset_peak_memory_stats()
-    pack.step.train_epoch(pack.runs, 1, warmup)  # includes the graph capture
+    pack.step.train_steps(pack.runs, 1, warmup)  # includes the graph capture
     _sync(device)
     t0 = time.perf_counter()
-    steps = pack.step.train_epoch(pack.runs, 1, iters)  # same epoch: the captured graph is replayed
+    steps = pack.step.train_steps(pack.runs, 1, iters)  # same epoch: the captured graph is replayed
     _sync(device)
     sec = (time.perf_counter() - t0) / steps
     mem = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")

@@ -58,10 +58,10 @@ def bench_base(cfg, init, loaders, iters, warmup, on_gpu):
 def bench_fast(cfg, init, loaders, iters, warmup):
     trainer = trainer_dict["fast"]("bench-fast", _distiller(cfg, init), *loaders, cfg)
     pack, runs = trainer.pack, [trainer.run]
-    pack.step.train_epoch(runs, 1, warmup)  # includes the graph capture
+    pack.step.train_steps(runs, 1, warmup)  # includes the graph capture
     torch.cuda.synchronize()
     t0 = time.perf_counter()
-    steps = pack.step.train_epoch(runs, 1, iters)  # same epoch: the captured graph is reused
+    steps = pack.step.train_steps(runs, 1, iters)  # same epoch: the captured graph is reused
     torch.cuda.synchronize()
     assert pack.step.graph.graph is not None, "the CUDA graph was not used"
     return (time.perf_counter() - t0) / steps

@@ -3,10 +3,10 @@
 Order (detectron2's ``get_cfg`` pattern): register plugins, ``CFG.clone()``, merge the file,
 merge the ``KEY VALUE`` overrides, validate, freeze. Every failure is a :class:`ConfigError` naming
 the key, its value and what is expected, and where the value came from: the config file, or the
-command line (then only the one ``KEY VALUE`` pair at fault is shown). Validation checks names
-against the host's registries and values against :data:`COMMON_RULES` and the selected
-distiller's :data:`DISTILLER_RULES`, the LR decay stages against the epochs, and that
-``LOG.PREFIX`` can be written or created, all before anything is built.
+command line (then only the one ``KEY VALUE`` pair at fault is shown). Validation
+(:func:`~.config_rules.validate`) checks names against the host's registries, values against each
+key's rule, the LR decay stages against the epochs, and that ``LOG.PREFIX`` can be written or
+created, all before anything is built.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ __all__ = [
     "packaged_configs",
     "load_config",
     "run_name",
-    "run_folder",
+    "run_folder_path",
 ]
 
 
@@ -294,7 +294,7 @@ def run_name(cfg: CN, opts: list[str] | tuple = ()) -> str:
     return os.sep.join(_shorten(p) if p not in ("", ".", "..") else p for p in parts)
 
 
-def run_folder(cfg: CN, name: str) -> str:
+def run_folder_path(cfg: CN, name: str) -> str:
     """LOG.PREFIX/``name``, normalised; ConfigError if ``name`` would place the run outside LOG.PREFIX
     (an absolute path, a '..' part) or a part is longer than the file system there allows."""
     prefix = os.path.normpath(cfg.LOG.PREFIX)

@@ -8,6 +8,7 @@ The sweep asks :func:`decision` too, so what it plans is what ``normkd-train --r
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 from .errors import RunError
 from .run_folder import RunFolder
@@ -101,15 +102,16 @@ class RunLife:
         if self.main:
             self.folder.redo_epoch(state, student, save_freq)
 
-    def commit(self, state: dict, student: dict, save_freq: int) -> None:
-        """The epoch of ``state`` committed (``RunFolder.commit_epoch``); ``epoch`` names it from its ``latest`` on."""
-        epoch = int(state["epoch"])
+    def commit(self, epoch: int, files: Callable[[], tuple[dict, dict]], save_freq: int) -> None:
+        """``epoch`` committed on every rank; rank 0 writes ``files()`` = (state, student) (``RunFolder.commit_epoch``).
+        ``epoch`` names it from its ``latest`` on, also when a stop cuts the files after it (resume redoes them)."""
+        if not self.main:
+            self.epoch = epoch
+            return
         try:
-            if self.main:
-                self.folder.commit_epoch(state, student, save_freq)
-        finally:  # a stop that cut the files after `latest` (resume redoes them) leaves the epoch committed
-            committed = self.folder.records[-1]["epoch"] if self.folder.records else None
-            if not self.main or committed == epoch:
+            self.folder.commit_epoch(*files(), save_freq)
+        finally:
+            if self.folder.records and self.folder.records[-1]["epoch"] == epoch:
                 self.epoch = epoch
 
     def fail(self, reason: str) -> None:

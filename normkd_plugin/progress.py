@@ -20,7 +20,7 @@ from .timelimit import format_seconds
 
 log = logging.getLogger(__name__)
 
-__all__ = ["JobProgress", "QUIET"]
+__all__ = ["JobProgress"]
 
 
 class JobProgress:
@@ -129,6 +129,3 @@ class JobProgress:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
-
-
-QUIET = JobProgress(0, 0, 1, show=False)  # what a pack reports outside Pack.train (tests, the host's loop)

@@ -141,9 +141,13 @@ def take_lock(path: Path, in_use: str) -> int:
         if exc.errno in _HELD:
             raise RunError(in_use.format(pid=holder)) from None
         raise FolderError(f"{path}: cannot lock: {_reason(exc)}") from None
-    with os_errors(path.parent, "write in the run folder"):
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    try:
+        with os_errors(path.parent, "write in the run folder"):
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    except BaseException:
+        os.close(fd)  # (which releases the lock)
+        raise
     return fd
 
 

@@ -40,7 +40,7 @@ from ._cli import OverrideParser, parse_with_overrides, quiet_pipe, user_errors
 from .errors import Interrupted, UserError
 from .pairs import methods as dataset_methods
 from .run_folder import LOCK  # a run folder's lock file
-from .sweep_jobs import Job, PackJob, grid, packs, run_folder, split_names
+from .sweep_jobs import Job, PackJob, grid, job_folder, packs, split_names
 
 
 def lock_holder(folder: str) -> str | None:
@@ -49,7 +49,7 @@ def lock_holder(folder: str) -> str | None:
 
 
 def _folders(job: Job | PackJob) -> list[str]:
-    return [run_folder(cfg, seed, job.opts) for cfg, seed in job.runs()]
+    return [job_folder(cfg, seed, job.opts) for cfg, seed in job.runs()]
 
 
 class _Child:
@@ -118,7 +118,7 @@ def _remaining(job: Job | PackJob) -> tuple[Job | PackJob | None, bool]:
     A folder that cannot be read is left to normkd-train, which says what is wrong with it (a failed command:
     the sweep goes on with the next).
     """
-    plans = {run: _plan(run_folder(run[0], run[1], job.opts)) for run in job.runs()}
+    plans = {run: _plan(job_folder(run[0], run[1], job.opts)) for run in job.runs()}
     todo = [run for run, (mode, _) in plans.items() if mode != "skip"]
     if not todo:
         return None, False

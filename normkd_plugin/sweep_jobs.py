@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from .pairs import PAIRS
 from .pairs import methods as dataset_methods
 
-__all__ = ["Job", "PackJob", "grid", "packs", "run_folder", "split_names"]
+__all__ = ["Job", "PackJob", "grid", "packs", "job_folder", "split_names"]
 
 
 @dataclass(frozen=True)
@@ -99,11 +99,10 @@ def grid(dataset: str, methods: list[str], pairs: list[str], seeds: list[int], o
     return jobs
 
 
-def run_folder(cfg_name: str, seed: int, opts: tuple[str, ...]) -> str:
+def job_folder(cfg_name: str, seed: int, opts: tuple[str, ...]) -> str:
     """The folder normkd-train will write for the run of ``cfg_name`` with ``seed``."""
-    from .config import load_config, run_name
-    from .config import run_folder as folder_of
+    from .config import load_config, run_folder_path, run_name
 
     opts = [*opts, "EXPERIMENT.SEED", str(seed)]
     cfg = load_config(cfg_name, opts)
-    return folder_of(cfg, run_name(cfg, opts))
+    return run_folder_path(cfg, run_name(cfg, opts))

@@ -153,14 +153,14 @@ def main(argv: list[str] | None = None, hooks: Sequence = ()) -> None:
 
         import torch
 
-        from .config import load_config, run_folder, run_name
+        from .config import load_config, run_folder_path, run_name
 
         quiet_host_warnings()
         cfgs = [load_config(name, opts) for name, opts in runs]
         names = [run_name(cfg, opts) for cfg, (_, opts) in zip(cfgs, runs)]
         folders = {}
         for (given, _), cfg, name in zip(runs, cfgs, names):
-            folder = run_folder(cfg, name)
+            folder = run_folder_path(cfg, name)
             if folder in folders:
                 raise ConfigError(f"--cfg {folders[folder]} and --cfg {given} would write the same run folder {folder}")
             folders[folder] = given

@@ -41,7 +41,6 @@ __all__ = [
     "invalid",
     "status",
     "last_epoch",
-    "folder_status",
 ]
 
 WORKLOG = "worklog.txt"
@@ -335,24 +334,3 @@ def last_epoch(config_text: str | None) -> int | None:
     solver = cfg.get("SOLVER") if isinstance(cfg, dict) else None
     epochs = solver.get("EPOCHS") if isinstance(solver, dict) else None
     return epochs if isinstance(epochs, int) and not isinstance(epochs, bool) and epochs > 0 else None
-
-
-def folder_status(folder: str | os.PathLike) -> str:
-    """``status`` of folder/worklog.txt, its last epoch from folder/config.yaml; a worklog that cannot be read or
-    decoded is 'started' (the run's own command then says what is wrong with it)."""
-    folder = Path(folder)
-    try:
-        data = (folder / WORKLOG).read_bytes()
-    except FileNotFoundError:
-        return "new"
-    except OSError:
-        return "started"
-    try:
-        text = decode(data)
-    except WorklogError:
-        return "started"
-    try:
-        config = (folder / "config.yaml").read_bytes().decode("utf-8", errors="replace")
-    except OSError:
-        config = None
-    return status(text, last_epoch(config))

@@ -105,7 +105,7 @@ def main(args: list[str] | None = None) -> None:
         def before_epoch(self, epoch, runs):
             now["epoch"] = epoch
 
-        def after_batch(self, epoch, step):
+        def before_step(self, epoch, step):
             if fail == (self.pack.ranks.rank, epoch):
                 raise RuntimeError(f"injected failure on rank {self.pack.ranks.rank} in epoch {epoch}")
             if disk == (self.pack.ranks.rank, epoch):

@@ -511,17 +511,17 @@ def test_an_empty_or_garbage_config_file_is_one_error(tmp_path, content, expecte
 
 @pytest.mark.parametrize("name", ["../outside", "../../outside", "/tmp/elsewhere", "a/../../b"])
 def test_a_run_name_cannot_leave_log_prefix(tmp_path, name):
-    from normkd_plugin.config import ConfigError, load_config, run_folder, run_name
+    from normkd_plugin.config import ConfigError, load_config, run_folder_path, run_name
 
     cfg = load_config("cifar100/normkd/res56_res20", ["EXPERIMENT.NAME", name, "LOG.PREFIX", str(tmp_path / "out")])
     with pytest.raises(ConfigError, match="must stay inside LOG.PREFIX"):
-        run_folder(cfg, run_name(cfg))
+        run_folder_path(cfg, run_name(cfg))
     inside = load_config("cifar100/normkd/res56_res20", ["EXPERIMENT.NAME", "ok", "LOG.PREFIX", str(tmp_path / "o")])
-    assert run_folder(inside, run_name(inside)) == str(tmp_path / "o" / "cifar100" / "ok")
+    assert run_folder_path(inside, run_name(inside)) == str(tmp_path / "o" / "cifar100" / "ok")
 
 
 def test_a_too_long_run_name_is_shortened_without_collisions(tmp_path):
-    from normkd_plugin.config import load_config, run_folder, run_name
+    from normkd_plugin.config import load_config, run_folder_path, run_name
 
     names = []
     for last in "ab":
@@ -529,7 +529,7 @@ def test_a_too_long_run_name_is_shortened_without_collisions(tmp_path):
             "cifar100/normkd/res56_res20", ["EXPERIMENT.NAME", "x" * 300 + last, "LOG.PREFIX", str(tmp_path)]
         )
         names.append(run_name(cfg))
-        folder = run_folder(cfg, names[-1])
+        folder = run_folder_path(cfg, names[-1])
         os.makedirs(folder)  # the file system takes it
     assert names[0] != names[1]
     assert all(len(n.split("/")[1].encode()) == 255 and n.split("/")[1].startswith("x" * 200) for n in names)

@@ -637,7 +637,7 @@ def _stopped_in_epoch_2_then_resumed(opts: list[str], folder) -> None:
     from normkd_plugin.engine.fit import Hook
 
     class StopInEpoch2(Hook):
-        def after_batch(self, epoch, step):
+        def before_step(self, epoch, step):
             if epoch == 2:
                 raise _Stop
 

@@ -143,11 +143,11 @@ def test_the_fast_trainer_logs_each_epochs_temperatures_to_tensorboard(
 
 
 def _watch_steps(seen: dict, monkeypatch) -> None:
-    """Wrap ``PackStep.train_epoch`` so that, per (run name, epoch), each step's (teacher logits, student logits) are
+    """Wrap ``PackStep.train_steps`` so that, per (run name, epoch), each step's (teacher logits, student logits) are
     recorded: each run's ``forward_train`` is wrapped for the epoch."""
     from normkd_plugin.engine.step import PackStep
 
-    original = PackStep.train_epoch
+    original = PackStep.train_steps
 
     def watched(self, runs, epoch, *args, **kwargs):
         for run in runs:
@@ -167,7 +167,7 @@ def _watch_steps(seen: dict, monkeypatch) -> None:
             for run in runs:
                 del run.distiller.forward_train
 
-    monkeypatch.setattr(PackStep, "train_epoch", watched)
+    monkeypatch.setattr(PackStep, "train_steps", watched)
 
 
 def _rank(rank, world, root, teacher, prefix, out):

@@ -250,7 +250,7 @@ def test_fast_steps_equal_the_host_train_iter_bitwise(tmp_path, small_cifar_npz,
     for i in range(0, SMALL_TRAIN, SMALL_BATCH):
         x, y = data.normalize(images[i : i + SMALL_BATCH]), targets[i : i + SMALL_BATCH]
         host_trainer.train_iter((x, y, torch.arange(y.shape[0])), epoch, meters)
-    assert pack.step.train_epoch([run], epoch) == 4
+    assert pack.step.train_steps([run], epoch) == 4
     pack.close()
     run.writer.close()
 

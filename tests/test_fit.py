@@ -63,8 +63,8 @@ class _Recorder(Hook):
     def before_epoch(self, epoch, runs):
         self.log.append(("before_epoch", epoch, [r.name for r in runs]))
 
-    def after_batch(self, epoch, step):
-        self.log.append(("after_batch", epoch, step))
+    def before_step(self, epoch, step):
+        self.log.append(("before_step", epoch, step))
 
     def after_epoch(self, epoch, results):
         self.log.append(("after_epoch", epoch, [r.run.name for r in results]))
@@ -83,9 +83,9 @@ def test_hooks_around_every_epoch_and_step_in_order_runs_behind_first():
     assert log == [
         "before_fit",
         ("stops_before", 1), ("before_epoch", 1, ["b"]),  # b, left behind by a kill, catches up first
-        ("after_batch", 1, 0), ("step", 1, 0), ("after_batch", 1, 1), ("step", 1, 1), ("after_epoch", 1, ["b"]),
+        ("before_step", 1, 0), ("step", 1, 0), ("before_step", 1, 1), ("step", 1, 1), ("after_epoch", 1, ["b"]),
         ("stops_before", 2), ("before_epoch", 2, ["a", "b"]),
-        ("after_batch", 2, 0), ("step", 2, 0), ("after_batch", 2, 1), ("step", 2, 1), ("after_epoch", 2, ["a", "b"]),
+        ("before_step", 2, 0), ("step", 2, 0), ("before_step", 2, 1), ("step", 2, 1), ("after_epoch", 2, ["a", "b"]),
         ("after_fit", ["a", "b"]),
         "pack closed", "hook closed",
     ]  # fmt: skip

@@ -55,7 +55,7 @@ class TenSecondsPerRun(Hook):
                     next(run.distiller.student.parameters()).fill_(float("nan"))
         self.runs = len(runs)
 
-    def after_batch(self, epoch, step):  # inside the epoch the time limit measures
+    def before_step(self, epoch, step):  # inside the epoch the time limit measures
         if step == 0:
             clock.now += 10.0 * self.runs
 

@@ -90,7 +90,7 @@ def one_epoch_seen(tmp_path_factory, small_cifar_npz, teacher_resnet56):
                     _f(**kw),
                 )[1]
 
-        def after_batch(self, epoch, step):  # a step's batch is taken: its forwards follow
+        def before_step(self, epoch, step):  # a step's batch is taken: its forwards follow
             seen.append([])
 
     prefix = tmp_path_factory.mktemp("one_epoch")

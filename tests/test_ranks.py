@@ -71,7 +71,7 @@ def _worker(
             if rank == fail_rank:
                 raise ValueError(f"rank {rank} broke")
 
-        def after_batch(self, epoch, step):  # the previous step is done, this one not begun
+        def before_step(self, epoch, step):  # the previous step is done, this one not begun
             self.step_done()
             if len(self.runs) == 1:
                 self.before = {k: v.clone() for k, v in self.runs[0].distiller.student.state_dict().items()}

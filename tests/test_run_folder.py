@@ -217,7 +217,7 @@ def _killable(point: str, marker: str, argv: list[str], threads: int) -> None:
         time.sleep(600)  # the test kills this process now
 
     class StopAt(Hook):
-        def after_batch(self, epoch, step):  # epoch 2, as its second training step starts
+        def before_step(self, epoch, step):  # epoch 2, as its second training step starts
             if point == "mid-step" and epoch == 2 and step == 1:
                 stop_here()
 

@@ -190,7 +190,7 @@ def test_killed_loader_pack_resumes_bitwise(jpeg_root, teacher_r34, tmp_path, kd
     argv = [*_cfgs("kd", "normkd"), *_opts(jpeg_root, teacher_r34, tmp_path, "cpu", "EXPERIMENT.SEED", "0")]
 
     class KilledInEpoch2(Hook):
-        def after_batch(self, epoch, step):
+        def before_step(self, epoch, step):
             if (epoch, step) == (2, 1):
                 raise KeyboardInterrupt  # what a Ctrl-C in the middle of epoch 2 raises
 

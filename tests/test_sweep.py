@@ -100,7 +100,7 @@ def test_finished_means_every_epoch_then_best_acc(tmp_path):
 @needs_mdistiller
 def test_run_over_a_grid_holding_a_binary_worklog_resumes_that_run(tmp_path, monkeypatch):
     opts = ["LOG.PREFIX", str(tmp_path)]
-    damaged = sweep.run_folder("cifar100/kd/res56_res20", 0, tuple(opts))
+    damaged = sweep.job_folder("cifar100/kd/res56_res20", 0, tuple(opts))
     os.makedirs(damaged)
     with open(os.path.join(damaged, "worklog.txt"), "wb") as f:
         f.write(bytes(range(256)) * 4)
@@ -114,7 +114,7 @@ def test_run_over_a_grid_holding_a_binary_worklog_resumes_that_run(tmp_path, mon
 @needs_mdistiller
 def test_a_run_folder_that_cannot_be_read_fails_its_command_and_the_sweep_goes_on(tmp_path, monkeypatch, capsys):
     opts = ["LOG.PREFIX", str(tmp_path)]
-    broken = sweep.run_folder("cifar100/kd/res56_res20", 0, tuple(opts))
+    broken = sweep.job_folder("cifar100/kd/res56_res20", 0, tuple(opts))
     os.makedirs(os.path.join(broken, "worklog.txt"))  # reading it fails: EISDIR (as EACCES on a shared disk)
     launched = []
     monkeypatch.setattr(
@@ -131,7 +131,7 @@ def test_a_run_folder_that_cannot_be_read_fails_its_command_and_the_sweep_goes_o
 @needs_mdistiller
 def test_run_skips_finished_and_launches_the_rest(tmp_path, monkeypatch):
     jobs = sweep.grid("cifar100", ["kd", "normkd"], ["res56_res20"], [0], ["LOG.PREFIX", str(tmp_path)])
-    done = sweep.run_folder(jobs[0].cfg, jobs[0].seed, jobs[0].opts)
+    done = sweep.job_folder(jobs[0].cfg, jobs[0].seed, jobs[0].opts)
     assert done == str(tmp_path / "cifar100" / "kd,res56,res20,seed:0")
     _finish(done)
     launched = []
@@ -255,10 +255,10 @@ def test_pack_run_drops_finished_runs_and_resumes_started_ones(tmp_path, monkeyp
     opts = ["LOG.PREFIX", str(tmp_path)]
     (pack,) = sweep.packs(sweep.grid("cifar100", ["kd", "normkd"], ["res56_res20"], [0, 1], opts))
     for cfg, seed in pack.runs()[:2]:  # kd seeds 0 and 1 finished
-        folder = sweep.run_folder(cfg, seed, pack.opts)
+        folder = sweep.job_folder(cfg, seed, pack.opts)
         assert "SOLVER.TRAINER:fast" in folder
         _finish(folder)
-    started = sweep.run_folder("cifar100/normkd/res56_res20", 1, pack.opts)
+    started = sweep.job_folder("cifar100/normkd/res56_res20", 1, pack.opts)
     os.makedirs(started)
     open(os.path.join(started, "latest"), "wb").close()
     launched = []
@@ -272,7 +272,7 @@ def test_pack_run_drops_finished_runs_and_resumes_started_ones(tmp_path, monkeyp
 def test_pack_run_with_finished_and_new_runs_passes_resume(tmp_path, monkeypatch):
     opts = ["LOG.PREFIX", str(tmp_path)]
     (pack,) = sweep.packs(sweep.grid("cifar100", ["kd"], ["res56_res20"], [0, 1], opts))
-    _finish(sweep.run_folder("cifar100/kd/res56_res20", 0, pack.opts))
+    _finish(sweep.job_folder("cifar100/kd/res56_res20", 0, pack.opts))
     launched = []
     monkeypatch.setattr(sweep, "launch", lambda argv, env=None: launched.append(argv) or 0)
     sweep.run_all([pack])

@@ -70,7 +70,7 @@ def epochs_take(clock: FakeClock, seconds: float):
     from normkd_plugin.engine.fit import Hook
 
     class EpochsTake(Hook):
-        def after_batch(self, epoch, step):
+        def before_step(self, epoch, step):
             if step == 0:
                 clock.now += seconds
 

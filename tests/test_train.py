@@ -782,8 +782,9 @@ def test_mdistillers_trainer_resumed_after_a_kill_between_its_block_and_its_chec
     blocks of latest's epochs and one best_acc line (as the leaderboard and the sweep read it)."""
     import torch
 
-    from normkd_plugin import train, worklog
+    from normkd_plugin import train
     from normkd_plugin.config import load_config, run_name
+    from normkd_plugin.run_folder import RunFolder
 
     opts = ["SOLVER.EPOCHS", "1", "SOLVER.LR_DECAY_STAGES", "[]", "EXPERIMENT.SEED", "0"]
     place = ["DATASET.ROOT", str(small_cifar), "DATASET.NUM_WORKERS", "0", "LOG.PREFIX", str(tmp_path / "out")]
@@ -793,9 +794,9 @@ def test_mdistillers_trainer_resumed_after_a_kill_between_its_block_and_its_chec
     block = (folder / "worklog.txt").read_text()
     damaged = block + block + ("" if damage == "epoch_twice" else "best_acc\t1.00best_acc\t1.00")
     (folder / "worklog.txt").write_text(damaged)
-    assert worklog.folder_status(folder) == "started"  # as the host left it: not finished
+    assert RunFolder(folder).status() == "started"  # as the host left it: not finished
 
     trainer = train.train(cfg, name, torch.device("cpu"), resume=True)
     trainer.tf_writer.close()
     assert (folder / "worklog.txt").read_text() == block + "best_acc\t1.00"
-    assert worklog.folder_status(folder) == "finished"
+    assert RunFolder(folder).status() == "finished"

@@ -168,25 +168,29 @@ def test_edges_of_the_valid_range_and_losses_above_100_are_valid():
 
 
 def test_a_binary_worklog_is_a_worklog_error_naming_the_byte(tmp_path):
+    from normkd_plugin.run_folder import RunFolder
+
     path = tmp_path / "worklog.txt"
     path.write_bytes(logged([10.0]).encode()[:40] + b"\xff\x00binary")
     with pytest.raises(worklog.WorklogError, match=r"^not a text file: byte 40 \(0xff\) is not UTF-8$"):
         worklog.read(path)
-    assert worklog.folder_status(tmp_path) == "started"
+    assert RunFolder(tmp_path).status() == "started"
     with pytest.raises(FileNotFoundError):
         worklog.read(tmp_path / "nowhere" / "worklog.txt")
 
 
 def test_folder_status_reads_the_last_epoch_from_config_yaml(tmp_path):
-    assert worklog.folder_status(tmp_path) == "new"
+    from normkd_plugin.run_folder import RunFolder
+
+    assert RunFolder(tmp_path).status() == "new"
     (tmp_path / "worklog.txt").write_text(logged([10.0, 30.0]))
-    assert worklog.folder_status(tmp_path) == "finished"
+    assert RunFolder(tmp_path).status() == "finished"
     (tmp_path / "config.yaml").write_text("DATASET:\n  TYPE: cifar100\nSOLVER:\n  EPOCHS: 3\n  LR: 0.05\n")
-    assert worklog.folder_status(tmp_path) == "started"
+    assert RunFolder(tmp_path).status() == "started"
     (tmp_path / "worklog.txt").write_text(logged([10.0, 30.0, 20.0]))
-    assert worklog.folder_status(tmp_path) == "finished"
+    assert RunFolder(tmp_path).status() == "finished"
     (tmp_path / "worklog.txt").write_text(logged([10.0], end=worklog.failed_line("boom")))
-    assert worklog.folder_status(tmp_path) == "failed"
+    assert RunFolder(tmp_path).status() == "failed"
     assert [worklog.last_epoch(t) for t in (None, "", "SOLVER: {EPOCHS: 240}", "SOLVER: {EPOCHS: x}", "[1", "- 1")] == [
         None,
         None,

@@ -39,7 +39,7 @@ class Hook:
     def before_epoch(self, epoch: int, runs: list[PackRun]) -> None:
         """Before ``epoch`` of ``runs`` (the runs furthest behind)."""
 
-    def after_batch(self, epoch: int, step: int) -> None:
+    def before_step(self, epoch: int, step: int) -> None:
         """On the host as step ``step``'s batch is taken, before the step runs (no device sync)."""
 
     def after_epoch(self, epoch: int, results: list[EpochResult]) -> None:
@@ -59,11 +59,11 @@ def fit(pack: Pack, hooks: Sequence[Hook] = ()) -> None:
             hook.before_fit(pack)
         while runs := pack.behind():
             epoch = runs[0].epoch + 1
-            if any(hook.stops_before(epoch, runs) for hook in hooks):
+            if any([hook.stops_before(epoch, runs) for hook in hooks]):  # each asked: a hook may be collective
                 break
             for hook in hooks:
                 hook.before_epoch(epoch, runs)
-            results = pack.run_epoch(runs, epoch, on_batch=functools.partial(_after_batch, hooks, epoch))
+            results = pack.run_epoch(runs, epoch, on_batch=functools.partial(_before_step, hooks, epoch))
             for hook in hooks:
                 hook.after_epoch(epoch, results)
         finished = [run for run in pack.runs if run.status == "active" and run.epoch >= pack.epochs]
@@ -78,9 +78,9 @@ def fit(pack: Pack, hooks: Sequence[Hook] = ()) -> None:
             hook.close()
 
 
-def _after_batch(hooks: Sequence[Hook], epoch: int, step: int) -> None:
+def _before_step(hooks: Sequence[Hook], epoch: int, step: int) -> None:
     for hook in hooks:
-        hook.after_batch(epoch, step)
+        hook.before_step(epoch, step)
 
 
 def train_runs(pack: Pack, lives: list[RunLife], time_limit: TimeLimit | None = None, hooks: Sequence[Hook] = ()):
@@ -116,8 +116,10 @@ class RunFolders(Hook):
         self.lives = lives
 
     def before_fit(self, pack: Pack) -> None:
-        self.life = {id(run): life for run, life in zip(pack.runs, self.lives)}
-        for run, life in zip(pack.runs, self.lives):
+        by_folder = {id(life.folder): life for life in self.lives}
+        self.life = {id(run): by_folder[id(run.folder)] for run in pack.runs}
+        for run in pack.runs:
+            life = self.life[id(run)]
             try:
                 self._begin(pack, run, life)
             except RunError as exc:
@@ -128,10 +130,7 @@ class RunFolders(Hook):
 
     @staticmethod
     def _begin(pack: Pack, run: PackRun, life: RunLife) -> None:
-        if life.mode == "skip":
-            run.status = "finished"
-            return
-        state = life.resume_or_start()
+        state = life.resume_or_start()  # (a run skipped as finished is not in the pack)
         if state is None:  # a run that never completed an epoch starts again
             if pack.ranks.world > 1:  # a fresh run starts from rank 0's initialisation and data seed
                 run.seed = pack.ranks.same_int(run.seed, pack.device)
@@ -147,13 +146,19 @@ class RunFolders(Hook):
             run, life = result.run, self.life[id(result.run)]
             if result.failure:
                 life.fail(f"{result.failure}; {NONFINITE_CAUSES}")
-            elif life.main:  # every rank holds the same run; rank 0 writes it
-                state = training_state(run, epoch, result.lr, result.record, result.saved_best)
-                life.commit(state, student_state(run), run.cfg.LOG.SAVE_CHECKPOINT_FREQ)
+            else:  # every rank holds the same run; rank 0 writes it
+                files = functools.partial(_files, run, result)
+                life.commit(epoch, files, run.cfg.LOG.SAVE_CHECKPOINT_FREQ)
 
     def after_fit(self, finished: list[PackRun]) -> None:
         for run in finished:
             self.life[id(run)].finish(run.best_acc)
+
+
+def _files(run: PackRun, result: EpochResult) -> tuple[dict, dict]:
+    """(the full training state, the student-only checkpoint) of ``run`` after ``result``'s epoch."""
+    state = training_state(run, result.epoch, result.lr, result.record, result.saved_best)
+    return state, student_state(run)
 
 
 class Tensorboard(Hook):
@@ -201,7 +206,7 @@ class Progress(Hook):
     def before_epoch(self, epoch: int, runs: list[PackRun]) -> None:
         self.bar.start_epoch(epoch)
 
-    def after_batch(self, epoch: int, step: int) -> None:
+    def before_step(self, epoch: int, step: int) -> None:
         self.bar.step()
 
     def after_epoch(self, epoch: int, results: list[EpochResult]) -> None:

@@ -107,7 +107,7 @@ class Pack:
             for group in run.optimizer.param_groups:
                 group["lr"] = lr
             lrs.append(lr)
-        steps = self.step.train_epoch(runs, epoch, self.iters, on_batch)
+        steps = self.step.train_steps(runs, epoch, self.iters, on_batch)
         sums, first_bad = self.step.sums.tolist(), self.step.first_bad.tolist()
         trained = [math.isfinite(loss_sum) and bad < 0 for (loss_sum, _, _), bad in zip(sums, first_bad)]
         scores = iter(self.validate([run for run, ok in zip(runs, trained) if ok]))

@@ -1,4 +1,4 @@
-"""The packed training step, and one epoch of it: moved as it was, so it computes and launches the same work.
+"""The packed training step, and one epoch of steps.
 
 One step reads as one line: per seed group (runs that share a seed share the batches) a uint8
 batch -> normalise -> the teacher once on the distinct batches together -> every student's
@@ -7,8 +7,8 @@ whole step is captured as one CUDA graph, again only when what it bakes in chang
 (:func:`graph_key`; see :mod:`.graph`); on a CPU it runs eagerly. A non-finite loss is found from
 the epoch's sums (no host sync per step).
 
-What one epoch's steps read is set once, before its first step, by :meth:`PackStep.plan`: the runs
-it trains, their units (a fused group or a run alone) and seed groups.
+What one epoch's steps read is set once, before its first step, in :attr:`PackStep.plan` (an
+:class:`EpochPlan`): the runs it trains, their units (a fused group or a run alone) and seed groups.
 """
 
 from __future__ import annotations
@@ -250,7 +250,7 @@ class PackStep:
         self._step(images, targets, epoch)
 
     # -- an epoch ----------------------------------------------------------------------------
-    def train_epoch(self, runs: list, epoch: int, iters: int = 0, on_batch: Callable[[int], None] | None = None) -> int:
+    def train_steps(self, runs: list, epoch: int, iters: int = 0, on_batch: Callable[[int], None] | None = None) -> int:
         """Train ``runs`` on a fresh epoch per seed group (``iters`` > 0: its first ``iters`` steps); returns steps
         run. ``on_batch(k)`` is called on the host as step k's batch is taken (no device sync)."""
         groups = _seed_groups(runs)
