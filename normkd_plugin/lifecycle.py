@@ -20,23 +20,25 @@ __all__ = ["RunLife", "decision", "decide_all"]
 
 def decision(folder: RunFolder, resume: bool) -> str:
     """What a command does with ``folder``: 'start', 'resume' or 'skip' (a finished run under --resume); RunError
-    for a start that would clobber a run.
+    for a start that would clobber a run. It reads the folder and says nothing (:meth:`RunLife.decide` says it).
 
     --resume is "resume or start" (detectron2's ``resume_or_load``): a folder with no run yet starts
     fresh, a run that never completed an epoch (no checkpoint) starts again from scratch, a finished
     run is skipped. So one command starts a job, continues it after a kill and is a no-op once it is
     done (the one command of a requeued scheduler job).
     """
+    return _decide(folder, resume)[0]
+
+
+def _decide(folder: RunFolder, resume: bool) -> tuple[str, int, str]:
+    """(the decision, the log level and line that tell it, '' for none)."""
     status = folder.status()
     if resume and status in ("started", "failed") and not folder.has_state():
-        log.warning("%s: %s run without a checkpoint; starting it again", folder.path, status)
-        return "start"
+        return "start", logging.WARNING, f"{folder.path}: {status} run without a checkpoint; starting it again"
     if resume and status == "new":
-        log.info("%s: no run to resume yet; starting it", folder.path)
-        return "start"
+        return "start", logging.INFO, f"{folder.path}: no run to resume yet; starting it"
     if resume and status == "finished":
-        log.info("%s is finished (its worklog ends with best_acc); nothing to do", folder.path)
-        return "skip"
+        return "skip", logging.INFO, f"{folder.path} is finished (its worklog ends with best_acc); nothing to do"
     if not resume and status == "finished":
         raise RunError(
             f"{folder.path} already holds a finished run; set EXPERIMENT.NAME (or LOG.PREFIX) to train it again"
@@ -46,7 +48,7 @@ def decision(folder: RunFolder, resume: bool) -> str:
             f"{folder.path} already holds a {status} run; add --resume to continue it, "
             "or set EXPERIMENT.NAME (or LOG.PREFIX) to start a new one"
         )
-    return "resume" if resume else "start"
+    return ("resume" if resume else "start"), logging.INFO, ""
 
 
 class RunLife:
@@ -68,7 +70,9 @@ class RunLife:
     def decide(self) -> str:
         """Lock the folder and decide (rank 0): 'start', 'resume' or 'skip'; RunError for a refused start."""
         self.folder.lock()
-        self.mode = decision(self.folder, self.resume)
+        self.mode, level, line = _decide(self.folder, self.resume)
+        if line:
+            log.log(level, "%s", line)
         return self.mode
 
     def resume_or_start(self, load: bool = True) -> dict | None:

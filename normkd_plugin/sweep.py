@@ -25,7 +25,6 @@ the device) and ddp for ImageNet (a data loader) implied.
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import shlex
 import shutil
@@ -134,14 +133,10 @@ def _plan(path: str) -> tuple[str, bool]:
     from .run_folder import RunFolder
 
     folder = RunFolder(path)
-    quiet = logging.getLogger("normkd_plugin.lifecycle")
-    disabled, quiet.disabled = quiet.disabled, True  # the sweep asks; normkd-train says what it does
     try:
         return decision(folder, resume=True), folder.status() != "new"
     except RunError:  # unreadable: normkd-train reports it in one line
         return "resume", True
-    finally:
-        quiet.disabled = disabled
 
 
 def launcher(nproc: int) -> list[str]:

@@ -247,7 +247,8 @@ def train(cfg, experiment_name: str, device: torch.device, resume: bool = False,
     from .run_folder import RunFolder
 
     life = RunLife(RunFolder(os.path.join(cfg.LOG.PREFIX, experiment_name), experiment_name, cfg.dump()), resume)
-    (lives if lives is not None else []).append(life)
+    if lives is not None:
+        lives.append(life)
     try:
         if decide_all([life]) == ["skip"]:
             return None
@@ -339,7 +340,8 @@ def train_pack(
         mine = [
             RunLife(RunFolder(os.path.join(c.LOG.PREFIX, n), n, c.dump()), resume, main) for c, n in zip(cfgs, names)
         ]
-        (lives if lives is not None else []).extend(mine)
+        if lives is not None:
+            lives.extend(mine)
         try:
             decide_all(mine)  # before anything is built; --resume also starts new runs
             todo = [(c, n, life) for c, n, life in zip(cfgs, names, mine) if life.mode != "skip"]
